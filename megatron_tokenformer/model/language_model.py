@@ -1,0 +1,97 @@
+"""The Tokenformer language model (DESIGN.md §2), tensor parallel, PP = 1.
+
+    ids [b, s] -> vocab-parallel tied embedding -> L x TokenformerBlock -> final LayerNorm (parametric)
+       -> vocab-parallel logits [b, s, V_pad/p] (tied to the embedding) -> vocab-parallel cross-entropy
+
+The pipeline version (:mod:`megatron_tokenformer.model.pipeline`) uses the same module classes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_tokenformer import parallel_state
+from megatron_tokenformer.config import TokenformerConfig
+from megatron_tokenformer.model.block import TokenformerBlock
+from megatron_tokenformer.model.layernorm import LayerNorm
+from megatron_tokenformer.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_tokenformer.tensor_parallel.layers import VocabParallelEmbedding, parallel_lm_logits
+
+
+def prepare_config(config: TokenformerConfig) -> TokenformerConfig:
+    """A copy of ``config`` with taus resolved (sqrt(n) where None), validated for the current TP/PP."""
+    config = copy.deepcopy(config).resolve_taus()
+    return config.validate(parallel_state.get_tensor_model_parallel_world_size(),
+                           parallel_state.get_pipeline_model_parallel_world_size())
+
+
+class TokenformerEmbedding(nn.Module):
+    """Input embedding, tied to the output layer. Parameter: ``word_embeddings.weight`` [V_pad/p, d].
+
+    forward: input_ids [b, s] -> [b, s, d]. :meth:`logits`: [b, s, d] -> [b, s, V_pad/p] (padding = -inf).
+    """
+
+    def __init__(self, config: TokenformerConfig, seed: int = 1234):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.word_embeddings = VocabParallelEmbedding(config.padded_vocab_size(tp), config.hidden_size,
+                                                      vocab_size=config.vocab_size, init_std=config.init_method_std,
+                                                      seed=seed, layer_number=0, tag="embedding.word_embeddings",
+                                                      params_dtype=config.torch_dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return parallel_lm_logits(hidden_states, self.word_embeddings)
+
+
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor,
+                        loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean cross-entropy over the unmasked tokens (fp32 scalar, identical on all TP ranks).
+
+    logits: [b, s, V_pad/p] vocab-parallel; labels: [b, s] long; loss_mask: [b, s] float or None (all ones).
+    """
+    losses = vocab_parallel_cross_entropy(logits, labels)
+    if loss_mask is None:
+        return losses.mean()
+    loss_mask = loss_mask.to(losses.dtype)
+    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+class TokenformerLM(nn.Module):
+    """Tokenformer LM for PP = 1 (any TP). ``config`` is copied, its taus resolved and validated.
+
+    forward(input_ids [b, s] long, labels [b, s] long or None, loss_mask [b, s] float or None)
+        -> loss (fp32 scalar, mean over unmasked tokens) when labels are given,
+           else vocab-parallel logits [b, s, padded_vocab/p].
+    Submodules: ``embedding`` (``word_embeddings``), ``layers`` (ModuleList of TokenformerBlock),
+    ``final_layernorm``. With ``config.checkpoint_activations`` each block is recomputed in backward
+    (torch.utils.checkpoint, use_reentrant=False).
+    """
+
+    def __init__(self, config: TokenformerConfig, seed: int = 1234):
+        super().__init__()
+        self.config = prepare_config(config)
+        self.seed = seed
+        config = self.config
+        self.embedding = TokenformerEmbedding(config, seed)
+        self.layers = nn.ModuleList([TokenformerBlock(config, i + 1, seed) for i in range(config.num_layers)])
+        self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, parametric=True,
+                                         params_dtype=config.torch_dtype)
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        hidden = self.embedding(input_ids)
+        recompute = self.config.checkpoint_activations and torch.is_grad_enabled()
+        for layer in self.layers:
+            hidden = checkpoint(layer, hidden, use_reentrant=False) if recompute else layer(hidden)
+        logits = self.embedding.logits(self.final_layernorm(hidden))
+        if labels is None:
+            return logits
+        return language_model_loss(logits, labels, loss_mask)

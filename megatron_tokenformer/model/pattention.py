@@ -1,0 +1,176 @@
+"""Pattention: attention from input tokens to learnable parameter tokens (DESIGN.md §1).
+
+    A = X Kᵀ        [..., n]        K: key parameter tokens   [n, d_in]
+    S = f(A)        normalised over the n parameter tokens
+    O = S V         [..., d_out]    V: value parameter tokens [n, d_out]
+
+This module holds the ONE implementation of f (:func:`normalize_pattention_scores`), parametrised
+by the reductions over the token dimension, so the single-device :class:`Pattention` (no
+reduction: all n tokens are local) and the tensor-parallel ``ParallelPattention`` (each rank holds
+n/p tokens; row statistics are all-reduced) share the same math. It also normalises several score
+tensors with one batched reduction (the Q/K/V Pattentions of attention use one collective).
+
+Statistics (norms, softmax max and sum) are computed in fp32 whatever the input dtype, with eps under
+the square root so an all-zero row gives zeros, not NaN. GeLU is the exact (erf) one. No biases.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
+
+Reduction = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _check_normalization(normalization: str) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown Pattention normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+
+
+def _reduce_batched(stats: List[torch.Tensor], reduce: Reduction) -> List[torch.Tensor]:
+    """Apply ``reduce`` once to all row statistics (concatenated), split the result back."""
+    if reduce is None:
+        return stats
+    if len(stats) == 1:
+        return [reduce(stats[0])]
+    flat = reduce(torch.cat([s.reshape(-1) for s in stats]))
+    out, offset = [], 0
+    for s in stats:
+        out.append(flat[offset:offset + s.numel()].view(s.shape))
+        offset += s.numel()
+    return out
+
+
+def normalize_pattention_scores(scores: Sequence[torch.Tensor], normalization: str, taus: Sequence[float],
+                                num_param_tokens: Sequence[int], eps: float = 1e-6,
+                                sum_reduce: Reduction = None, max_reduce: Reduction = None) -> List[torch.Tensor]:
+    """f(A) for one or several score tensors; returns tensors of the input dtype.
+
+    scores: each [..., n_local] (this rank's parameter tokens, last dim).
+    taus: tau per tensor (l2_norm_gelu, gelu_l2_norm). num_param_tokens: the GLOBAL n per tensor
+    (the softmax is scaled by n).
+    sum_reduce: sums a row statistic over the partitions of the token dimension (autograd-aware:
+    its backward must also sum, e.g. ``all_reduce_norm``); None when all tokens are local.
+    max_reduce: element-wise max over the partitions, without gradient (softmax only).
+    Each reduction is called ONCE for all tensors together.
+
+    - l2_norm_gelu:  GeLU(tau * A / sqrt(sum_j A_j^2 + eps))
+    - gelu_l2_norm:  tau * G / sqrt(sum_j G_j^2 + eps),  G = GeLU(A)
+    - softmax:       n * exp(A - m) / sum_j exp(A_j - m),  m = max_j A_j (no gradient through m)
+    """
+    _check_normalization(normalization)
+    dtypes = [s.dtype for s in scores]
+    a32 = [s.float() for s in scores]
+    if normalization == "l2_norm_gelu":
+        sq = _reduce_batched([(a * a).sum(dim=-1) for a in a32], sum_reduce)
+        out = [F.gelu(a * (tau * torch.rsqrt(q + eps)).unsqueeze(-1)) for a, q, tau in zip(a32, sq, taus)]
+    elif normalization == "gelu_l2_norm":
+        g32 = [F.gelu(a) for a in a32]
+        sq = _reduce_batched([(g * g).sum(dim=-1) for g in g32], sum_reduce)
+        out = [g * (tau * torch.rsqrt(q + eps)).unsqueeze(-1) for g, q, tau in zip(g32, sq, taus)]
+    else:
+        with torch.no_grad():
+            maxes = _reduce_batched([a.detach().amax(dim=-1) for a in a32], max_reduce)
+        exps = [torch.exp(a - m.unsqueeze(-1)) for a, m in zip(a32, maxes)]
+        sums = _reduce_batched([e.sum(dim=-1) for e in exps], sum_reduce)
+        out = [e * (float(n) / z).unsqueeze(-1) for e, z, n in zip(exps, sums, num_param_tokens)]
+    return [o.to(dt) for o, dt in zip(out, dtypes)]
+
+
+class Pattention(nn.Module):
+    """Drop-in token-parameter attention layer (no torch.distributed needed).
+
+    Args:
+        in_features, out_features: d_in, d_out.
+        num_param_tokens: n.
+        normalization: "l2_norm_gelu" (default, the paper's), "gelu_l2_norm" or "softmax".
+        tau: scale; defaults to sqrt(n) at construction and is then kept (also by :meth:`grow`).
+        eps: added under the square root of the fp32 row norm.
+        key_init_std / value_init_std: N(0, std^2) init of the key / value tokens.
+
+    Parameters: ``key_param_tokens`` [n, d_in], ``value_param_tokens`` [n, d_out].
+    forward: x [..., d_in] -> [..., d_out] (x must have the parameters' dtype, as nn.Linear).
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_param_tokens: int,
+                 normalization: str = "l2_norm_gelu", tau: Optional[float] = None, eps: float = 1e-6,
+                 key_init_std: float = 0.02, value_init_std: float = 0.02, device=None, dtype=None):
+        super().__init__()
+        _check_normalization(normalization)
+        for name, value in (("in_features", in_features), ("out_features", out_features),
+                            ("num_param_tokens", num_param_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Pattention: {name} must be a positive integer, got {value!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_param_tokens = num_param_tokens
+        self.normalization = normalization
+        self.tau = float(math.sqrt(num_param_tokens) if tau is None else tau)
+        self.eps = float(eps)
+        self.key_init_std = float(key_init_std)
+        self.value_init_std = float(value_init_std)
+        factory = {"device": device, "dtype": dtype}
+        self.key_param_tokens = nn.Parameter(torch.empty(num_param_tokens, in_features, **factory))
+        self.value_param_tokens = nn.Parameter(torch.empty(num_param_tokens, out_features, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.key_param_tokens, mean=0.0, std=self.key_init_std)
+        nn.init.normal_(self.value_param_tokens, mean=0.0, std=self.value_init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Pattention expects last dimension {self.in_features}, got input shape {tuple(x.shape)}")
+        scores = F.linear(x, self.key_param_tokens)
+        (weights,) = normalize_pattention_scores([scores], self.normalization, [self.tau],
+                                                 [self.num_param_tokens], self.eps)
+        return torch.matmul(weights, self.value_param_tokens)
+
+    @torch.no_grad()
+    def grow(self, num_new_tokens: int, new_value_std: Optional[float] = None,
+             allow_function_change: bool = False, generator: Optional[torch.Generator] = None) -> None:
+        """Append ``num_new_tokens`` parameter tokens, keeping the function (DESIGN.md §5).
+
+        New key tokens are zero: their scores are 0, they add nothing to the row norm and
+        GeLU(0) = 0, so the output is unchanged whatever the new values are. New value tokens are
+        N(0, new_value_std^2) (default: ``value_init_std``) so the new keys get a gradient
+        (GeLU'(0) = 1/2) and the new tokens train. tau is kept.
+
+        ``softmax`` cannot grow without changing the function (exp(0) = 1 gives every new token
+        weight, and the n scale changes): it raises ValueError unless ``allow_function_change=True``,
+        which grows anyway with a warning.
+
+        The parameters are replaced by new ``nn.Parameter`` objects: rebuild the optimizer afterwards.
+        """
+        if not isinstance(num_new_tokens, int) or num_new_tokens < 1:
+            raise ValueError(f"grow: num_new_tokens must be a positive integer, got {num_new_tokens!r}")
+        if self.normalization == "softmax":
+            message = ("grow: a softmax Pattention cannot add parameter tokens without changing its output: a "
+                       "zero key scores exp(0) = 1 and takes probability mass from the existing tokens (and the "
+                       "n * softmax scale changes). Use l2_norm_gelu or gelu_l2_norm, or pass "
+                       "allow_function_change=True to grow anyway.")
+            if not allow_function_change:
+                raise ValueError(message)
+            warnings.warn(message.replace("grow:", "grow (allow_function_change=True):"), stacklevel=2)
+        std = self.value_init_std if new_value_std is None else float(new_value_std)
+        keys, values = self.key_param_tokens, self.value_param_tokens
+        new_keys = torch.zeros(num_new_tokens, self.in_features, dtype=keys.dtype, device=keys.device)
+        new_values = torch.empty(num_new_tokens, self.out_features, dtype=torch.float32, device="cpu")
+        new_values.normal_(0.0, std, generator=generator)
+        new_values = new_values.to(dtype=values.dtype, device=values.device)
+        self.key_param_tokens = nn.Parameter(torch.cat([keys.detach(), new_keys], dim=0),
+                                             requires_grad=keys.requires_grad)
+        self.value_param_tokens = nn.Parameter(torch.cat([values.detach(), new_values], dim=0),
+                                               requires_grad=values.requires_grad)
+        self.num_param_tokens += num_new_tokens
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_param_tokens={self.num_param_tokens}, normalization={self.normalization}, tau={self.tau:g}")

@@ -1,0 +1,55 @@
+"""Cross-entropy over vocab-parallel logits (each TP rank holds a contiguous block of the vocabulary).
+
+Two collectives forward: a max all-reduce (the stabilising shift) and ONE sum all-reduce carrying both
+the target logit and the partition function. Backward is local: softmax minus one-hot on the rank's
+own block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_tokenformer import parallel_state
+from megatron_tokenformer.tensor_parallel.mappings import _collective
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target):
+        logits = logits.float()
+        local = logits.shape[-1]
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        start = rank * local
+        logits_max = _collective("all_reduce_max", logits.amax(dim=-1))
+        shifted = logits - logits_max.unsqueeze(-1)
+
+        outside = (target < start) | (target >= start + local)
+        local_target = (target - start).masked_fill(outside, 0)
+        predicted = torch.gather(shifted, -1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = torch.exp(shifted)
+        sums = _collective("all_reduce", torch.stack([predicted, exp.sum(dim=-1)]))
+        predicted, sum_exp = sums[0], sums[1]
+        loss = torch.log(sum_exp) - predicted
+
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, outside, local_target)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, outside, local_target = ctx.saved_tensors
+        grad = softmax.clone()
+        hit = (~outside).to(grad.dtype)
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
+        grad.mul_(grad_loss.unsqueeze(-1))
+        return grad, None
+
+
+def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token loss, fp32.
+
+    vocab_parallel_logits: [..., V/p] (this rank's vocabulary block, any float dtype; -inf allowed
+    for padding entries). target: [...] long, global ids. Returns [...] fp32, identical on all TP ranks.
+    The gradient w.r.t. the logits is fp32 (autograd casts it back to the logits' dtype).
+    """
+    return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target)

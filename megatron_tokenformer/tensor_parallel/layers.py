@@ -1,0 +1,151 @@
+"""Tensor-parallel layers: vocab-parallel embedding and logits, column/row-parallel linear.
+
+All weights are initialised as slices of a full master tensor drawn from a per-parameter generator
+(see :mod:`megatron_tokenformer.tensor_parallel.random`), so the TP=p shards equal the matching
+slices of the TP=1 weights for the same seed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_tokenformer import parallel_state
+from megatron_tokenformer.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                           gather_from_tensor_model_parallel_region,
+                                                           reduce_from_tensor_model_parallel_region,
+                                                           scatter_to_tensor_model_parallel_region)
+from megatron_tokenformer.tensor_parallel.random import init_partitioned_, set_tensor_model_parallel_attributes
+from megatron_tokenformer.tensor_parallel.utils import VocabUtility, divide
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (the padded vocabulary) are split over the TP group.
+
+    Args:
+        num_embeddings: padded vocabulary size (divisible by the TP size).
+        embedding_dim: hidden size d.
+        vocab_size: true vocabulary size (<= num_embeddings); padding rows are initialised to zero,
+            and the random rows do not depend on the amount of padding. Defaults to num_embeddings.
+        init_std, seed, layer_number, tag: deterministic init (master tensor ``<tag>.weight``).
+
+    weight: [num_embeddings/p, d], rows [r*V/p, (r+1)*V/p) on rank r.
+    forward: input_ids [...] long -> [..., d] (replicated; all-reduce of the masked local lookups).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, vocab_size: Optional[int] = None,
+                 init_std: float = 0.02, seed: int = 1234, layer_number: int = 0,
+                 tag: str = "embedding.word_embeddings", params_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        world = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.vocab_size = num_embeddings if vocab_size is None else vocab_size
+        if self.vocab_size > num_embeddings:
+            raise ValueError(f"vocab_size ({self.vocab_size}) exceeds the padded size ({num_embeddings})")
+        self.vocab_start_index, self.vocab_end_index = VocabUtility.vocab_range_from_global_vocab_size(
+            num_embeddings, rank, world)
+        local = self.vocab_end_index - self.vocab_start_index
+        self.weight = nn.Parameter(torch.empty(local, embedding_dim, dtype=params_dtype, device=device))
+        set_tensor_model_parallel_attributes(self.weight, True, 0)
+        init_partitioned_(self.weight, (num_embeddings, embedding_dim), init_std, seed, layer_number,
+                          f"{tag}.weight", valid_rows=self.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
+            local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
+            out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        else:
+            out = F.embedding(input_ids, self.weight)
+        return reduce_from_tensor_model_parallel_region(out)
+
+
+def parallel_lm_logits(hidden: torch.Tensor, word_embeddings: VocabParallelEmbedding) -> torch.Tensor:
+    """Tied output layer: [..., d] replicated -> vocab-parallel logits [..., V/p].
+
+    The input gradient is all-reduced (each rank sees only its vocabulary block). Logits of padding
+    entries (ids >= true vocab size) are set to -inf so they never take probability mass; the
+    function then does not depend on the amount of padding (i.e. on TP).
+    """
+    hidden = copy_to_tensor_model_parallel_region(hidden)
+    logits = F.linear(hidden, word_embeddings.weight)
+    first_pad = word_embeddings.vocab_size - word_embeddings.vocab_start_index
+    local = word_embeddings.vocab_end_index - word_embeddings.vocab_start_index
+    if first_pad < local:
+        pad = torch.arange(local, device=logits.device) >= max(first_pad, 0)
+        logits = logits.masked_fill(pad, float("-inf"))
+    return logits
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X Aᵀ + b with A's output rows split over the TP group (weight [out/p, in], bias [out/p]).
+
+    forward: x [..., in] replicated -> [..., out/p] (or [..., out] with ``gather_output``).
+    ``copy_input=False`` skips the input gradient all-reduce (when the caller handles it).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
+                 init_std: float = 0.02, seed: int = 1234, layer_number: int = 0, tag: str = "linear",
+                 copy_input: bool = True, params_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        world = parallel_state.get_tensor_model_parallel_world_size()
+        self.in_features, self.out_features = in_features, out_features
+        self.output_size_per_partition = divide(out_features, world, f"{tag}: output size")
+        self.gather_output, self.copy_input = gather_output, copy_input
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features, dtype=params_dtype,
+                                               device=device))
+        set_tensor_model_parallel_attributes(self.weight, True, 0)
+        init_partitioned_(self.weight, (out_features, in_features), init_std, seed, layer_number, f"{tag}.weight")
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.output_size_per_partition, dtype=params_dtype, device=device))
+            set_tensor_model_parallel_attributes(self.bias, True, 0)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.copy_input:
+            x = copy_to_tensor_model_parallel_region(x)
+        out = F.linear(x, self.weight, self.bias)
+        if self.gather_output:
+            out = gather_from_tensor_model_parallel_region(out)
+        return out
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X Aᵀ + b with A's input columns split over the TP group (weight [out, in/p], bias [out] replicated).
+
+    forward: x [..., in/p] (``input_is_parallel``) or [..., in] replicated -> [..., out] replicated
+    (all-reduce of the partial products, then the bias).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
+                 init_std: float = 0.02, seed: int = 1234, layer_number: int = 0, tag: str = "linear",
+                 params_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        world = parallel_state.get_tensor_model_parallel_world_size()
+        self.in_features, self.out_features = in_features, out_features
+        self.input_size_per_partition = divide(in_features, world, f"{tag}: input size")
+        self.input_is_parallel = input_is_parallel
+        self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition, dtype=params_dtype,
+                                               device=device))
+        set_tensor_model_parallel_attributes(self.weight, True, 1)
+        init_partitioned_(self.weight, (out_features, in_features), init_std, seed, layer_number, f"{tag}.weight",
+                          partition_dim=1)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=params_dtype, device=device))
+            set_tensor_model_parallel_attributes(self.bias, False, 0)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x)
+        out = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        if self.bias is not None:
+            out = out + self.bias
+        return out

@@ -1,0 +1,243 @@
+"""Autograd-aware communication over the tensor-parallel group.
+
+Every collective of the tensor-parallel code goes through :func:`_collective`, which optionally
+records ``(kind, numel)`` into the log of an active :func:`count_collectives` context (the
+communication-accounting test and docs use it). When no counter is active, recording is one
+``if`` on a module-level ``None``.
+
+Conventions (T = tokens on this rank, p = tensor-parallel size):
+
+- ``copy_to_tensor_model_parallel_region``: forward identity, backward all-reduce.
+- ``reduce_from_tensor_model_parallel_region``: forward all-reduce, backward identity.
+- ``scatter_to_tensor_model_parallel_region``: forward keep own last-dim chunk, backward all-gather.
+- ``gather_from_tensor_model_parallel_region``: forward all-gather (last dim), backward split; with
+  ``output_grad_is_partial=True`` the backward is a reduce-scatter (the consumer's gradient is a
+  partial sum, e.g. a parallel Pattention that did not copy its input).
+- ``reduce_scatter_to_tensor_model_parallel_region``: forward reduce-scatter over the last dim in p
+  contiguous blocks (head-major channels: block r = heads of rank r), backward all-gather.
+- ``all_reduce_norm``: forward all-reduce (sum), backward all-reduce (sum). Used for the Pattention
+  normalisation statistics: every rank consumes the reduced value differently, so the gradient
+  arriving at each rank is a different partial and must be summed.
+- ``all_reduce_max_no_grad``: max all-reduce outside autograd (softmax shift).
+
+Element counts recorded are the numel of the tensor handed to the collective on this rank (for
+all-gather: the local input; for reduce-scatter: the full input).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_tokenformer import parallel_state
+
+_COLLECTIVE_LOG: Optional[List[Tuple[str, int]]] = None
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Record every tensor-parallel collective issued inside the block.
+
+    Yields a list that fills with ``(kind, numel)`` tuples, kind in ``all_reduce``,
+    ``all_reduce_max``, ``all_gather``, ``reduce_scatter``. Collectives are recorded even when the
+    group has a single rank (where they are skipped), so counts can be checked anywhere.
+    Nested contexts are not supported.
+    """
+    global _COLLECTIVE_LOG
+    if _COLLECTIVE_LOG is not None:
+        raise RuntimeError("count_collectives() contexts cannot be nested")
+    log: List[Tuple[str, int]] = []
+    _COLLECTIVE_LOG = log
+    try:
+        yield log
+    finally:
+        _COLLECTIVE_LOG = None
+
+
+def _collective(kind: str, tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Run one collective over the tensor-parallel group; the single place communication happens.
+
+    kind: ``all_reduce`` (sum, returns a new tensor), ``all_reduce_max`` (returns a new tensor),
+    ``all_gather`` (concatenate along dim 0), ``reduce_scatter`` (sum, keep this rank's dim-0 block).
+    """
+    if _COLLECTIVE_LOG is not None:
+        _COLLECTIVE_LOG.append((kind, tensor.numel()))
+    if group is None:
+        group = parallel_state.get_tensor_model_parallel_group()
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    tensor = tensor.contiguous()
+    if world == 1:
+        return tensor.clone() if kind in ("all_reduce", "all_reduce_max") else tensor
+    if kind == "all_reduce":
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+    if kind == "all_reduce_max":
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+        return out
+    if kind == "all_gather":
+        out = torch.empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]),
+                          dtype=tensor.dtype, device=tensor.device)
+        dist.all_gather_into_tensor(out, tensor, group=group)
+        return out
+    if kind == "reduce_scatter":
+        if tensor.shape[0] % world != 0:
+            raise ValueError(f"reduce_scatter: dim 0 ({tensor.shape[0]}) not divisible by {world} ranks")
+        out = torch.empty((tensor.shape[0] // world,) + tuple(tensor.shape[1:]),
+                          dtype=tensor.dtype, device=tensor.device)
+        dist.reduce_scatter_tensor(out, tensor, op=dist.ReduceOp.SUM, group=group)
+        return out
+    raise ValueError(f"unknown collective kind {kind!r}")
+
+
+# --- plain (non-autograd) helpers on the last dimension ------------------------------------------
+def _split_last_dim(x: torch.Tensor) -> torch.Tensor:
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    if world == 1:
+        return x
+    last = x.shape[-1]
+    if last % world != 0:
+        raise ValueError(f"last dimension {last} is not divisible by tensor-parallel size {world}")
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    chunk = last // world
+    return x[..., rank * chunk:(rank + 1) * chunk].contiguous()
+
+
+def _all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """[..., c] on every rank -> [..., p*c], rank r's block at [r*c, (r+1)*c)."""
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    gathered = _collective("all_gather", x.movedim(-1, 0))  # [p*c, ...]
+    if world == 1:
+        return x
+    return gathered.movedim(0, -1).contiguous()
+
+
+def _reduce_scatter_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """[..., p*c] partial sums -> [..., c] = this rank's block of the sum."""
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    last = x.shape[-1]
+    if last % world != 0:
+        raise ValueError(f"last dimension {last} is not divisible by tensor-parallel size {world}")
+    chunk = last // world
+    blocks = x.reshape(x.shape[:-1] + (world, chunk)).movedim(-2, 0)  # [p, ..., c]
+    out = _collective("reduce_scatter", blocks)
+    if world == 1:
+        return x
+    return out.squeeze(0)
+
+
+# --- autograd functions --------------------------------------------------------------------------
+class _CopyToTensorModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _collective("all_reduce", grad)
+
+
+class _ReduceFromTensorModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _collective("all_reduce", x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _ScatterToTensorModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _split_last_dim(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_last_dim(grad)
+
+
+class _GatherFromTensorModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_grad_is_partial):
+        ctx.output_grad_is_partial = output_grad_is_partial
+        return _all_gather_last_dim(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.output_grad_is_partial:
+            return _reduce_scatter_last_dim(grad), None
+        return _split_last_dim(grad), None
+
+
+class _ReduceScatterToTensorModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _reduce_scatter_last_dim(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_last_dim(grad)
+
+
+class _AllReduceNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _collective("all_reduce", x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _collective("all_reduce", grad)
+
+
+def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Identity forward; all-reduce of the gradient backward. x: replicated input of a parallel layer."""
+    return _CopyToTensorModelParallelRegion.apply(x)
+
+
+def reduce_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) forward; identity backward. x: partial sums, result replicated."""
+    return _ReduceFromTensorModelParallelRegion.apply(x)
+
+
+def scatter_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] replicated -> [..., d/p] own block; backward all-gather."""
+    return _ScatterToTensorModelParallelRegion.apply(x)
+
+
+def gather_from_tensor_model_parallel_region(x: torch.Tensor, output_grad_is_partial: bool = False) -> torch.Tensor:
+    """[..., d/p] -> [..., d] (all-gather over the last dim).
+
+    Backward: split (the gradient of the output is replicated), or reduce-scatter when
+    ``output_grad_is_partial`` (each rank holds a partial sum of the output gradient).
+    """
+    return _GatherFromTensorModelParallelRegion.apply(x, output_grad_is_partial)
+
+
+def reduce_scatter_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] partial sums -> [..., d/p] (this rank's contiguous channel block of the sum).
+
+    With head-major channels, block r holds exactly the heads of rank r. Backward: all-gather.
+    """
+    return _ReduceScatterToTensorModelParallelRegion.apply(x)
+
+
+def all_reduce_norm(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, forward AND backward (each rank uses the sum differently)."""
+    return _AllReduceNorm.apply(x)
+
+
+def all_reduce_max_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks, detached from autograd."""
+    with torch.no_grad():
+        return _collective("all_reduce_max", x.detach())
+
+
+def all_reduce_sum_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks, detached from autograd."""
+    with torch.no_grad():
+        return _collective("all_reduce", x.detach())
