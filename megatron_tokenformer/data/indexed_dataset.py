@@ -136,7 +136,7 @@ class IndexedDataset:
         self.bin_path = data_file_path(path_prefix)
         for path in (self.idx_path, self.bin_path):
             if not os.path.isfile(path):
-                raise IndexedDatasetError(f"indexed dataset file not found: {path}")
+                raise IndexedDatasetError(f"{path}: indexed dataset file not found")
         self._read_index()
         self._open_data()
         self._max_token_id: Optional[int] = None

@@ -44,7 +44,7 @@ class SentencePieceTokenizer:
         if model_file is None:
             raise TokenizerError("SentencePieceTokenizer needs --tokenizer-model (a .model file)")
         if not os.path.isfile(model_file):
-            raise TokenizerError(f"tokenizer model not found: {model_file}")
+            raise TokenizerError(f"{model_file}: tokenizer model not found")
         self.model_file = model_file
         self.num_threads = num_threads
         proto = open(model_file, "rb").read()
