@@ -1,0 +1,506 @@
+"""Command-line arguments of ``pretrain_tokenformer.py`` (Megatron-LM's flag names).
+
+Two steps, both before any process group exists:
+
+* :func:`parse_args` turns the command line into a namespace and records which flags the user
+  gave explicitly (``args._explicit``, used by checkpoint loading to decide which architecture
+  flags the checkpoint may fill in).
+* :func:`validate_args` checks every combination that cannot work -- batch sizes that do not divide,
+  a layout that does not fit the world size, ZeRO-2 with pipeline parallelism, ... -- and derives
+  the data-parallel size and the gradient-accumulation steps. It raises :class:`ArgumentError`
+  with one message naming the flag(s); ``pretrain_tokenformer.py`` prints it on rank 0 only and
+  exits with status 2 on every rank, so no rank is left waiting in a collective.
+
+The world size comes from the launcher's environment (:mod:`megatron_tokenformer.launch`), so a
+layout that does not fit is refused before ``init_process_group``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Iterable, List, Optional, Sequence
+
+__all__ = ["ArgumentError", "build_parser", "parse_args", "validate_args", "core_config_from_args",
+           "load_deepspeed_json"]
+
+
+class ArgumentError(ValueError):
+    """An impossible flag combination; the message names the flag(s)."""
+
+
+class _RankZeroParser(argparse.ArgumentParser):
+    """argparse that prints usage errors on global rank 0 only (the launcher sets ``RANK``)."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        if os.environ.get("RANK", "0") in ("0", ""):
+            self.print_usage(sys.stderr)
+            sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentParser:
+    parser = _RankZeroParser(
+        prog=prog,
+        description="Pretrain a Tokenformer language model with tensor, pipeline and data parallelism "
+                    "on DeepSpeed (Megatron-LM flag names). Runs on GPUs (nccl) or CPUs (gloo).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+
+    g = parser.add_argument_group("model architecture")
+    g.add_argument("--model-type", default="tokenformer", choices=["tokenformer"],
+                   help="model family (a Linear-transformer baseline is reserved for a later release)")
+    g.add_argument("--num-layers", type=_positive_int, default=None, help="number of transformer blocks")
+    g.add_argument("--hidden-size", type=_positive_int, default=None, help="model width d")
+    g.add_argument("--num-attention-heads", type=_positive_int, default=None, help="attention heads")
+    g.add_argument("--seq-length", type=_positive_int, default=None, help="tokens per training sample")
+    g.add_argument("--max-position-embeddings", type=_positive_int, default=None,
+                   help="longest sequence the model supports (default: --seq-length)")
+    g.add_argument("--make-vocab-size-divisible-by", type=_positive_int, default=128,
+                   help="pad the vocabulary to a multiple of this times the tensor-parallel size")
+    g.add_argument("--init-method-std", type=float, default=0.02,
+                   help="std of the key parameter tokens and the embedding")
+
+    g = parser.add_argument_group("tokenformer (Pattention)")
+    g.add_argument("--qkv-num-param-tokens", type=_positive_int, default=None,
+                   help="parameter tokens of each Q/K/V Pattention (default: --hidden-size)")
+    g.add_argument("--proj-num-param-tokens", type=_positive_int, default=None,
+                   help="parameter tokens of the attention output Pattention (default: --hidden-size)")
+    g.add_argument("--ffn-num-param-tokens", type=_positive_int, default=None,
+                   help="parameter tokens of the FFN Pattention (default: 4 x --hidden-size)")
+    g.add_argument("--pattention-normalization", default="l2_norm_gelu",
+                   choices=["l2_norm_gelu", "gelu_l2_norm", "softmax"],
+                   help="score normalisation over the parameter tokens")
+    g.add_argument("--rotary-percent", type=float, default=0.25,
+                   help="fraction of each attention head's channels that get rotary embedding")
+
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=_positive_int, default=None,
+                   help="samples per rank per forward/backward")
+    g.add_argument("--global-batch-size", type=_positive_int, default=None,
+                   help="samples per optimizer step (= micro-batch x gradient accumulation x data parallel; "
+                        "default: micro-batch x data parallel)")
+    g.add_argument("--train-iters", type=_positive_int, default=None, help="optimizer steps to train for")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each block's activations in the backward pass (saves memory)")
+    g.add_argument("--seed", type=int, default=1234, help="random seed (model init, data order)")
+    g.add_argument("--exit-interval", type=_positive_int, default=None,
+                   help="save (if --save) and exit after the iteration that is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save (if --save) and exit once training has run this many minutes")
+
+    g = parser.add_argument_group("optimizer and learning rate")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
+    g.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine"])
+    g.add_argument("--lr-decay-iters", type=_positive_int, default=None,
+                   help="iterations to decay over (default: --train-iters)")
+    g.add_argument("--lr-warmup-iters", type=_nonneg_int, default=None,
+                   help="linear warmup iterations (default 0)")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
+    g.add_argument("--weight-decay", type=float, default=0.01,
+                   help="decoupled weight decay (AdamW); LayerNorm weights and biases get none")
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="clip the global gradient norm (over all TP/PP ranks) to this; 0 disables")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+
+    g = parser.add_argument_group("mixed precision")
+    g.add_argument("--fp16", action="store_true", help="fp16 weights/activations, fp32 master weights, "
+                                                      "dynamic loss scaling")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights/activations, fp32 master weights")
+    g.add_argument("--loss-scale", type=float, default=None,
+                   help="static fp16 loss scale (default: dynamic loss scaling)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32,
+                   help="first dynamic loss scale (a power of two)")
+    g.add_argument("--min-loss-scale", type=float, default=1.0, help="dynamic loss scale floor")
+    g.add_argument("--loss-scale-window", type=_positive_int, default=1000,
+                   help="steps without overflow before the dynamic loss scale doubles")
+    g.add_argument("--hysteresis", type=_positive_int, default=2,
+                   help="overflows tolerated before the dynamic loss scale halves")
+
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1,
+                   help="ranks that split each Pattention's parameter tokens (and the vocabulary)")
+    g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1,
+                   help="pipeline stages (1F1B schedule); layers split by parameter count")
+    g.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2],
+                   help="ZeRO stage: 1 shards optimizer states (any pipeline size), 2 also gradients "
+                        "(pipeline size 1 only), 0 disables ZeRO")
+    g.add_argument("--distributed-backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="torch.distributed backend (auto: nccl with CUDA, gloo otherwise)")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help="set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment)")
+
+    g = parser.add_argument_group("data and tokenizer")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="dataset prefix(es) of .bin/.idx files, Megatron syntax: P or w1 P1 w2 P2 ...")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of --data-path")
+    g.add_argument("--mock-data", action="store_true",
+                   help="synthetic random tokens (MockGPTDataset) instead of --data-path; for tests")
+    g.add_argument("--data-cache-path", default=None, help="where to cache the dataset index files")
+    g.add_argument("--num-workers", type=_nonneg_int, default=0, help="data-loader worker processes")
+    g.add_argument("--tokenizer-type", default=None, choices=["SentencePieceTokenizer", "NullTokenizer"],
+                   help="default: SentencePieceTokenizer with --tokenizer-model, NullTokenizer with "
+                        "--vocab-size only")
+    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file")
+    g.add_argument("--vocab-size", type=_positive_int, default=None,
+                   help="vocabulary size for NullTokenizer / --mock-data (tests)")
+
+    g = parser.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="directory to save checkpoints to")
+    g.add_argument("--load", default=None, help="directory to resume from (its `latest` step)")
+    g.add_argument("--save-interval", type=_positive_int, default=None, help="iterations between saves")
+    g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer state")
+    g.add_argument("--no-load-rng", action="store_true", help="do not load RNG states")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only and start from iteration 0 (no optimizer, RNG or sample count)")
+    g.add_argument("--keep-last-n-checkpoints", type=_positive_int, default=None,
+                   help="delete older checkpoints after a successful save")
+    g.add_argument("--use-checkpoint-args", dest="use_checkpoint_args", action="store_true", default=True,
+                   help="take architecture flags not given on the command line from the checkpoint")
+    g.add_argument("--no-use-checkpoint-args", dest="use_checkpoint_args", action="store_false")
+
+    g = parser.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=_positive_int, default=100, help="iterations between log lines")
+    g.add_argument("--eval-interval", type=_positive_int, default=1000,
+                   help="iterations between validation runs")
+    g.add_argument("--eval-iters", type=_nonneg_int, default=100,
+                   help="global batches per validation run (0 disables evaluation)")
+    g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s of one device for MFU (default: H100 989, A100 312; CPU: MFU n/a)")
+
+    g = parser.add_argument_group("deepspeed")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                   help="DeepSpeed JSON config; keys it leaves out are built from the flags above, keys it "
+                        "sets must agree with flags given explicitly")
+    g.add_argument("--deepspeed", action="store_true",
+                   help="accepted for compatibility with DeepSpeed launch scripts (DeepSpeed is always used)")
+    return parser
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
+    """The dest names that appear on the command line (re-parse with every default suppressed)."""
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        namespace, _ = parser.parse_known_args(list(argv))
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(namespace))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line; sets ``args._explicit`` (dests given explicitly)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args._explicit = _explicit_dests(parser, argv)
+    return args
+
+
+# --------------------------------------------------------------------------- DeepSpeed JSON
+
+
+_JSON_FLAG_KEYS = [
+    # (json path, args dest, flag name)
+    (("train_micro_batch_size_per_gpu",), "micro_batch_size", "--micro-batch-size"),
+    (("train_batch_size",), "global_batch_size", "--global-batch-size"),
+    (("gradient_clipping",), "clip_grad", "--clip-grad"),
+    (("zero_optimization", "stage"), "zero_stage", "--zero-stage"),
+    (("fp16", "enabled"), "fp16", "--fp16"),
+    (("bf16", "enabled"), "bf16", "--bf16"),
+]
+
+
+def _json_get(cfg: dict, path):
+    node = cfg
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def load_deepspeed_json(args: argparse.Namespace) -> dict:
+    """Read ``--deepspeed_config`` and reconcile it with the flags (see the flag's help).
+
+    A JSON value fills a flag the user did not give; a JSON value that contradicts an explicit flag
+    is an error naming both. Returns the parsed JSON (``{}`` without ``--deepspeed_config``).
+    """
+    path = args.deepspeed_config
+    if not path:
+        return {}
+    if not os.path.isfile(path):
+        raise ArgumentError(f"--deepspeed_config {path}: no such file")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ArgumentError(f"--deepspeed_config {path}: not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise ArgumentError(f"--deepspeed_config {path}: must hold a JSON object")
+    for section in ("optimizer", "scheduler"):
+        if section in cfg:
+            raise ArgumentError(
+                f"--deepspeed_config {path}: remove its \"{section}\" section; the optimizer (AdamW) and the "
+                f"learning-rate schedule come from --lr, --min-lr, --lr-decay-style, --weight-decay, "
+                f"--adam-beta1/2, --adam-eps")
+    explicit = getattr(args, "_explicit", set())
+    for path_keys, dest, flag in _JSON_FLAG_KEYS:
+        value = _json_get(cfg, path_keys)
+        if value is None or value == "auto":
+            continue
+        json_name = ".".join(path_keys)
+        if dest in explicit:
+            flag_value = getattr(args, dest)
+            same = (bool(value) == bool(flag_value)) if isinstance(flag_value, bool) else \
+                (float(value) == float(flag_value))
+            if not same:
+                raise ArgumentError(f"{flag} {flag_value} contradicts {json_name} = {value} in "
+                                    f"--deepspeed_config {path}; give one of them")
+        else:
+            setattr(args, dest, bool(value) if dest in ("fp16", "bf16") else
+                    (float(value) if dest == "clip_grad" else int(value)))
+    fp16 = cfg.get("fp16") if isinstance(cfg.get("fp16"), dict) else {}
+    if fp16.get("enabled"):
+        if "loss_scale" in fp16 and "loss_scale" not in explicit:
+            args.loss_scale = float(fp16["loss_scale"]) or None
+        if "initial_scale_power" in fp16 and "initial_loss_scale" not in explicit:
+            args.initial_loss_scale = 2.0 ** int(fp16["initial_scale_power"])
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ArgumentError(message)
+
+
+def _default_tokenizer_type(args) -> str:
+    if args.tokenizer_type:
+        return args.tokenizer_type
+    if args.tokenizer_model:
+        return "SentencePieceTokenizer"
+    return "NullTokenizer"
+
+
+def _data_prefixes(data_path: List[str]) -> List[str]:
+    """The prefixes of Megatron's ``P`` / ``w1 P1 w2 P2 ...`` syntax."""
+    if len(data_path) == 1:
+        return list(data_path)
+    if len(data_path) % 2 != 0:
+        raise ArgumentError(f"--data-path: with several entries give weight-prefix pairs "
+                            f"(w1 P1 w2 P2 ...), got {len(data_path)} entries")
+    prefixes = []
+    for weight, prefix in zip(data_path[0::2], data_path[1::2]):
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ArgumentError(f"--data-path: '{weight}' is not a weight (expected w1 P1 w2 P2 ...)") from None
+        _check(w >= 0, f"--data-path: weight {weight} of {prefix} is negative")
+        prefixes.append(prefix)
+    return prefixes
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Check the flag combination against ``world_size``; fill derived values. Raises ArgumentError.
+
+    Derived: ``data_parallel_size``, ``gradient_accumulation_steps``, ``global_batch_size`` (if not
+    given), ``max_position_embeddings``, the Pattention token counts, ``lr_warmup_iters``,
+    ``lr_decay_iters``, ``tokenizer_type``, ``deepspeed_json`` (the user's JSON, reconciled).
+    """
+    _check(world_size >= 1, f"world size must be >= 1, got {world_size}")
+    args.world_size = world_size
+    args.deepspeed_json = load_deepspeed_json(args)
+
+    # ---- required flags
+    for dest, flag in (("num_layers", "--num-layers"), ("hidden_size", "--hidden-size"),
+                       ("num_attention_heads", "--num-attention-heads"), ("seq_length", "--seq-length"),
+                       ("micro_batch_size", "--micro-batch-size"), ("train_iters", "--train-iters"),
+                       ("lr", "--lr")):
+        _check(getattr(args, dest) is not None, f"{flag} is required")
+
+    # ---- layout
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    _check(world_size % (tp * pp) == 0,
+           f"--tensor-model-parallel-size ({tp}) x --pipeline-model-parallel-size ({pp}) = {tp * pp} "
+           f"does not divide the world size ({world_size} ranks)")
+    dp = world_size // (tp * pp)
+    args.data_parallel_size = dp
+    _check(args.num_layers % pp == 0,
+           f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})")
+    _check(args.zero_stage in (0, 1, 2), f"--zero-stage {args.zero_stage}: only stages 0, 1 and 2 are supported")
+    _check(not (args.zero_stage == 2 and pp > 1),
+           f"--zero-stage 2 shards gradients, which DeepSpeed's pipeline engine does not support: use "
+           f"--zero-stage 1 with --pipeline-model-parallel-size {pp}, or --pipeline-model-parallel-size 1")
+
+    # ---- batch sizes
+    mbs = args.micro_batch_size
+    if args.global_batch_size is None:
+        args.global_batch_size = mbs * dp
+    gbs = args.global_batch_size
+    _check(gbs % (mbs * dp) == 0,
+           f"--global-batch-size ({gbs}) must be a multiple of --micro-batch-size ({mbs}) x data-parallel size "
+           f"({dp} = {world_size} ranks / (TP {tp} x PP {pp})) = {mbs * dp}")
+    args.gradient_accumulation_steps = gbs // (mbs * dp)
+    ga_json = args.deepspeed_json.get("gradient_accumulation_steps")
+    if ga_json not in (None, "auto"):
+        _check(int(ga_json) == args.gradient_accumulation_steps,
+               f"gradient_accumulation_steps = {ga_json} in --deepspeed_config {args.deepspeed_config} does not "
+               f"match --global-batch-size {gbs} / (--micro-batch-size {mbs} x data-parallel {dp}) = "
+               f"{args.gradient_accumulation_steps}")
+
+    # ---- architecture
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    _check(args.seq_length <= args.max_position_embeddings,
+           f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings ({args.max_position_embeddings})")
+    _check(args.hidden_size % args.num_attention_heads == 0,
+           f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads "
+           f"({args.num_attention_heads})")
+    _check(args.num_attention_heads % tp == 0,
+           f"--num-attention-heads ({args.num_attention_heads}) is not divisible by "
+           f"--tensor-model-parallel-size ({tp})")
+    if args.qkv_num_param_tokens is None:
+        args.qkv_num_param_tokens = args.hidden_size
+    if args.proj_num_param_tokens is None:
+        args.proj_num_param_tokens = args.hidden_size
+    if args.ffn_num_param_tokens is None:
+        args.ffn_num_param_tokens = 4 * args.hidden_size
+    for dest in ("qkv_num_param_tokens", "proj_num_param_tokens", "ffn_num_param_tokens"):
+        n = getattr(args, dest)
+        _check(n % tp == 0, f"--{dest.replace('_', '-')} ({n}) is not divisible by --tensor-model-parallel-size "
+                            f"({tp}): each rank holds an equal block of parameter tokens")
+    _check(0.0 <= args.rotary_percent <= 1.0, f"--rotary-percent must be in [0, 1], got {args.rotary_percent}")
+
+    # ---- precision
+    _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive")
+    if args.fp16 and args.loss_scale is None:
+        power = math.log2(args.initial_loss_scale) if args.initial_loss_scale > 0 else -1
+        _check(args.initial_loss_scale > 0 and power == int(power),
+               f"--initial-loss-scale ({args.initial_loss_scale}) must be a power of two")
+    _check(args.loss_scale is None or args.loss_scale > 0, f"--loss-scale must be > 0, got {args.loss_scale}")
+
+    # ---- optimizer / schedule
+    _check(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    _check(0 <= args.min_lr <= args.lr, f"--min-lr ({args.min_lr}) must lie in [0, --lr ({args.lr})]")
+    _check(args.clip_grad >= 0, f"--clip-grad must be >= 0, got {args.clip_grad}")
+    _check(args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}")
+    _check(0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1,
+           f"--adam-beta1/--adam-beta2 must lie in [0, 1), got {args.adam_beta1}, {args.adam_beta2}")
+    _check(args.adam_eps > 0, f"--adam-eps must be > 0, got {args.adam_eps}")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    _check(not (args.lr_warmup_iters is not None and args.lr_warmup_fraction is not None),
+           "give --lr-warmup-iters or --lr-warmup-fraction, not both")
+    if args.lr_warmup_fraction is not None:
+        _check(0 <= args.lr_warmup_fraction <= 1,
+               f"--lr-warmup-fraction must lie in [0, 1], got {args.lr_warmup_fraction}")
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    elif args.lr_warmup_iters is None:
+        args.lr_warmup_iters = 0
+    _check(args.lr_warmup_iters <= args.lr_decay_iters,
+           f"--lr-warmup-iters ({args.lr_warmup_iters}) exceeds --lr-decay-iters ({args.lr_decay_iters})")
+
+    # ---- data
+    _check(not (args.mock_data and args.data_path),
+           "--mock-data and --data-path are mutually exclusive")
+    _check(args.mock_data or bool(args.data_path), "give --data-path (or --mock-data for synthetic tokens)")
+    args.tokenizer_type = _default_tokenizer_type(args)
+    if args.tokenizer_type == "SentencePieceTokenizer":
+        _check(args.tokenizer_model is not None, "--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
+        _check(os.path.isfile(args.tokenizer_model), f"--tokenizer-model {args.tokenizer_model}: no such file")
+    else:
+        _check(args.vocab_size is not None, "--tokenizer-type NullTokenizer (and --mock-data without a "
+                                            "tokenizer model) needs --vocab-size")
+    if args.data_path:
+        for prefix in _data_prefixes(args.data_path):
+            for ext in (".bin", ".idx"):
+                _check(os.path.isfile(prefix + ext),
+                       f"--data-path {prefix}: {prefix + ext} not found (expected the .bin/.idx pair written "
+                       f"by tools/preprocess_data.py)")
+        parts = [p.strip() for p in str(args.split).replace("/", ",").split(",") if p.strip()]
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            raise ArgumentError(f"--split '{args.split}': expected comma-separated numbers such as 969,30,1") from None
+        _check(1 <= len(weights) <= 3 and all(w >= 0 for w in weights) and weights[0] > 0,
+               f"--split '{args.split}': expected up to three non-negative proportions with a positive train part")
+
+    # ---- checkpointing / logging
+    _check(args.save_interval is None or args.save is not None, "--save-interval needs --save")
+    _check(args.exit_duration_in_mins is None or args.exit_duration_in_mins > 0,
+           f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
+    _check(args.peak_tflops is None or args.peak_tflops > 0, f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    return args
+
+
+def core_config_from_args(args: argparse.Namespace, vocab_size: int):
+    """The :class:`~megatron_tokenformer.config.TokenformerConfig` these (validated) flags describe."""
+    from megatron_tokenformer.config import TokenformerConfig
+
+    kwargs = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        seq_length=args.seq_length,
+        max_position_embeddings=args.max_position_embeddings,
+        vocab_size=vocab_size,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        qkv_num_param_tokens=args.qkv_num_param_tokens,
+        proj_num_param_tokens=args.proj_num_param_tokens,
+        ffn_num_param_tokens=args.ffn_num_param_tokens,
+        pattention_normalization=args.pattention_normalization,
+        rotary_percent=args.rotary_percent,
+        init_method_std=args.init_method_std,
+        checkpoint_activations=args.checkpoint_activations,
+        model_type=args.model_type,
+    )
+    # Values the checkpoint fixed (e.g. tau after growth) win over the defaults.
+    for name in ("qkv_tau", "proj_tau", "ffn_tau"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    config = TokenformerConfig(**kwargs)
+    config.resolve_taus()
+    try:
+        config.validate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    except ValueError as exc:
+        raise ArgumentError(str(exc)) from exc
+    return config
+
+
+def describe(args: argparse.Namespace, keys: Optional[Iterable[str]] = None) -> str:
+    """Megatron-style ``------ arguments ------`` block (sorted ``name ..... value`` lines)."""
+    items = sorted((k, v) for k, v in vars(args).items() if not k.startswith("_") and k != "deepspeed_json"
+                   and (keys is None or k in keys))
+    lines = ["------------------------ arguments ------------------------"]
+    for key, value in items:
+        lines.append(f"  {key} {'.' * max(2, 48 - len(key))} {value}")
+    lines.append("-------------------- end of arguments ---------------------")
+    return "\n".join(lines)

@@ -1,0 +1,250 @@
+"""Rank, world size, local rank and rendezvous discovery for every supported launcher.
+
+``torch.distributed`` (and DeepSpeed's ``init_distributed``) rendezvous through five environment
+variables: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. Each
+launcher provides the process's place in the job differently:
+
+==========================  ==================================================================
+launcher                    where the information comes from
+==========================  ==================================================================
+``torchrun``, ``deepspeed``  the five variables are already set (``launcher = "env"``)
+``mpirun -np N`` (OpenMPI)   ``mpi4py``: COMM_WORLD rank/size, node-local rank from a shared-memory
+                             split, master address and a free port broadcast from rank 0
+``srun`` (Slurm step)        ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``; master =
+                             first host of ``SLURM_STEP_NODELIST``; port derived from the job id
+(nothing)                    a single process: rank 0 of 1
+==========================  ==================================================================
+
+:func:`initialize_environment` discovers and exports the five variables before any process group
+exists, so that argument validation can already use the world size (and refuse an impossible
+layout before any rank waits for another).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Dict, List, MutableMapping, Optional
+
+DEFAULT_MASTER_PORT = 29500
+
+__all__ = [
+    "DistributedEnv",
+    "discover",
+    "export",
+    "initialize_environment",
+    "expand_nodelist",
+    "slurm_master_port",
+    "find_free_port",
+]
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "env" | "mpi" | "slurm" | "single"
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1 or self.launcher != "single"
+
+
+# --------------------------------------------------------------------------- Slurm node lists
+
+
+def _expand_range_list(body: str) -> List[str]:
+    """``"01-03,07"`` -> ``["01", "02", "03", "07"]`` (zero padding kept)."""
+    out: List[str] = []
+    for part in body.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            width = len(lo)
+            lo_i, hi_i = int(lo), int(hi)
+            if hi_i < lo_i:
+                raise ValueError(f"bad Slurm node range '{part}'")
+            out.extend(str(i).zfill(width) for i in range(lo_i, hi_i + 1))
+        else:
+            out.append(part)
+    return out
+
+
+def _split_top_level(nodelist: str) -> List[str]:
+    """Split on commas that are not inside brackets."""
+    items, depth, cur = [], 0, []
+    for ch in nodelist:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced brackets in Slurm node list '{nodelist}'")
+        if ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise ValueError(f"unbalanced brackets in Slurm node list '{nodelist}'")
+    items.append("".join(cur))
+    return [i.strip() for i in items if i.strip()]
+
+
+def expand_nodelist(nodelist: str) -> List[str]:
+    """Expand a Slurm host list the way ``scontrol show hostnames`` does.
+
+    ``"gpu[01-02,05],login1,rack[1-2]-n[3-4]"`` ->
+    ``["gpu01", "gpu02", "gpu05", "login1", "rack1-n3", "rack1-n4", "rack2-n3", "rack2-n4"]``.
+    """
+    hosts: List[str] = []
+    for item in _split_top_level(nodelist):
+        # Cartesian product over every bracket group in the item.
+        expansions = [""]
+        pos = 0
+        for m in re.finditer(r"\[([^\]]*)\]", item):
+            prefix = item[pos:m.start()]
+            choices = _expand_range_list(m.group(1))
+            expansions = [e + prefix + c for e in expansions for c in choices]
+            pos = m.end()
+        tail = item[pos:]
+        hosts.extend(e + tail for e in expansions)
+    return hosts
+
+
+def slurm_master_port(environ: MutableMapping[str, str]) -> int:
+    """A port all tasks of one Slurm step agree on without communicating.
+
+    Derived from the job and step ids (ports 15000-59999), so that two jobs sharing a node, or two
+    steps of one job, do not collide. ``MASTER_PORT`` in the environment wins.
+    """
+    if environ.get("MASTER_PORT"):
+        return int(environ["MASTER_PORT"])
+    job = int(environ.get("SLURM_JOB_ID", "0") or 0)
+    step = int(environ.get("SLURM_STEP_ID", "0") or 0)
+    return 15000 + (job * 7 + step) % 45000
+
+
+def find_free_port() -> int:
+    """A TCP port that is free on this host right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _int_env(environ, name: str) -> Optional[int]:
+    value = environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from exc
+
+
+_MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+def _discover_mpi(environ) -> DistributedEnv:
+    """Rank, world size, local rank and master through mpi4py (COMM_WORLD)."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # pragma: no cover - mpi4py is a dependency
+        raise RuntimeError(
+            "started under MPI (found " + ", ".join(m for m in _MPI_MARKERS if m in environ)
+            + ") but mpi4py is not importable; `pip install mpi4py`") from exc
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank = local.Get_rank()
+    local.Free()
+    master = None
+    if rank == 0:
+        addr = environ.get("MASTER_ADDR") or _this_host_address()
+        port = int(environ["MASTER_PORT"]) if environ.get("MASTER_PORT") else find_free_port()
+        master = (addr, port)
+    addr, port = comm.bcast(master, root=0)
+    return DistributedEnv(rank, world, local_rank, addr, port, "mpi")
+
+
+def _this_host_address() -> str:
+    """An address of this host that other hosts can reach (falls back to loopback)."""
+    host = socket.gethostname()
+    try:
+        addr = socket.gethostbyname(host)
+    except OSError:
+        return "127.0.0.1"
+    return addr
+
+
+def _discover_slurm(environ) -> DistributedEnv:
+    rank = _int_env(environ, "SLURM_PROCID")
+    world = _int_env(environ, "SLURM_STEP_NUM_TASKS") or _int_env(environ, "SLURM_NTASKS")
+    local_rank = _int_env(environ, "SLURM_LOCALID") or 0
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or ""
+    if environ.get("MASTER_ADDR"):
+        addr = environ["MASTER_ADDR"]
+    else:
+        hosts = expand_nodelist(nodelist) if nodelist else []
+        addr = hosts[0] if hosts else "127.0.0.1"
+    return DistributedEnv(rank, world, local_rank, addr, slurm_master_port(environ), "slurm")
+
+
+def discover(environ: Optional[MutableMapping[str, str]] = None) -> DistributedEnv:
+    """Work out this process's rank etc. from the launcher's environment (no side effects)."""
+    environ = os.environ if environ is None else environ
+    rank, world = _int_env(environ, "RANK"), _int_env(environ, "WORLD_SIZE")
+    if rank is not None and world is not None:
+        # torchrun, the deepspeed launcher, or a user who exported the variables.
+        local_rank = _int_env(environ, "LOCAL_RANK")
+        if local_rank is None:
+            local_rank = rank
+        addr = environ.get("MASTER_ADDR") or "127.0.0.1"
+        port = _int_env(environ, "MASTER_PORT") or DEFAULT_MASTER_PORT
+        env = DistributedEnv(rank, world, local_rank, addr, port, "env")
+    elif "OMPI_COMM_WORLD_SIZE" in environ or "MV2_COMM_WORLD_SIZE" in environ:
+        env = _discover_mpi(environ)  # mpirun (possibly inside a Slurm allocation)
+    elif environ.get("SLURM_STEP_ID") is not None and environ.get("SLURM_PROCID") is not None:
+        env = _discover_slurm(environ)  # srun step (also with --mpi=pmix)
+    elif any(m in environ for m in ("PMI_SIZE", "PMIX_RANK")):
+        env = _discover_mpi(environ)  # other MPI launchers
+    else:
+        # Nobody else has to agree on the port: take a free one unless the user chose it.
+        port = _int_env(environ, "MASTER_PORT") or find_free_port()
+        env = DistributedEnv(0, 1, 0, environ.get("MASTER_ADDR") or "127.0.0.1", port, "single")
+    if not 0 <= env.rank < env.world_size:
+        raise ValueError(f"rank {env.rank} is outside world size {env.world_size} ({env.launcher} launcher)")
+    return env
+
+
+def export(env: DistributedEnv, environ: Optional[MutableMapping[str, str]] = None) -> Dict[str, str]:
+    """Write the five rendezvous variables (what ``init_process_group(init_method='env://')`` reads)."""
+    environ = os.environ if environ is None else environ
+    values = {
+        "RANK": str(env.rank),
+        "WORLD_SIZE": str(env.world_size),
+        "LOCAL_RANK": str(env.local_rank),
+        "MASTER_ADDR": env.master_addr,
+        "MASTER_PORT": str(env.master_port),
+    }
+    environ.update(values)
+    return values
+
+
+def initialize_environment(environ: Optional[MutableMapping[str, str]] = None) -> DistributedEnv:
+    """Discover the launcher's environment and export it; returns the :class:`DistributedEnv`."""
+    env = discover(environ)
+    export(env, environ)
+    return env

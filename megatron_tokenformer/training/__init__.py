@@ -1,0 +1,1 @@
+"""Training on DeepSpeed: engine construction, the loop, LR schedules, logging and FLOPs/MFU."""

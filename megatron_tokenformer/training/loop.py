@@ -1,0 +1,303 @@
+"""The pretraining loop: data iterators, train step, evaluation, logging, exits and checkpoint calls.
+
+Exits: after ``--train-iters``; after an iteration that is a multiple of ``--exit-interval``; once
+``--exit-duration-in-mins`` have passed; on SIGTERM or SIGUSR1 (Slurm's pre-emption warning, see
+``#SBATCH --signal``). All ranks agree on the decision (one all-reduce of a flag per iteration),
+finish the iteration, save a checkpoint when ``--save`` is given, and return normally.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+from megatron_tokenformer import parallel_state
+from megatron_tokenformer.training import flops as flops_lib
+from megatron_tokenformer.training.logging import (TensorBoardLogger, format_eval_line, format_train_line,
+                                                   is_logging_rank, print_rank_0, print_rank_last)
+
+__all__ = ["get_batch", "build_data_iterators", "train_step", "evaluate", "train", "ExitSignalHandler"]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def get_batch(batch: dict, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``{"text": [b, s + 1]}`` -> tokens [b, s], labels [b, s] (long), loss_mask [b, s] (float, ones)."""
+    text = batch["text"]
+    if not torch.is_tensor(text):
+        text = torch.as_tensor(text)
+    text = text.to(device=device, dtype=torch.long, non_blocking=True)
+    tokens = text[:, :-1].contiguous()
+    labels = text[:, 1:].contiguous()
+    loss_mask = torch.ones(labels.shape, dtype=torch.float32, device=device)
+    return tokens, labels, loss_mask
+
+
+def _batches(loader, device, pipelined: bool) -> Iterator:
+    for batch in loader:
+        tokens, labels, loss_mask = get_batch(batch, device)
+        if pipelined:
+            yield (tokens,), (labels, loss_mask)
+        else:
+            yield tokens, labels, loss_mask
+
+
+def build_datasets(args, tokenizer):
+    """(train, valid, test) datasets sized for the run (Megatron's sample counts)."""
+    from megatron_tokenformer.data import gpt_dataset
+    gbs = args.global_batch_size
+    train_samples = args.train_iters * gbs
+    eval_runs = args.train_iters // args.eval_interval + 1
+    valid_samples = eval_runs * args.eval_iters * gbs
+    test_samples = args.eval_iters * gbs
+    if args.mock_data:
+        vocab = tokenizer.vocab_size
+        train = gpt_dataset.MockGPTDataset(train_samples, args.seq_length, vocab, seed=args.seed)
+        valid = gpt_dataset.MockGPTDataset(valid_samples, args.seq_length, vocab, seed=args.seed + 1) \
+            if valid_samples > 0 else None
+        return train, valid, None
+    return gpt_dataset.build_train_valid_test_datasets(
+        args.data_path, args.split, args.seq_length, (train_samples, valid_samples, test_samples), args.seed,
+        cache_dir=args.data_cache_path, vocab_size=tokenizer.vocab_size)
+
+
+def build_data_iterators(args, train_ds, valid_ds, consumed_samples: int, iteration: int, device,
+                         pipelined: bool):
+    """Iterators over this rank's micro-batches (Megatron's sampler order; resumable)."""
+    from megatron_tokenformer.data.samplers import build_pretraining_data_loader
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp = parallel_state.get_data_parallel_world_size()
+    train_loader = build_pretraining_data_loader(train_ds, consumed_samples, args.micro_batch_size, dp_rank, dp,
+                                                 num_workers=args.num_workers)
+    train_iter = _batches(train_loader, device, pipelined)
+    valid_iter = None
+    if valid_ds is not None and args.eval_iters > 0:
+        consumed_valid = (iteration // args.eval_interval) * args.eval_iters * args.global_batch_size
+        consumed_valid = consumed_valid % len(valid_ds)
+        valid_loader = build_pretraining_data_loader(valid_ds, consumed_valid, args.micro_batch_size, dp_rank, dp,
+                                                     num_workers=args.num_workers)
+        valid_iter = _batches(valid_loader, device, pipelined)
+    return train_iter, valid_iter
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def train_step(engine, data_iter, gradient_accumulation_steps: int, pipelined: bool) -> torch.Tensor:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+    Returns this iteration's loss: for PP = 1 the mean over this rank's micro-batches (not yet
+    averaged over data-parallel ranks); for PP > 1 DeepSpeed's loss, already averaged over the
+    micro-batches and the data-parallel group (and broadcast to every stage).
+    """
+    if pipelined:
+        return engine.train_batch(data_iter=data_iter).detach().float()
+    total = None
+    for _ in range(gradient_accumulation_steps):
+        tokens, labels, loss_mask = next(data_iter)
+        loss = engine(tokens, labels, loss_mask)
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
+    return total / gradient_accumulation_steps
+
+
+def _dp_average(value: torch.Tensor) -> torch.Tensor:
+    if parallel_state.get_data_parallel_world_size() > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= parallel_state.get_data_parallel_world_size()
+    return value
+
+
+@torch.no_grad()
+def evaluate(engine, valid_iter, args, pipelined: bool) -> float:
+    """Mean validation loss over ``--eval-iters`` global batches (averaged over data-parallel ranks)."""
+    losses = []
+    if pipelined:
+        for _ in range(args.eval_iters):
+            losses.append(engine.eval_batch(data_iter=valid_iter).detach().float())
+        engine.module.train()
+        return float(torch.stack(losses).mean())
+    engine.eval()
+    for _ in range(args.eval_iters):
+        for _ in range(args.gradient_accumulation_steps):
+            tokens, labels, loss_mask = next(valid_iter)
+            losses.append(engine(tokens, labels, loss_mask).detach().float())
+    engine.train()
+    return float(_dp_average(torch.stack(losses).mean()))
+
+
+# --------------------------------------------------------------------------- exits
+
+
+class ExitSignalHandler:
+    """Records SIGTERM / SIGUSR1 (Slurm pre-emption); the loop saves and exits at the iteration's end."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._previous = {}
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+
+    def _handle(self, signum, _frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _agree_on_exit(local_flag: bool, device) -> bool:
+    """True on every rank when any rank wants to exit (all-reduce MAX over the world)."""
+    if not torch.distributed.is_initialized():
+        return local_flag
+    flag = torch.tensor([1.0 if local_flag else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _loss_scale(engine, args) -> float:
+    if not args.fp16:
+        return 1.0
+    opt = engine.optimizer
+    for attr in ("cur_scale", "loss_scale"):
+        value = getattr(opt, attr, None)
+        if value is not None:
+            return float(value)
+    return float("nan")
+
+
+def _grad_norm(engine) -> Optional[float]:
+    try:
+        value = engine.get_global_grad_norm()
+    except Exception:
+        return None
+    if value is None:
+        return None
+    value = float(value)
+    return value if value >= 0 else float("nan")
+
+
+def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int) -> None:
+    from megatron_tokenformer.checkpointing import io as checkpoint_io
+    checkpoint_io.save_checkpoint(engine, args, config, iteration, consumed_samples,
+                                  tokenizer_model=args.tokenizer_model)
+
+
+def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed_samples: int, device,
+          start_time: float, tensorboard: Optional[TensorBoardLogger] = None) -> Tuple[int, int, str]:
+    """Run until ``--train-iters`` or an exit condition. Returns (iteration, consumed_samples, reason)."""
+    from megatron_tokenformer.training.engine import is_pipeline_engine
+    pipelined = is_pipeline_engine(engine)
+    tensorboard = tensorboard or TensorBoardLogger(None)
+    gbs = args.global_batch_size
+    tokens_per_iter = gbs * args.seq_length
+    padded_vocab = config.padded_vocab_size(args.tensor_model_parallel_size)
+    hw_flops_per_token = flops_lib.training_flops_per_token(config, padded_vocab, hardware=True)
+    model_flops_per_token = flops_lib.training_flops_per_token(config, padded_vocab, hardware=False)
+    peak = flops_lib.peak_tflops_for_device(args.peak_tflops)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+    handler = ExitSignalHandler()
+    interval_losses = []
+    interval_start = time.time()
+    interval_iters = 0
+    skipped_at_start = engine.skipped_steps
+    last_saved = None
+    reason = "train-iters"
+    logger_rank = is_logging_rank()
+
+    try:
+        while iteration < args.train_iters:
+            lr = engine.lr_scheduler.get_lr() if engine.lr_scheduler is not None else args.lr
+            loss = train_step(engine, train_iter, args.gradient_accumulation_steps, pipelined)
+            iteration += 1
+            consumed_samples += gbs
+            interval_losses.append(loss)
+            interval_iters += 1
+
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                losses = torch.stack(interval_losses)
+                if not pipelined:
+                    losses = _dp_average(losses)
+                grad_norm = _grad_norm(engine)
+                elapsed = time.time() - interval_start
+                if logger_rank:
+                    finite = torch.isfinite(losses)
+                    nan_iters = int((~finite).sum())
+                    mean_loss = float(losses[finite].mean()) if finite.any() else float("nan")
+                    skipped = engine.skipped_steps - skipped_at_start
+                    tokens_per_sec = tokens_per_iter * interval_iters / max(elapsed, 1e-9)
+                    tflops = tokens_per_sec * hw_flops_per_token / world / 1e12
+                    mfu = (tokens_per_sec * model_flops_per_token / world / 1e12 / peak) if peak else None
+                    loss_scale = _loss_scale(engine, args)
+                    print(format_train_line(iteration, args.train_iters, consumed_samples,
+                                            1000.0 * elapsed / interval_iters, lr, gbs, mean_loss, loss_scale,
+                                            grad_norm, skipped, nan_iters, tokens_per_sec, tflops, mfu), flush=True)
+                    tensorboard.add_scalars({
+                        "lm loss": mean_loss, "learning-rate": lr, "grad-norm": grad_norm,
+                        "loss-scale": loss_scale, "batch-size": gbs, "tokens-per-sec": tokens_per_sec,
+                        "tflops-per-gpu": tflops, "mfu": mfu, "skipped-iterations": skipped,
+                        "nan-iterations": nan_iters, "consumed-samples": consumed_samples,
+                    }, iteration)
+                interval_losses = []
+                interval_iters = 0
+                skipped_at_start = engine.skipped_steps
+                interval_start = time.time()
+
+            if valid_iter is not None and args.eval_iters > 0 and iteration % args.eval_interval == 0:
+                val_loss = evaluate(engine, valid_iter, args, pipelined)
+                print_rank_last(format_eval_line(iteration, val_loss))
+                tensorboard.add_scalars({"lm loss validation": val_loss,
+                                         "lm loss validation ppl": math.exp(min(val_loss, 20.0))}, iteration)
+                interval_start = time.time()  # do not count evaluation as training time
+
+            if args.save and args.save_interval and iteration % args.save_interval == 0:
+                save_checkpoint(engine, args, config, iteration, consumed_samples)
+                last_saved = iteration
+                interval_start = time.time()
+
+            # ---- exit conditions (agreed by all ranks)
+            local_exit, why = False, None
+            if handler.received is not None:
+                local_exit, why = True, f"signal {handler.received}"
+            elif args.exit_duration_in_mins is not None and \
+                    (time.time() - start_time) / 60.0 > args.exit_duration_in_mins:
+                local_exit, why = True, f"--exit-duration-in-mins {args.exit_duration_in_mins}"
+            if _agree_on_exit(local_exit, device) and iteration < args.train_iters:
+                reason = why or "another rank's exit request"
+                break
+            if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
+                reason = f"--exit-interval {args.exit_interval}"
+                break
+    finally:
+        handler.restore()
+
+    if reason != "train-iters":
+        print_rank_0(f"exiting at iteration {iteration} ({reason})")
+    elif valid_iter is not None and args.eval_iters > 0 and iteration % args.eval_interval != 0:
+        val_loss = evaluate(engine, valid_iter, args, pipelined)
+        print_rank_last(format_eval_line(iteration, val_loss, name="validation (end of training)"))
+        tensorboard.add_scalars({"lm loss validation": val_loss,
+                                 "lm loss validation ppl": math.exp(min(val_loss, 20.0))}, iteration)
+    if args.save and last_saved != iteration:
+        save_checkpoint(engine, args, config, iteration, consumed_samples)
+    tensorboard.flush()
+    return iteration, consumed_samples, reason
