@@ -17,6 +17,7 @@ sentencepiece model from elsewhere (e.g. Llama's) works too: ``.eod`` is its eos
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterable, Iterator, List, Optional, Sequence
 
 __all__ = [
@@ -218,8 +219,23 @@ def train_sentencepiece(
     )
     if user_defined_symbols:
         kwargs["user_defined_symbols"] = list(user_defined_symbols)
-    if logstream is not None:
-        spm.SentencePieceTrainer.Train(logstream=logstream, **kwargs)
-    else:
-        spm.SentencePieceTrainer.Train(**kwargs)
+    try:
+        if logstream is not None:
+            spm.SentencePieceTrainer.Train(logstream=logstream, **kwargs)
+        else:
+            spm.SentencePieceTrainer.Train(**kwargs)
+    except RuntimeError as e:
+        m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e))
+        if m:
+            raise ValueError(
+                f"--vocab-size {m.group(1)} is too large for this corpus (at most {m.group(2)}); "
+                "use a smaller --vocab-size or more text"
+            ) from None
+        m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if m:
+            raise ValueError(
+                f"--vocab-size {m.group(1)} is too small: this corpus needs at least {m.group(2)} "
+                "(special tokens, 256 byte pieces and every character kept by --character-coverage)"
+            ) from None
+        raise
     return model_prefix + ".model"

@@ -1,0 +1,53 @@
+"""tools/merge_datasets.py: prefixes and folders in, one pair out; bad inputs fail cleanly."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "tools", "merge_datasets.py")
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import merge_datasets  # noqa: E402
+
+from megatron_tokenformer.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder  # noqa: E402
+
+
+def _write(prefix, docs):
+    with IndexedDatasetBuilder(str(prefix), dtype=np.uint16) as b:
+        for d in docs:
+            b.add_document(np.asarray(d))
+
+
+def test_merge_prefixes_and_folder(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    docs = {n: [[i + 10 * k for i in range(k + 1)] for k in range(3)] for n in ("s0", "s1", "s2")}
+    for n, d in docs.items():
+        _write(shards / n, d)
+    assert merge_datasets.main(["--input", str(shards), "--output-prefix", str(tmp_path / "all")]) == 0
+    ds = IndexedDataset(str(tmp_path / "all"))
+    want = docs["s0"] + docs["s1"] + docs["s2"]
+    assert [ds.get_document(i).tolist() for i in range(ds.num_documents)] == want
+    # explicit prefixes (a .bin/.idx path works too), order kept
+    assert merge_datasets.main(["--input", str(shards / "s2"), str(shards / "s0.idx"),
+                                "--output-prefix", str(tmp_path / "two")]) == 0
+    ds = IndexedDataset(str(tmp_path / "two"))
+    assert [ds.get_document(i).tolist() for i in range(ds.num_documents)] == docs["s2"] + docs["s0"]
+
+
+def test_bad_inputs_subprocess(tmp_path):
+    _write(tmp_path / "good", [[1, 2, 3]])
+    _write(tmp_path / "broken", [[1, 2, 3], [4, 5]])
+    with open(tmp_path / "broken.bin", "r+b") as f:
+        f.truncate(4)
+    r = subprocess.run([sys.executable, SCRIPT, "--input", str(tmp_path / "good"), str(tmp_path / "broken"),
+                        "--output-prefix", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "merge_datasets.py: error:" in r.stderr and "broken.bin" in r.stderr and "truncated" in r.stderr
+    assert not list(tmp_path.glob("out*"))
+    r = subprocess.run([sys.executable, SCRIPT, "--input", str(tmp_path / "nope"),
+                        "--output-prefix", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "nope" in r.stderr
