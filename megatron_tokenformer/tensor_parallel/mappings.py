@@ -82,7 +82,7 @@ def _collective(kind: str, tensor: torch.Tensor, group=None) -> torch.Tensor:
     if kind == "all_gather":
         out = torch.empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]),
                           dtype=tensor.dtype, device=tensor.device)
-        dist.all_gather_into_tensor(out, tensor, group=group)
+        _all_gather_single(out, tensor, group=group)
         return out
     if kind == "reduce_scatter":
         if tensor.shape[0] % world != 0:
@@ -92,6 +92,10 @@ def _collective(kind: str, tensor: torch.Tensor, group=None) -> torch.Tensor:
         dist.reduce_scatter_tensor(out, tensor, op=dist.ReduceOp.SUM, group=group)
         return out
     raise ValueError(f"unknown collective kind {kind!r}")
+
+
+# torch >= 2.13 renamed all_gather_into_tensor to all_gather_single
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 # --- plain (non-autograd) helpers on the last dimension ------------------------------------------
