@@ -154,6 +154,11 @@ class TokenformerConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown TokenformerConfig field(s): {', '.join(unknown)}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(f"missing TokenformerConfig field(s): {', '.join(missing)}")
         return cls(**data)
 
     def to_json(self, path: Union[str, os.PathLike]) -> None:

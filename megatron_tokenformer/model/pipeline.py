@@ -1,0 +1,72 @@
+"""DeepSpeed pipeline layer specs for the Tokenformer LM.
+
+The layer sequence is exactly TokenformerLM's, with the same module classes and the same
+(seed, layer number, tag)-based init, so a PipelineModule at any PP computes the same function from
+the same initial weights as ``TokenformerLM(config, seed)``::
+
+    TiedLayerSpec("embed", TokenformerEmbedding)       input_ids -> hidden          (first stage)
+    LayerSpec(TokenformerBlock, layer_number=i + 1)    hidden -> hidden             (x num_layers)
+    LayerSpec(LayerNorm, parametric)                   final LayerNorm
+    TiedLayerSpec("embed", ..., forward_fn=logits)     hidden -> vocab-parallel logits (last stage)
+    loss_fn = pipeline_loss_fn(logits, (labels, loss_mask))
+
+Usage::
+
+    PipelineModule(layers=get_layer_specs(config, seed), loss_fn=pipeline_loss_fn,
+                   topology=parallel_state.get_topology(), partition_method="parameters")
+
+Pipeline inputs: ``(input_ids,)`` or ``input_ids``; labels: ``(labels, loss_mask)`` or ``labels``.
+Activation checkpointing is the PipelineModule's job here (``activation_checkpoint_interval``).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from megatron_tokenformer.config import TokenformerConfig
+from megatron_tokenformer.model.block import TokenformerBlock
+from megatron_tokenformer.model.language_model import TokenformerEmbedding, language_model_loss, prepare_config
+from megatron_tokenformer.model.layernorm import LayerNorm
+
+TIED_EMBEDDING_KEY = "embed"
+TIED_WEIGHT_ATTR = "word_embeddings.weight"
+
+
+def embedding_forward(module: TokenformerEmbedding, inputs) -> torch.Tensor:
+    """First pipeline layer: ``(input_ids,)`` or ``input_ids`` [b, s] -> hidden [b, s, d]."""
+    if isinstance(inputs, (tuple, list)):
+        if len(inputs) != 1:
+            raise ValueError(f"the Tokenformer pipeline expects inputs (input_ids,), got a tuple of {len(inputs)}")
+        inputs = inputs[0]
+    return module(inputs)
+
+
+def logits_forward(module: TokenformerEmbedding, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Last pipeline layer: hidden [b, s, d] -> vocab-parallel logits [b, s, V_pad/p] (tied weights)."""
+    return module.logits(hidden_states)
+
+
+def pipeline_loss_fn(logits: torch.Tensor, labels) -> torch.Tensor:
+    """``labels``: ``(labels, loss_mask)`` or ``labels`` -> mean loss over unmasked tokens."""
+    if isinstance(labels, (tuple, list)):
+        labels, loss_mask = labels
+    else:
+        loss_mask = None
+    return language_model_loss(logits, labels, loss_mask)
+
+
+def get_layer_specs(config: TokenformerConfig, seed: int = 1234) -> List:
+    """The DeepSpeed LayerSpec / TiedLayerSpec list of the Tokenformer LM (config copied, taus resolved)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    config = prepare_config(config)
+    specs = [TiedLayerSpec(TIED_EMBEDDING_KEY, TokenformerEmbedding, config, seed, forward_fn=embedding_forward,
+                           tied_weight_attr=TIED_WEIGHT_ATTR)]
+    specs += [LayerSpec(TokenformerBlock, config, i + 1, seed) for i in range(config.num_layers)]
+    specs.append(LayerSpec(LayerNorm, config.hidden_size, config.layernorm_epsilon, True,
+                           params_dtype=config.torch_dtype))
+    specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, TokenformerEmbedding, config, seed, forward_fn=logits_forward,
+                               tied_weight_attr=TIED_WEIGHT_ATTR))
+    return specs
