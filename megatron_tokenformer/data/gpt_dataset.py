@@ -297,20 +297,21 @@ class GPTDataset:
         if j0 == j1:
             s = int(starts[self.doc_idx[j0]])
             return toks[s + o0 : s + o1 + 1].astype(np.int64)
-        out = np.empty(self.seq_length + 1, dtype=np.int64)
-        d = int(self.doc_idx[j0])
-        s, ln = int(starts[d]), int(self._doc_lengths[d])
-        piece = toks[s + o0 : s + ln]
-        out[: piece.size] = piece
-        k = piece.size
-        for j in range(j0 + 1, j1):
-            d = int(self.doc_idx[j])
-            s, ln = int(starts[d]), int(self._doc_lengths[d])
-            out[k : k + ln] = toks[s : s + ln]
-            k += ln
-        s = int(starts[self.doc_idx[j1]])
-        out[k:] = toks[s : s + o1 + 1]
-        return out
+        docs = np.asarray(self.doc_idx[j0 : j1 + 1])
+        piece_starts = starts[docs]
+        piece_lens = self._doc_lengths[docs]
+        piece_starts[0] += o0
+        piece_lens[0] -= o0
+        piece_lens[-1] = o1 + 1
+        if docs.size <= 8:
+            return np.concatenate(
+                [toks[a : a + n] for a, n in zip(piece_starts.tolist(), piece_lens.tolist())]
+            ).astype(np.int64)
+        # many short documents: one gather instead of a Python loop over pieces
+        out_offsets = np.cumsum(piece_lens) - piece_lens
+        index = np.repeat(piece_starts - out_offsets, piece_lens)
+        index += np.arange(self.seq_length + 1, dtype=np.int64)
+        return toks[index].astype(np.int64)
 
     def __getitem__(self, idx: int) -> dict:
         return {"text": self.get_text(idx)}

@@ -75,6 +75,19 @@ def test_samples_are_the_shuffled_document_stream(tmp_path):
     assert set(np.asarray(train.shuffle_idx[:first]).tolist()) == set(range(first))
 
 
+def test_samples_spanning_many_short_documents(tmp_path):
+    """Samples made of many (> 8) document pieces take the vectorised gather path."""
+    prefix, docs = make_data(tmp_path / "s", n_docs=300, max_len=4)
+    seq = 64
+    ds = GPTDataset(IndexedDataset(prefix), "train", (0, 300), 50, seq, seed=9)
+    stream = np.concatenate([docs[d] for d in np.asarray(ds.doc_idx)])
+    pieces = np.diff(np.asarray(ds.sample_idx)[:, 0])
+    assert pieces.min() > 8  # every sample takes the gather path
+    for i in range(len(ds)):
+        s = int(ds.shuffle_idx[i])
+        assert np.array_equal(ds[i]["text"], stream[s * seq:s * seq + seq + 1])
+
+
 def test_cache_is_reused_and_identical(tmp_path):
     prefix, _ = make_data(tmp_path / "d", n_docs=30)
     ds1 = GPTDataset(IndexedDataset(prefix), "train", (0, 25), 40, 8, seed=3)

@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Benchmark of the data pipeline (issue 3). Ratios against baselines run in the same invocation.
+
+1. Preprocessing: tokens/s of ``tools/preprocess_data.py`` (the same ``preprocess()`` it runs,
+   in-process, pool start-up, reading and writing included) with 1 and 2 workers, against
+   the limit: sentencepiece encoding the same documents in one process, one thread, in
+   batches, with no file reading or output (only ``Encode`` is timed).
+2. Read path: samples/s of ``GPTDataset[i]`` in its shuffled order against ``numpy.memmap``
+   slicing of the same start offsets (one contiguous ``seq_length + 1`` slice, cast to int64).
+
+    python benchmarks/preprocess.py [--text ../shared/data/tinyshakespeare.txt] [--mb 20]
+
+Writes the section "## Data pipeline (issue 3)" of docs/benchmarks.md (other sections kept).
+"""
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from megatron_tokenformer.data.gpt_dataset import GPTDataset  # noqa: E402
+from megatron_tokenformer.data.indexed_dataset import IndexedDataset  # noqa: E402
+from megatron_tokenformer.data.preprocess import preprocess  # noqa: E402
+from megatron_tokenformer.data.text_inputs import iter_documents  # noqa: E402
+from megatron_tokenformer.data.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
+
+SECTION = "## Data pipeline (issue 3)"
+
+
+def best_of(fn, repeats):
+    times = []
+    out = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--text", default=os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt"))
+    p.add_argument("--mb", type=float, default=20.0, help="corpus size (the text repeated)")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--repeats", type=int, default=2, help="best of N timings")
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--samples", type=int, default=20000)
+    p.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks.md"))
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+
+    work = tempfile.mkdtemp(prefix="bench_preprocess_")
+    try:
+        text = open(args.text, encoding="utf-8").read()
+        reps = int(np.ceil(args.mb * 1e6 / len(text.encode("utf-8"))))
+        corpus = os.path.join(work, "corpus.txt")
+        with open(corpus, "w", encoding="utf-8") as f:
+            for _ in range(reps):
+                f.write(text.rstrip("\n") + "\n\n")
+        size_mb = os.path.getsize(corpus) / 1e6
+        lines = [l for l in text.split("\n") if l.strip()]
+        model = train_sentencepiece(iter(lines), os.path.join(work, "tok"), args.vocab_size)
+        print(f"corpus {size_mb:.1f} MB ({reps} x {os.path.basename(args.text)}), vocab {args.vocab_size}",
+              flush=True)
+
+        # the limit: sentencepiece Encode of the same documents, one process, one thread
+        docs = list(iter_documents([corpus]))
+        tok = SentencePieceTokenizer(model, num_threads=1)
+        batches, cur, cur_bytes = [], [], 0
+        for d in docs:
+            cur.append(d)
+            cur_bytes += len(d)
+            if cur_bytes >= 1 << 20:
+                batches.append(cur)
+                cur, cur_bytes = [], 0
+        if cur:
+            batches.append(cur)
+
+        def encode_only():
+            return sum(len(x) for b in batches for x in tok.tokenize_batch(b, append_eod=True))
+
+        t_limit, n_tokens = best_of(encode_only, args.repeats)
+        limit = n_tokens / t_limit
+        print(f"limit (Encode only, 1 process): {limit:,.0f} tokens/s", flush=True)
+        del docs, batches
+
+        rates = {}
+        for workers in (1, 2):
+            def run():
+                return preprocess([corpus], os.path.join(work, f"out{workers}"), tokenizer_model=model,
+                                  append_eod=True, workers=workers, log_interval=0, log=lambda m: None)
+
+            t, stats = best_of(run, args.repeats)
+            assert stats["tokens"] == n_tokens, (stats["tokens"], n_tokens)
+            rates[workers] = n_tokens / t
+            print(f"preprocess_data --workers {workers}: {rates[workers]:,.0f} tokens/s "
+                  f"({rates[workers] / limit:.2f} of the limit), {size_mb / t:.1f} MB/s", flush=True)
+
+        # read path
+        prefix = os.path.join(work, "out1_text_document")
+        ids = IndexedDataset(prefix)
+        seq = args.seq_length
+        max_samples = (ids.num_tokens - 1) // seq
+        n_samples = min(args.samples, max_samples)
+        ds = GPTDataset(ids, "train", (0, ids.num_documents), n_samples, seq, seed=1234,
+                        cache_dir=os.path.join(work, "cache"))
+        n_read = min(len(ds), args.samples)
+        doc_starts, _ = ids.document_token_ranges()
+        offsets = np.empty(n_read, dtype=np.int64)
+        for k in range(n_read):
+            i = int(ds.shuffle_idx[k])
+            j, o = ds.sample_idx[i]
+            offsets[k] = doc_starts[ds.doc_idx[j]] + o
+        raw = np.memmap(prefix + ".bin", dtype=ids.dtype, mode="r")
+        hi = len(raw) - (seq + 1)
+        offsets = np.minimum(offsets, hi)
+
+        def read_dataset():
+            s = 0
+            for k in range(n_read):
+                s += int(ds[k]["text"][0])
+            return s
+
+        def read_memmap():
+            s = 0
+            for off in offsets:
+                s += int(raw[off:off + seq + 1].astype(np.int64)[0])
+            return s
+
+        for _ in range(2):  # warm the page cache for both
+            read_dataset(), read_memmap()
+        t_ds, _ = best_of(read_dataset, 3)
+        t_mm, _ = best_of(read_memmap, 3)
+        ds_rate, mm_rate = n_read / t_ds, n_read / t_mm
+        print(f"GPTDataset: {ds_rate:,.0f} samples/s; numpy.memmap slices: {mm_rate:,.0f} samples/s "
+              f"({ds_rate / mm_rate:.2f}x), seq_length {seq}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    import sentencepiece
+
+    body = f"""{SECTION}
+
+`python benchmarks/preprocess.py` on {platform.machine()} with {os.cpu_count()} CPU cores
+(python {platform.python_version()}, numpy {np.__version__}, sentencepiece {sentencepiece.__version__}).
+Corpus: `{os.path.basename(args.text)}` repeated {reps}x = {size_mb:.1f} MB, plain text, documents =
+blank-line separated blocks ({n_tokens:,} tokens with `--append-eod`), BPE vocabulary {args.vocab_size}.
+Best of {args.repeats} runs.
+
+| what | tokens/s | ratio |
+| --- | ---: | ---: |
+| limit: sentencepiece `Encode` of the same documents, 1 process, 1 thread, no I/O | {limit:,.0f} | 1.00 |
+| `preprocess_data.py --workers 1` (read + encode in 1 worker + write .bin/.idx) | {rates[1]:,.0f} | {rates[1] / limit:.2f} of the limit (goal >= 0.9) |
+| `preprocess_data.py --workers 2` | {rates[2]:,.0f} | {rates[2] / rates[1]:.2f}x the 1-worker rate (goal >= 1.6) |
+
+Read path, seq_length {seq}, {n_read:,} samples in the shuffled order, page cache warm:
+
+| what | samples/s | ratio |
+| --- | ---: | ---: |
+| `numpy.memmap` slice of `seq_length + 1` tokens at the same start offsets, cast to int64 | {mm_rate:,.0f} | 1.00 |
+| `GPTDataset[i]` (shuffle -> sample index -> document pieces -> int64 array) | {ds_rate:,.0f} | {ds_rate / mm_rate:.2f} |
+"""
+    print(body)
+    if not args.no_write:
+        write_section(args.output, body)
+    return 0
+
+
+def write_section(path, body):
+    """Replace our section of docs/benchmarks.md (or append it); other sections are kept."""
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(old):
+        new = pattern.sub(lambda m: body + "\n", old)
+    else:
+        new = old.rstrip("\n") + "\n\n" + body
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(new.rstrip("\n") + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
