@@ -1,0 +1,531 @@
+"""Saving and loading training checkpoints (DeepSpeed's layout + the project's metadata).
+
+Training calls three functions (contract "Training <-> checkpointing"):
+
+* :func:`apply_checkpoint_args` (after parsing, before building the model): architecture flags the
+  user did not pass take the checkpoint's values; tau always does; explicit flags that contradict
+  the checkpoint are refused with every differing field listed.
+* :func:`save_checkpoint` (collective): DeepSpeed's files (model states, ZeRO shards, LR schedule,
+  loss scaler) written into ``global_step<N>.partial``, plus every rank's RNG states and the
+  project metadata (:mod:`.files`); the folder is fsynced and renamed, then ``latest`` replaced.
+* :func:`load_checkpoint` (collective): resumes from the step ``latest`` names, or starts from
+  scratch with a log line when there is none. A checkpoint written at the same layout is loaded by
+  DeepSpeed itself (bitwise resume, RNG states included); any other layout, and the ``canonical``
+  folders that tools/expand_checkpoint.py writes, go through the resharding path: every rank reads
+  just its slice of every parameter and of its fp32 master weights and Adam moments from a
+  :class:`~.reshard.CheckpointView` and places them in DeepSpeed's (ZeRO-partitioned) optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from megatron_tokenformer import parallel_state
+from megatron_tokenformer.checkpointing import files
+from megatron_tokenformer.checkpointing.naming import canonical_parameter_names, vocab_parameters
+from megatron_tokenformer.checkpointing.reshard import (CLIENT_STATE_KEY, FP32, CheckpointFormatError,
+                                                        CheckpointView)
+
+__all__ = ["save_checkpoint", "load_checkpoint", "apply_checkpoint_args", "CheckpointMismatchError",
+           "ARCHITECTURE_FIELDS", "expand_command"]
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not fit the model described by the flags (fields listed in the message)."""
+
+
+# args dest -> TokenformerConfig field. Shapes and the computed function depend on all of them.
+ARCHITECTURE_FIELDS = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "qkv_num_param_tokens": "qkv_num_param_tokens",
+    "proj_num_param_tokens": "proj_num_param_tokens",
+    "ffn_num_param_tokens": "ffn_num_param_tokens",
+    "pattention_normalization": "pattention_normalization",
+    "rotary_percent": "rotary_percent",
+    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
+    "model_type": "model_type",
+}
+# Filled in from the checkpoint when not given, but may be changed on purpose (no parameter depends
+# on them: rotary positions, init only).
+SOFT_FIELDS = {"seq_length": "seq_length", "max_position_embeddings": "max_position_embeddings",
+               "init_method_std": "init_method_std"}
+TAU_FIELDS = ("qkv_tau", "proj_tau", "ffn_tau")
+# Config fields compared between the built model and the checkpoint at load time.
+CONFIG_CHECK_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "qkv_num_param_tokens",
+                       "proj_num_param_tokens", "ffn_num_param_tokens", "qkv_tau", "proj_tau", "ffn_tau",
+                       "pattention_normalization", "norm_epsilon_pattention", "rotary_percent", "rotary_base",
+                       "block_layernorm", "layernorm_epsilon", "make_vocab_size_divisible_by", "model_type")
+
+
+def _log(msg: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _agree(ok: bool) -> bool:
+    """True on all ranks iff ``ok`` on all ranks."""
+    if not torch.distributed.is_initialized():
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+# --------------------------------------------------------------------------- layout helpers
+def current_layout(engine=None) -> Dict[str, Any]:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    dp = parallel_state.get_data_parallel_world_size()
+    layout = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "data_parallel_size": dp,
+              "world_size": _world()}
+    if engine is not None:
+        layout["zero_stage"] = int(engine.zero_optimization_stage())
+        layout["precision"] = "bf16" if engine.bfloat16_enabled() else ("fp16" if engine.fp16_enabled() else "fp32")
+    return layout
+
+
+def _layout_tuple(layout: Dict[str, Any]) -> Tuple[int, int, int]:
+    return (int(layout.get("tensor_model_parallel_size", 1)), int(layout.get("pipeline_model_parallel_size", 1)),
+            int(layout.get("data_parallel_size", 1)))
+
+
+def expand_command(load_dir: str, iteration: int, target: Tuple[int, int, int], save_dir: Optional[str] = None) -> str:
+    """The tools/expand_checkpoint.py command that converts a checkpoint for layout ``target``."""
+    tp, pp, dp = target
+    save_dir = save_dir or f"{load_dir.rstrip(os.sep)}_tp{tp}_pp{pp}_dp{dp}"
+    return (f"python tools/expand_checkpoint.py --load {load_dir} --iteration {iteration} --save {save_dir} "
+            f"--target-tensor-model-parallel-size {tp} --target-pipeline-model-parallel-size {pp} "
+            f"--target-data-parallel-size {dp}")
+
+
+def parameter_map(module: torch.nn.Module) -> List[Dict[str, Any]]:
+    """This rank's parameters: local name, canonical name, local shape, dtype, TP partitioning, vocab flag."""
+    names = canonical_parameter_names(module)
+    vocab = vocab_parameters(module)
+    out = []
+    for name, p in module.named_parameters():
+        pdim = int(getattr(p, "partition_dim", 0)) if getattr(p, "tensor_model_parallel", False) else None
+        out.append({"name": name, "canonical": names[name], "shape": list(p.shape),
+                    "dtype": str(p.dtype).replace("torch.", ""), "partition_dim": pdim, "vocab": id(p) in vocab})
+    return out
+
+
+# --------------------------------------------------------------------------- RNG
+def _rng_state() -> Dict[str, Any]:
+    from megatron_tokenformer.tensor_parallel.random import get_rng_tracker
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": get_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron_tokenformer.tensor_parallel.random import get_rng_tracker
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_rng_tracker().set_states(state["tracker"])
+
+
+# --------------------------------------------------------------------------- save
+@contextlib.contextmanager
+def _fsync_deepspeed_writes(engine):
+    """Make DeepSpeed's checkpoint engine fsync every file it writes (this rank's files only)."""
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    original = getattr(ckpt_engine, "save", None)
+    if original is None:
+        yield
+        return
+
+    def save(state_dict, path, *a, **kw):
+        result = original(state_dict, path, *a, **kw)
+        if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+            files.fsync_file(os.fspath(path))
+        return result
+
+    ckpt_engine.save = save
+    try:
+        yield
+    finally:
+        try:
+            del ckpt_engine.save  # back to the class method
+        except AttributeError:
+            ckpt_engine.save = original
+
+
+def _args_dict(args) -> Dict[str, Any]:
+    return files.jsonable({k: v for k, v in vars(args).items() if not k.startswith("_")})
+
+
+def _versions() -> Dict[str, str]:
+    import megatron_tokenformer
+    out = {"torch": torch.__version__, "megatron_tokenformer": megatron_tokenformer.__version__,
+           "python": sys.version.split()[0]}
+    try:
+        import deepspeed
+        out["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def build_meta(kind: str, config, args_dict: Dict[str, Any], layout: Dict[str, Any], iteration: int,
+               consumed_samples: int, tokenizer_source: Optional[str], has_tokenizer: bool) -> Dict[str, Any]:
+    return {
+        "format_version": files.FORMAT_VERSION,
+        "kind": kind,
+        "iteration": int(iteration),
+        "consumed_samples": int(consumed_samples),
+        "model_config": config.to_dict(),
+        "args": args_dict,
+        "layout": layout,
+        "tokenizer": {"file": files.TOKENIZER_FILE if has_tokenizer else None, "source": tokenizer_source},
+        "versions": _versions(),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
+                    tokenizer_model: Optional[str] = None) -> str:
+    """Save step ``iteration`` into ``args.save`` (all ranks call this). Returns the step folder.
+
+    Crash safety: see :mod:`.files`. ``--keep-last-n-checkpoints`` prunes older steps afterwards.
+    """
+    save_dir = os.path.abspath(args.save)
+    tag = files.step_tag(iteration)
+    partial_tag = tag + files.PARTIAL_SUFFIX
+    partial_dir = os.path.join(save_dir, partial_tag)
+    final_dir = os.path.join(save_dir, tag)
+    rank = _rank()
+    start = time.time()
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        files.remove_stale_partials(save_dir)
+    _barrier()
+
+    module = engine.module
+    client = {
+        "params": parameter_map(module),
+        "pipeline_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "tensor_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "data_parallel_rank": parallel_state.get_data_parallel_rank(),
+        "iteration": int(iteration),
+        "consumed_samples": int(consumed_samples),
+    }
+    if not engine.zero_optimization():
+        names = {id(p): n for n, p in module.named_parameters()}
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        client["optimizer_groups"] = [[names[id(p)] for p in g["params"] if id(p) in names]
+                                      for g in getattr(base, "param_groups", [])]
+    with _fsync_deepspeed_writes(engine):
+        engine.save_checkpoint(save_dir, tag=partial_tag, client_state={CLIENT_STATE_KEY: client},
+                               save_latest=False)
+    # every rank's RNG states (DeepSpeed keeps only data-parallel rank 0's model file)
+    rng_path = os.path.join(partial_dir, files.rng_file_name(rank))
+    with open(rng_path, "wb") as f:
+        torch.save(_rng_state(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    if rank == 0:
+        has_tok = False
+        if tokenizer_model and os.path.isfile(tokenizer_model):
+            shutil.copyfile(tokenizer_model, os.path.join(partial_dir, files.TOKENIZER_FILE))
+            has_tok = True
+        meta = build_meta(files.KIND_DEEPSPEED, config, _args_dict(args), current_layout(engine), iteration,
+                          consumed_samples, tokenizer_model, has_tok)
+        files.write_json(os.path.join(partial_dir, files.META_FILE), meta)
+    _barrier()
+    if rank == 0:
+        files.publish_step_dir(partial_dir, final_dir)
+        files.update_latest(save_dir, tag)
+        deleted = files.prune_checkpoints(save_dir, getattr(args, "keep_last_n_checkpoints", None))
+        msg = f"saved checkpoint {final_dir} (iteration {iteration}) in {time.time() - start:.2f} s"
+        if deleted:
+            msg += f"; removed {', '.join(deleted)} (--keep-last-n-checkpoints)"
+        _log(msg)
+    _barrier()
+    return final_dir
+
+
+# --------------------------------------------------------------------------- load-time checks
+def _checkpoint_step_dir(load_dir: str) -> Optional[str]:
+    return files.resolve_step_dir(load_dir)
+
+
+def apply_checkpoint_args(args):
+    """Fill architecture flags from the checkpoint ``--load`` resumes from (see module docstring).
+
+    Returns ``args``. Raises :class:`CheckpointMismatchError` listing every explicit flag that
+    contradicts the checkpoint's model config. No-op without ``--load`` or without a checkpoint.
+    """
+    load = getattr(args, "load", None)
+    if not load:
+        return args
+    step_dir = _checkpoint_step_dir(load)
+    if step_dir is None:
+        return args
+    meta = files.read_meta(step_dir)
+    cfg = meta.get("model_config", {})
+    explicit = set(getattr(args, "_explicit", set()))
+    use_ckpt = getattr(args, "use_checkpoint_args", True)
+    mismatches = []
+    for dest, field in ARCHITECTURE_FIELDS.items():
+        if field not in cfg or not hasattr(args, dest):
+            continue
+        value = cfg[field]
+        if dest in explicit:
+            if getattr(args, dest) != value:
+                mismatches.append(f"--{dest.replace('_', '-')} {getattr(args, dest)} (checkpoint: {value})")
+        elif use_ckpt:
+            setattr(args, dest, value)
+    for dest, field in SOFT_FIELDS.items():
+        if field in cfg and hasattr(args, dest) and dest not in explicit and use_ckpt:
+            setattr(args, dest, cfg[field])
+    # The vocabulary comes from the tokenizer (NullTokenizer adds an end-of-document id to --vocab-size);
+    # load_checkpoint compares the built model's vocab_size with the checkpoint's.
+    if mismatches:
+        raise CheckpointMismatchError(
+            f"the checkpoint {step_dir} does not match the model the flags describe; differing: "
+            + "; ".join(mismatches)
+            + ". Drop these flags to use the checkpoint's values, or convert the checkpoint with "
+              "tools/expand_checkpoint.py (growth: --qkv-num-param-tokens/--proj-num-param-tokens/"
+              "--ffn-num-param-tokens/--num-layers).")
+    for name in TAU_FIELDS:  # always the checkpoint's (growth keeps tau while n changes)
+        if cfg.get(name) is not None:
+            setattr(args, name, float(cfg[name]))
+    args._checkpoint_step_dir = step_dir
+    return args
+
+
+def check_config_matches(config, ckpt_config: Dict[str, Any], step_dir: str) -> None:
+    """Refuse a checkpoint whose model config differs from ``config`` (fields listed)."""
+    diffs = []
+    mine = config.to_dict()
+    for field in CONFIG_CHECK_FIELDS:
+        if field not in ckpt_config:
+            continue
+        a, b = mine.get(field), ckpt_config[field]
+        if isinstance(a, float) or isinstance(b, float):
+            same = a is not None and b is not None and abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
+        else:
+            same = a == b
+        if not same:
+            diffs.append(f"{field}: model {a!r} vs checkpoint {b!r}")
+    if diffs:
+        raise CheckpointMismatchError(f"the checkpoint {step_dir} does not match the model being built; "
+                                      "differing fields: " + "; ".join(diffs))
+
+
+# --------------------------------------------------------------------------- load
+def load_checkpoint(engine, args, config) -> Tuple[int, int]:
+    """Load ``args.load`` (all ranks call this). Returns (iteration, consumed_samples); (0, 0) if none."""
+    load = getattr(args, "load", None)
+    if not load:
+        return 0, 0
+    step_dir = files.resolve_step_dir(load)
+    if step_dir is None:
+        _log(f"no checkpoint found in {load}, starting from scratch")
+        return 0, 0
+    start = time.time()
+    meta = files.read_meta(step_dir)
+    check_config_matches(config, meta.get("model_config", {}), step_dir)
+    finetune = bool(getattr(args, "finetune", False))
+    load_optim = not finetune and not getattr(args, "no_load_optim", False)
+    load_rng = not finetune and not getattr(args, "no_load_rng", False)
+    here = current_layout(engine)
+    saved = meta.get("layout", {})
+    same_layout = (meta.get("kind") == files.KIND_DEEPSPEED and _layout_tuple(saved) == _layout_tuple(here)
+                   and saved.get("zero_stage") == here["zero_stage"] and saved.get("precision") == here["precision"])
+    tag = os.path.basename(step_dir)
+    iteration = int(meta.get("iteration", 0))
+    if same_layout:
+        load_path, _ = engine.load_checkpoint(load, tag=tag, load_module_strict=True,
+                                              load_optimizer_states=load_optim,
+                                              load_lr_scheduler_states=not finetune,
+                                              load_module_only=finetune)
+        if load_path is None:
+            raise CheckpointFormatError(f"DeepSpeed could not load {step_dir}")
+        how = "DeepSpeed files at the same layout"
+    else:
+        what = (f"a {meta.get('kind')} checkpoint" if meta.get("kind") != files.KIND_DEEPSPEED else
+                f"a checkpoint written at (tp, pp, dp) = {_layout_tuple(saved)}, ZeRO {saved.get('zero_stage')}, "
+                f"{saved.get('precision')}")
+        _log(f"loading {what} into (tp, pp, dp) = {_layout_tuple(here)}, ZeRO {here['zero_stage']}, "
+             f"{here['precision']} through the resharding path"
+             + ("" if meta.get("kind") != files.KIND_DEEPSPEED else
+                "; to convert it once instead: " + expand_command(load, iteration, _layout_tuple(here))))
+        ok, error = True, None
+        try:
+            view = CheckpointView(step_dir)
+        except (CheckpointFormatError, OSError, KeyError, ValueError) as exc:
+            ok, error, view = False, exc, None
+        if not _agree(ok):
+            raise CheckpointFormatError(f"cannot read {step_dir} for resharding: {error or 'failed on another rank'}")
+        try:
+            load_view_into_engine(engine, view, config, load_optim=load_optim, load_scheduler=not finetune)
+        finally:
+            view.close()
+        how = "resharding path"
+    if finetune:
+        iteration, consumed = 0, 0
+    else:
+        consumed = int(meta.get("consumed_samples", 0))
+    if load_rng:
+        rng_path = os.path.join(step_dir, files.rng_file_name(_rank()))
+        if same_layout and os.path.isfile(rng_path):
+            _set_rng_state(torch.load(rng_path, weights_only=False))
+        else:
+            _log("RNG states not restored (the checkpoint was written at another layout); "
+                 "the run continues with freshly seeded generators")
+    _barrier()
+    _log(f"loaded checkpoint {step_dir} (iteration {meta.get('iteration')}, consumed samples "
+         f"{meta.get('consumed_samples')}) via {how} in {time.time() - start:.2f} s"
+         + (" [--finetune: weights only, iteration 0]" if finetune else "")
+         + (" [--no-load-optim]" if not load_optim and not finetune else ""))
+    return iteration, consumed
+
+
+def _optimizer_base(engine):
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def load_view_into_engine(engine, view: CheckpointView, config, load_optim: bool = True,
+                          load_scheduler: bool = True) -> None:
+    """Place every parameter (and, with ``load_optim``, its fp32 master and optimizer state) from a
+    :class:`CheckpointView` into this rank's engine, at whatever layout the engine runs.
+
+    Works for ZeRO-1/2 (fp32/bf16/fp16: fragments of the flat partitions through each parameter's
+    ``_hp_mapping``) and for ZeRO-0 in fp32 (the optimizer holds the parameters themselves).
+    """
+    module = engine.module
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    padded = config.padded_vocab_size(tp)
+    names = canonical_parameter_names(module)
+    missing = sorted({c for c in names.values() if c not in view.params})
+    if missing:
+        raise CheckpointMismatchError(f"{view.step_dir} lacks parameters the model has: {', '.join(missing[:10])}"
+                                      + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    zero = bool(engine.zero_optimization())
+    base = _optimizer_base(engine)
+    if not zero and engine.optimizer is not base and load_optim:
+        raise CheckpointFormatError("the resharding path supports ZeRO stage 1/2, or stage 0 in fp32; this run "
+                                    f"uses stage 0 with {type(engine.optimizer).__name__}")
+    state_keys = list(view.state_keys) if load_optim else []
+    # group index -> step; checked to be the same for all parameters of a group
+    group_steps: Dict[int, float] = {}
+
+    def note_step(group: int, entry, name):
+        if entry.step is None:
+            return
+        prev = group_steps.setdefault(group, entry.step)
+        if prev != entry.step:
+            raise CheckpointFormatError(f"{view.step_dir}: {name} has optimizer step {entry.step} but its group "
+                                        f"has {prev}; cannot place it in one ZeRO group")
+
+    if zero and state_keys:
+        for gi, group in enumerate(base.param_groups):
+            flat = group["params"][0]
+            st = base.state[flat]
+            for key in state_keys:
+                if key not in st:
+                    st[key] = torch.zeros_like(flat)
+    param_group_of = {}
+    if not zero:
+        for gi, group in enumerate(base.param_groups):
+            for p in group["params"]:
+                param_group_of[id(p)] = gi
+
+    with torch.no_grad():
+        for local_name, param in module.named_parameters():
+            cname = names[local_name]
+            entry = view.params[cname]
+            pdim = int(getattr(param, "partition_dim", 0)) if getattr(param, "tensor_model_parallel", False) else None
+            if (pdim is None) != (entry.partition_dim is None):
+                raise CheckpointMismatchError(f"{cname}: partitioned={pdim is not None} in the model but "
+                                              f"{entry.partition_dim is not None} in {view.step_dir}")
+            value = view.read_tp_slice(cname, FP32, tp_rank if pdim is not None else 0, tp if pdim is not None else 1,
+                                       padded if entry.vocab else None)
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointMismatchError(f"{cname}: the model's shard has shape {tuple(param.shape)} but the "
+                                              f"checkpoint gives {tuple(value.shape)} for tensor rank {tp_rank} of {tp}")
+            param.data.copy_(value.to(param.dtype))
+            flat_value = value.view(-1)
+            mapping = getattr(param, "_hp_mapping", None) if zero else None
+            if zero and mapping is not None:
+                lo, n = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+                mapping.hp_fragment.data.copy_(flat_value[lo:lo + n])
+                if state_keys:
+                    gi = mapping.param_group_index
+                    note_step(gi, entry, cname)
+                    flat = base.param_groups[gi]["params"][0]
+                    hp_start = mapping.hp_fragment_address.start
+                    for key in state_keys:
+                        st_value = view.read_tp_slice(cname, key, tp_rank if pdim is not None else 0,
+                                                      tp if pdim is not None else 1, padded if entry.vocab else None)
+                        base.state[flat][key].narrow(0, hp_start, n).copy_(st_value.view(-1)[lo:lo + n])
+            elif not zero and state_keys:
+                gi = param_group_of.get(id(param))
+                if gi is None:
+                    continue
+                note_step(gi, entry, cname)
+                st = base.state[param]
+                for key in state_keys:
+                    st_value = view.read_tp_slice(cname, key, tp_rank if pdim is not None else 0,
+                                                  tp if pdim is not None else 1, padded if entry.vocab else None)
+                    st[key] = st_value.to(param.dtype).view_as(param).clone()
+                if entry.step is not None:
+                    st["step"] = torch.tensor(float(entry.step), dtype=torch.float32)
+
+    if state_keys:
+        if zero:
+            for gi, group in enumerate(base.param_groups):
+                step = group_steps.get(gi)
+                if step is not None:
+                    base.state[group["params"][0]]["step"] = torch.tensor(float(step), dtype=torch.float32)
+                elif "step" not in base.state[group["params"][0]]:
+                    base.state[group["params"][0]]["step"] = torch.tensor(0.0, dtype=torch.float32)
+            if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+                engine.optimizer._hp_optimizer_states_linked = False
+        scaler_state = view.training_state.get("loss_scaler")
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        if scaler_state and scaler is not None and getattr(scaler, "dynamic", False) == scaler_state.get("dynamic"):
+            for attr, value in scaler_state.items():
+                if attr != "dynamic" and hasattr(scaler, attr) and value is not None:
+                    setattr(scaler, attr, value)
+    ts = view.training_state
+    if load_scheduler:
+        engine.global_steps = int(ts.get("global_steps", 0))
+        engine.global_samples = int(ts.get("global_samples", 0))
+        engine.skipped_steps = int(ts.get("skipped_steps", 0))
+        if engine.lr_scheduler is not None and ts.get("lr_scheduler"):
+            engine.lr_scheduler.load_state_dict(ts["lr_scheduler"])
