@@ -215,7 +215,7 @@ def train_sentencepiece(
         split_digits=True,
         num_threads=num_threads or os.cpu_count() or 1,
         seed_sentencepiece_size=int(seed_sentencepiece_size),
-        minloglevel=1,
+        minloglevel=2,  # errors still raise; silences per-piece warnings
     )
     if user_defined_symbols:
         kwargs["user_defined_symbols"] = list(user_defined_symbols)
