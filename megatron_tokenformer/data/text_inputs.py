@@ -131,7 +131,7 @@ def iter_chunks(files: Sequence[str], fmt: str = "auto", boundary: str = "blank-
         f_fmt = file_format(path, fmt)
         if f_fmt == "text" and boundary == "file":
             with open(path, "rb") as f:
-                data = f.read()
+                data = _strip_bom(f.read())
             pending_files.append((1, data))
             pending_paths.append(path)
             pending_bytes += len(data)
@@ -145,6 +145,8 @@ def iter_chunks(files: Sequence[str], fmt: str = "auto", boundary: str = "blank-
                 data = f.read(chunk_bytes)
                 if not data:
                     break
+                if line_no == 1:
+                    data = _strip_bom(data)
                 if f_fmt == "jsonl":
                     if not data.endswith(b"\n"):
                         data += f.readline()
@@ -161,6 +163,10 @@ def iter_chunks(files: Sequence[str], fmt: str = "auto", boundary: str = "blank-
                 line_no += data.count(b"\n")
     if pending_files:
         yield Chunk(pending_paths, pending_files, "text", "file")
+
+
+def _strip_bom(data: bytes) -> bytes:
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
 
 
 def _decode_lines(path: str, first_line: int, data: bytes, skip_bad: bool, bad: List[str]):

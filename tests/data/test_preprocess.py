@@ -171,3 +171,41 @@ def test_failure_keeps_previous_valid_output_untouched_or_removed(tmp_path, sp_m
     assert open(tmp_path / "out_text_document.bin", "rb").read() == before
     assert IndexedDataset(str(tmp_path / "out_text_document")).num_documents == 2
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_utf8_bom_and_crlf(tmp_path, sp_model):
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\r\n{"text": "second"}\r\n')
+    preprocess([str(src)], str(tmp_path / "o"), tokenizer_model=sp_model, log=quiet)
+    tok = SentencePieceTokenizer(sp_model)
+    assert detok_all(str(tmp_path / "o_text_document"), tok, False) == ["first", "second"]
+
+
+def test_chunks_in_flight_are_bounded(tmp_path, sp_model, monkeypatch):
+    """Flat memory: the reader never runs more than 2 * workers + 2 chunks ahead of the writer."""
+    import megatron_tokenformer.data.preprocess as pp
+    from megatron_tokenformer.data.indexed_dataset import IndexedDatasetBuilder
+
+    src = tmp_path / "c.jsonl"
+    write_jsonl(src, make_documents(400, seed=11))
+    produced, lead = [0], []
+    real_iter, real_add = pp.iter_chunks, IndexedDatasetBuilder.add_documents
+
+    def counting_iter(*a, **k):
+        for c in real_iter(*a, **k):
+            produced[0] += 1
+            yield c
+
+    consumed = [0]
+
+    def counting_add(self, tokens, lengths):
+        consumed[0] += 1
+        lead.append(produced[0] - consumed[0])
+        return real_add(self, tokens, lengths)
+
+    monkeypatch.setattr(pp, "iter_chunks", counting_iter)
+    monkeypatch.setattr(IndexedDatasetBuilder, "add_documents", counting_add)
+    preprocess([str(src)], str(tmp_path / "o"), tokenizer_model=sp_model, workers=2,
+               chunk_bytes=200, log=quiet)
+    assert produced[0] > 50 and consumed[0] == produced[0]
+    assert max(lead) <= 2 * 2 + 2
