@@ -239,7 +239,18 @@ class IndexedDataset:
     def __len__(self) -> int:
         return self.sequence_count
 
-    def __getitem__(self, idx: int) -> np.ndarray:
+    # names used by older Megatron-LM / GPT-NeoX code
+    @property
+    def sizes(self) -> np.ndarray:
+        return self.sequence_lengths
+
+    @property
+    def doc_idx(self) -> np.ndarray:
+        return self.document_indices
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return [self[i] for i in range(*idx.indices(self.sequence_count))]
         if not isinstance(idx, (int, np.integer)):
             raise TypeError(f"IndexedDataset index must be an int, got {type(idx).__name__}")
         if idx < 0:

@@ -94,6 +94,11 @@ def test_builder_output_read_by_independent_reader(tmp_path, vocab, code):
     nonempty = next(i for i, d in enumerate(docs) if len(d))
     assert not ds[nonempty].flags.owndata and np.shares_memory(ds[nonempty], ds.tokens)
     assert ds.get(nonempty, 1, 2).tolist() == docs[nonempty][1:3].tolist()
+    assert [a.tolist() for a in ds[3:6]] == [d.tolist() for d in docs[3:6]]
+    assert ds[-1].tolist() == docs[-1].tolist()
+    assert ds.sizes.tolist() == r["lengths"].tolist() and ds.doc_idx.tolist() == r["docs"].tolist()
+    with pytest.raises(IndexError):
+        ds[50]
     assert ds.max_token_id() == max(int(d.max()) for d in docs if len(d))
 
 
