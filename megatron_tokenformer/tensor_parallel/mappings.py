@@ -57,28 +57,31 @@ def count_collectives():
         _COLLECTIVE_LOG = None
 
 
+_KINDS = ("all_reduce", "all_reduce_max", "all_gather", "reduce_scatter")
+
+
 def _collective(kind: str, tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Run one collective over the tensor-parallel group; the single place communication happens.
 
-    kind: ``all_reduce`` (sum, returns a new tensor), ``all_reduce_max`` (returns a new tensor),
+    kind: ``all_reduce`` (sum), ``all_reduce_max``,
     ``all_gather`` (concatenate along dim 0), ``reduce_scatter`` (sum, keep this rank's dim-0 block).
+    Returns a new tensor; with a single rank, the input itself (never modify it in place).
     """
+    if kind not in _KINDS:
+        raise ValueError(f"unknown collective kind {kind!r}; expected one of {_KINDS}")
     if _COLLECTIVE_LOG is not None:
         _COLLECTIVE_LOG.append((kind, tensor.numel()))
     if group is None:
         group = parallel_state.get_tensor_model_parallel_group()
     world = parallel_state.get_tensor_model_parallel_world_size()
+    if world == 1:  # nothing to exchange (the log above still records the call)
+        return tensor
+    if kind in ("all_reduce", "all_reduce_max"):
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        op = dist.ReduceOp.SUM if kind == "all_reduce" else dist.ReduceOp.MAX
+        dist.all_reduce(out, op=op, group=group)
+        return out
     tensor = tensor.contiguous()
-    if world == 1:
-        return tensor.clone() if kind in ("all_reduce", "all_reduce_max") else tensor
-    if kind == "all_reduce":
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-    if kind == "all_reduce_max":
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
-        return out
     if kind == "all_gather":
         out = torch.empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]),
                           dtype=tensor.dtype, device=tensor.device)
@@ -91,7 +94,6 @@ def _collective(kind: str, tensor: torch.Tensor, group=None) -> torch.Tensor:
                           dtype=tensor.dtype, device=tensor.device)
         dist.reduce_scatter_tensor(out, tensor, op=dist.ReduceOp.SUM, group=group)
         return out
-    raise ValueError(f"unknown collective kind {kind!r}")
 
 
 # torch >= 2.13 renamed all_gather_into_tensor to all_gather_single
