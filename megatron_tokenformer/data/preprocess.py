@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 
 from .indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
-from .text_inputs import BadInputError, Chunk, expand_inputs, iter_chunks, parse_chunk
+from .text_inputs import BadInputError, Chunk, expand_inputs, file_format, iter_chunks, parse_chunk
 from .tokenizer import build_tokenizer
 
 __all__ = ["preprocess", "output_prefix_for_key", "encode_chunk"]
@@ -101,6 +101,12 @@ def preprocess(
     if not json_keys:
         raise ValueError("--json-keys needs at least one key")
     files = expand_inputs(inputs)
+    if len(json_keys) > 1:
+        for f in files:
+            if file_format(f, input_format) == "text":
+                raise BadInputError(
+                    f"{f}: plain text has no keys; several --json-keys need JSON-lines input"
+                )
     tok_args = dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
                     vocab_size=vocab_size)
     tokenizer = build_tokenizer(**tok_args)  # fails here, before any file is written

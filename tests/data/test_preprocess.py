@@ -150,6 +150,9 @@ def test_bad_tokenizer_or_missing_input_writes_nothing(tmp_path, sp_model):
     with pytest.raises(TokenizerError, match=r"nothere\.model: tokenizer model not found"):
         preprocess([str(src)], str(tmp_path / "out"), tokenizer_model=str(tmp_path / "nothere.model"),
                    log=quiet)
+    with pytest.raises(BadInputError, match=r"c\.txt: plain text has no keys; several --json-keys"):
+        preprocess([str(src)], str(tmp_path / "out"), tokenizer_model=sp_model, json_keys=["a", "b"],
+                   log=quiet)
     with pytest.raises(BadInputError, match=r"--input .*missing\.txt: no such file"):
         preprocess([str(tmp_path / "missing.txt")], str(tmp_path / "out"), tokenizer_model=sp_model,
                    log=quiet)
