@@ -163,3 +163,20 @@ def test_init_is_deterministic_and_layout_independent():
 def test_bad_config_is_rejected_by_the_model():
     with pytest.raises(ValueError, match="hidden_size \\(30\\) is not divisible by num_attention_heads \\(4\\)"):
         TokenformerLM(tiny_config(hidden_size=30))
+
+
+@pytest.mark.parametrize("block_layernorm", ["nonparametric", "parametric"])
+def test_count_parameters_matches_the_model(block_layernorm):
+    from megatron_tokenformer.model.parameters import count_parameters
+
+    cfg = tiny_config(block_layernorm=block_layernorm)
+    model = TokenformerLM(cfg)
+    numel = {part: 0 for part in ("embedding", "attention", "mlp", "layernorm")}
+    for name, p in model.named_parameters():
+        part = next(k for k in ("layernorm", "embedding", "attention", "mlp") if k in name)
+        numel[part] += p.numel()
+    counts = count_parameters(cfg, include_padding=True)
+    assert {k: counts[k] for k in numel} == numel
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert count_parameters(cfg)["embedding"] == 61 * 32
+    assert count_parameters(cfg, include_embedding=False)["total"] == counts["total"] - 64 * 32
