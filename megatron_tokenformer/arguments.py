@@ -66,8 +66,10 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
     )
 
     g = parser.add_argument_group("model architecture")
-    g.add_argument("--model-type", default="tokenformer", choices=["tokenformer"],
-                   help="model family (a Linear-transformer baseline is reserved for a later release)")
+    g.add_argument("--model-type", default="tokenformer", choices=["tokenformer", "transformer"],
+                   help="tokenformer (Pattention projections), or transformer: the baseline pre-norm GPT with "
+                        "column/row-parallel linear layers, GeLU MLP of --ffn-hidden-size and parametric "
+                        "LayerNorms (the --*-num-param-tokens flags do not apply to it)")
     g.add_argument("--num-layers", type=_positive_int, default=None, help="number of transformer blocks")
     g.add_argument("--hidden-size", type=_positive_int, default=None, help="model width d")
     g.add_argument("--num-attention-heads", type=_positive_int, default=None, help="attention heads")
@@ -76,6 +78,8 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                    help="longest sequence the model supports (default: --seq-length)")
     g.add_argument("--make-vocab-size-divisible-by", type=_positive_int, default=128,
                    help="pad the vocabulary to a multiple of this times the tensor-parallel size")
+    g.add_argument("--ffn-hidden-size", type=_positive_int, default=None,
+                   help="--model-type transformer: MLP width (default: 4 x --hidden-size)")
     g.add_argument("--init-method-std", type=float, default=0.02,
                    help="std of the key parameter tokens and the embedding")
 
@@ -393,9 +397,17 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         args.proj_num_param_tokens = args.hidden_size
     if args.ffn_num_param_tokens is None:
         args.ffn_num_param_tokens = 4 * args.hidden_size
+    if args.model_type == "transformer":
+        if args.ffn_hidden_size is None:
+            args.ffn_hidden_size = 4 * args.hidden_size
+        _check(args.ffn_hidden_size % tp == 0, f"--ffn-hidden-size ({args.ffn_hidden_size}) is not divisible by "
+                                               f"--tensor-model-parallel-size ({tp})")
+    else:
+        _check(args.ffn_hidden_size is None, "--ffn-hidden-size applies to --model-type transformer only (the "
+                                             "Tokenformer's FFN width is --ffn-num-param-tokens)")
     for dest in ("qkv_num_param_tokens", "proj_num_param_tokens", "ffn_num_param_tokens"):
         n = getattr(args, dest)
-        _check(n % tp == 0, f"--{dest.replace('_', '-')} ({n}) is not divisible by --tensor-model-parallel-size "
+        _check(args.model_type != "tokenformer" or n % tp == 0, f"--{dest.replace('_', '-')} ({n}) is not divisible by --tensor-model-parallel-size "
                             f"({tp}): each rank holds an equal block of parameter tokens")
     _check(0.0 <= args.rotary_percent <= 1.0, f"--rotary-percent must be in [0, 1], got {args.rotary_percent}")
 
@@ -482,6 +494,8 @@ def core_config_from_args(args: argparse.Namespace, vocab_size: int):
         checkpoint_activations=args.checkpoint_activations,
         model_type=args.model_type,
     )
+    if args.model_type == "transformer":  # the baseline GPT: MLP width, parametric block LayerNorms
+        kwargs.update(ffn_hidden_size=args.ffn_hidden_size, block_layernorm="parametric")
     # Values the checkpoint fixed (e.g. tau after growth) win over the defaults.
     for name in ("qkv_tau", "proj_tau", "ffn_tau"):
         if getattr(args, name, None) is not None:

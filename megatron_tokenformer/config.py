@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Union
 
 PATTENTION_NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 BLOCK_LAYERNORMS = ("nonparametric", "parametric")
-MODEL_TYPES = ("tokenformer",)
+MODEL_TYPES = ("tokenformer", "transformer")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -23,6 +23,9 @@ class TokenformerConfig:
     ``*_tau`` = None means sqrt(n); :meth:`resolve_taus` turns them into floats once (the model then
     keeps them, also after growing n).
     ``value_init``: "wang" (std 2 / (L * sqrt(d))) or a float std for the value tokens.
+    ``model_type``: "tokenformer" or "transformer" (the baseline GPT of
+    :mod:`megatron_tokenformer.model.transformer`, whose MLP width is ``ffn_hidden_size``, default
+    4 * hidden_size; it ignores the Pattention fields).
     """
 
     num_layers: int
@@ -49,10 +52,13 @@ class TokenformerConfig:
     checkpoint_activations: bool = False
     params_dtype: str = "float32"
     model_type: str = "tokenformer"
+    ffn_hidden_size: Optional[int] = None
 
     def __post_init__(self):
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
+        if self.model_type == "transformer" and self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
 
     # --- derived values ---------------------------------------------------------------------------
     @property
@@ -122,8 +128,13 @@ class TokenformerConfig:
         if self.num_attention_heads % tp != 0:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not divisible by the "
                              f"tensor-model-parallel size ({tp})")
+        if self.model_type == "transformer":
+            positive("ffn_hidden_size")
+            if self.ffn_hidden_size % tp != 0:
+                raise ValueError(f"ffn_hidden_size ({self.ffn_hidden_size}) is not divisible by the "
+                                 f"tensor-model-parallel size ({tp})")
         for name in ("qkv_num_param_tokens", "proj_num_param_tokens", "ffn_num_param_tokens"):
-            if getattr(self, name) % tp != 0:
+            if self.model_type == "tokenformer" and getattr(self, name) % tp != 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) is not divisible by the tensor-model-parallel "
                                  f"size ({tp}): each rank holds an equal block of parameter tokens")
         if self.num_layers % pp != 0:

@@ -55,6 +55,7 @@ ARCHITECTURE_FIELDS = {
     "rotary_percent": "rotary_percent",
     "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
     "model_type": "model_type",
+    "ffn_hidden_size": "ffn_hidden_size",  # the baseline transformer's MLP width
 }
 # Filled in from the checkpoint when not given, but may be changed on purpose (no parameter depends
 # on them: rotary positions, init only).
@@ -65,7 +66,8 @@ TAU_FIELDS = ("qkv_tau", "proj_tau", "ffn_tau")
 CONFIG_CHECK_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "qkv_num_param_tokens",
                        "proj_num_param_tokens", "ffn_num_param_tokens", "qkv_tau", "proj_tau", "ffn_tau",
                        "pattention_normalization", "norm_epsilon_pattention", "rotary_percent", "rotary_base",
-                       "block_layernorm", "layernorm_epsilon", "make_vocab_size_divisible_by", "model_type")
+                       "block_layernorm", "layernorm_epsilon", "make_vocab_size_divisible_by", "model_type",
+                       "ffn_hidden_size")
 
 
 def _log(msg: str) -> None:

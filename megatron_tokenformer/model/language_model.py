@@ -23,6 +23,14 @@ from megatron_tokenformer.tensor_parallel.cross_entropy import vocab_parallel_cr
 from megatron_tokenformer.tensor_parallel.layers import VocabParallelEmbedding, parallel_lm_logits
 
 
+def get_block_class(config: TokenformerConfig):
+    """The block class ``config.model_type`` selects: TokenformerBlock or the baseline TransformerBlock."""
+    if config.model_type == "transformer":
+        from megatron_tokenformer.model.transformer import TransformerBlock
+        return TransformerBlock
+    return TokenformerBlock
+
+
 def prepare_config(config: TokenformerConfig) -> TokenformerConfig:
     """A copy of ``config`` with taus resolved (sqrt(n) where None), validated for the current TP/PP."""
     config = copy.deepcopy(config).resolve_taus()
@@ -70,7 +78,8 @@ class TokenformerLM(nn.Module):
     forward(input_ids [b, s] long, labels [b, s] long or None, loss_mask [b, s] float or None)
         -> loss (fp32 scalar, mean over unmasked tokens) when labels are given,
            else vocab-parallel logits [b, s, padded_vocab/p].
-    Submodules: ``embedding`` (``word_embeddings``), ``layers`` (ModuleList of TokenformerBlock),
+    Submodules: ``embedding`` (``word_embeddings``), ``layers`` (ModuleList of TokenformerBlock, or of
+    the baseline TransformerBlock when ``config.model_type == "transformer"``),
     ``final_layernorm``. With ``config.checkpoint_activations`` each block is recomputed in backward
     (torch.utils.checkpoint, use_reentrant=False).
     """
@@ -81,7 +90,8 @@ class TokenformerLM(nn.Module):
         self.seed = seed
         config = self.config
         self.embedding = TokenformerEmbedding(config, seed)
-        self.layers = nn.ModuleList([TokenformerBlock(config, i + 1, seed) for i in range(config.num_layers)])
+        block_class = get_block_class(config)
+        self.layers = nn.ModuleList([block_class(config, i + 1, seed) for i in range(config.num_layers)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, parametric=True,
                                          params_dtype=config.torch_dtype)
 

@@ -26,8 +26,8 @@ from typing import List
 import torch
 
 from megatron_tokenformer.config import TokenformerConfig
-from megatron_tokenformer.model.block import TokenformerBlock
-from megatron_tokenformer.model.language_model import TokenformerEmbedding, language_model_loss, prepare_config
+from megatron_tokenformer.model.language_model import (TokenformerEmbedding, get_block_class, language_model_loss,
+                                                       prepare_config)
 from megatron_tokenformer.model.layernorm import LayerNorm
 
 TIED_EMBEDDING_KEY = "embed"
@@ -64,7 +64,8 @@ def get_layer_specs(config: TokenformerConfig, seed: int = 1234) -> List:
     config = prepare_config(config)
     specs = [TiedLayerSpec(TIED_EMBEDDING_KEY, TokenformerEmbedding, config, seed, forward_fn=embedding_forward,
                            tied_weight_attr=TIED_WEIGHT_ATTR)]
-    specs += [LayerSpec(TokenformerBlock, config, i + 1, seed) for i in range(config.num_layers)]
+    block_class = get_block_class(config)  # TokenformerBlock, or TransformerBlock for model_type "transformer"
+    specs += [LayerSpec(block_class, config, i + 1, seed) for i in range(config.num_layers)]
     specs.append(LayerSpec(LayerNorm, config.hidden_size, config.layernorm_epsilon, True,
                            params_dtype=config.torch_dtype))
     specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, TokenformerEmbedding, config, seed, forward_fn=logits_forward,

@@ -14,6 +14,15 @@ Forward FLOPs per token (a multiply-add counts 2):
 
 ``F = L * (4 d (3 n_qkv + n_proj + n_ffn) + 4 T d) + 2 d V``
 
+The baseline Transformer (``model_type="transformer"``, MLP width ``f = ffn_hidden_size``): Q, K,
+V and the output projection are d x d matrices (``2 d^2`` each), the MLP ``d -> f -> d`` costs
+``2 d f + 2 f d``; biases, GeLU and norms are O(d) and not counted; attention and logits as above:
+
+``F_transformer = L * (8 d^2 + 4 d f + 4 T d) + 2 d V``  (with f = 4d: ``L * (24 d^2 + 4 T d) + 2 d V``)
+
+This is the Tokenformer formula with every Pattention ``4 n d`` replaced by the matrix's ``2 d1 d2``,
+i.e. a Pattention with n tokens costs as much as a d x d linear layer when n = d / 2.
+
 A training step costs ``3 F`` per token (forward + backward = 2 x forward); with full activation
 recomputation (``--checkpoint-activations``) the hardware executes ``4 F``. We report
 *TFLOP/s per GPU* from the hardware count (as Megatron does) and *MFU* from the model count
@@ -24,7 +33,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["forward_flops_per_token", "training_flops_per_token", "peak_tflops_for_device",
+__all__ = ["forward_flops_per_token", "transformer_forward_flops_per_token", "training_flops_per_token", "peak_tflops_for_device",
            "PEAK_TFLOPS"]
 
 #: dense bf16/fp16 peaks of one device, TFLOP/s
@@ -40,6 +49,13 @@ def forward_flops_per_token(num_layers: int, hidden_size: int, seq_length: int, 
     return float(num_layers * (pattention + attention) + 2 * d * padded_vocab_size)
 
 
+def transformer_forward_flops_per_token(num_layers: int, hidden_size: int, seq_length: int, padded_vocab_size: int,
+                                        ffn_hidden_size: int) -> float:
+    """Forward FLOPs per token of the baseline Transformer (see the module docstring)."""
+    d, f = hidden_size, ffn_hidden_size
+    return float(num_layers * (8 * d * d + 4 * d * f + 4 * seq_length * d) + 2 * d * padded_vocab_size)
+
+
 def training_flops_per_token(config, padded_vocab_size: int, recompute: Optional[bool] = None,
                              hardware: bool = True) -> float:
     """FLOPs per trained token for a :class:`TokenformerConfig`.
@@ -47,9 +63,13 @@ def training_flops_per_token(config, padded_vocab_size: int, recompute: Optional
     ``hardware=True`` includes the recomputed forward when activations are checkpointed (4 F),
     ``hardware=False`` gives the model FLOPs (3 F) used for MFU.
     """
-    fwd = forward_flops_per_token(config.num_layers, config.hidden_size, config.seq_length, padded_vocab_size,
-                                  config.qkv_num_param_tokens, config.proj_num_param_tokens,
-                                  config.ffn_num_param_tokens)
+    if getattr(config, "model_type", "tokenformer") == "transformer":
+        fwd = transformer_forward_flops_per_token(config.num_layers, config.hidden_size, config.seq_length,
+                                                  padded_vocab_size, config.ffn_hidden_size)
+    else:
+        fwd = forward_flops_per_token(config.num_layers, config.hidden_size, config.seq_length, padded_vocab_size,
+                                      config.qkv_num_param_tokens, config.proj_num_param_tokens,
+                                      config.ffn_num_param_tokens)
     if recompute is None:
         recompute = bool(getattr(config, "checkpoint_activations", False))
     return (4.0 if (hardware and recompute) else 3.0) * fwd
