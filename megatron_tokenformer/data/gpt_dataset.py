@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import uuid
-from contextlib import contextmanager
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -91,20 +90,31 @@ def split_document_ranges(split: str, num_documents: int) -> List[Tuple[int, int
 # --------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _file_lock(path: str):
-    """Exclusive advisory lock (fcntl); a no-op where fcntl is unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+class _FileLock:
+    """Exclusive advisory lock on a file (fcntl.flock); only mutual exclusion where fcntl exists."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._f = None
+
+    def acquire(self) -> None:
+        self._f = open(self.path, "a+")  # OSError on a read-only folder
         try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX: atomic renames still protect readers
+            return
+        fcntl.flock(self._f.fileno(), fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._f is not None:
+            try:
+                import fcntl
+
+                fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
+            except ImportError:  # pragma: no cover
+                pass
+            self._f.close()
+            self._f = None
 
 
 def _atomic_save(path: str, array: np.ndarray) -> None:
@@ -247,7 +257,20 @@ class GPTDataset:
         base = os.path.join(cache_dir, f"{os.path.basename(prefix)}-{self.name}-{digest}")
         paths = {k: f"{base}-{k}.npy" for k in ("doc_idx", "sample_idx", "shuffle_idx")}
         self.cache_paths = paths
-        with _file_lock(base + ".lock"):
+        # fast path, no lock: the files of one name are complete (atomic renames) and any two
+        # builders write identical bytes, so whatever is there can be used
+        arrays = self._try_load(paths)
+        if arrays is not None:
+            self.built_cache = False
+            return arrays
+        lock = _FileLock(base + ".lock")
+        try:
+            lock.acquire()
+        except OSError as e:
+            raise IndexedDatasetError(
+                f"cannot build the sample index in {cache_dir} ({e}); pass a writable --data-cache-path"
+            ) from None
+        try:
             arrays = self._try_load(paths)
             if arrays is None:
                 logger.info("building %s sample index for %s", self.name, prefix)
@@ -262,6 +285,8 @@ class GPTDataset:
                     raise IndexedDatasetError(f"could not read back the sample index {base}-*.npy")
             else:
                 self.built_cache = False
+        finally:
+            lock.release()
         return arrays
 
     def _try_load(self, paths):

@@ -111,6 +111,30 @@ def test_cache_is_reused_and_identical(tmp_path):
     assert not np.array_equal(ds4.shuffle_idx, ds1.shuffle_idx)
 
 
+def test_read_only_cache(tmp_path, monkeypatch):
+    """A cache built once is loaded without taking the lock (works on a read-only folder);
+    when the lock cannot be created, building fails with one clear error."""
+    import megatron_tokenformer.data.gpt_dataset as gd
+
+    prefix, _ = make_data(tmp_path / "d", n_docs=30)
+    cache = str(tmp_path / "ro")
+    ds1 = GPTDataset(IndexedDataset(prefix), "train", (0, 25), 40, 8, seed=3, cache_dir=cache)
+
+    def refuse(self):
+        raise PermissionError(13, "Read-only file system", self.path)
+
+    monkeypatch.setattr(gd._FileLock, "acquire", refuse)
+    ds2 = GPTDataset(IndexedDataset(prefix), "train", (0, 25), 40, 8, seed=3, cache_dir=cache)
+    assert not ds2.built_cache and np.array_equal(ds1.shuffle_idx, ds2.shuffle_idx)
+    with pytest.raises(IndexedDatasetError, match=r"cannot build the sample index in .*ro .*writable --data-cache-path"):
+        GPTDataset(IndexedDataset(prefix), "train", (0, 25), 40, 8, seed=4, cache_dir=cache)
+    # a cache folder that cannot be created
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(IndexedDatasetError, match="cannot create the dataset index cache folder"):
+        GPTDataset(IndexedDataset(prefix), "train", (0, 25), 40, 8, seed=3, cache_dir=str(blocker / "sub"))
+
+
 def _build_in_process(prefix, cache_dir, barrier, queue):
     barrier.wait()  # start together: both race to build the same cache
     ds = GPTDataset(IndexedDataset(prefix), "train", (0, 200), 3000, 32, seed=11, cache_dir=cache_dir)
