@@ -1,6 +1,5 @@
 """Raw text -> .bin/.idx: exact round trip, worker/chunking invariance, bad input."""
 
-import json
 import os
 
 import numpy as np
