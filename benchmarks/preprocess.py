@@ -30,6 +30,7 @@ sys.path.insert(0, REPO)
 
 from megatron_tokenformer.data.gpt_dataset import GPTDataset  # noqa: E402
 from megatron_tokenformer.data.indexed_dataset import IndexedDataset  # noqa: E402
+from megatron_tokenformer.data.local_corpus import build_local_corpus  # noqa: E402
 from megatron_tokenformer.data.preprocess import preprocess  # noqa: E402
 from megatron_tokenformer.data.text_inputs import iter_documents  # noqa: E402
 from megatron_tokenformer.data.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
@@ -55,6 +56,40 @@ def best_of(fn, repeats):
     return best
 
 
+def measure_read_path(prefix, seq, max_read, cache_dir):
+    """(GPTDataset samples/s, memmap samples/s, pieces per sample, tokens per document, samples)."""
+    ids = IndexedDataset(prefix)
+    n_samples = min(max_read, (ids.num_tokens - 1) // seq)
+    ds = GPTDataset(ids, "train", (0, ids.num_documents), n_samples, seq, seed=1234, cache_dir=cache_dir)
+    n_read = min(len(ds), max_read)
+    doc_starts, _ = ids.document_token_ranges()
+    offsets = np.empty(n_read, dtype=np.int64)
+    for k in range(n_read):
+        j, o = ds.sample_idx[int(ds.shuffle_idx[k])]
+        offsets[k] = doc_starts[ds.doc_idx[j]] + o
+    pieces = float(np.mean(np.diff(np.asarray(ds.sample_idx)[:, 0]) + 1))
+    raw = np.memmap(prefix + ".bin", dtype=ids.dtype, mode="r")
+    offsets = np.minimum(offsets, len(raw) - (seq + 1))
+
+    def read_dataset():
+        s = 0
+        for k in range(n_read):
+            s += int(ds[k]["text"][0])
+        return s
+
+    def read_memmap():
+        s = 0
+        for off in offsets:
+            s += int(raw[off:off + seq + 1].astype(np.int64)[0])
+        return s
+
+    for _ in range(2):  # warm the page cache for both
+        read_dataset(), read_memmap()
+    t_ds, _, _ = best_of(read_dataset, 3)
+    t_mm, _, _ = best_of(read_memmap, 3)
+    return n_read / t_ds, n_read / t_mm, pieces, ids.num_tokens / ids.num_documents, n_read
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--text", default=os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt"))
@@ -62,7 +97,8 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--repeats", type=int, default=3, help="best of N timings")
     p.add_argument("--seq-length", type=int, default=2048)
-    p.add_argument("--samples", type=int, default=20000)
+    p.add_argument("--samples", type=int, default=20000, help="read-path samples at most")
+    p.add_argument("--local-mb", type=float, default=10.0, help="size of the long-document corpus")
     p.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks.md"))
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -128,46 +164,21 @@ def main(argv=None):
                   f"({rates[workers] / limit:.2f} of the limit), {size_mb / t:.1f} MB/s, "
                   f"{cpu[workers]:.2f} cores busy", flush=True)
 
-        # read path
-        prefix = os.path.join(work, "out1_text_document")
-        ids = IndexedDataset(prefix)
+        # read path: the short-document corpus above, and a long-document one (the local corpus,
+        # one document per source file) tokenized with the same model
         seq = args.seq_length
-        max_samples = (ids.num_tokens - 1) // seq
-        n_samples = min(args.samples, max_samples)
-        ds = GPTDataset(ids, "train", (0, ids.num_documents), n_samples, seq, seed=1234,
-                        cache_dir=os.path.join(work, "cache"))
-        n_read = min(len(ds), args.samples)
-        doc_starts, _ = ids.document_token_ranges()
-        offsets = np.empty(n_read, dtype=np.int64)
-        for k in range(n_read):
-            i = int(ds.shuffle_idx[k])
-            j, o = ds.sample_idx[i]
-            offsets[k] = doc_starts[ds.doc_idx[j]] + o
-        pieces = float(np.mean(np.diff(np.asarray(ds.sample_idx)[:, 0]) + 1))
-        raw = np.memmap(prefix + ".bin", dtype=ids.dtype, mode="r")
-        hi = len(raw) - (seq + 1)
-        offsets = np.minimum(offsets, hi)
-
-        def read_dataset():
-            s = 0
-            for k in range(n_read):
-                s += int(ds[k]["text"][0])
-            return s
-
-        def read_memmap():
-            s = 0
-            for off in offsets:
-                s += int(raw[off:off + seq + 1].astype(np.int64)[0])
-            return s
-
-        for _ in range(2):  # warm the page cache for both
-            read_dataset(), read_memmap()
-        t_ds, _, _ = best_of(read_dataset, 3)
-        t_mm, _, _ = best_of(read_memmap, 3)
+        local = os.path.join(work, "local.jsonl")
+        build_local_corpus(local, max_mb=args.local_mb)
+        preprocess([local], os.path.join(work, "local"), tokenizer_model=model, append_eod=True,
+                   workers=2, log_interval=0, log=lambda m: None)
+        reads = []
+        for name, prefix in (("tinyshakespeare blocks", os.path.join(work, "out1_text_document")),
+                             ("local corpus files", os.path.join(work, "local_text_document"))):
+            r = measure_read_path(prefix, seq, args.samples, os.path.join(work, "cache"))
+            reads.append((name,) + r)
+            print(f"{name}: GPTDataset {r[0]:,.0f} samples/s; numpy.memmap slices {r[1]:,.0f} samples/s "
+                  f"({r[0] / r[1]:.2f}x), {r[2]:.1f} pieces per sample, seq_length {seq}", flush=True)
         load_after = os.getloadavg()
-        ds_rate, mm_rate = n_read / t_ds, n_read / t_mm
-        print(f"GPTDataset: {ds_rate:,.0f} samples/s; numpy.memmap slices: {mm_rate:,.0f} samples/s "
-              f"({ds_rate / mm_rate:.2f}x), seq_length {seq}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -190,19 +201,20 @@ machine is shared with other jobs; load average (1 min) {load_before[0]:.1f} bef
 | `preprocess_data.py --workers 1` (read + encode in 1 worker + write .bin/.idx) | {rates[1]:,.0f} | {cpu[1]:.2f} | {rates[1] / limit:.2f} of the limit (goal >= 0.9) |
 | `preprocess_data.py --workers 2` | {rates[2]:,.0f} | {cpu[2]:.2f} | {rates[2] / rates[1]:.2f}x the 1-worker rate (goal >= 1.6) |
 
-Read path, seq_length {seq}, {n_read:,} samples in the shuffled order, page cache warm. The
-documents are short (blank-line blocks, {ids.num_tokens / ids.num_documents:.0f} tokens on average), so a
-sample is assembled from {pieces:.1f} document pieces on average, against one contiguous slice
-for the baseline:
+Read path, seq_length {seq}, samples in the shuffled order, page cache warm; baseline: one
+contiguous `numpy.memmap` slice of `seq_length + 1` tokens at the same start offset, cast to
+int64. The first dataset is the corpus above (short documents: a sample is assembled from many
+pieces); the second is `tools/build_local_corpus.py --max-mb {args.local_mb:g}` (one document per
+source file), tokenized with the same model.
 
-| what | samples/s | ratio |
-| --- | ---: | ---: |
-| `numpy.memmap` slice of `seq_length + 1` tokens at the same start offsets, cast to int64 | {mm_rate:,.0f} | 1.00 |
-| `GPTDataset[i]` (shuffle -> sample index -> document pieces -> int64 array) | {ds_rate:,.0f} | {ds_rate / mm_rate:.2f} |
-
-`GPTDataset` delivers {ds_rate * (seq + 1) / 1e6:.0f} M tokens/s in one process, far more than a training
-step consumes; with documents longer than a sample most samples are one or two slices and the
-gap to the baseline closes.
+| documents | tokens/document | pieces/sample | samples | memmap samples/s | `GPTDataset[i]` samples/s | ratio |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: |
+""" + "".join(
+        f"| {name} | {per_doc:,.0f} | {pieces:.1f} | {n:,} | {mm:,.0f} | {dsr:,.0f} | {dsr / mm:.2f} |\n"
+        for name, dsr, mm, pieces, per_doc, n in reads
+    ) + f"""
+Even the slow case delivers {min(r[1] for r in reads) * (seq + 1) / 1e6:.0f} M tokens/s in one process, far more than a
+training step consumes.
 """
     print(body)
     if not args.no_write:

@@ -221,6 +221,11 @@ class GPTDataset:
         self.doc_idx, self.sample_idx, self.shuffle_idx = self._load_or_build(
             doc_ids, split_lengths, cache_dir
         )
+        # plain ndarray views of the memory-mapped arrays: cheaper element access than np.memmap
+        self._doc_idx_a = self.doc_idx.view(np.ndarray)
+        self._sample_idx_a = self.sample_idx.view(np.ndarray)
+        self._shuffle_idx_a = self.shuffle_idx.view(np.ndarray)
+        self._n = int(self.shuffle_idx.shape[0])
 
     # -- cache ----------------------------------------------------------------------
     def _description(self, split_lengths: np.ndarray) -> dict:
@@ -310,19 +315,18 @@ class GPTDataset:
 
     def get_text(self, idx: int) -> np.ndarray:
         """Sample ``idx`` (after shuffling) as an int64 array [seq_length + 1]."""
-        n = len(self)
+        n = self._n
         if idx < 0:
             idx += n
         if not 0 <= idx < n:
             raise IndexError(f"{self.name} sample {idx} out of range [0, {n})")
-        i = int(self.shuffle_idx[idx])
-        j0, o0 = (int(x) for x in self.sample_idx[i])
-        j1, o1 = (int(x) for x in self.sample_idx[i + 1])
+        i = int(self._shuffle_idx_a[idx])
+        (j0, o0), (j1, o1) = self._sample_idx_a[i : i + 2].tolist()
         toks, starts = self._tokens, self._doc_starts
         if j0 == j1:
-            s = int(starts[self.doc_idx[j0]])
+            s = int(starts[self._doc_idx_a[j0]])
             return toks[s + o0 : s + o1 + 1].astype(np.int64)
-        docs = np.asarray(self.doc_idx[j0 : j1 + 1])
+        docs = self._doc_idx_a[j0 : j1 + 1]
         piece_starts = starts[docs]
         piece_lens = self._doc_lengths[docs]
         piece_starts[0] += o0
