@@ -221,11 +221,31 @@ class GPTDataset:
         self.doc_idx, self.sample_idx, self.shuffle_idx = self._load_or_build(
             doc_ids, split_lengths, cache_dir
         )
+        self._make_views()
+
+    def _make_views(self):
         # plain ndarray views of the memory-mapped arrays: cheaper element access than np.memmap
         self._doc_idx_a = self.doc_idx.view(np.ndarray)
         self._sample_idx_a = self.sample_idx.view(np.ndarray)
         self._shuffle_idx_a = self.shuffle_idx.view(np.ndarray)
         self._n = int(self.shuffle_idx.shape[0])
+
+    # pickling (DataLoader workers under spawn): send paths, not the mapped arrays
+    _MAPPED = ("_tokens", "_doc_starts", "_doc_lengths", "doc_idx", "sample_idx", "shuffle_idx",
+               "_doc_idx_a", "_sample_idx_a", "_shuffle_idx_a")
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._MAPPED}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._tokens = self.indexed_dataset.tokens
+        self._doc_starts, self._doc_lengths = self.indexed_dataset.document_token_ranges()
+        arrays = self._try_load(self.cache_paths)
+        if arrays is None:
+            raise IndexedDatasetError(f"sample index files missing: {self.cache_paths['shuffle_idx']}")
+        self.doc_idx, self.sample_idx, self.shuffle_idx = arrays
+        self._make_views()
 
     # -- cache ----------------------------------------------------------------------
     def _description(self, split_lengths: np.ndarray) -> dict:

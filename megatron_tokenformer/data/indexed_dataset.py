@@ -332,6 +332,14 @@ class IndexedDataset:
             return None
         return meta
 
+    # pickling (DataLoader workers under spawn): send the path, reopen the mapping
+    def __getstate__(self):
+        return {"path_prefix": self.path_prefix, "max_token_id": self._max_token_id}
+
+    def __setstate__(self, state):
+        self.__init__(state["path_prefix"])
+        self._max_token_id = state["max_token_id"]
+
     def __repr__(self) -> str:
         return (
             f"IndexedDataset({self.path_prefix!r}, sequences={self.sequence_count}, "

@@ -88,6 +88,21 @@ def test_samples_spanning_many_short_documents(tmp_path):
         assert np.array_equal(ds[i]["text"], stream[s * seq:s * seq + seq + 1])
 
 
+def test_pickles_by_path(tmp_path):
+    """DataLoader workers started with spawn receive the dataset by pickle: only paths travel."""
+    import pickle
+
+    from megatron_tokenformer.data.blending import BlendedDataset
+
+    prefix, _ = make_data(tmp_path / "d", n_docs=400, max_len=60)
+    ds = GPTDataset(IndexedDataset(prefix), "train", (0, 400), 100, 16, seed=2)
+    blob = pickle.dumps(BlendedDataset([ds, ds], [0.5, 0.5], 50))
+    assert len(blob) < 8000 < ds.indexed_dataset.num_tokens * 2  # not the token data
+    back = pickle.loads(blob)
+    for i in range(50):
+        assert np.array_equal(back[i]["text"], ds[int(back.dataset_sample_index[i])]["text"])
+
+
 def test_cache_is_reused_and_identical(tmp_path):
     prefix, _ = make_data(tmp_path / "d", n_docs=30)
     ds1 = GPTDataset(IndexedDataset(prefix), "train", (0, 25), 40, 8, seed=3)
