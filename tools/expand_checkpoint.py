@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the optimizer state (moments, step); training starts it afresh")
     g.add_argument("--reset-iteration", action="store_true",
                    help="start a fresh LR schedule and data pass (iteration 0, no consumed samples)")
+    g = p.add_argument_group("width growth of a --model-type transformer checkpoint (Net2Net)")
+    g.add_argument("--hidden-size", type=_positive_int, default=None,
+                   help="new model width: a multiple k of the checkpoint's (heads x k, every unit copied k times, "
+                        "inputs split; the logits stay the same). Resets the optimizer state")
+    g.add_argument("--ffn-hidden-size", type=_positive_int, default=None,
+                   help="new MLP width (default: k x the checkpoint's)")
+    g.add_argument("--net2net-noise-std", type=float, default=0.0,
+                   help="noise on the new copies, relative to each matrix's std, to break their symmetry "
+                        "(0: exactly function-preserving, but exact copies never diverge)")
     return p
 
 

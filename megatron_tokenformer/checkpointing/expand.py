@@ -57,6 +57,10 @@ class ExpandOptions:
     reset_iteration: bool = False
     dry_run: bool = False
     overwrite: bool = False
+    # Net2Net width growth of a --model-type transformer checkpoint (checkpointing/net2net.py)
+    hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    net2net_noise_std: float = 0.0
 
 
 def peak_rss_bytes() -> int:
@@ -118,7 +122,7 @@ def _updated_args(view: CheckpointView, grown: GrownView, layout: Dict[str, int]
     args = dict(view.meta.get("args", {}))
     cfg = grown.config
     for key in ("num_layers", "qkv_num_param_tokens", "proj_num_param_tokens", "ffn_num_param_tokens",
-                "qkv_tau", "proj_tau", "ffn_tau"):
+                "qkv_tau", "proj_tau", "ffn_tau", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         args[key] = getattr(cfg, key)
     args["tensor_model_parallel_size"] = layout["tensor_model_parallel_size"]
     args["pipeline_model_parallel_size"] = layout["pipeline_model_parallel_size"]
@@ -143,10 +147,16 @@ def expand_checkpoint(opts: ExpandOptions, log: Callable[[str], None] = print) -
     view = CheckpointView(step_dir)
     try:
         layout = _target_layout(view, opts)
+        net2net_plan = None
         try:
-            plan = plan_growth(view.config, opts.qkv_num_param_tokens, opts.proj_num_param_tokens,
-                               opts.ffn_num_param_tokens, opts.param_token_growth_factor, opts.num_layers,
-                               opts.new_layer_positions, opts.new_value_std, opts.seed, opts.reset_optimizer)
+            if view.config.model_type == "transformer" or opts.hidden_size is not None or \
+                    opts.ffn_hidden_size is not None:
+                from megatron_tokenformer.checkpointing import net2net
+                net2net_plan = net2net.plan_from_options(view.config, opts)
+            plan = net2net_plan or plan_growth(
+                view.config, opts.qkv_num_param_tokens, opts.proj_num_param_tokens, opts.ffn_num_param_tokens,
+                opts.param_token_growth_factor, opts.num_layers, opts.new_layer_positions, opts.new_value_std,
+                opts.seed, opts.reset_optimizer)
         except ValueError as exc:
             raise ExpandError(str(exc)) from None
         try:
@@ -155,7 +165,7 @@ def expand_checkpoint(opts: ExpandOptions, log: Callable[[str], None] = print) -
             raise ExpandError(f"the target does not fit the layout (--target-tensor-model-parallel-size "
                               f"{layout['tensor_model_parallel_size']}, --target-pipeline-model-parallel-size "
                               f"{layout['pipeline_model_parallel_size']}): {exc}") from None
-        grown = GrownView(view, plan)
+        grown = net2net.WidenedView(view, plan) if net2net_plan is not None else GrownView(view, plan)
         args = view.meta.get("args", {})
         gbs, mbs = args.get("global_batch_size"), args.get("micro_batch_size")
         if isinstance(gbs, int) and isinstance(mbs, int) and gbs % (mbs * layout["data_parallel_size"]):
