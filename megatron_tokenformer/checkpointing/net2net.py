@@ -142,7 +142,8 @@ def plan_from_options(config, opts) -> WideningPlan:
     optimizer state kept, for resharding). Token and depth growth flags are refused for it."""
     if getattr(config, "model_type", "tokenformer") == "transformer":
         given = [flag for flag, value in (
-            ("--qkv-num-param-tokens", opts.qkv_num_param_tokens), ("--proj-num-param-tokens", opts.proj_num_param_tokens),
+            ("--qkv-num-param-tokens", opts.qkv_num_param_tokens),
+            ("--proj-num-param-tokens", opts.proj_num_param_tokens),
             ("--ffn-num-param-tokens", opts.ffn_num_param_tokens),
             ("--param-token-growth-factor", opts.param_token_growth_factor),
             ("--new-layer-positions", opts.new_layer_positions), ("--new-value-std", opts.new_value_std))

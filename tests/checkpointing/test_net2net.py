@@ -1,4 +1,4 @@
-"""Net2Net width growth of the baseline Transformer (checkpointing/net2net.py, tools/expand_checkpoint.py --hidden-size).
+"""Net2Net width growth of the baseline Transformer (checkpointing/net2net.py; expand_checkpoint.py --hidden-size).
 
 The reference is the narrow model itself: after widening d -> k d (heads x k, MLP f -> f'), the wide
 model's logits must equal the narrow model's, and its residual stream after every block must be k

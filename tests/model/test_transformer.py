@@ -279,7 +279,8 @@ def _tp_worker(rank, world, ref_path):
         assert torch.equal(p.detach(), shard_of(ref["params"][name], p, rank, world)), f"init of {name}"
     # each rank's Q/K/V rows are exactly its heads' rows (head-major): heads [r h/p, (r+1) h/p)
     rows = slice(rank * d // world, (rank + 1) * d // world)
-    assert torch.equal(params["layers.0.attention.query.weight"], ref["params"]["layers.0.attention.query.weight"][rows])
+    query = "layers.0.attention.query.weight"
+    assert torch.equal(params[query], ref["params"][query][rows])
     assert params["layers.0.attention.dense.weight"].shape == (d, d // world)
     assert params["layers.1.mlp.dense_h_to_4h.weight"].shape == (48 // world, d)
     assert params["layers.1.mlp.dense_4h_to_h.bias"].shape == (d,)
