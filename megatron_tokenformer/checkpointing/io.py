@@ -420,6 +420,45 @@ def _optimizer_base(engine):
     return getattr(opt, "optimizer", opt)
 
 
+def _param_slices(module: torch.nn.Module, view: CheckpointView, config):
+    """Yield (local name, param, canonical name, entry, read(key) -> this rank's slice) for ``module``."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    padded = config.padded_vocab_size(tp)
+    names = canonical_parameter_names(module)
+    missing = sorted({c for c in names.values() if c not in view.params})
+    if missing:
+        raise CheckpointMismatchError(f"{view.step_dir} lacks parameters the model has: {', '.join(missing[:10])}"
+                                      + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    for local_name, param in module.named_parameters():
+        cname = names[local_name]
+        entry = view.params[cname]
+        pdim = int(getattr(param, "partition_dim", 0)) if getattr(param, "tensor_model_parallel", False) else None
+        if (pdim is None) != (entry.partition_dim is None):
+            raise CheckpointMismatchError(f"{cname}: partitioned={pdim is not None} in the model but "
+                                          f"{entry.partition_dim is not None} in {view.step_dir}")
+        r, w = (tp_rank, tp) if pdim is not None else (0, 1)
+
+        def read(key, cname=cname, entry=entry, r=r, w=w, param=param):
+            value = view.read_tp_slice(cname, key, r, w, padded if entry.vocab else None)
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointMismatchError(f"{cname}: the model's shard has shape {tuple(param.shape)} but the "
+                                              f"checkpoint gives {tuple(value.shape)} for tensor rank {r} of {w}")
+            return value
+
+        yield local_name, param, cname, entry, read
+
+
+def load_module_from_view(module: torch.nn.Module, view: CheckpointView, config) -> None:
+    """Set every parameter of ``module`` (this rank's TP slice) from the view's fp32 master weights.
+
+    For evaluation and export without DeepSpeed; training uses :func:`load_view_into_engine`.
+    """
+    with torch.no_grad():
+        for _, param, _, _, read in _param_slices(module, view, config):
+            param.data.copy_(read(FP32).to(param.dtype))
+
+
 def load_view_into_engine(engine, view: CheckpointView, config, load_optim: bool = True,
                           load_scheduler: bool = True) -> None:
     """Place every parameter (and, with ``load_optim``, its fp32 master and optimizer state) from a
@@ -429,14 +468,6 @@ def load_view_into_engine(engine, view: CheckpointView, config, load_optim: bool
     ``_hp_mapping``) and for ZeRO-0 in fp32 (the optimizer holds the parameters themselves).
     """
     module = engine.module
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    padded = config.padded_vocab_size(tp)
-    names = canonical_parameter_names(module)
-    missing = sorted({c for c in names.values() if c not in view.params})
-    if missing:
-        raise CheckpointMismatchError(f"{view.step_dir} lacks parameters the model has: {', '.join(missing[:10])}"
-                                      + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
     zero = bool(engine.zero_optimization())
     base = _optimizer_base(engine)
     if not zero and engine.optimizer is not base and load_optim:
@@ -468,18 +499,8 @@ def load_view_into_engine(engine, view: CheckpointView, config, load_optim: bool
                 param_group_of[id(p)] = gi
 
     with torch.no_grad():
-        for local_name, param in module.named_parameters():
-            cname = names[local_name]
-            entry = view.params[cname]
-            pdim = int(getattr(param, "partition_dim", 0)) if getattr(param, "tensor_model_parallel", False) else None
-            if (pdim is None) != (entry.partition_dim is None):
-                raise CheckpointMismatchError(f"{cname}: partitioned={pdim is not None} in the model but "
-                                              f"{entry.partition_dim is not None} in {view.step_dir}")
-            value = view.read_tp_slice(cname, FP32, tp_rank if pdim is not None else 0, tp if pdim is not None else 1,
-                                       padded if entry.vocab else None)
-            if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointMismatchError(f"{cname}: the model's shard has shape {tuple(param.shape)} but the "
-                                              f"checkpoint gives {tuple(value.shape)} for tensor rank {tp_rank} of {tp}")
+        for local_name, param, cname, entry, read in _param_slices(module, view, config):
+            value = read(FP32)
             param.data.copy_(value.to(param.dtype))
             flat_value = value.view(-1)
             mapping = getattr(param, "_hp_mapping", None) if zero else None
@@ -492,9 +513,7 @@ def load_view_into_engine(engine, view: CheckpointView, config, load_optim: bool
                     flat = base.param_groups[gi]["params"][0]
                     hp_start = mapping.hp_fragment_address.start
                     for key in state_keys:
-                        st_value = view.read_tp_slice(cname, key, tp_rank if pdim is not None else 0,
-                                                      tp if pdim is not None else 1, padded if entry.vocab else None)
-                        base.state[flat][key].narrow(0, hp_start, n).copy_(st_value.view(-1)[lo:lo + n])
+                        base.state[flat][key].narrow(0, hp_start, n).copy_(read(key).view(-1)[lo:lo + n])
             elif not zero and state_keys:
                 gi = param_group_of.get(id(param))
                 if gi is None:
@@ -502,9 +521,7 @@ def load_view_into_engine(engine, view: CheckpointView, config, load_optim: bool
                 note_step(gi, entry, cname)
                 st = base.state[param]
                 for key in state_keys:
-                    st_value = view.read_tp_slice(cname, key, tp_rank if pdim is not None else 0,
-                                                  tp if pdim is not None else 1, padded if entry.vocab else None)
-                    st[key] = st_value.to(param.dtype).view_as(param).clone()
+                    st[key] = read(key).to(param.dtype).view_as(param).clone()
                 if entry.step is not None:
                     st["step"] = torch.tensor(float(entry.step), dtype=torch.float32)
 
