@@ -1,0 +1,107 @@
+"""Helpers for the checkpoint tests: run pretrain_tokenformer.py at a (TP, PP, DP) layout on CPU ranks
+and read back every iteration's lm loss (exactly: the fp32 value TensorBoard stores)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "pretrain_tokenformer.py")
+
+# A tiny Tokenformer; global batch 4 divides every layout used here (micro batch 1 or 2).
+ARCH = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+        "--qkv-num-param-tokens", "16", "--proj-num-param-tokens", "16", "--ffn-num-param-tokens", "32"]
+TRAIN = ["--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "2e-3", "--lr-warmup-iters", "2",
+         "--lr-decay-style", "cosine", "--mock-data", "--vocab-size", "100", "--log-interval", "1",
+         "--eval-iters", "0", "--seed", "7", "--zero-stage", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(layout: Tuple[int, int, int], args: Sequence[str]) -> List[str]:
+    tp, pp, dp = layout
+    n = tp * pp * dp
+    par = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+    if n == 1:
+        return [sys.executable, SCRIPT] + par + list(args)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), SCRIPT] + par + list(args)
+
+
+def env() -> Dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def run(layout, args, timeout=300, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(layout, args), cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run failed ({proc.returncode}): {' '.join(command(layout, args))}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def losses(tb_dir: str) -> Dict[int, float]:
+    """{iteration: lm loss} from the TensorBoard event files under ``tb_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out: Dict[int, float] = {}
+    for path in sorted(glob.glob(os.path.join(tb_dir, "**", "events.out.tfevents.*"), recursive=True)):
+        acc = EventAccumulator(path, size_guidance={"scalars": 0})
+        acc.Reload()
+        if "lm loss" in acc.Tags().get("scalars", []):
+            for ev in acc.Scalars("lm loss"):
+                out[int(ev.step)] = float(ev.value)
+    return out
+
+
+def train(workdir: str, name: str, layout, iters: int, extra: Sequence[str] = (), timeout=300):
+    """Train ``iters`` iterations; returns (losses, save_dir). Saves into workdir/name."""
+    save = os.path.join(workdir, name)
+    tb = os.path.join(workdir, name + "_tb")
+    run(layout, ARCH + TRAIN + ["--train-iters", str(iters), "--save", save, "--tensorboard-dir", tb] + list(extra),
+        timeout=timeout)
+    return losses(tb), save
+
+
+def resume(workdir: str, name: str, layout, load: str, iters: int, extra: Sequence[str] = (), arch=True,
+           timeout=300, save: Optional[str] = None):
+    """Resume from ``load`` up to ``iters`` (saving into ``save``, default workdir/name); returns the
+    losses of the resumed iterations and the save dir."""
+    tb = os.path.join(workdir, name + "_tb")
+    save = save or os.path.join(workdir, name)
+    run(layout, (ARCH if arch else []) + TRAIN + ["--train-iters", str(iters), "--load", load, "--save", save,
+                                                  "--tensorboard-dir", tb] + list(extra), timeout=timeout)
+    return losses(tb), save
+
+
+def checkpoint_at(src_save: str, iteration: int, dst: str) -> str:
+    """A copy of ``src_save`` holding only step ``iteration`` (``latest`` pointing at it)."""
+    os.makedirs(dst, exist_ok=True)
+    tag = f"global_step{iteration}"
+    shutil.copytree(os.path.join(src_save, tag), os.path.join(dst, tag))
+    with open(os.path.join(dst, "latest"), "w") as f:
+        f.write(tag)
+    return dst
+
+
+def popen(layout, args):
+    return subprocess.Popen(command(layout, args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+__all__ = ["ARCH", "TRAIN", "run", "train", "resume", "losses", "checkpoint_at", "popen", "signal", "ROOT"]
