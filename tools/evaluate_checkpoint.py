@@ -56,7 +56,8 @@ def main(argv=None) -> int:
         sys.stderr.write(f"evaluate_checkpoint.py: error: {exc}\n")
         return 2
     print(f"evaluated {info['step_dir']} ({info['model_type']}, {info['parameters']:,} parameters) on "
-          f"{info['source']}: {result.samples} windows of {info['seq_length']} tokens, {result.tokens} predicted tokens")
+          f"{info['source']}: {result.samples} windows of {info['seq_length']} tokens, "
+          f"{result.tokens} predicted tokens")
     print(f" evaluation | lm loss value: {result.loss:.6E} | lm loss PPL: {result.perplexity:.6E} |")
     if args.json:
         with open(args.json, "w") as f:
