@@ -48,8 +48,17 @@ def env() -> Dict[str, str]:
 
 
 def run(layout, args, timeout=300, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(layout, args), cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    """Run to completion; on timeout the whole process group (launcher and ranks) is killed."""
+    cmd = command(layout, args)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}")
+    proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}): {' '.join(command(layout, args))}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
