@@ -144,6 +144,8 @@ def test_kill_during_save_resumes_from_previous_step(straight_runs, ckpt_workdir
         proc = subprocess.run([sys.executable, script] + args, cwd=R.ROOT, env=env, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == -signal.SIGKILL, (phase, proc.stdout[-2000:], proc.stderr[-2000:])
+        if phase == "deepspeed-files":  # the first run found nothing to resume from
+            assert f"no checkpoint found in {save}, starting from scratch" in proc.stdout
         assert open(os.path.join(save, "latest")).read().strip() == "global_step2", phase
         # the interrupted step is never what `latest` names; a partial folder may remain until the next save
         assert os.path.isfile(os.path.join(save, "global_step2", "tokenformer_checkpoint.json"))

@@ -1,0 +1,62 @@
+"""Load-time checks: architecture flags come from the checkpoint unless given, tau always does, and a
+checkpoint that contradicts explicit flags is refused with every differing field listed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ckpt_runs as R
+from megatron_tokenformer.arguments import parse_args
+from megatron_tokenformer.checkpointing import io
+from megatron_tokenformer.config import TokenformerConfig
+
+pytestmark = pytest.mark.slow
+
+
+def test_flags_filled_from_checkpoint(straight_runs):
+    _, save = straight_runs((1, 1, 1))
+    args = io.apply_checkpoint_args(parse_args(["--load", save, "--micro-batch-size", "1"]))
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (2, 32, 4)
+    assert (args.qkv_num_param_tokens, args.proj_num_param_tokens, args.ffn_num_param_tokens) == (16, 16, 32)
+    assert (args.qkv_tau, args.proj_tau, args.ffn_tau) == (4.0, 4.0, 32 ** 0.5)
+    assert args.seq_length == 16
+    # explicit flags that agree are fine; without --use-checkpoint-args nothing is filled in
+    args = io.apply_checkpoint_args(parse_args(["--load", save, "--num-layers", "2", "--no-use-checkpoint-args"]))
+    assert args.num_layers == 2 and args.hidden_size is None and args.qkv_tau == 4.0
+    # no checkpoint yet: nothing happens (the run starts from scratch)
+    args = io.apply_checkpoint_args(parse_args(["--load", os.path.join(save, "no_such_dir")]))
+    assert args.num_layers is None
+
+
+def test_mismatching_flags_refused_with_all_fields(straight_runs):
+    _, save = straight_runs((1, 1, 1))
+    with pytest.raises(io.CheckpointMismatchError) as err:
+        io.apply_checkpoint_args(parse_args(["--load", save, "--hidden-size", "64", "--ffn-num-param-tokens", "64",
+                                             "--num-layers", "2", "--pattention-normalization", "softmax"]))
+    msg = str(err.value)
+    assert "--hidden-size 64 (checkpoint: 32)" in msg and "--ffn-num-param-tokens 64 (checkpoint: 32)" in msg
+    assert "--pattention-normalization softmax (checkpoint: l2_norm_gelu)" in msg and "--num-layers 2 (" not in msg
+
+
+def test_built_model_checked_against_checkpoint(straight_runs):
+    _, save = straight_runs((1, 1, 1))
+    step = os.path.join(save, "global_step10")
+    from megatron_tokenformer.checkpointing.files import read_meta
+    cfg = read_meta(step)["model_config"]
+    config = TokenformerConfig.from_dict(dict(cfg, vocab_size=120, qkv_tau=3.0))
+    with pytest.raises(io.CheckpointMismatchError) as err:
+        io.check_config_matches(config, cfg, step)
+    assert "vocab_size: model 120 vs checkpoint 101" in str(err.value) and "qkv_tau" in str(err.value)
+    io.check_config_matches(TokenformerConfig.from_dict(cfg), cfg, step)
+
+
+def test_pretrain_refuses_mismatch_cleanly(straight_runs):
+    _, save = straight_runs((1, 1, 1))
+    cmd = [sys.executable, R.SCRIPT, "--load", save, "--hidden-size", "48", "--num-attention-heads", "3",
+           "--micro-batch-size", "1", "--train-iters", "30", "--lr", "1e-3", "--mock-data", "--vocab-size", "100"]
+    proc = subprocess.run(cmd, cwd=R.ROOT, env=R.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--hidden-size 48 (checkpoint: 32)" in proc.stderr and "--num-attention-heads 3 (checkpoint: 4)" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,189 @@
+"""tools/expand_checkpoint.py: plan, output folder rules, report, and every refusal (nothing written).
+
+The source is a real checkpoint written by a short 1-rank pretrain_tokenformer.py run.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(ROOT, "tools", "expand_checkpoint.py")
+
+pytestmark = pytest.mark.slow
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("expand_checkpoint_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    work = tmp_path_factory.mktemp("expand_tool")
+    save = str(work / "src")
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_tokenformer.py"), "--num-layers", "2", "--hidden-size", "32",
+           "--num-attention-heads", "4", "--seq-length", "16", "--qkv-num-param-tokens", "16",
+           "--proj-num-param-tokens", "16", "--ffn-num-param-tokens", "32", "--micro-batch-size", "2",
+           "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-3", "--mock-data", "--vocab-size", "100",
+           "--eval-iters", "0", "--save", save]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(work), save
+
+
+def _run(tool, capsys, *argv):
+    code = tool.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _tree(path):
+    out = {}
+    for root, _, names in os.walk(path):
+        for n in names:
+            p = os.path.join(root, n)
+            out[os.path.relpath(p, path)] = os.path.getsize(p)
+    return out
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tool, source, capsys):
+    work, src = source
+    dst = os.path.join(work, "dry")
+    before = _tree(src)
+    code, out, err = _run(tool, capsys, "--load", src, "--save", dst, "--dry-run", "--ffn-num-param-tokens", "64",
+                          "--target-tensor-model-parallel-size", "2")
+    assert code == 0, err
+    assert not os.path.exists(dst) and _tree(src) == before
+    line = [l for l in out.splitlines() if l.strip().startswith("layers.1.mlp.key_param_tokens [exp_avg]")]
+    assert line and "[32, 32] -> [64, 32]" in line[0] and "8192 bytes" in line[0]
+    # every tensor is listed: 23 parameters x (fp32, exp_avg, exp_avg_sq)
+    assert sum(1 for l in out.splitlines() if l.startswith("  ") and " -> " in l) == 23 * 3
+
+
+def test_reshard_and_report(tool, source, capsys):
+    work, src = source
+    dst = os.path.join(work, "tp2")
+    os.makedirs(dst)  # an existing EMPTY folder is fine
+    code, out, err = _run(tool, capsys, "--load", src, "--save", dst, "--target-tensor-model-parallel-size", "2",
+                          "--target-data-parallel-size", "4")
+    assert code == 0, err
+    assert open(os.path.join(dst, "latest")).read().strip() == "global_step2"
+    report = json.load(open(os.path.join(dst, "global_step2", "expansion_report.json")))
+    assert report["source"]["iteration"] == 2 and report["target"]["iteration"] == 2
+    assert report["target"]["layout"]["tensor_model_parallel_size"] == 2
+    assert report["target"]["layout"]["data_parallel_size"] == 4
+    assert report["target"]["consumed_samples"] == 8
+    assert report["growth"]["token_counts"] == {} and report["peak_rss_bytes"] > 0
+    meta = json.load(open(os.path.join(dst, "global_step2", "tokenformer_checkpoint.json")))
+    assert meta["kind"] == "canonical" and meta["training_state"]["lr_scheduler"]["num_steps"] == 2
+    assert [n for n in os.listdir(work) if ".partial" in n or ".old-" in n] == []
+
+
+def test_refuses_non_empty_target_unless_overwrite(tool, source, capsys):
+    work, src = source
+    dst = os.path.join(work, "busy")
+    os.makedirs(dst)
+    with open(os.path.join(dst, "keep.txt"), "w") as f:
+        f.write("x")
+    code, _, err = _run(tool, capsys, "--load", src, "--save", dst)
+    assert code == 2 and "--overwrite" in err and "not empty" in err
+    assert os.listdir(dst) == ["keep.txt"]
+    code, _, err = _run(tool, capsys, "--load", src, "--save", dst, "--overwrite", "--reset-iteration")
+    assert code == 0, err
+    assert sorted(os.listdir(dst)) == ["global_step0", "latest"]
+    meta = json.load(open(os.path.join(dst, "global_step0", "tokenformer_checkpoint.json")))
+    assert meta["iteration"] == 0 and meta["consumed_samples"] == 0
+    assert meta["training_state"]["lr_scheduler"]["num_steps"] == 0
+
+
+def _assert_refused(tool, capsys, work, argv, *needles):
+    dst = os.path.join(work, "refused")
+    before = set(os.listdir(work))
+    code, _, err = _run(tool, capsys, *argv, "--save", dst)
+    assert code == 2, err
+    assert err.startswith("expand_checkpoint.py: error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not os.path.exists(dst) and set(os.listdir(work)) == before
+
+
+def test_growth_refusals(tool, source, capsys):
+    work, src = source
+    _assert_refused(tool, capsys, work, ["--load", src, "--qkv-num-param-tokens", "18",
+                                         "--target-tensor-model-parallel-size", "4"],
+                    "--target-tensor-model-parallel-size 4", "qkv_num_param_tokens (18) is not divisible")
+    _assert_refused(tool, capsys, work, ["--load", src, "--ffn-num-param-tokens", "16"], "--ffn-num-param-tokens 16",
+                    "only be added")
+    _assert_refused(tool, capsys, work, ["--load", src, "--num-layers", "1"], "--num-layers 1")
+    _assert_refused(tool, capsys, work, ["--load", src, "--num-layers", "4", "--new-layer-positions", "0,9"],
+                    "--new-layer-positions")
+    _assert_refused(tool, capsys, work, ["--load", src, "--param-token-growth-factor", "1.5",
+                                         "--ffn-num-param-tokens", "64"], "--param-token-growth-factor")
+    _assert_refused(tool, capsys, work, ["--load", src, "--iteration", "7"], "global_step7", "complete iterations")
+    _assert_refused(tool, capsys, work, ["--load", os.path.join(work, "nowhere")], "nowhere")
+
+
+def test_refuses_softmax_token_growth(tool, source, capsys):
+    work, src = source
+    soft = os.path.join(work, "softmax_src")
+    shutil.copytree(src, soft)
+    meta_path = os.path.join(soft, "global_step2", "tokenformer_checkpoint.json")
+    meta = json.load(open(meta_path))
+    meta["model_config"]["pattention_normalization"] = "softmax"
+    json.dump(meta, open(meta_path, "w"))
+    _assert_refused(tool, capsys, work, ["--load", soft, "--param-token-growth-factor", "2"], "softmax")
+    # depth growth stays exact for softmax (new blocks output zero whatever the normalisation)
+    code, _, err = _run(tool, capsys, "--load", soft, "--save", os.path.join(work, "softmax_deeper"),
+                        "--num-layers", "3")
+    assert code == 0, err
+
+
+def test_refuses_missing_shard_and_inconsistent_shapes(tool, source, capsys):
+    work, src = source
+    broken = os.path.join(work, "missing_shard")
+    shutil.copytree(src, broken)
+    os.remove(os.path.join(broken, "global_step2", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    _assert_refused(tool, capsys, work, ["--load", broken], "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+
+    bad = os.path.join(work, "bad_shapes")
+    shutil.copytree(src, bad)
+    path = os.path.join(bad, "global_step2", "mp_rank_00_model_states.pt")
+    sd = torch.load(path, weights_only=False)
+    entry = next(p for p in sd["tokenformer"]["params"] if p["name"] == "layers.0.mlp.value_param_tokens")
+    entry["shape"] = [40, 32]
+    torch.save(sd, path)
+    _assert_refused(tool, capsys, work, ["--load", bad], "layers.0.mlp.value_param_tokens", "shape")
+
+
+def test_refuses_to_write_into_source(tool, source, capsys):
+    work, src = source
+    before = _tree(src)
+    code, _, err = _run(tool, capsys, "--load", src, "--save", os.path.join(src, "inside"))
+    assert code == 2 and "overlaps the source" in err
+    assert _tree(src) == before
+
+
+def test_cli_exit_code(source):
+    work, src = source
+    proc = subprocess.run([sys.executable, TOOL, "--load", src, "--save", os.path.join(work, "cli"),
+                           "--num-layers", "1"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "expand_checkpoint.py: error: --num-layers 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
