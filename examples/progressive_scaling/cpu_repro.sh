@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Progressive scaling at laptop scale (2 CPU cores, about 30 minutes with the defaults):
+# Progressive scaling at laptop scale (2 CPU cores, about 25 minutes with the defaults):
 #
 #   examples/progressive_scaling/cpu_repro.sh                 # on a corpus built from this machine's
 #                                                             # Python sources (tools/build_local_corpus.py)
@@ -23,7 +23,7 @@
 # parameters, iterations, training FLOPs, final validation loss and perplexity per arm) and $PLOT
 # (validation loss against cumulative training FLOPs).
 #
-# Settings (environment variables, defaults in brackets): S [1000] G [500] iterations; SEQ [128];
+# Settings (environment variables, defaults in brackets): S [800] G [400] iterations; SEQ [128];
 # GLOBAL_BATCH [16]; LR [1e-3] MIN_LR [1e-4] WARMUP [50]; EVAL_INTERVAL [100] EVAL_ITERS [10];
 # CORPUS_MB [20]; VOCAB [2048]; D [128] LAYERS [4] HEADS [4]; N_SMALL [64] (attention tokens, FFN 4x);
 # GROWTH [4] (token factor); TRANSFORMER_FFN [192]; WIDE_D [256] WIDE_FFN [384]; NET2NET_NOISE [0.05];
@@ -47,7 +47,7 @@ fi
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
-S=${S:-1000}; G=${G:-500}; SEQ=${SEQ:-128}; GLOBAL_BATCH=${GLOBAL_BATCH:-16}
+S=${S:-800}; G=${G:-400}; SEQ=${SEQ:-128}; GLOBAL_BATCH=${GLOBAL_BATCH:-16}
 LR=${LR:-1e-3}; MIN_LR=${MIN_LR:-1e-4}; WARMUP=${WARMUP:-50}
 EVAL_INTERVAL=${EVAL_INTERVAL:-100}; EVAL_ITERS=${EVAL_ITERS:-10}
 CORPUS_MB=${CORPUS_MB:-20}; VOCAB=${VOCAB:-2048}
