@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     except (ArgumentError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc), env.rank)
 
+    launch.configure_cpu_threads(env)
     import torch
     import deepspeed
 

@@ -148,9 +148,9 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                    help="ranks that split each Pattention's parameter tokens (and the vocabulary)")
     g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1,
                    help="pipeline stages (1F1B schedule); layers split by parameter count")
-    g.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2],
-                   help="ZeRO stage: 1 shards optimizer states (any pipeline size), 2 also gradients "
-                        "(pipeline size 1 only), 0 disables ZeRO")
+    g.add_argument("--zero-stage", type=int, default=1, choices=[1, 2],
+                   help="ZeRO stage: 1 shards optimizer states over data-parallel ranks (any pipeline size), "
+                        "2 also gradients (pipeline size 1 only)")
     g.add_argument("--distributed-backend", default="auto", choices=["auto", "nccl", "gloo"],
                    help="torch.distributed backend (auto: nccl with CUDA, gloo otherwise)")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
@@ -359,7 +359,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     args.data_parallel_size = dp
     _check(args.num_layers % pp == 0,
            f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})")
-    _check(args.zero_stage in (0, 1, 2), f"--zero-stage {args.zero_stage}: only stages 0, 1 and 2 are supported")
+    _check(args.zero_stage in (1, 2), f"--zero-stage {args.zero_stage}: only ZeRO stages 1 and 2 are supported "
+                                      f"(DeepSpeed 0.19's non-ZeRO path does not count pipeline-parallel "
+                                      f"gradients correctly in the clipping norm)")
     _check(not (args.zero_stage == 2 and pp > 1),
            f"--zero-stage 2 shards gradients, which DeepSpeed's pipeline engine does not support: use "
            f"--zero-stage 1 with --pipeline-model-parallel-size {pp}, or --pipeline-model-parallel-size 1")

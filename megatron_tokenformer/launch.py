@@ -38,6 +38,7 @@ __all__ = [
     "expand_nodelist",
     "slurm_master_port",
     "find_free_port",
+    "configure_cpu_threads",
 ]
 
 
@@ -51,6 +52,7 @@ class DistributedEnv:
     master_addr: str
     master_port: int
     launcher: str  # "env" | "mpi" | "slurm" | "single"
+    local_world_size: int = 1  # processes of this job on this host
 
     @property
     def is_distributed(self) -> bool:
@@ -168,25 +170,41 @@ def _discover_mpi(environ) -> DistributedEnv:
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-    local_rank = local.Get_rank()
+    local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
     master = None
     if rank == 0:
-        addr = environ.get("MASTER_ADDR") or _this_host_address()
+        if environ.get("MASTER_ADDR"):
+            addr = environ["MASTER_ADDR"]
+        elif local_size == world:
+            addr = "127.0.0.1"  # every rank on this host
+        else:
+            addr = _this_host_address()
         port = int(environ["MASTER_PORT"]) if environ.get("MASTER_PORT") else find_free_port()
         master = (addr, port)
     addr, port = comm.bcast(master, root=0)
-    return DistributedEnv(rank, world, local_rank, addr, port, "mpi")
+    return DistributedEnv(rank, world, local_rank, addr, port, "mpi", local_size)
 
 
 def _this_host_address() -> str:
-    """An address of this host that other hosts can reach (falls back to loopback)."""
-    host = socket.gethostname()
+    """An address of this host that other hosts can reach.
+
+    The host name's address, unless that is a loopback address (Debian maps the host name to
+    127.0.1.1); then the address of the interface that routes outwards (a UDP "connect" sends no
+    packet); loopback as the last resort.
+    """
     try:
-        addr = socket.gethostbyname(host)
+        addr = socket.gethostbyname(socket.gethostname())
     except OSError:
-        return "127.0.0.1"
-    return addr
+        addr = "127.0.0.1"
+    if not addr.startswith("127."):
+        return addr
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError:
+        return addr
 
 
 def _discover_slurm(environ) -> DistributedEnv:
@@ -199,7 +217,20 @@ def _discover_slurm(environ) -> DistributedEnv:
     else:
         hosts = expand_nodelist(nodelist) if nodelist else []
         addr = hosts[0] if hosts else "127.0.0.1"
-    return DistributedEnv(rank, world, local_rank, addr, slurm_master_port(environ), "slurm")
+    local_size = _slurm_tasks_on_this_node(environ)
+    return DistributedEnv(rank, world, local_rank, addr, slurm_master_port(environ), "slurm", local_size)
+
+
+def _slurm_tasks_on_this_node(environ) -> int:
+    """Tasks of the step on this node, from ``SLURM_STEP_TASKS_PER_NODE`` (e.g. ``"4(x2),3"``)."""
+    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or ""
+    node = _int_env(environ, "SLURM_NODEID") or 0
+    counts: List[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if m:
+            counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts[node] if node < len(counts) else 1
 
 
 def discover(environ: Optional[MutableMapping[str, str]] = None) -> DistributedEnv:
@@ -213,7 +244,9 @@ def discover(environ: Optional[MutableMapping[str, str]] = None) -> DistributedE
             local_rank = rank
         addr = environ.get("MASTER_ADDR") or "127.0.0.1"
         port = _int_env(environ, "MASTER_PORT") or DEFAULT_MASTER_PORT
-        env = DistributedEnv(rank, world, local_rank, addr, port, "env")
+        # torchrun: LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE
+        local_size = _int_env(environ, "LOCAL_WORLD_SIZE") or _int_env(environ, "LOCAL_SIZE") or world
+        env = DistributedEnv(rank, world, local_rank, addr, port, "env", local_size)
     elif "OMPI_COMM_WORLD_SIZE" in environ or "MV2_COMM_WORLD_SIZE" in environ:
         env = _discover_mpi(environ)  # mpirun (possibly inside a Slurm allocation)
     elif environ.get("SLURM_STEP_ID") is not None and environ.get("SLURM_PROCID") is not None:
@@ -241,6 +274,25 @@ def export(env: DistributedEnv, environ: Optional[MutableMapping[str, str]] = No
     }
     environ.update(values)
     return values
+
+
+def configure_cpu_threads(env: DistributedEnv, environ: Optional[MutableMapping[str, str]] = None) -> int:
+    """Share this host's cores among its ranks when nobody chose a thread count.
+
+    torchrun sets ``OMP_NUM_THREADS=1``; ``mpirun``/``srun`` set nothing, and two ranks each using
+    every core make a CPU run several times slower. With ``OMP_NUM_THREADS`` unset, it becomes
+    (usable cores) // (ranks on this host). Call before importing torch. Returns the value in force.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS"):
+        return int(environ["OMP_NUM_THREADS"])
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, env.local_world_size))
+    environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
 
 
 def initialize_environment(environ: Optional[MutableMapping[str, str]] = None) -> DistributedEnv:

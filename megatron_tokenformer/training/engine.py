@@ -53,16 +53,6 @@ def apex_available() -> bool:
 # --------------------------------------------------------------------------- model
 
 
-def _pipeline_loss_fn(outputs, labels):
-    """PipelineModule loss: outputs = vocab-parallel logits [b, s, V/p]; labels = (labels, loss_mask)."""
-    from megatron_tokenformer.model.language_model import language_model_loss
-    if isinstance(labels, (tuple, list)):
-        target, mask = labels[0], (labels[1] if len(labels) > 1 else None)
-    else:
-        target, mask = labels, None
-    return language_model_loss(outputs, target, mask)
-
-
 def build_model(args, config, seed: Optional[int] = None) -> torch.nn.Module:
     """TokenformerLM (PP = 1) or a PipelineModule (PP > 1) for ``config``."""
     seed = args.seed if seed is None else seed
@@ -70,19 +60,33 @@ def build_model(args, config, seed: Optional[int] = None) -> torch.nn.Module:
         from megatron_tokenformer.model.language_model import TokenformerLM
         return TokenformerLM(config, seed=seed)
 
+    import functools
+
     from deepspeed.pipe import PipelineModule
-    from megatron_tokenformer.model import pipeline as model_pipeline
-    specs = model_pipeline.get_layer_specs(config, seed)
-    loss_fn = getattr(model_pipeline, "loss_fn", None) or _pipeline_loss_fn
-    return PipelineModule(layers=specs, loss_fn=loss_fn, topology=parallel_state.get_topology(),
-                          partition_method="parameters", activation_checkpoint_interval=0)
+    from torch.utils.checkpoint import checkpoint
+
+    from megatron_tokenformer.model.pipeline import get_layer_specs, pipeline_loss_fn
+    # With --checkpoint-activations every layer's activations are recomputed in the backward pass,
+    # with torch's non-reentrant checkpoint, as TokenformerLM does at PP = 1.
+    return PipelineModule(layers=get_layer_specs(config, seed), loss_fn=pipeline_loss_fn,
+                          topology=parallel_state.get_topology(), partition_method="parameters",
+                          activation_checkpoint_interval=1 if args.checkpoint_activations else 0,
+                          activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False))
 
 
 # --------------------------------------------------------------------------- optimizer
 
 
 def get_param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
-    """Two groups: weight-decayed (matrices, parameter tokens, embedding) and not (LayerNorm, biases)."""
+    """Weight-decayed parameters (parameter tokens, embedding) and the rest (LayerNorm weights, biases).
+
+    Always exactly two non-empty groups on every rank. DeepSpeed drops empty groups, and its ZeRO
+    optimizer all-reduces one gradient norm per group over the tensor x pipeline group, so ranks
+    with different group counts issue different numbers of collectives and hang. With
+    non-parametric block LayerNorms the first pipeline stage has no LayerNorm parameter at all; there
+    the decayed parameters are split over two groups (both decayed), which keeps every parameter's
+    update unchanged and the group count equal.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -91,12 +95,15 @@ def get_param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    if decay and no_decay:
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if len(decay) >= 2:
+        return [{"params": decay[:-1], "weight_decay": weight_decay},
+                {"params": decay[-1:], "weight_decay": weight_decay}]
+    if len(no_decay) >= 2:
+        return [{"params": no_decay[:-1], "weight_decay": 0.0}, {"params": no_decay[-1:], "weight_decay": 0.0}]
+    raise ValueError(f"this rank holds {len(decay) + len(no_decay)} trainable parameter(s); every pipeline stage "
+                     f"needs at least two (use fewer pipeline stages)")
 
 
 def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -156,6 +163,22 @@ def build_deepspeed_config(args) -> dict:
 # --------------------------------------------------------------------------- engine
 
 
+def _allow_fp16_on_cpu() -> None:
+    """Let DeepSpeed's CPU accelerator run fp16 on any CPU.
+
+    DeepSpeed 0.19's CPU accelerator reports fp16 as supported only when oneDNN has native fp16
+    kernels (AVX512-FP16 / AMX-FP16) and then refuses ``"fp16": {"enabled": true}``. torch runs fp16
+    on every CPU (emulated, slowly), which is what a CPU test of the fp16 code path (dynamic loss
+    scaling, overflow skipping) needs. On GPUs nothing changes.
+    """
+    from deepspeed.accelerator import get_accelerator
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu" and not accelerator.is_fp16_supported():
+        accelerator.is_fp16_supported = lambda: True
+        supported = accelerator.supported_dtypes
+        accelerator.supported_dtypes = lambda: list(dict.fromkeys(supported() + [torch.float16]))
+
+
 def setup_model_and_optimizer(args, config, device: Optional[torch.device] = None):
     """Build model, optimizer, LR schedule and the DeepSpeed engine.
 
@@ -173,6 +196,8 @@ def setup_model_and_optimizer(args, config, device: Optional[torch.device] = Non
                                         warmup_steps=args.lr_warmup_iters, decay_steps=args.lr_decay_iters,
                                         decay_style=args.lr_decay_style)
     ds_config = build_deepspeed_config(args)
+    if args.fp16:
+        _allow_fp16_on_cpu()
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     engine, ds_optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,

@@ -9,6 +9,7 @@ finish the iteration, save a checkpoint when ``--save`` is given, and return nor
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from typing import Iterator, Optional, Tuple
@@ -137,7 +138,11 @@ def evaluate(engine, valid_iter, args, pipelined: bool) -> float:
 
 
 class ExitSignalHandler:
-    """Records SIGTERM / SIGUSR1 (Slurm pre-emption); the loop saves and exits at the iteration's end."""
+    """Records SIGTERM / SIGUSR1 (Slurm pre-emption); the loop saves and exits at the iteration's end.
+
+    A second SIGTERM terminates at once (the default action), so a run stuck in a collective can
+    still be stopped by sending SIGTERM twice.
+    """
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -153,7 +158,12 @@ class ExitSignalHandler:
                     pass
 
     def _handle(self, signum, _frame):
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.received is not None and name == "SIGTERM":
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
