@@ -242,6 +242,11 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
         "iteration": int(iteration),
         "consumed_samples": int(consumed_samples),
     }
+    # DeepSpeed's pipeline checkpoints skip tied layers that have a forward_fn (the embedding):
+    # keep their (low-precision) weights here so a native load can restore them.
+    tied = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if n.startswith("tied_modules.")}
+    if tied:
+        client["tied_weights"] = tied
     if not engine.zero_optimization():
         names = {id(p): n for n, p in module.named_parameters()}
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -369,12 +374,13 @@ def load_checkpoint(engine, args, config) -> Tuple[int, int]:
     tag = os.path.basename(step_dir)
     iteration = int(meta.get("iteration", 0))
     if same_layout:
-        load_path, _ = engine.load_checkpoint(load, tag=tag, load_module_strict=True,
+        load_path, client_state = engine.load_checkpoint(load, tag=tag, load_module_strict=True,
                                               load_optimizer_states=load_optim,
                                               load_lr_scheduler_states=not finetune,
                                               load_module_only=finetune)
         if load_path is None:
             raise CheckpointFormatError(f"DeepSpeed could not load {step_dir}")
+        _restore_tied_weights(engine, (client_state or {}).get(CLIENT_STATE_KEY, {}), load_optim, step_dir)
         how = "DeepSpeed files at the same layout"
     else:
         what = (f"a {meta.get('kind')} checkpoint" if meta.get("kind") != files.KIND_DEEPSPEED else
@@ -413,6 +419,21 @@ def load_checkpoint(engine, args, config) -> Tuple[int, int]:
          + (" [--finetune: weights only, iteration 0]" if finetune else "")
          + (" [--no-load-optim]" if not load_optim and not finetune else ""))
     return iteration, consumed
+
+
+def _restore_tied_weights(engine, client: Dict[str, Any], load_optim: bool, step_dir: str) -> None:
+    """Put back the pipeline's tied weights (DeepSpeed's layer files do not hold them)."""
+    tied = client.get("tied_weights") or {}
+    params = dict(engine.module.named_parameters())
+    wanted = [n for n in params if n.startswith("tied_modules.")]
+    missing = [n for n in wanted if n not in tied]
+    if missing:
+        raise CheckpointFormatError(f"{step_dir}: the pipeline's tied weights {missing} are not in the checkpoint")
+    with torch.no_grad():
+        for name in wanted:
+            params[name].data.copy_(tied[name].to(params[name].dtype))
+    if wanted and engine.zero_optimization() and not load_optim and hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()  # the fp32 masters were taken from the (stale) weights
 
 
 def _optimizer_base(engine):
