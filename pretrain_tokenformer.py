@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     device = engine_lib.get_device(env.local_rank)
+    if device.type == "cpu":
+        engine_lib.skip_cpu_shm_comm_build()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
 

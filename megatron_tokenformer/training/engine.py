@@ -50,6 +50,23 @@ def apex_available() -> bool:
     return True
 
 
+def skip_cpu_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op at ``init_distributed``.
+
+    On CPU, DeepSpeed 0.19's torch backend builds ``deepspeed_shm_comm`` (a C++ extension, 30-90 s
+    of compiling on a small machine, redone whenever a different ``ninja`` runs the build) although
+    only ``inference_all_reduce`` uses it; training never does. Marking it incompatible makes the
+    backend skip it (``build_shm_op`` returns None). Call before ``deepspeed.init_distributed``.
+    """
+    try:
+        import deepspeed.ops
+        compatible = deepspeed.ops.__compatible_ops__
+        if isinstance(compatible, dict):
+            compatible["deepspeed_shm_comm"] = False
+    except Exception:  # pragma: no cover - another DeepSpeed layout: building the op is harmless
+        pass
+
+
 # --------------------------------------------------------------------------- model
 
 

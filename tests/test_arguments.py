@@ -1,0 +1,176 @@
+"""pretrain_tokenformer.py's flags: derived values, and one clear error for every impossible combination,
+raised before any process group exists (so no rank waits for another)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_tokenformer.arguments import ArgumentError, build_parser, parse_args, validate_args
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "training"))
+import train_runs  # noqa: E402
+
+BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "2", "--train-iters", "10", "--lr", "1e-3", "--mock-data", "--vocab-size", "100"]
+
+
+def validated(extra, world_size):
+    return validate_args(parse_args(BASE + list(extra)), world_size)
+
+
+def error_of(extra, world_size):
+    with pytest.raises(ArgumentError) as info:
+        validated(extra, world_size)
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------- derived values
+
+
+def test_gradient_accumulation_and_data_parallel_size_are_derived():
+    args = validated(["--tensor-model-parallel-size", "2", "--global-batch-size", "16"], world_size=4)
+    assert args.data_parallel_size == 2
+    assert args.gradient_accumulation_steps == 16 // (2 * 2)
+    args = validated([], world_size=4)  # global batch defaults to micro-batch x DP
+    assert args.global_batch_size == 2 * 4 and args.gradient_accumulation_steps == 1
+
+
+def test_tokenformer_defaults_and_warmup_fraction():
+    args = validated(["--lr-warmup-fraction", "0.25"], world_size=1)
+    assert (args.qkv_num_param_tokens, args.proj_num_param_tokens, args.ffn_num_param_tokens) == (64, 64, 256)
+    assert args.max_position_embeddings == 32
+    assert args.lr_decay_iters == 10 and args.lr_warmup_iters == 2
+    assert args.tokenizer_type == "NullTokenizer"
+
+
+def test_explicit_flags_are_recorded():
+    args = parse_args(BASE + ["--seed", "7", "--bf16"])
+    assert {"num_layers", "seed", "bf16", "lr", "mock_data"} <= args._explicit
+    assert "hidden_size" in args._explicit and "rotary_percent" not in args._explicit
+    assert "zero_stage" not in args._explicit
+
+
+# ----------------------------------------------------------------------------- one clear error each
+
+
+def test_global_batch_not_divisible():
+    msg = error_of(["--global-batch-size", "10"], world_size=4)  # micro 2 x DP 4 = 8
+    assert "--global-batch-size (10)" in msg and "--micro-batch-size (2)" in msg and "8" in msg
+
+
+def test_tp_times_pp_must_divide_world():
+    msg = error_of(["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], world_size=6)
+    assert "--tensor-model-parallel-size (2)" in msg and "--pipeline-model-parallel-size (2)" in msg
+    assert "world size (6 ranks)" in msg
+
+
+def test_layers_not_divisible_by_pipeline_stages():
+    msg = error_of(["--pipeline-model-parallel-size", "3"], world_size=3)
+    assert "--num-layers (4)" in msg and "--pipeline-model-parallel-size (3)" in msg
+
+
+def test_zero2_with_pipeline_is_refused():
+    msg = error_of(["--zero-stage", "2", "--pipeline-model-parallel-size", "2"], world_size=2)
+    assert "--zero-stage 2" in msg and "--zero-stage 1" in msg
+
+
+def test_seq_length_over_max_positions():
+    msg = error_of(["--max-position-embeddings", "16"], world_size=1)
+    assert "--seq-length (32)" in msg and "--max-position-embeddings (16)" in msg
+
+
+@pytest.mark.parametrize("extra, world, needle", [
+    (["--fp16", "--bf16"], 1, "--fp16 and --bf16"),
+    (["--lr-warmup-iters", "2", "--lr-warmup-fraction", "0.1"], 1, "--lr-warmup-iters or --lr-warmup-fraction"),
+    (["--tensor-model-parallel-size", "8"], 8, "--num-attention-heads (4)"),
+    (["--tensor-model-parallel-size", "4", "--ffn-num-param-tokens", "6"], 4, "--ffn-num-param-tokens (6)"),
+    (["--min-lr", "1"], 1, "--min-lr"),
+    (["--fp16", "--initial-loss-scale", "1000"], 1, "--initial-loss-scale"),
+    (["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (["--lr-warmup-iters", "20"], 1, "--lr-warmup-iters (20)"),
+])
+def test_other_bad_combinations(extra, world, needle):
+    assert needle in error_of(extra, world)
+
+
+def test_missing_required_flags_and_files(tmp_path):
+    with pytest.raises(ArgumentError, match="--lr is required"):
+        validate_args(parse_args([a for a in BASE if a not in ("--lr", "1e-3")]), 1)
+    no_data = [a for a in BASE if a != "--mock-data"]
+    with pytest.raises(ArgumentError, match="--data-path"):
+        validate_args(parse_args(no_data), 1)
+    missing = str(tmp_path / "corpus_text_document")
+    with pytest.raises(ArgumentError, match="corpus_text_document.bin not found"):
+        validate_args(parse_args(no_data + ["--data-path", missing]), 1)
+    with pytest.raises(ArgumentError, match="--tokenizer-model .*no such file"):
+        validate_args(parse_args(BASE + ["--tokenizer-model", str(tmp_path / "none.model")]), 1)
+
+
+def test_argparse_rejects_unknown_values():
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--lr-decay-style", "exponential"])
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--zero-stage", "3"])
+
+
+# ----------------------------------------------------------------------------- DeepSpeed JSON
+
+
+def test_deepspeed_json_fills_flags_not_given(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 16, "gradient_clipping": 0.25, "bf16": {"enabled": True},
+                                "zero_optimization": {"stage": 2, "reduce_bucket_size": 1000000}}))
+    args = validated(["--deepspeed_config", str(path)], world_size=2)
+    assert args.global_batch_size == 16 and args.gradient_accumulation_steps == 4
+    assert args.clip_grad == 0.25 and args.bf16 and args.zero_stage == 2
+    from megatron_tokenformer.training.engine import build_deepspeed_config
+    cfg = build_deepspeed_config(args)
+    assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000000}
+    assert cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 2 == cfg["train_batch_size"]
+
+
+def test_deepspeed_json_contradicting_an_explicit_flag(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    msg = error_of(["--deepspeed_config", str(path), "--zero-stage", "1"], world_size=1)
+    assert "--zero-stage 1" in msg and "zero_optimization.stage = 2" in msg
+    path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    assert '"optimizer" section' in error_of(["--deepspeed_config", str(path)], world_size=1)
+    path.write_text("{not json")
+    assert "not valid JSON" in error_of(["--deepspeed_config", str(path)], world_size=1)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_help_is_grouped():
+    text = build_parser().format_help()
+    for title in ("model architecture", "tokenformer (Pattention)", "training", "optimizer and learning rate",
+                  "mixed precision", "parallelism", "data and tokenizer", "checkpointing",
+                  "logging and evaluation", "deepspeed"):
+        assert f"\n{title}:" in text, title
+    out = train_runs.check_ok(train_runs.run([sys.executable, train_runs.SCRIPT, "--help"], timeout=60))
+    assert "--tensor-model-parallel-size" in out and "--qkv-num-param-tokens" in out
+
+
+def test_cli_error_is_one_line_and_exit_code_2():
+    result = train_runs.run([sys.executable, train_runs.SCRIPT] + BASE + ["--global-batch-size", "3"], timeout=60)
+    assert result.returncode == 2
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines == ["pretrain_tokenformer.py: error: --global-batch-size (3) must be a multiple of "
+                     "--micro-batch-size (2) x data-parallel size (1 = 1 ranks / (TP 1 x PP 1)) = 2"]
+
+
+@pytest.mark.slow
+def test_bad_layout_under_torchrun_fails_fast_with_one_message():
+    """2 ranks, TP = 4: every rank refuses before init_process_group; the message is printed once."""
+    cmd = train_runs.torchrun(2, BASE + ["--tensor-model-parallel-size", "4"])
+    result = train_runs.run(cmd, timeout=90)
+    assert result.returncode != 0
+    needle = "pretrain_tokenformer.py: error: --tensor-model-parallel-size (4) x --pipeline-model-parallel-size (1)"
+    assert result.stdout.count(needle) == 1, result.stdout[-3000:]
+    # no Python traceback from the ranks (torchrun adds its own failure report)
+    assert 'pretrain_tokenformer.py", line' not in result.stdout

@@ -1,0 +1,210 @@
+"""Rank discovery (megatron_tokenformer/launch.py) and every supported launcher starting a real run of
+pretrain_tokenformer.py: deepspeed (--num_gpus and --hostfile), torchrun, mpirun, srun, and the CPU
+Slurm batch script under sbatch on the local cluster from ../shared/slurm (skipped, with the
+reason, where that cluster cannot be started).
+
+Every launcher runs the same tiny model and global batch, so each must reproduce the single-process
+run's losses -- a wrong rank, world size or data-parallel slice would change them (or hang, which the
+timeouts turn into failures)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from megatron_tokenformer import launch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "training"))
+import train_runs  # noqa: E402
+
+ITERS = 3
+ARGS = train_runs.TINY_MODEL + ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(ITERS),
+                                "--lr", "1e-3", "--mock-data", "--vocab-size", "100", "--log-interval", "1",
+                                "--eval-iters", "0", "--seed", "5"]
+SLURM_DIR = os.path.join(os.path.dirname(train_runs.ROOT), "shared", "slurm")
+
+
+# ----------------------------------------------------------------------------- unit: discovery
+
+
+@pytest.mark.parametrize("nodelist, expected", [
+    ("vm", ["vm"]),
+    ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+    ("a[1-2],b,c[9-10]", ["a1", "a2", "b", "c9", "c10"]),
+    ("rack[1-2]-n[3-4]", ["rack1-n3", "rack1-n4", "rack2-n3", "rack2-n4"]),
+    ("node[008-010]", ["node008", "node009", "node010"]),
+])
+def test_expand_nodelist(nodelist, expected):
+    assert launch.expand_nodelist(nodelist) == expected
+
+
+def test_discover_from_torchrun_or_deepspeed_variables():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "6000",
+           "LOCAL_WORLD_SIZE": "2"}
+    d = launch.discover(env)
+    assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.master_port, d.launcher, d.local_world_size) == \
+        (3, 8, 1, "10.0.0.5", 6000, "env", 2)
+
+
+def test_discover_inside_an_srun_step():
+    env = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16", "SLURM_NTASKS": "16",
+           "SLURM_LOCALID": "5", "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "gpu[12-13]",
+           "SLURM_JOB_ID": "4242", "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}
+    d = launch.discover(env)
+    assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.launcher, d.local_world_size) == \
+        (5, 16, 5, "gpu12", "slurm", 8)
+    assert d.master_port == 15000 + (4242 * 7 + 0) % 45000
+    exported = {}
+    launch.export(d, exported)
+    assert exported == {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "MASTER_ADDR": "gpu12",
+                        "MASTER_PORT": str(d.master_port)}
+
+
+def test_batch_script_itself_is_a_single_process():
+    """sbatch's batch step sets SLURM_PROCID/SLURM_NTASKS but is one process: not an srun step."""
+    d = launch.discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"})
+    assert (d.rank, d.world_size, d.launcher) == (0, 1, "single")
+
+
+def test_bad_rank_is_refused():
+    with pytest.raises(ValueError, match="rank 4 is outside world size 4"):
+        launch.discover({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_cpu_threads_shared_between_local_ranks():
+    d = launch.DistributedEnv(0, 2, 0, "127.0.0.1", 1, "slurm", local_world_size=2)
+    environ = {}
+    threads = launch.configure_cpu_threads(d, environ)
+    assert threads == max(1, len(os.sched_getaffinity(0)) // 2) and environ["OMP_NUM_THREADS"] == str(threads)
+    assert launch.configure_cpu_threads(d, {"OMP_NUM_THREADS": "3"}) == 3
+
+
+def _mpirun():
+    exe = shutil.which("mpirun")
+    if exe is None:
+        pytest.skip("mpirun (OpenMPI) is not installed")
+    cmd = [exe, "--oversubscribe", "-np", "2"]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    return cmd
+
+
+def test_mpi_discovery_through_mpi4py(tmp_path):
+    code = ("import sys; from megatron_tokenformer import launch; d = launch.discover(); "
+            "open(sys.argv[1] + '/rank%d' % d.rank, 'w').write("
+            "' '.join(map(str, (d.rank, d.world_size, d.local_rank, d.master_addr, d.master_port, d.launcher))))")
+    train_runs.check_ok(train_runs.run(_mpirun() + [sys.executable, "-c", code, str(tmp_path)], timeout=60))
+    rows = [(tmp_path / f"rank{r}").read_text().split() for r in range(2)]
+    assert [r[:3] for r in rows] == [["0", "2", "0"], ["1", "2", "1"]]
+    assert rows[0][3:] == rows[1][3:] and rows[0][5] == "mpi"  # same master address and port
+
+
+# ----------------------------------------------------------------------------- launchers: real runs
+
+
+@pytest.fixture(scope="module")
+def reference_losses():
+    out = train_runs.check_ok(train_runs.run(train_runs.torchrun(1, ARGS), timeout=120))
+    return [r["lm loss"] for r in train_runs.parse_iterations(out)]
+
+
+def _check_run(out, reference, launcher, world):
+    assert f"> launcher: {launcher}, world size {world} " in out, out[-3000:]
+    losses = [r["lm loss"] for r in train_runs.parse_iterations(out)]
+    assert losses == pytest.approx(reference, rel=1e-4)
+    assert len(losses) == ITERS
+
+
+pytestmark = pytest.mark.slow
+
+
+def test_torchrun_four_ranks(reference_losses):
+    out = train_runs.check_ok(train_runs.run(train_runs.torchrun(4, ARGS + train_runs.layout_args(2, 1)),
+                                             timeout=180))
+    _check_run(out, reference_losses, "env", 4)
+
+
+def _deepspeed():
+    exe = shutil.which("deepspeed", path=train_runs.VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+    assert exe, "the deepspeed launcher (installed with deepspeed) is missing"
+    return exe
+
+
+def test_deepspeed_launcher_num_gpus(reference_losses):
+    cmd = [_deepspeed(), "--num_gpus", "2", "--master_port", str(train_runs.free_port()), train_runs.SCRIPT] + ARGS
+    _check_run(train_runs.check_ok(train_runs.run(cmd, timeout=180)), reference_losses, "env", 2)
+
+
+def test_deepspeed_launcher_hostfile(reference_losses, tmp_path):
+    """--hostfile as on a cluster; --no_ssh/--node_rank is how one node of a multi-node job starts
+    (the Slurm GPU script runs exactly this on every node), here with a one-host file."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    cmd = [_deepspeed(), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1",
+           "--master_port", str(train_runs.free_port()), train_runs.SCRIPT] + ARGS + train_runs.layout_args(1, 2)
+    _check_run(train_runs.check_ok(train_runs.run(cmd, timeout=180)), reference_losses, "env", 2)
+
+
+def test_mpirun(reference_losses):
+    cmd = _mpirun() + ["-x", "PYTHONPATH", sys.executable, train_runs.SCRIPT] + ARGS + train_runs.layout_args(2, 1)
+    out = train_runs.check_ok(train_runs.run(cmd, timeout=180, extra_env={"OMP_NUM_THREADS": ""}))
+    _check_run(out, reference_losses, "mpi", 2)
+
+
+# ----------------------------------------------------------------------------- Slurm
+
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """The one-node cluster of ../shared/slurm: started here (and stopped afterwards) unless already up."""
+    start = os.path.join(SLURM_DIR, "start-local-slurm.sh")
+    stop = os.path.join(SLURM_DIR, "stop-local-slurm.sh")
+    if not os.path.isfile(start):
+        pytest.skip(f"no local Slurm cluster scripts at {SLURM_DIR} (../shared/slurm next to the repository)")
+    started_here = False
+    if not _slurm_up():
+        if os.geteuid() != 0:
+            pytest.skip("starting the local Slurm cluster needs root")
+        result = subprocess.run(["bash", start], capture_output=True, text=True, timeout=300)
+        if result.returncode != 0 or not _slurm_up():
+            pytest.skip(f"the local Slurm cluster did not start: {(result.stdout + result.stderr)[-800:]}")
+        started_here = True
+    yield
+    if started_here:
+        subprocess.run(["bash", stop], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slurm
+def test_srun(slurm_cluster, reference_losses):
+    cmd = ["srun", "-n", "2", "--kill-on-bad-exit=1", sys.executable, train_runs.SCRIPT] + ARGS \
+        + train_runs.layout_args(1, 1)
+    out = train_runs.check_ok(train_runs.run(cmd, timeout=180, extra_env={"OMP_NUM_THREADS": ""}))
+    _check_run(out, reference_losses, "slurm", 2)
+
+
+@pytest.mark.slurm
+def test_cpu_batch_script_under_sbatch(slurm_cluster, tmp_path):
+    log = tmp_path / "job.out"
+    script = os.path.join(train_runs.ROOT, "examples", "slurm", "pretrain_cpu.sbatch")
+    cmd = ["sbatch", "--wait", "--time=10", "-o", str(log),
+           f"--export=ALL,PYTHON={sys.executable},REPO={train_runs.ROOT},TRAIN_ITERS=10", script]
+    result = train_runs.run(cmd, timeout=300, cwd=str(tmp_path))
+    text = log.read_text() if log.exists() else ""
+    assert result.returncode == 0, result.stdout + text[-4000:]
+    assert "> launcher: slurm, world size 2 = TP 2 x PP 1 x DP 1" in text, text[-3000:]
+    rows = train_runs.parse_iterations(text)
+    assert [r["iteration"] for r in rows] == [5, 10]
+    assert all(r["number of nan iterations"] == 0 for r in rows)
+    assert "> done: iteration 10" in text
