@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", required=True, help="new checkpoint directory (must not exist or be empty)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     g.add_argument("--dry-run", action="store_true", help="print the plan (every tensor, shapes, bytes); write nothing")
+    g.add_argument("--no-fsync", action="store_true",
+                   help="do not fsync the written files (faster; not durable against a machine crash)")
     g = p.add_argument_group("target layout (default: the source's)")
     g.add_argument("--target-tensor-model-parallel-size", type=_positive_int, default=None)
     g.add_argument("--target-pipeline-model-parallel-size", type=_positive_int, default=None)

@@ -7,12 +7,17 @@ the (grown) model config, the training state and an ``expansion_report.json``; t
 at the target layout through :func:`~.io.load_checkpoint`'s resharding path.
 
 Memory: one tensor at a time. For each parameter and each key (fp32 master, exp_avg, exp_avg_sq)
-the full tensor is assembled from the source fragments (pread, no file mapped), grown if asked,
-written and fsynced, and dropped before the next. Peak memory is about 2x the largest full tensor
-(source copy + grown copy) plus the interpreter.
+the target file is laid out by ``torch.save`` with its data left as a hole, the source fragments
+are copied into it file-to-file (``copy_file_range``: no user-space copy), the new rows of a grown
+tensor are written in place (random values; zeros stay holes), and the file is fsynced. Only the
+new random rows are ever in memory. Where bytes cannot be copied as they are (a partition
+dimension other than 0, a non-fp32 source), the full tensor is assembled with ``pread`` and saved:
+about 2x the largest full tensor. Either way memory does not grow with the model.
 
-Crash safety: everything is written below ``<save>.partial-<pid>/`` and renamed to ``<save>`` at
-the very end; any error before that leaves ``<save>`` untouched (nothing half-written).
+Crash safety: everything is written below ``<save>.partial-<pid>/``, fsynced, and renamed to
+``<save>`` at the very end; any error before that leaves ``<save>`` untouched (nothing
+half-written). ``no_fsync`` skips the fsyncs (faster on a scratch disk; a machine crash right after
+the tool returns can then lose data the rename already published).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class ExpandOptions:
     reset_iteration: bool = False
     dry_run: bool = False
     overwrite: bool = False
+    no_fsync: bool = False
     # Net2Net width growth of a --model-type transformer checkpoint (checkpointing/net2net.py)
     hidden_size: Optional[int] = None
     ffn_hidden_size: Optional[int] = None
@@ -210,13 +216,18 @@ def expand_checkpoint(opts: ExpandOptions, log: Callable[[str], None] = print) -
         partial_step = os.path.join(staging, tag + files.PARTIAL_SUFFIX)
         try:
             os.makedirs(partial_step)
-            writer = CanonicalWriter(partial_step)
+            writer = CanonicalWriter(partial_step, fsync=not opts.no_fsync)
             done = 0
+            plan_parts = getattr(grown, "plan_parts", None)
             for name in grown.params:
                 for key in grown.keys:
-                    tensor = grown.read(name, key)
-                    writer.write(name, key, tensor)
-                    del tensor
+                    parts = plan_parts(name, key) if plan_parts is not None else None
+                    if parts is not None:   # byte-for-byte copies + the new rows: nothing materialised
+                        writer.write_parts(name, key, tuple(grown.params[name].shape), *parts)
+                    else:
+                        tensor = grown.read(name, key)
+                        writer.write(name, key, tensor)
+                        del tensor
                 done += 1
             ts = _training_state(view, grown, opts.reset_iteration)
             report = {
@@ -249,7 +260,7 @@ def expand_checkpoint(opts: ExpandOptions, log: Callable[[str], None] = print) -
             report["peak_rss_bytes"] = peak_rss_bytes()
             files.write_json(os.path.join(partial_step, files.REPORT_FILE), report)
             writer.finish(meta)
-            files.publish_step_dir(partial_step, os.path.join(staging, tag))
+            files.publish_step_dir(partial_step, os.path.join(staging, tag), fsync=not opts.no_fsync)
             files.update_latest(staging, tag)
             files.fsync_dir(staging)
             # swap the staging folder in

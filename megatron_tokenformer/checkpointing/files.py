@@ -115,9 +115,10 @@ def jsonable(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- publishing and listing
-def publish_step_dir(partial_dir: str, final_dir: str) -> None:
+def publish_step_dir(partial_dir: str, final_dir: str, fsync: bool = True) -> None:
     """fsync ``partial_dir`` and rename it to ``final_dir`` (replacing an older folder of that name)."""
-    fsync_tree(partial_dir)
+    if fsync:
+        fsync_tree(partial_dir)
     parent = os.path.dirname(os.path.abspath(final_dir))
     if os.path.exists(final_dir):
         # Same step saved again (e.g. after --finetune): move the old one aside first.

@@ -254,6 +254,35 @@ class GrownView:
             tail.zero_()
         return out
 
+    def plan_parts(self, name: str, key: str = FP32):
+        """How to write ``read(name, key)`` without building it: ``(copies, fills)`` for
+        :meth:`~.reshard.CanonicalWriter.write_parts`, or None (then use :meth:`read`).
+
+        Old rows are copied byte for byte from the source files; new random value rows are the
+        fills; zero rows (new keys, new moments, identity blocks' values) are left as holes.
+        """
+        entry = self.params[name]
+        src = self._source[name]
+        if key != FP32 and key not in self.state_keys:
+            raise KeyError(f"{name}: no optimizer state {key!r} (reset_optimizer={self.plan.reset_optimizer})")
+        if src is None:
+            tensor = self._new_block_tensor(name, entry, key)
+            return ([], [] if not torch.count_nonzero(tensor) else [(0, tensor.view(-1))])
+        old = self.view.params[src]
+        copies = self.view.flat_sources(src, key, 0, old.numel())
+        if copies is None:
+            return None
+        fills = []
+        if tuple(old.shape) != tuple(entry.shape):
+            kind, kv = pattention_kind(name)
+            if key == FP32 and kv == "value" and self.plan.new_value_std > 0:
+                extra = entry.shape[0] - old.shape[0]
+                tail = torch.empty((extra,) + tuple(entry.shape[1:]), dtype=torch.float32)
+                layer_number = int(name.split(".")[1]) + 1
+                tail.normal_(0.0, self.plan.new_value_std, generator=self._generator(name, layer_number, name))
+                fills.append((old.numel(), tail.view(-1)))
+        return copies, fills
+
     def _new_block_tensor(self, name: str, entry: ParamEntry, key: str) -> torch.Tensor:
         if key != FP32:
             return torch.zeros(entry.shape, dtype=torch.float32)

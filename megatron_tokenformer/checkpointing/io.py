@@ -192,9 +192,9 @@ def _versions() -> Dict[str, str]:
     out = {"torch": torch.__version__, "megatron_tokenformer": megatron_tokenformer.__version__,
            "python": sys.version.split()[0]}
     try:
-        import deepspeed
-        out["deepspeed"] = deepspeed.__version__
-    except ImportError:
+        from importlib.metadata import version
+        out["deepspeed"] = version("deepspeed")
+    except Exception:  # noqa: BLE001 - not installed / no metadata
         pass
     return out
 

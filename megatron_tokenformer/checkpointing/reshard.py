@@ -29,6 +29,7 @@ re-padded for the target TP), reading only that slice's bytes where the partitio
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -232,6 +233,36 @@ class CheckpointView:
         valid_stop = min(stop, entry.shape[0])
         if valid_stop > start:
             self.read_rows(name, key, start, valid_stop, out=out[:valid_stop - start])
+        return out
+
+    def flat_sources(self, name: str, key: str, lo: int, hi: int) -> Optional[List[Tuple[int, int, int, int]]]:
+        """Where elements [lo, hi) of the flattened full tensor lie on disk, for a byte-for-byte copy.
+
+        Returns ``[(file descriptor, file offset, nbytes, output byte offset), ...]`` (output offsets
+        relative to element ``lo``), or None when the bytes cannot be copied as they are (a dtype
+        conversion, or a partition dimension other than 0).
+        """
+        entry = self._entry(name)
+        if entry.partition_dim not in (None, 0):
+            return None
+        out: List[Tuple[int, int, int, int]] = []
+        base = 0
+        for local in self._local_list(name, key):
+            n = local.numel()
+            a, b = max(lo, base), min(hi, base + n)
+            if a < b:
+                for f in local.fragments:
+                    fa, fb = max(a - base, f.start), min(b - base, f.start + f.numel)
+                    if fa >= fb:
+                        continue
+                    if f.source.dtype != torch.float32:
+                        return None
+                    tfile = f.source.storage.file
+                    offset = tfile.byte_offset(f.source, f.source_start + (fa - f.start))
+                    out.append((tfile.fileno(), offset, (fb - fa) * 4, (base + fa - lo) * 4))
+            base += n
+            if base >= hi:
+                break
         return out
 
     def close(self) -> None:
@@ -515,11 +546,13 @@ class CanonicalWriter:
     """Writes a ``canonical`` step folder: one file per (parameter, key), then the metadata.
 
     Used as: ``w = CanonicalWriter(partial_dir)``; ``w.write(name, key, tensor)`` for every parameter
-    and key; ``w.finish(meta)`` writes the metadata. Each tensor file is fsynced when written.
+    and key; ``w.finish(meta)`` writes the metadata. Each tensor file is fsynced when written
+    (``fsync=False``: left to the operating system).
     """
 
-    def __init__(self, step_dir: str):
+    def __init__(self, step_dir: str, fsync: bool = True):
         self.step_dir = step_dir
+        self.fsync = fsync
         self.root = os.path.join(step_dir, files.CANONICAL_DIR)
         os.makedirs(self.root, exist_ok=True)
         self.bytes_written = 0
@@ -529,14 +562,82 @@ class CanonicalWriter:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{key}.pt")
         tensor = tensor.detach().contiguous()
-        with open(path, "wb") as f:
+        with open(path, "wb") as f, _no_zip_crc():
             torch.save(tensor, f)
-            f.flush()
-            os.fsync(f.fileno())
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
         self.bytes_written += tensor.numel() * tensor.element_size()
+
+    def write_parts(self, name: str, key: str, shape: Tuple[int, ...], copies: List[Tuple[int, int, int, int]],
+                    fills: List[Tuple[int, torch.Tensor]]) -> None:
+        """Write a float32 tensor of ``shape`` without materialising it: the file is laid out by
+        ``torch.save`` with its data left as a hole (zeros), then ``copies`` (``(fd, offset, nbytes,
+        output byte offset)``, from :meth:`CheckpointView.flat_sources`) are copied file-to-file
+        with ``copy_file_range`` and ``fills`` (``(output element offset, tensor)``) written in place.
+        Regions covered by neither stay zero."""
+        folder = os.path.join(self.root, name)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{key}.pt")
+        placeholder = torch.empty(shape, dtype=torch.float32)  # never touched: no memory is used
+        with open(path, "wb") as f, _no_zip_crc(), torch.serialization.skip_data():
+            torch.save(placeholder, f)
+        data_offset = int(torch._C.PyTorchFileReader(path).get_record_offset("data/0"))
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for src_fd, src_off, nbytes, out_off in copies:
+                _copy_range(src_fd, src_off, fd, data_offset + out_off, nbytes)
+            for elem, tensor in fills:
+                view = memoryview(tensor.detach().to(torch.float32).contiguous().view(torch.uint8).numpy())
+                pos, done = data_offset + elem * 4, 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:done + (1 << 30)], pos + done)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.bytes_written += int(math.prod(shape)) * 4
 
     def finish(self, meta: Dict[str, Any]) -> None:
         files.write_json(os.path.join(self.step_dir, files.META_FILE), meta)
+
+
+def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int) -> None:
+    """Copy bytes between files in the kernel (copy_file_range), falling back to pread/pwrite."""
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range")
+    while done < nbytes:
+        chunk = min(nbytes - done, 1 << 30)
+        n = 0
+        if use_kernel:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, chunk, src_off + done, dst_off + done)
+            except OSError:
+                use_kernel = False
+        if not use_kernel:
+            data = os.pread(src_fd, min(chunk, 64 << 20), src_off + done)
+            n = os.pwrite(dst_fd, data, dst_off + done) if data else 0
+        if n <= 0:
+            raise CheckpointFormatError(f"short copy: {nbytes - done} bytes could not be read from a source file")
+        done += n
+
+
+@contextlib.contextmanager
+def _no_zip_crc():
+    """torch.save without the zip CRC32 of the data (5x faster on large tensors; torch.load and
+    :class:`~.tensor_file.TorchFile` do not need it). A no-op on torch versions without the switch."""
+    try:
+        from torch.utils.serialization import config
+        save_config = config.save
+        old = save_config.compute_crc32
+    except (ImportError, AttributeError):
+        yield
+        return
+    save_config.compute_crc32 = False
+    try:
+        yield
+    finally:
+        save_config.compute_crc32 = old
 
 
 def copy_if_exists(src: str, dst: str) -> bool:

@@ -117,11 +117,38 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
     return data
 
 
+class _Opaque:
+    """Stand-in for a small record class of another library (e.g. DeepSpeed's ``fragment_address``,
+    ``DynamicLossScaler``, ``ZeroStageEnum``): keeps the pickled state as attributes (``args`` for
+    constructor arguments) without importing that library."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.__dict__["args"] = args
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slots state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.__dict__})"
+
+
+_OPAQUE_CLASSES: Dict[tuple, type] = {}
+
+
 class _LazyUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, file: "TorchFile"):
+    def __init__(self, data: bytes, file: "TorchFile", opaque_modules=("deepspeed",)):
         super().__init__(io.BytesIO(data))
         self._file = file
         self._storages: Dict[str, _LazyStorage] = {}
+        self._opaque = tuple(opaque_modules)
 
     def find_class(self, module, name):
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
@@ -133,6 +160,11 @@ class _LazyUnpickler(pickle.Unpickler):
                 raise ValueError(f"{self._file.path}: tensors rebuilt with torch._utils.{name} "
                                  "(sparse/quantized/subclass tensors) are not supported")
             return unsupported
+        if module.split(".")[0] in self._opaque and module not in sys.modules:
+            key = (module, name)
+            if key not in _OPAQUE_CLASSES:
+                _OPAQUE_CLASSES[key] = type(name, (_Opaque,), {"__module__": f"opaque:{module}"})
+            return _OPAQUE_CLASSES[key]
         return super().find_class(module, name)
 
     def persistent_load(self, saved_id):
@@ -155,7 +187,9 @@ class TorchFile:
     """A ``torch.save`` zip file opened for lazy reading.
 
     ``obj``: the saved object with every tensor a :class:`LazyTensor`. Call :meth:`close` (or use
-    as a context manager) to release the file descriptor.
+    as a context manager) to release the file descriptor. Classes of DeepSpeed's (ZeRO's fragment
+    addresses, loss scalers) are read as plain attribute holders unless DeepSpeed is already
+    imported, so reading a checkpoint does not pay for importing DeepSpeed.
     """
 
     def __init__(self, path: str):
@@ -178,6 +212,14 @@ class TorchFile:
         except Exception:
             self.close()
             raise
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def byte_offset(self, tensor: "LazyTensor", element: int = 0) -> int:
+        """Absolute file offset of element ``element`` of the flattened (contiguous) ``tensor``."""
+        tensor._check_contiguous()
+        return self._record_offset(tensor.storage.key) + (tensor.offset + element) * _element_size(tensor.dtype)
 
     def _record_offset(self, key: str) -> int:
         if key not in self._offsets:
