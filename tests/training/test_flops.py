@@ -1,0 +1,47 @@
+"""The FLOPs formula (training/flops.py, DESIGN.md §6) against torch's own FLOP counter on the model."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from megatron_tokenformer.config import TokenformerConfig
+from megatron_tokenformer.model import TokenformerLM
+from megatron_tokenformer.training.flops import (forward_flops_per_token, peak_tflops_for_device,
+                                                 training_flops_per_token)
+
+
+def test_forward_flops_match_torch_flop_counter():
+    """torch counts every matmul of the real forward pass: the Pattentions' X K^T and S V and the logits.
+    Its counter does not see inside CPU's fused attention kernel, so the token-token part is counted on
+    the plain matmul form of the same attention (Q K^T and P V over all T positions: the causal mask does
+    not reduce the math, and the formula does not halve it)."""
+    cfg = TokenformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=24, vocab_size=200,
+                            qkv_num_param_tokens=16, proj_num_param_tokens=8, ffn_num_param_tokens=48)
+    model = TokenformerLM(cfg, seed=3)
+    batch, T, d, heads = 2, 24, 32, 4
+    ids = torch.randint(0, 200, (batch, T))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids)
+    q = k = v = torch.randn(batch, heads, T, d // heads)
+    with FlopCounterMode(display=False) as attention, torch.no_grad():
+        torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+    measured = counter.get_total_flops() + cfg.num_layers * attention.get_total_flops()
+    predicted = forward_flops_per_token(2, d, T, cfg.padded_vocab_size(1), 16, 8, 48) * batch * T
+    assert measured == pytest.approx(predicted, rel=1e-9)
+
+
+def test_training_flops_multipliers():
+    cfg = TokenformerConfig(num_layers=3, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=256,
+                            qkv_num_param_tokens=64, proj_num_param_tokens=64, ffn_num_param_tokens=256)
+    d, T, V, L = 64, 32, 256, 3
+    fwd = L * (4 * d * (3 * 64 + 64 + 256) + 4 * T * d) + 2 * d * V
+    assert training_flops_per_token(cfg, V) == 3 * fwd
+    cfg.checkpoint_activations = True
+    assert training_flops_per_token(cfg, V) == 4 * fwd  # hardware FLOPs include the recomputed forward
+    assert training_flops_per_token(cfg, V, hardware=False) == 3 * fwd  # model FLOPs, for MFU
+
+
+def test_peak_tflops():
+    assert peak_tflops_for_device(123.0) == 123.0
+    if not torch.cuda.is_available():
+        assert peak_tflops_for_device(None) is None  # CPU: MFU reported as n/a
