@@ -441,16 +441,17 @@ class CheckpointView:
         keys: Optional[List[str]] = None
         for d in range(dp):
             path = os.path.join(self.step_dir, f"zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt")
-            if not os.path.isfile(path):
+            if not os.path.isfile(path):  # DeepSpeed names the shards of a bf16 run bf16_zero_pp_rank_...
                 alt = os.path.join(self.step_dir, f"bf16_zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt")
-                if os.path.isfile(alt):
-                    raise CheckpointFormatError(f"{alt}: DeepSpeed's BF16_Optimizer (bf16 without ZeRO) checkpoints "
-                                                "are not supported by the resharding path; train with --zero-stage 1")
-                raise CheckpointFormatError(f"missing ZeRO shard {path} (the layout says data_parallel_size={dp})")
+                if not os.path.isfile(alt):
+                    raise CheckpointFormatError(f"missing ZeRO shard {path} (the layout says data_parallel_size={dp})")
+                path = alt
             zf = self._open(path)
             osd = zf.obj.get("optimizer_state_dict") if isinstance(zf.obj, dict) else None
-            if not isinstance(osd, dict) or "param_slice_mappings" not in osd:
-                raise CheckpointFormatError(f"{path}: not a DeepSpeed ZeRO-1/2 optimizer shard")
+            if not isinstance(osd, dict) or "param_slice_mappings" not in osd \
+                    or "single_partition_of_fp32_groups" not in osd:
+                raise CheckpointFormatError(f"{path}: not a DeepSpeed ZeRO-1/2 optimizer shard (DeepSpeed's "
+                                            "BF16_Optimizer and ZeRO-3 checkpoints are not supported)")
             if m == 0 and d == 0:
                 training_state["loss_scaler"] = _loss_scaler_state(osd.get("loss_scaler"))
             fp32_groups = osd["single_partition_of_fp32_groups"]
