@@ -15,10 +15,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "pretrain_tokenformer.py")
 
-# A tiny Tokenformer; global batch 4 divides every layout used here (micro batch 1 or 2).
+# A tiny Tokenformer; global batch 4 = micro batch 2 x gradient accumulation x DP (DP 1 or 2).
 ARCH = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--qkv-num-param-tokens", "16", "--proj-num-param-tokens", "16", "--ffn-num-param-tokens", "32"]
-TRAIN = ["--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "2e-3", "--lr-warmup-iters", "2",
+TRAIN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "2e-3", "--lr-warmup-iters", "2",
          "--lr-decay-style", "cosine", "--mock-data", "--vocab-size", "100", "--log-interval", "1",
          "--eval-iters", "0", "--seed", "7", "--zero-stage", "1"]
 

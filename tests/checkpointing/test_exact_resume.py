@@ -149,7 +149,8 @@ def test_kill_during_save_resumes_from_previous_step(straight_runs, ckpt_workdir
         assert open(os.path.join(save, "latest")).read().strip() == "global_step2", phase
         # the interrupted step is never what `latest` names; a partial folder may remain until the next save
         assert os.path.isfile(os.path.join(save, "global_step2", "tokenformer_checkpoint.json"))
-    got, _ = R.resume(ckpt_workdir, "killed_resumed", (1, 1, 1), save, 20, save=save)
+    got, _ = R.resume(ckpt_workdir, "killed_resumed", (1, 1, 1), save, 20, save=save,
+                      extra=["--save-interval", "2", "--keep-last-n-checkpoints", "2"])
     assert sorted(got) == ITERS[2:]
     for it in ITERS[2:]:
         assert got[it] == ref[it], f"iteration {it}: {got[it]!r} != {ref[it]!r}"
@@ -157,6 +158,7 @@ def test_kill_during_save_resumes_from_previous_step(straight_runs, ckpt_workdir
     leftovers = [n for n in os.listdir(save) if n.endswith(".partial") or n.endswith(".old") or n.endswith(".tmp")]
     assert leftovers == []
     assert open(os.path.join(save, "latest")).read().strip() == "global_step20"
+    assert sorted(n for n in os.listdir(save) if n.startswith("global_step")) == ["global_step18", "global_step20"]
 
 
 def _reference_loss(step_dir, samples):
@@ -169,12 +171,9 @@ def _reference_loss(step_dir, samples):
         model = TokenformerLM(view.config)
         load_module_from_view(model, view, view.config)
         ds = MockGPTDataset(10 ** 4, view.config.seq_length, 101, seed=7)
-        per_micro = []
         with torch.no_grad():
-            for i in samples:
-                text = torch.as_tensor(ds[i]["text"]).long().unsqueeze(0)
-                per_micro.append(model(text[:, :-1], text[:, 1:]))
-        return float(torch.stack(per_micro).mean())
+            text = torch.stack([torch.as_tensor(ds[i]["text"]) for i in samples]).long()
+            return float(model(text[:, :-1], text[:, 1:]))   # mean over all tokens of the global batch
 
 
 def test_no_load_optim_and_finetune(straight_runs, ckpt_workdir):
