@@ -91,7 +91,10 @@ def main(argv=None) -> int:
     iteration, consumed_samples = 0, 0
     if args.load:
         from megatron_tokenformer.checkpointing import io as checkpoint_io
-        iteration, consumed_samples = checkpoint_io.load_checkpoint(engine, args, config)
+        try:
+            iteration, consumed_samples = checkpoint_io.load_checkpoint(engine, args, config)
+        except (ValueError, FileNotFoundError) as exc:  # a checkpoint that does not fit: one clear line
+            _fail(str(exc), env.rank)
 
     train_ds, valid_ds, _ = loop.build_datasets(args, tokenizer)
     if len(train_ds) <= consumed_samples:
