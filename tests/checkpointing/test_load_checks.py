@@ -60,3 +60,13 @@ def test_pretrain_refuses_mismatch_cleanly(straight_runs):
     assert proc.returncode == 2
     assert "--hidden-size 48 (checkpoint: 32)" in proc.stderr and "--num-attention-heads 3 (checkpoint: 4)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_pretrain_refuses_other_vocabulary_cleanly(straight_runs):
+    """Passes the flag checks (vocabulary comes from the tokenizer) but not the built model's check."""
+    _, save = straight_runs((1, 1, 1))
+    cmd = [sys.executable, R.SCRIPT, "--load", save, "--micro-batch-size", "1", "--train-iters", "30", "--lr", "1e-3",
+           "--mock-data", "--vocab-size", "120", "--eval-iters", "0"]
+    proc = subprocess.run(cmd, cwd=R.ROOT, env=R.env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "vocab_size: model 121 vs checkpoint 101" in proc.stderr and "Traceback" not in proc.stderr
