@@ -147,8 +147,14 @@ def count_parameters(model: torch.nn.Module) -> Tuple[List[Dict[str, int]], Dict
     pp_size = ps.get_pipeline_model_parallel_world_size()
     pp_rank = ps.get_pipeline_model_parallel_rank()
     local = torch.zeros(pp_size, len(PARAM_KINDS), dtype=torch.float64)
+    try:  # PipelineModule names layers by index ("3.weight"): use the layout-independent names
+        from megatron_tokenformer.checkpointing.naming import canonical_parameter_names
+        canonical = canonical_parameter_names(model)
+    except (ImportError, ValueError):
+        canonical = {}
     seen = set()
     for name, p in model.named_parameters():
+        name = canonical.get(name, name)
         if id(p) in seen:
             continue
         seen.add(id(p))
