@@ -189,3 +189,12 @@ def test_no_load_optim_and_finetune(straight_runs, ckpt_workdir):
     assert sorted(got) == [1, 2]
     expected = _reference_loss(os.path.join(load, "global_step10"), range(4))
     assert got[1] == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+def test_exit_duration_saves_and_exits_zero(ckpt_workdir):
+    save = os.path.join(ckpt_workdir, "timed_out")
+    proc = R.run((1, 1, 1), R.ARCH + R.TRAIN + ["--train-iters", "20", "--save", save,
+                                                "--exit-duration-in-mins", "0.0001"])
+    assert proc.returncode == 0
+    assert "exiting at iteration 1 (--exit-duration-in-mins" in proc.stdout
+    assert open(os.path.join(save, "latest")).read().strip() == "global_step1"
