@@ -28,12 +28,11 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 from megatron_tokenformer.checkpointing import files
 from megatron_tokenformer.checkpointing.grow import GrownView, plan_growth
-from megatron_tokenformer.checkpointing.reshard import (FP32, CanonicalWriter, CheckpointFormatError,
-                                                        CheckpointView)
+from megatron_tokenformer.checkpointing.reshard import FP32, CanonicalWriter, CheckpointView
 
 __all__ = ["ExpandError", "ExpandOptions", "expand_checkpoint", "peak_rss_bytes"]
 

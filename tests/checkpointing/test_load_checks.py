@@ -58,7 +58,8 @@ def test_pretrain_refuses_mismatch_cleanly(straight_runs):
            "--micro-batch-size", "1", "--train-iters", "30", "--lr", "1e-3", "--mock-data", "--vocab-size", "100"]
     proc = subprocess.run(cmd, cwd=R.ROOT, env=R.env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "--hidden-size 48 (checkpoint: 32)" in proc.stderr and "--num-attention-heads 3 (checkpoint: 4)" in proc.stderr
+    assert "--hidden-size 48 (checkpoint: 32)" in proc.stderr
+    assert "--num-attention-heads 3 (checkpoint: 4)" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

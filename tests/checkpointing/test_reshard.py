@@ -69,7 +69,7 @@ def _engine_worker(rank, world, port, layout, load_dir, save_dir, mode, result_d
             want = view.read_tp_slice(names[name], key, r, w, padded)
             got = safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
             assert got is not None, (name, key)
-            assert torch.equal(got, want), f"{mode}: {name} {key} differs from the view (max {(got - want).abs().max()})"
+            assert torch.equal(got, want), f"{mode}: {name} {key} differs from the view ({(got - want).abs().max()})"
             checked += 1
         assert torch.equal(p.detach(), view.read_tp_slice(names[name], "fp32", r, w, padded))
     if mode == "reshard-and-save":
@@ -103,7 +103,8 @@ def test_reshard_load_into_other_dp_and_save(straight_runs, ckpt_workdir):
     src = R.checkpoint_at(save, 10, os.path.join(ckpt_workdir, "rs_src"))
     out = os.path.join(ckpt_workdir, "rs_112")
     _spawn((1, 1, 2), src, out, "reshard-and-save", os.path.join(ckpt_workdir, "rs_ok"))
-    with CheckpointView(os.path.join(src, "global_step10")) as a, CheckpointView(os.path.join(out, "global_step10")) as b:
+    with CheckpointView(os.path.join(src, "global_step10")) as a, \
+            CheckpointView(os.path.join(out, "global_step10")) as b:
         assert b.layout["data_parallel_size"] == 2 and b.layout["tensor_model_parallel_size"] == 1
         assert list(a.params) == list(b.params) and a.state_keys == b.state_keys
         for name in a.params:
@@ -130,7 +131,8 @@ def test_round_trip(ckpt_workdir):
         report = _expand(src, dst, layout)
         assert report["target"]["layout"]["tensor_model_parallel_size"] == layout[0]
         src = dst
-    with CheckpointView(os.path.join(save, "global_step3")) as a, CheckpointView(os.path.join(src, "global_step3")) as b:
+    with CheckpointView(os.path.join(save, "global_step3")) as a, \
+            CheckpointView(os.path.join(src, "global_step3")) as b:
         assert b.kind == "canonical" and a.kind == "deepspeed"
         assert b.layout["tensor_model_parallel_size"] == 2 and b.layout["pipeline_model_parallel_size"] == 2
         assert set(a.params) == set(b.params) and len(a.params) > 10
