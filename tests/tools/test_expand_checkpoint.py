@@ -187,3 +187,32 @@ def test_cli_exit_code(source):
     assert proc.returncode == 2
     assert "expand_checkpoint.py: error: --num-layers 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bf16_checkpoint(tool, source, capsys):
+    """A bf16 run's ZeRO shards (bf16_zero_pp_rank_*): the fp32 masters are read, and the bf16 weights
+    DeepSpeed saved are exactly those masters rounded to bf16; growth works on them."""
+    work, _ = source
+    save = os.path.join(work, "bf16_src")
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_tokenformer.py"), "--num-layers", "2", "--hidden-size", "32",
+           "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
+           "--train-iters", "2", "--lr", "1e-3", "--mock-data", "--vocab-size", "100", "--eval-iters", "0", "--bf16",
+           "--save", save]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step = os.path.join(save, "global_step2")
+    assert os.path.isfile(os.path.join(step, "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    from megatron_tokenformer.checkpointing.reshard import CheckpointView
+    module = torch.load(os.path.join(step, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    with CheckpointView(step) as view:
+        assert view.params["layers.0.mlp.key_param_tokens"].dtype == "bfloat16"
+        for name, entry in view.params.items():
+            saved = module[name][:entry.shape[0]] if entry.vocab else module[name]
+            assert saved.dtype == torch.bfloat16
+            assert torch.equal(view.read(name).to(torch.bfloat16), saved), name
+    dst = os.path.join(work, "bf16_grown")
+    code, _, err = _run(tool, capsys, "--load", save, "--save", dst, "--ffn-num-param-tokens", "256")
+    assert code == 0, err
+    with CheckpointView(os.path.join(dst, "global_step2")) as grown:
+        assert grown.params["layers.1.mlp.key_param_tokens"].shape == (256, 32)
+        assert grown.params["layers.1.mlp.key_param_tokens"].dtype == "bfloat16"
