@@ -556,6 +556,7 @@ def load_view_into_engine(engine, view: CheckpointView, config, load_optim: bool
                     base.state[group["params"][0]]["step"] = torch.tensor(0.0, dtype=torch.float32)
             if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
                 engine.optimizer._hp_optimizer_states_linked = False
+    if load_optim:  # (also when every step so far was skipped for overflow and Adam has no state yet)
         scaler_state = view.training_state.get("loss_scaler")
         scaler = getattr(engine.optimizer, "loss_scaler", None)
         if scaler_state and scaler is not None and getattr(scaler, "dynamic", False) == scaler_state.get("dynamic"):

@@ -155,3 +155,20 @@ def test_resharded_resume(straight_runs, ckpt_workdir):
     assert sorted(got) == list(range(11, 21))
     for it in range(11, 21):
         assert got[it] == pytest.approx(ref[it], rel=1e-4, abs=0), it
+
+
+def test_fp16_loss_scale_survives_resharding(ckpt_workdir):
+    """The dynamic loss scale (here halved on every overflowing step) continues where it stopped."""
+    import re
+    extra = ["--fp16", "--initial-loss-scale", str(2 ** 32), "--hysteresis", "1"]
+    save = os.path.join(ckpt_workdir, "fp16")
+    args = R.ARCH + R.TRAIN + extra
+    straight = R.run((1, 1, 1), args + ["--train-iters", "5", "--save", save, "--save-interval", "3"])
+    scales = [float(s) for s in re.findall(r"loss scale: ([0-9.eE+]+)", straight.stdout)]
+    assert len(scales) == 5 and len(set(scales)) > 1
+    src = R.checkpoint_at(save, 3, os.path.join(ckpt_workdir, "fp16_at3"))
+    dst = os.path.join(ckpt_workdir, "fp16_canonical")
+    _expand(src, dst, (1, 1, 1))
+    resumed = R.run((1, 1, 1), args + ["--train-iters", "5", "--load", dst])
+    assert "through the resharding path" in resumed.stdout
+    assert [float(s) for s in re.findall(r"loss scale: ([0-9.eE+]+)", resumed.stdout)] == scales[3:]
