@@ -1,6 +1,7 @@
 """Layout equivalence: the same tiny Tokenformer, seed and data for 10 iterations at every (TP, PP, DP)
 layout gives the (1,1,1) run's lm loss and gradient norm at every iteration (1e-4 relative, fp32),
-with ZeRO-1 everywhere and ZeRO-2 where DeepSpeed allows it (PP = 1). The global batch (4 samples)
+with ZeRO-1 everywhere, ZeRO-2 where DeepSpeed allows it (PP = 1), and once with activation
+recomputation in the pipeline. The global batch (4 samples)
 is the same in every layout; gradient accumulation absorbs the data-parallel size.
 
 The (1,1,1) run itself is checked against a plain PyTorch loop written here (same model class,
@@ -31,17 +32,17 @@ TRAIN = ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters",
          "--weight-decay", "0.01", "--mock-data", "--vocab-size", "100", "--seed", "1234", "--log-interval", "1",
          "--eval-iters", "0"]
 
-# (tp, pp, dp, zero stage)
-LAYOUTS = [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (2, 2, 1, 1), (1, 2, 2, 1), (2, 1, 2, 1),
-           (1, 1, 2, 2), (2, 1, 2, 2)]
+# (tp, pp, dp, zero stage, activation recomputation)
+LAYOUTS = [(1, 1, 1, 1, 0), (2, 1, 1, 1, 0), (1, 2, 1, 1, 0), (1, 1, 2, 1, 0), (2, 2, 1, 1, 0), (1, 2, 2, 1, 0),
+           (2, 1, 2, 1, 0), (1, 1, 2, 2, 0), (2, 1, 2, 2, 0), (1, 2, 1, 1, 1)]
 CONCURRENCY = 2
 TIMEOUT = 240
 
 
 def _cmd(layout):
-    tp, pp, dp, zero = layout
+    tp, pp, dp, zero, recompute = layout
     return train_runs.torchrun(tp * pp * dp, train_runs.TINY_MODEL + TRAIN + train_runs.layout_args(tp, pp)
-                               + ["--zero-stage", str(zero)])
+                               + ["--zero-stage", str(zero)] + (["--checkpoint-activations"] if recompute else []))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def _rows(log):
     return rows
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=lambda l: "tp%d_pp%d_dp%d_zero%d" % l)
+@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=lambda l: "tp%d_pp%d_dp%d_zero%d" % l[:4] + ("_recompute" if l[4] else ""))
 def test_layout_matches_single_rank(layout_logs, layout):
     base = _rows(layout_logs[LAYOUTS[0]])
     rows = _rows(layout_logs[layout])
