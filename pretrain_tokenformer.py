@@ -50,7 +50,6 @@ def main(argv=None) -> int:
     import torch
     import deepspeed
 
-    from megatron_tokenformer import model as _model  # noqa: F401  (import order: model before tensor_parallel)
     from megatron_tokenformer import parallel_state
     from megatron_tokenformer.arguments import core_config_from_args, describe
     from megatron_tokenformer.data.tokenizer import build_tokenizer
