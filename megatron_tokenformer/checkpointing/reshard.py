@@ -238,7 +238,7 @@ class CheckpointView:
     def flat_sources(self, name: str, key: str, lo: int, hi: int) -> Optional[List[Tuple[int, int, int, int]]]:
         """Where elements [lo, hi) of the flattened full tensor lie on disk, for a byte-for-byte copy.
 
-        Returns ``[(file descriptor, file offset, nbytes, output byte offset), ...]`` (output offsets
+        Returns ``[(file path, file offset, nbytes, output byte offset), ...]`` (output offsets
         relative to element ``lo``), or None when the bytes cannot be copied as they are (a dtype
         conversion, or a partition dimension other than 0).
         """
@@ -259,7 +259,7 @@ class CheckpointView:
                         return None
                     tfile = f.source.storage.file
                     offset = tfile.byte_offset(f.source, f.source_start + (fa - f.start))
-                    out.append((tfile.fileno(), offset, (fb - fa) * 4, (base + fa - lo) * 4))
+                    out.append((tfile.path, offset, (fb - fa) * 4, (base + fa - lo) * 4))
             base += n
             if base >= hi:
                 break
@@ -573,7 +573,7 @@ class CanonicalWriter:
     def write_parts(self, name: str, key: str, shape: Tuple[int, ...], copies: List[Tuple[int, int, int, int]],
                     fills: List[Tuple[int, torch.Tensor]]) -> None:
         """Write a float32 tensor of ``shape`` without materialising it: the file is laid out by
-        ``torch.save`` with its data left as a hole (zeros), then ``copies`` (``(fd, offset, nbytes,
+        ``torch.save`` with its data left as a hole (zeros), then ``copies`` (``(path, offset, nbytes,
         output byte offset)``, from :meth:`CheckpointView.flat_sources`) are copied file-to-file
         with ``copy_file_range`` and ``fills`` (``(output element offset, tensor)``) written in place.
         Regions covered by neither stay zero."""
@@ -585,9 +585,12 @@ class CanonicalWriter:
             torch.save(placeholder, f)
         data_offset = int(torch._C.PyTorchFileReader(path).get_record_offset("data/0"))
         fd = os.open(path, os.O_WRONLY)
+        sources: Dict[str, int] = {}
         try:
-            for src_fd, src_off, nbytes, out_off in copies:
-                _copy_range(src_fd, src_off, fd, data_offset + out_off, nbytes)
+            for src_path, src_off, nbytes, out_off in copies:
+                if src_path not in sources:
+                    sources[src_path] = os.open(src_path, os.O_RDONLY)
+                _copy_range(sources[src_path], src_off, fd, data_offset + out_off, nbytes)
             for elem, tensor in fills:
                 view = memoryview(tensor.detach().to(torch.float32).contiguous().view(torch.uint8).numpy())
                 pos, done = data_offset + elem * 4, 0
@@ -597,6 +600,8 @@ class CanonicalWriter:
                 os.fsync(fd)
         finally:
             os.close(fd)
+            for src in sources.values():
+                os.close(src)
         self.bytes_written += int(math.prod(shape)) * 4
 
     def finish(self, meta: Dict[str, Any]) -> None:

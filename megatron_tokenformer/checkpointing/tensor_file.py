@@ -186,8 +186,8 @@ class _LazyUnpickler(pickle.Unpickler):
 class TorchFile:
     """A ``torch.save`` zip file opened for lazy reading.
 
-    ``obj``: the saved object with every tensor a :class:`LazyTensor`. Call :meth:`close` (or use
-    as a context manager) to release the file descriptor. Classes of DeepSpeed's (ZeRO's fragment
+    ``obj``: the saved object with every tensor a :class:`LazyTensor`. No file descriptor is held
+    between reads. Classes of DeepSpeed's (ZeRO's fragment
     addresses, loss scalers) are read as plain attribute holders unless DeepSpeed is already
     imported, so reading a checkpoint does not pay for importing DeepSpeed.
     """
@@ -197,24 +197,20 @@ class TorchFile:
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"checkpoint file not found: {self.path}")
         try:
-            self._reader = torch._C.PyTorchFileReader(self.path)
+            reader = torch._C.PyTorchFileReader(self.path)
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError with a C++ message
             raise ValueError(f"{self.path}: not a readable torch.save file ({str(exc).splitlines()[0]})") from None
-        if self._reader.has_record("byteorder"):
-            order = bytes(self._reader.get_record("byteorder")).decode()
+        if reader.has_record("byteorder"):
+            order = bytes(reader.get_record("byteorder")).decode()
             if order != sys.byteorder:
                 raise ValueError(f"{self.path}: saved with {order}-endian byte order; this machine is {sys.byteorder}")
-        self._offsets: Dict[str, int] = {}
-        self._fd = os.open(self.path, os.O_RDONLY)
-        self.size = os.fstat(self._fd).st_size
-        try:
-            self.obj = _LazyUnpickler(bytes(self._reader.get_record("data.pkl")), self).load()
-        except Exception:
-            self.close()
-            raise
-
-    def fileno(self) -> int:
-        return self._fd
+        # Where every storage's bytes start; afterwards no file stays open (a view of a checkpoint
+        # with thousands of files must not run out of descriptors): reads open, pread, close.
+        self._offsets: Dict[str, int] = {name[len("data/"):]: int(reader.get_record_offset(name))
+                                         for name in reader.get_all_records() if name.startswith("data/")}
+        self.size = os.path.getsize(self.path)
+        self.obj = _LazyUnpickler(bytes(reader.get_record("data.pkl")), self).load()
+        del reader
 
     def byte_offset(self, tensor: "LazyTensor", element: int = 0) -> int:
         """Absolute file offset of element ``element`` of the flattened (contiguous) ``tensor``."""
@@ -223,10 +219,7 @@ class TorchFile:
 
     def _record_offset(self, key: str) -> int:
         if key not in self._offsets:
-            name = f"data/{key}"
-            if not self._reader.has_record(name):
-                raise ValueError(f"{self.path}: storage record {name} is missing (corrupt file)")
-            self._offsets[key] = int(self._reader.get_record_offset(name))
+            raise ValueError(f"{self.path}: storage record data/{key} is missing (corrupt file)")
         return self._offsets[key]
 
     def read_into(self, key: str, byte_offset: int, out: torch.Tensor) -> None:
@@ -235,30 +228,25 @@ class TorchFile:
         view = memoryview(out.view(torch.uint8).numpy()) if out.dtype != torch.uint8 else memoryview(out.numpy())
         if position + len(view) > self.size:
             raise ValueError(f"{self.path}: file is truncated (needs {position + len(view)} bytes, has {self.size})")
-        done = 0
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:done + (1 << 30)]], position + done)
-            if n <= 0:
-                raise ValueError(f"{self.path}: unexpected end of file")
-            done += n
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:done + (1 << 30)]], position + done)
+                if n <= 0:
+                    raise ValueError(f"{self.path}: unexpected end of file")
+                done += n
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._reader = None
+        """Nothing to release (no descriptor is held); kept for the context-manager protocol."""
 
     def __enter__(self) -> "TorchFile":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def materialize(obj: Any) -> Any:
