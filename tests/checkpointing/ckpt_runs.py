@@ -7,7 +7,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -15,18 +14,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "pretrain_tokenformer.py")
 
+# Process handling (free ports, a clean environment, kill-on-timeout) is shared with the training tests.
+sys.path.insert(0, os.path.join(ROOT, "tests", "training"))
+from train_runs import communicate_or_kill, env, free_port, start  # noqa: E402
+
 # A tiny Tokenformer; global batch 4 = micro batch 2 x gradient accumulation x DP (DP 1 or 2).
 ARCH = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--qkv-num-param-tokens", "16", "--proj-num-param-tokens", "16", "--ffn-num-param-tokens", "32"]
 TRAIN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "2e-3", "--lr-warmup-iters", "2",
          "--lr-decay-style", "cosine", "--mock-data", "--vocab-size", "100", "--log-interval", "1",
          "--eval-iters", "0", "--seed", "7", "--zero-stage", "1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(layout: Tuple[int, int, int], args: Sequence[str]) -> List[str]:
@@ -39,28 +36,13 @@ def command(layout: Tuple[int, int, int], args: Sequence[str]) -> List[str]:
             "--master_port", str(free_port()), SCRIPT] + par + list(args)
 
 
-def env() -> Dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    e.setdefault("OMP_NUM_THREADS", "1")
-    e["PYTHONUNBUFFERED"] = "1"
-    return e
-
-
 def run(layout, args, timeout=300, check=True) -> subprocess.CompletedProcess:
-    """Run to completion; on timeout the whole process group (launcher and ranks) is killed."""
-    cmd = command(layout, args)
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}")
-    proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    """Run to completion (stderr kept apart); on timeout the whole process group is killed."""
+    p = start(command(layout, args), merge_stderr=False)
+    out, err = communicate_or_kill(p, timeout)
+    proc = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     if check and proc.returncode != 0:
-        raise AssertionError(f"run failed ({proc.returncode}): {' '.join(command(layout, args))}\n"
+        raise AssertionError(f"run failed ({proc.returncode}): {' '.join(p.args)}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
 

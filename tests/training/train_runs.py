@@ -45,30 +45,30 @@ def env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 def run(cmd: Sequence[str], timeout: float, extra_env: Optional[Dict[str, str]] = None,
         cwd: str = ROOT) -> subprocess.CompletedProcess:
     """Run ``cmd`` to completion (stdout and stderr merged); on timeout kill its whole process group."""
-    p = subprocess.Popen(list(cmd), cwd=cwd, env=env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
+    return finish(start(cmd, extra_env, cwd), timeout)
+
+
+def start(cmd: Sequence[str], extra_env: Optional[Dict[str, str]] = None, cwd: str = ROOT,
+          merge_stderr: bool = True) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group (collect with :func:`finish` or :func:`communicate_or_kill`)."""
+    return subprocess.Popen(list(cmd), cwd=cwd, env=env(extra_env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def communicate_or_kill(p: subprocess.Popen, timeout: float):
+    """``(stdout, stderr)`` of ``p``; on timeout kill its whole process group (launcher and ranks) and fail."""
     try:
-        out, _ = p.communicate(timeout=timeout)
+        return p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-4000:]}")
-    return subprocess.CompletedProcess(list(cmd), p.returncode, out, "")
-
-
-def start(cmd: Sequence[str], extra_env: Optional[Dict[str, str]] = None, cwd: str = ROOT) -> subprocess.Popen:
-    """Start ``cmd`` in its own process group (collect with :func:`finish`)."""
-    return subprocess.Popen(list(cmd), cwd=cwd, env=env(extra_env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        out, err = p.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(map(str, p.args))}\n"
+                             f"{(out or '')[-4000:]}\n{(err or '')[-3000:]}")
 
 
 def finish(p: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        raise AssertionError(f"timed out after {timeout} s: {' '.join(p.args)}\n{out[-4000:]}")
+    out, _ = communicate_or_kill(p, timeout)
     return subprocess.CompletedProcess(p.args, p.returncode, out, "")
 
 
