@@ -4,10 +4,10 @@ import json
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
+from tests.helpers.paths import REPO_ROOT as REPO
+from tests.helpers.paths import load_tool
 
-import build_local_corpus  # noqa: E402
+build_local_corpus = load_tool("build_local_corpus")
 
 
 def test_deterministic_and_bounded(tmp_path):

@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers.paths import REPO_ROOT as REPO
 SCRIPT = os.path.join(REPO, "tools", "merge_datasets.py")
-sys.path.insert(0, os.path.join(REPO, "tools"))
+from tests.helpers.paths import load_tool
 
-import merge_datasets  # noqa: E402
+merge_datasets = load_tool("merge_datasets")
 
 from megatron_tokenformer.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder  # noqa: E402
 

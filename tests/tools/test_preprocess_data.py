@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers.paths import REPO_ROOT as REPO
 SCRIPT = os.path.join(REPO, "tools", "preprocess_data.py")
-sys.path.insert(0, os.path.join(REPO, "tools"))
+from tests.helpers.paths import load_tool
 
-import preprocess_data  # noqa: E402
+preprocess_data = load_tool("preprocess_data")
 
 from megatron_tokenformer.data.indexed_dataset import IndexedDataset  # noqa: E402
 from megatron_tokenformer.data.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
+from tests.helpers.paths import REPO_ROOT as REPO
+from tests.helpers.paths import load_tool
 
-import train_tokenizer  # noqa: E402
+train_tokenizer = load_tool("train_tokenizer")
 
 from megatron_tokenformer.data.tokenizer import SentencePieceTokenizer  # noqa: E402
 

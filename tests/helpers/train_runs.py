@@ -1,7 +1,7 @@
 """Helpers for the training tests: start pretrain_tokenformer.py under a launcher, with a hard
 timeout that kills the whole process group, and read back the Megatron-format log lines.
 
-Imported by name (the test modules put this folder on sys.path)."""
+Imported as ``helpers.train_runs``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers.paths import REPO_ROOT as ROOT
 SCRIPT = os.path.join(ROOT, "pretrain_tokenformer.py")
 VENV_BIN = os.path.dirname(sys.executable)
 

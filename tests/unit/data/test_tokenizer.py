@@ -10,7 +10,7 @@ from megatron_tokenformer.data.tokenizer import (
     train_sentencepiece,
 )
 
-from corpus_gen import make_documents
+from tests.helpers.corpus_gen import make_documents
 
 
 def test_special_tokens_and_exact_round_trip(sp_model):

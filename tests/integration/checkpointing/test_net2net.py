@@ -20,7 +20,7 @@ from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model import TokenformerLM
 from megatron_tokenformer.model.transformer import transformer_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers.paths import REPO_ROOT as ROOT
 VOCAB = 61
 
 

@@ -10,8 +10,7 @@ import time
 import psutil
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_runs  # noqa: E402
+from tests.helpers import train_runs
 
 pytestmark = pytest.mark.slow
 

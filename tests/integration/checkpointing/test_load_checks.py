@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import ckpt_runs as R
+from tests.helpers import ckpt_runs as R
 from megatron_tokenformer.arguments import parse_args
 from megatron_tokenformer.checkpointing import io
 from megatron_tokenformer.config import TokenformerConfig

@@ -2,7 +2,7 @@
 
 import pytest
 
-from corpus_gen import make_documents
+from tests.helpers.corpus_gen import make_documents
 
 
 @pytest.fixture(scope="session")

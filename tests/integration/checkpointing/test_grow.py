@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import ckpt_runs as R
+from tests.helpers import ckpt_runs as R
 from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_checkpoint
 from megatron_tokenformer.checkpointing.grow import interleaved_positions
 from megatron_tokenformer.checkpointing.reshard import CheckpointView

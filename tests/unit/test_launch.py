@@ -16,8 +16,7 @@ import pytest
 
 from megatron_tokenformer import launch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "training"))
-import train_runs  # noqa: E402
+from tests.helpers import train_runs
 
 ITERS = 3
 ARGS = train_runs.TINY_MODEL + ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(ITERS),

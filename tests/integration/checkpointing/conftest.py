@@ -5,9 +5,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import ckpt_runs  # noqa: E402
+from tests.helpers import ckpt_runs
 
 
 @pytest.fixture(scope="session")

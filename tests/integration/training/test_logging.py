@@ -12,8 +12,7 @@ from megatron_tokenformer.model import TokenformerLM
 from megatron_tokenformer.training.logging import (TensorBoardLogger, count_parameters, format_eval_line,
                                                    format_parameter_summary, format_train_line)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_runs  # noqa: E402
+from tests.helpers import train_runs
 
 
 def test_train_line_is_megatron_format_and_parses():

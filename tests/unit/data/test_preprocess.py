@@ -10,7 +10,7 @@ from megatron_tokenformer.data.preprocess import preprocess
 from megatron_tokenformer.data.text_inputs import BadInputError
 from megatron_tokenformer.data.tokenizer import SentencePieceTokenizer, TokenizerError
 
-from corpus_gen import make_documents, write_blank_line_text, write_jsonl
+from tests.helpers.corpus_gen import make_documents, write_blank_line_text, write_jsonl
 
 
 def quiet(msg):

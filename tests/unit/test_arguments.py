@@ -10,8 +10,7 @@ import pytest
 
 from megatron_tokenformer.arguments import ArgumentError, build_parser, parse_args, validate_args
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "training"))
-import train_runs  # noqa: E402
+from tests.helpers import train_runs
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--micro-batch-size", "2", "--train-iters", "10", "--lr", "1e-3", "--mock-data", "--vocab-size", "100"]

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-import ckpt_runs as R
+from tests.helpers import ckpt_runs as R
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,7 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import train_runs  # noqa: E402
+from tests.helpers import train_runs
 
 pytestmark = pytest.mark.slow
 
