@@ -24,6 +24,8 @@ import os
 import sys
 from typing import Iterable, List, Optional, Sequence
 
+from megatron_tokenformer.config import PATTENTION_NORMALIZATIONS
+
 __all__ = ["ArgumentError", "build_parser", "parse_args", "validate_args", "core_config_from_args",
            "load_deepspeed_json"]
 
@@ -91,7 +93,7 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
     g.add_argument("--ffn-num-param-tokens", type=_positive_int, default=None,
                    help="parameter tokens of the FFN Pattention (default: 4 x --hidden-size)")
     g.add_argument("--pattention-normalization", default="l2_norm_gelu",
-                   choices=["l2_norm_gelu", "gelu_l2_norm", "softmax"],
+                   choices=list(PATTENTION_NORMALIZATIONS),
                    help="score normalisation over the parameter tokens")
     g.add_argument("--rotary-percent", type=float, default=0.25,
                    help="fraction of each attention head's channels that get rotary embedding")

@@ -8,6 +8,7 @@ import math
 import os
 from typing import Any, Dict, Optional, Union
 
+# The Pattention score normalisations (the official code's names); the math is in ops/pattention_norm.py.
 PATTENTION_NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 BLOCK_LAYERNORMS = ("nonparametric", "parametric")
 MODEL_TYPES = ("tokenformer", "transformer")
@@ -16,7 +17,7 @@ PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass
 class TokenformerConfig:
-    """Hyper-parameters of the Tokenformer LM (DESIGN.md §2).
+    """Hyper-parameters of the Tokenformer LM (docs/design.md §2).
 
     Token counts: ``qkv_num_param_tokens`` for each of the Q, K, V Pattentions, ``proj_num_param_tokens``
     for the attention output Pattention, ``ffn_num_param_tokens`` for the FFN Pattention.

@@ -1,4 +1,4 @@
-"""Growing a checkpoint: more parameter tokens per Pattention, more layers (DESIGN.md §5).
+"""Growing a checkpoint: more parameter tokens per Pattention, more layers (docs/design.md §5).
 
 Token growth appends rows to a Pattention's key and value tokens [n, d] -> [n', d]:
 

@@ -1,4 +1,4 @@
-"""The Tokenformer block (DESIGN.md §2): pre-norm attention and a single-Pattention FFN."""
+"""The Tokenformer block (docs/design.md §2): pre-norm attention and a single-Pattention FFN."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Tokenformer language model (DESIGN.md §2), tensor parallel, PP = 1.
+"""The Tokenformer language model (docs/design.md §2), tensor parallel, PP = 1.
 
     ids [b, s] -> vocab-parallel tied embedding -> L x TokenformerBlock -> final LayerNorm (parametric)
        -> vocab-parallel logits [b, s, V_pad/p] (tied to the embedding) -> vocab-parallel cross-entropy

@@ -1,4 +1,4 @@
-"""Tensor-parallel Pattention: each TP rank holds one contiguous block of parameter tokens (DESIGN.md §3).
+"""Tensor-parallel Pattention: each TP rank holds one contiguous block of parameter tokens (docs/design.md §3).
 
 Rank r of p holds key tokens K_r and value tokens V_r (rows [r*n/p, (r+1)*n/p) of the full K, V).
 With the input X replicated on the TP group::
@@ -9,7 +9,7 @@ With the input X replicated on the TP group::
     O   = all_reduce(S_r V_r)                  or the partial sum S_r V_r for the caller to reduce
 
 This is Megatron's column-parallel (keys) + row-parallel (values) pair fused in one layer. The
-normalisation math is :func:`megatron_tokenformer.model.pattention.normalize_pattention_scores`
+normalisation math is :func:`megatron_tokenformer.ops.pattention_norm.normalize_pattention_scores`
 (shared with the single-device module) with the all-reduces as its reductions.
 """
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_tokenformer import parallel_state
-from megatron_tokenformer.model.pattention import _check_normalization, normalize_pattention_scores
+from megatron_tokenformer.ops.pattention_norm import check_normalization, normalize_pattention_scores
 from megatron_tokenformer.tensor_parallel.mappings import (all_reduce_max_no_grad, all_reduce_norm,
                                                            copy_to_tensor_model_parallel_region,
                                                            reduce_from_tensor_model_parallel_region)
@@ -58,7 +58,7 @@ class ParallelPattention(nn.Module):
                  layer_number: int = 0, tag: str = "pattention", copy_input: bool = True,
                  reduce_output: bool = True, params_dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        _check_normalization(normalization)
+        check_normalization(normalization)
         world = parallel_state.get_tensor_model_parallel_world_size()
         if num_param_tokens % world != 0:
             raise ValueError(f"{tag}: num_param_tokens ({num_param_tokens}) is not divisible by the "

@@ -1,4 +1,4 @@
-"""FLOPs per token of the Tokenformer LM and model FLOPs utilisation (DESIGN.md §6).
+"""FLOPs per token of the Tokenformer LM and model FLOPs utilisation (docs/design.md §6).
 
 Forward FLOPs per token (a multiply-add counts 2):
 
