@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from megatron_tokenformer.tensor_parallel import random as tp_random
     from megatron_tokenformer.training import engine as engine_lib
     from megatron_tokenformer.training import loop
-    from megatron_tokenformer.training.logging import (TensorBoardLogger, count_parameters,
+    from megatron_tokenformer.training.logging import (TensorBoardLogger, count_model_parameters,
                                                        format_parameter_summary, print_rank_0)
 
     # ---- tokenizer and model config (cheap, still before the process group)
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     print_rank_0(describe(args))
 
     engine, _, _ = engine_lib.setup_model_and_optimizer(args, config, device)
-    per_stage, total = count_parameters(engine.module)
+    per_stage, total = count_model_parameters(engine.module, config)
     print_rank_0(format_parameter_summary(per_stage, total))
 
     iteration, consumed_samples = 0, 0

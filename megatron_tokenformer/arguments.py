@@ -18,13 +18,17 @@ layout that does not fit is refused before ``init_process_group``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import re
 import sys
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
-from megatron_tokenformer.config import PATTENTION_NORMALIZATIONS
+from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, MODEL_TYPES, PATTENTION_NORMALIZATIONS, TokenformerConfig
+from megatron_tokenformer.data.blending import parse_data_prefix
+from megatron_tokenformer.data.gpt_dataset import parse_split
 
 __all__ = ["ArgumentError", "build_parser", "parse_args", "validate_args", "core_config_from_args",
            "load_deepspeed_json"]
@@ -68,7 +72,7 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
     )
 
     g = parser.add_argument_group("model architecture")
-    g.add_argument("--model-type", default="tokenformer", choices=["tokenformer", "transformer"],
+    g.add_argument("--model-type", default=MODEL_TYPES[0], choices=list(MODEL_TYPES),
                    help="tokenformer (Pattention projections), or transformer: the baseline pre-norm GPT with "
                         "column/row-parallel linear layers, GeLU MLP of --ffn-hidden-size and parametric "
                         "LayerNorms (the --*-num-param-tokens flags do not apply to it)")
@@ -160,7 +164,8 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
 
     g = parser.add_argument_group("data and tokenizer")
     g.add_argument("--data-path", nargs="*", default=None,
-                   help="dataset prefix(es) of .bin/.idx files, Megatron syntax: P or w1 P1 w2 P2 ...")
+                   help="dataset prefix(es) of .bin/.idx files, Megatron syntax: P, w1 P1 w2 P2 ..., or P1 P2 ... "
+                        "(weighted by their sizes)")
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of --data-path")
     g.add_argument("--mock-data", action="store_true",
                    help="synthetic random tokens (MockGPTDataset) instead of --data-path; for tests")
@@ -316,22 +321,25 @@ def _default_tokenizer_type(args) -> str:
     return "NullTokenizer"
 
 
-def _data_prefixes(data_path: List[str]) -> List[str]:
-    """The prefixes of Megatron's ``P`` / ``w1 P1 w2 P2 ...`` syntax."""
-    if len(data_path) == 1:
-        return list(data_path)
-    if len(data_path) % 2 != 0:
-        raise ArgumentError(f"--data-path: with several entries give weight-prefix pairs "
-                            f"(w1 P1 w2 P2 ...), got {len(data_path)} entries")
-    prefixes = []
-    for weight, prefix in zip(data_path[0::2], data_path[1::2]):
-        try:
-            w = float(weight)
-        except ValueError:
-            raise ArgumentError(f"--data-path: '{weight}' is not a weight (expected w1 P1 w2 P2 ...)") from None
-        _check(w >= 0, f"--data-path: weight {weight} of {prefix} is negative")
-        prefixes.append(prefix)
-    return prefixes
+def _flag_names(message: str) -> str:
+    """A model-config message (``config.validate``) in flag names: ``ffn_hidden_size`` -> ``--ffn-hidden-size``,
+    ``the tensor-model-parallel size`` -> ``--tensor-model-parallel-size``."""
+    fields = {f.name for f in dataclasses.fields(TokenformerConfig)} & {a.dest for a in build_parser()._actions}
+    for name in sorted(fields, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){name}(?![\w-])", "--" + name.replace("_", "-"), message)
+    for axis in ("tensor", "pipeline"):
+        message = message.replace(f"the {axis}-model-parallel size", f"--{axis}-model-parallel-size")
+    return message
+
+
+def _check_model_config(args: argparse.Namespace) -> None:
+    """The model config these flags describe, checked by its one rule set (``TokenformerConfig.validate``);
+    the error names the flags."""
+    try:
+        _config_from_args(args, args.vocab_size or 1).validate(args.tensor_model_parallel_size,
+                                                               args.pipeline_model_parallel_size)
+    except ValueError as exc:
+        raise ArgumentError(_flag_names(str(exc))) from None
 
 
 def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
@@ -359,8 +367,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
            f"does not divide the world size ({world_size} ranks)")
     dp = world_size // (tp * pp)
     args.data_parallel_size = dp
-    _check(args.num_layers % pp == 0,
-           f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})")
     _check(args.zero_stage in (1, 2), f"--zero-stage {args.zero_stage}: only ZeRO stages 1 and 2 are supported "
                                       f"(DeepSpeed 0.19's non-ZeRO path does not count pipeline-parallel "
                                       f"gradients correctly in the clipping norm)")
@@ -384,36 +390,24 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
                f"match --global-batch-size {gbs} / (--micro-batch-size {mbs} x data-parallel {dp}) = "
                f"{args.gradient_accumulation_steps}")
 
-    # ---- architecture
+    # ---- architecture: defaults for the flags not given, then the model config's own checks
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
-    _check(args.seq_length <= args.max_position_embeddings,
-           f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings ({args.max_position_embeddings})")
-    _check(args.hidden_size % args.num_attention_heads == 0,
-           f"--hidden-size ({args.hidden_size}) is not divisible by --num-attention-heads "
-           f"({args.num_attention_heads})")
-    _check(args.num_attention_heads % tp == 0,
-           f"--num-attention-heads ({args.num_attention_heads}) is not divisible by "
-           f"--tensor-model-parallel-size ({tp})")
     if args.qkv_num_param_tokens is None:
         args.qkv_num_param_tokens = args.hidden_size
     if args.proj_num_param_tokens is None:
         args.proj_num_param_tokens = args.hidden_size
     if args.ffn_num_param_tokens is None:
         args.ffn_num_param_tokens = 4 * args.hidden_size
-    if args.model_type == "transformer":
-        if args.ffn_hidden_size is None:
-            args.ffn_hidden_size = 4 * args.hidden_size
-        _check(args.ffn_hidden_size % tp == 0, f"--ffn-hidden-size ({args.ffn_hidden_size}) is not divisible by "
-                                               f"--tensor-model-parallel-size ({tp})")
-    else:
-        _check(args.ffn_hidden_size is None, "--ffn-hidden-size applies to --model-type transformer only (the "
-                                             "Tokenformer's FFN width is --ffn-num-param-tokens)")
-    for dest in ("qkv_num_param_tokens", "proj_num_param_tokens", "ffn_num_param_tokens"):
-        n = getattr(args, dest)
-        _check(args.model_type != "tokenformer" or n % tp == 0, f"--{dest.replace('_', '-')} ({n}) is not divisible by --tensor-model-parallel-size "
-                            f"({tp}): each rank holds an equal block of parameter tokens")
-    _check(0.0 <= args.rotary_percent <= 1.0, f"--rotary-percent must be in [0, 1], got {args.rotary_percent}")
+    family = MODEL_FAMILY_FIELDS[args.model_type]
+    users = [name for name, fields in MODEL_FAMILY_FIELDS.items() if "ffn_hidden_size" in fields.uses]
+    _check(args.ffn_hidden_size is None or "ffn_hidden_size" in family.uses,
+           f"--ffn-hidden-size applies to --model-type {'/'.join(users)} only (the {args.model_type} model does "
+           f"not use it; a Tokenformer's FFN width is --ffn-num-param-tokens)")
+    for dest in family.default_4h:
+        if getattr(args, dest) is None:
+            setattr(args, dest, 4 * args.hidden_size)
+    _check_model_config(args)
 
     # ---- precision
     _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive")
@@ -456,18 +450,17 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _check(args.vocab_size is not None, "--tokenizer-type NullTokenizer (and --mock-data without a "
                                             "tokenizer model) needs --vocab-size")
     if args.data_path:
-        for prefix in _data_prefixes(args.data_path):
+        try:  # the data layer's parsers: the same rules the dataset builder applies
+            prefixes, _ = parse_data_prefix(args.data_path)
+            fractions = parse_split(args.split)
+        except ValueError as exc:
+            raise ArgumentError(str(exc)) from None
+        for prefix in prefixes:
             for ext in (".bin", ".idx"):
                 _check(os.path.isfile(prefix + ext),
                        f"--data-path {prefix}: {prefix + ext} not found (expected the .bin/.idx pair written "
                        f"by tools/preprocess_data.py)")
-        parts = [p.strip() for p in str(args.split).replace("/", ",").split(",") if p.strip()]
-        try:
-            weights = [float(p) for p in parts]
-        except ValueError:
-            raise ArgumentError(f"--split '{args.split}': expected comma-separated numbers such as 969,30,1") from None
-        _check(1 <= len(weights) <= 3 and all(w >= 0 for w in weights) and weights[0] > 0,
-               f"--split '{args.split}': expected up to three non-negative proportions with a positive train part")
+        _check(fractions[0] > 0, f"--split {args.split!r}: the train part is zero (pretraining needs training data)")
 
     # ---- checkpointing / logging
     _check(args.save_interval is None or args.save is not None, "--save-interval needs --save")
@@ -477,10 +470,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     return args
 
 
-def core_config_from_args(args: argparse.Namespace, vocab_size: int):
-    """The :class:`~megatron_tokenformer.config.TokenformerConfig` these (validated) flags describe."""
-    from megatron_tokenformer.config import TokenformerConfig
-
+def _config_from_args(args: argparse.Namespace, vocab_size: int) -> TokenformerConfig:
+    """The model config of these flags (taus resolved), not yet validated."""
     kwargs = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -498,14 +489,19 @@ def core_config_from_args(args: argparse.Namespace, vocab_size: int):
         checkpoint_activations=args.checkpoint_activations,
         model_type=args.model_type,
     )
-    if args.model_type == "transformer":  # the baseline GPT: MLP width, parametric block LayerNorms
-        kwargs.update(ffn_hidden_size=args.ffn_hidden_size, block_layernorm="parametric")
+    kwargs.update(ffn_hidden_size=args.ffn_hidden_size)
+    kwargs.update(MODEL_FAMILY_FIELDS[args.model_type].recommended)  # the baseline GPT: parametric LayerNorms
     # Values the checkpoint fixed (e.g. tau after growth) win over the defaults.
     for name in ("qkv_tau", "proj_tau", "ffn_tau"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
-    config = TokenformerConfig(**kwargs)
-    config.resolve_taus()
+    return TokenformerConfig(**kwargs).resolve_taus()
+
+
+def core_config_from_args(args: argparse.Namespace, vocab_size: int) -> TokenformerConfig:
+    """The :class:`~megatron_tokenformer.config.TokenformerConfig` these (validated) flags describe,
+    validated (``config.validate``) for the flags' TP/PP."""
+    config = _config_from_args(args, vocab_size)
     try:
         config.validate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     except ValueError as exc:

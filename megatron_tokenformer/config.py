@@ -1,4 +1,11 @@
-"""TokenformerConfig: the model's hyper-parameters, with a JSON round trip (checkpoints store it)."""
+"""The model config: one record of hyper-parameters for every model family, with a JSON round trip
+(checkpoints store it).
+
+The record is flat (the JSON schema every checkpoint holds); which of its fields a family uses and which
+must divide by the tensor-parallel size is declared per family in :data:`MODEL_FAMILY_FIELDS`. The rest of
+a family's description (block class, parameter names, FLOPs, growth) is its spec in
+:mod:`megatron_tokenformer.model.spec`, keyed by the same names.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +13,65 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 # The Pattention score normalisations (the official code's names); the math is in ops/pattention_norm.py.
 PATTENTION_NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 BLOCK_LAYERNORMS = ("nonparametric", "parametric")
-MODEL_TYPES = ("tokenformer", "transformer")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyFields:
+    """The config fields one model family owns (the config layer's part of its spec).
+
+    ``uses``: the family-specific fields its model reads (the shared ones -- layers, width, heads,
+    sequence, vocabulary, rotary, LayerNorms, init, dtype -- are used by every family; the other
+    families' fields are stored but ignored). ``tp_divisible``: ``{field: why}`` for the fields whose
+    value must be a positive integer divisible by the tensor-parallel size. ``default_4h``: fields that
+    default to 4 x hidden_size when None. ``recommended``: values the command line and the family's
+    config factory use for fields the user does not set (e.g. the baseline GPT's parametric LayerNorms).
+    """
+
+    uses: Tuple[str, ...]
+    tp_divisible: Mapping[str, str]
+    default_4h: Tuple[str, ...] = ()
+    recommended: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_PARAM_TOKEN_FIELDS = ("qkv_num_param_tokens", "proj_num_param_tokens", "ffn_num_param_tokens")
+
+#: The model families (``model_type`` / ``--model-type``), in CLI order, and the fields each owns.
+MODEL_FAMILY_FIELDS: Dict[str, FamilyFields] = {
+    "tokenformer": FamilyFields(
+        uses=_PARAM_TOKEN_FIELDS + ("qkv_tau", "proj_tau", "ffn_tau", "pattention_normalization",
+                                    "norm_epsilon_pattention"),
+        tp_divisible={name: ": each rank holds an equal block of parameter tokens" for name in _PARAM_TOKEN_FIELDS}),
+    "transformer": FamilyFields(
+        uses=("ffn_hidden_size",),
+        tp_divisible={"ffn_hidden_size": ""},
+        default_4h=("ffn_hidden_size",),
+        recommended={"block_layernorm": "parametric"}),
+}
+MODEL_TYPES = tuple(MODEL_FAMILY_FIELDS)
 
 
 @dataclasses.dataclass
 class TokenformerConfig:
-    """Hyper-parameters of the Tokenformer LM (docs/design.md §2).
+    """Hyper-parameters of the language model (docs/design.md §2), of every family.
+
+    The name is historical (Tokenformer was the first family; :data:`ModelConfig` is the same class):
+    ``model_type`` says which family the record describes, :data:`MODEL_FAMILY_FIELDS` which fields
+    that family uses. The baseline GPT stores the Pattention fields too (unused) so that one JSON
+    schema reads every checkpoint.
 
     Token counts: ``qkv_num_param_tokens`` for each of the Q, K, V Pattentions, ``proj_num_param_tokens``
     for the attention output Pattention, ``ffn_num_param_tokens`` for the FFN Pattention.
     ``*_tau`` = None means sqrt(n); :meth:`resolve_taus` turns them into floats once (the model then
     keeps them, also after growing n).
     ``value_init``: "wang" (std 2 / (L * sqrt(d))) or a float std for the value tokens.
-    ``model_type``: "tokenformer" or "transformer" (the baseline GPT of
-    :mod:`megatron_tokenformer.model.transformer`, whose MLP width is ``ffn_hidden_size``, default
-    4 * hidden_size; it ignores the Pattention fields).
+    ``model_type``: one of :data:`MODEL_TYPES` (see :mod:`megatron_tokenformer.model.spec`); the
+    baseline GPT's MLP width is ``ffn_hidden_size`` (default 4 * hidden_size).
     """
 
     num_layers: int
@@ -58,8 +103,10 @@ class TokenformerConfig:
     def __post_init__(self):
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
-        if self.model_type == "transformer" and self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+        family = MODEL_FAMILY_FIELDS.get(self.model_type)
+        for name in (family.default_4h if family else ()):
+            if getattr(self, name) is None:
+                setattr(self, name, 4 * self.hidden_size)
 
     # --- derived values ---------------------------------------------------------------------------
     @property
@@ -129,15 +176,11 @@ class TokenformerConfig:
         if self.num_attention_heads % tp != 0:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not divisible by the "
                              f"tensor-model-parallel size ({tp})")
-        if self.model_type == "transformer":
-            positive("ffn_hidden_size")
-            if self.ffn_hidden_size % tp != 0:
-                raise ValueError(f"ffn_hidden_size ({self.ffn_hidden_size}) is not divisible by the "
-                                 f"tensor-model-parallel size ({tp})")
-        for name in ("qkv_num_param_tokens", "proj_num_param_tokens", "ffn_num_param_tokens"):
-            if self.model_type == "tokenformer" and getattr(self, name) % tp != 0:
+        for name, why in MODEL_FAMILY_FIELDS[self.model_type].tp_divisible.items():
+            positive(name)
+            if getattr(self, name) % tp != 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) is not divisible by the tensor-model-parallel "
-                                 f"size ({tp}): each rank holds an equal block of parameter tokens")
+                                 f"size ({tp}){why}")
         if self.num_layers % pp != 0:
             raise ValueError(f"num_layers ({self.num_layers}) is not divisible by the pipeline-model-parallel "
                              f"size ({pp})")
@@ -192,3 +235,7 @@ class TokenformerConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a model config must be a JSON object")
         return cls.from_dict(data)
+
+
+#: The same class under the name that says what it is: the config of any model family.
+ModelConfig = TokenformerConfig

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional
 from megatron_tokenformer.checkpointing import files
 from megatron_tokenformer.checkpointing.grow import GrownView, plan_growth
 from megatron_tokenformer.checkpointing.reshard import FP32, CanonicalWriter, CheckpointView
+from megatron_tokenformer.model.spec import GROW_NET2NET_WIDTH, get_spec
 
 __all__ = ["ExpandError", "ExpandOptions", "expand_checkpoint", "peak_rss_bytes"]
 
@@ -154,7 +155,7 @@ def expand_checkpoint(opts: ExpandOptions, log: Callable[[str], None] = print) -
         layout = _target_layout(view, opts)
         net2net_plan = None
         try:
-            if view.config.model_type == "transformer" or opts.hidden_size is not None or \
+            if get_spec(view.config).growth_rule == GROW_NET2NET_WIDTH or opts.hidden_size is not None or \
                     opts.ffn_hidden_size is not None:
                 from megatron_tokenformer.checkpointing import net2net
                 net2net_plan = net2net.plan_from_options(view.config, opts)

@@ -27,20 +27,19 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_tokenformer.checkpointing.reshard import FP32, CheckpointView, ParamEntry
+from megatron_tokenformer.model.spec import ModelSpec, TokenformerSpec, UnknownParameterError
 
 __all__ = ["GrowthPlan", "GrownView", "plan_growth", "interleaved_positions", "GrowthError", "TOKEN_KINDS"]
 
 # kind -> config field; the Pattentions of each kind
-TOKEN_KINDS = {"qkv": "qkv_num_param_tokens", "proj": "proj_num_param_tokens", "ffn": "ffn_num_param_tokens"}
-_PATTENTION_RE = re.compile(r"^layers\.(\d+)\.(attention\.(query|key|value|dense)|mlp)\.(key|value)_param_tokens$")
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+TOKEN_KINDS = TokenformerSpec.token_fields
+_SPEC = TokenformerSpec()
 
 
 class GrowthError(ValueError):
@@ -48,13 +47,13 @@ class GrowthError(ValueError):
 
 
 def pattention_kind(name: str) -> Optional[Tuple[str, str]]:
-    """(kind, 'key'|'value') for a canonical Pattention tensor name, else None."""
-    m = _PATTENTION_RE.match(name)
-    if not m:
+    """(kind, 'key'|'value') for a canonical Pattention tensor name, else None (the Tokenformer spec's
+    classification)."""
+    try:
+        info = _SPEC.classify(name)
+    except UnknownParameterError:
         return None
-    sub = m.group(3)
-    kind = "ffn" if m.group(2) == "mlp" else ("proj" if sub == "dense" else "qkv")
-    return kind, m.group(4)
+    return (info.group, info.role) if info.group is not None else None
 
 
 def interleaved_positions(old_layers: int, new_layers: int) -> List[int]:
@@ -176,8 +175,7 @@ class GrownView:
         self._source: Dict[str, Optional[str]] = {}  # new name -> old name (None: a new block's tensor)
         default_step = self._default_steps()
         for name, entry in view.params.items():
-            m = _LAYER_RE.match(name)
-            if not m:
+            if ModelSpec.block_suffix(name) is None:
                 self._add(name, name, entry)
         for j, src in enumerate(plan.layer_sources):
             old_index = src if src is not None else 0
@@ -194,9 +192,9 @@ class GrownView:
     def _default_steps(self) -> Dict[str, Optional[float]]:
         steps = {}
         for name, entry in self.view.params.items():
-            m = _LAYER_RE.match(name)
-            if m and m.group(2) not in steps:
-                steps[m.group(2)] = entry.step
+            block = ModelSpec.block_suffix(name)
+            if block and block[1] not in steps:
+                steps[block[1]] = entry.step
         return steps
 
     def _new_shape(self, name: str, entry: ParamEntry) -> Tuple[int, ...]:
@@ -248,7 +246,7 @@ class GrownView:
         tail = out[entry.shape[0] - extra:]
         kind, kv = pattention_kind(name)
         if key == FP32 and kv == "value" and self.plan.new_value_std > 0:
-            layer_number = int(name.split(".")[1]) + 1
+            layer_number = ModelSpec.block_suffix(name)[0] + 1
             tail.normal_(0.0, self.plan.new_value_std, generator=self._generator(name, layer_number, name))
         else:
             tail.zero_()
@@ -278,7 +276,7 @@ class GrownView:
             if key == FP32 and kv == "value" and self.plan.new_value_std > 0:
                 extra = entry.shape[0] - old.shape[0]
                 tail = torch.empty((extra,) + tuple(entry.shape[1:]), dtype=torch.float32)
-                layer_number = int(name.split(".")[1]) + 1
+                layer_number = ModelSpec.block_suffix(name)[0] + 1
                 tail.normal_(0.0, self.plan.new_value_std, generator=self._generator(name, layer_number, name))
                 fills.append((old.numel(), tail.view(-1)))
         return copies, fills
@@ -286,16 +284,15 @@ class GrownView:
     def _new_block_tensor(self, name: str, entry: ParamEntry, key: str) -> torch.Tensor:
         if key != FP32:
             return torch.zeros(entry.shape, dtype=torch.float32)
-        m = _LAYER_RE.match(name)
-        layer_number = int(m.group(1)) + 1
-        suffix = m.group(2)
+        layer, suffix = ModelSpec.block_suffix(name)
+        layer_number = layer + 1
         pk = pattention_kind(name)
         cfg = self.plan.new_config
         if pk is not None:
             kind, kv = pk
             if kv == "key":
                 std = cfg.init_method_std
-            elif suffix.startswith("attention.dense.") or suffix.startswith("mlp."):
+            elif kind in ("proj", "ffn"):
                 return torch.zeros(entry.shape, dtype=torch.float32)  # identity: zero output values
             else:
                 std = self.plan.new_value_std

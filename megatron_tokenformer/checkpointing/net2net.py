@@ -56,18 +56,19 @@ no meaning for the split entries); the widened checkpoint has none and training 
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_tokenformer.checkpointing.reshard import FP32, CheckpointView, ParamEntry
+from megatron_tokenformer.model.spec import GROW_NET2NET_WIDTH, TransformerSpec, UnknownParameterError, get_spec
 
 __all__ = ["Net2NetError", "WideningPlan", "WidenedView", "plan_widening", "plan_from_options",
            "widen_state_dict", "widen_tensor", "widened_shape"]
 
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+#: the family whose growth rule Net2Net implements; its classifier names each tensor's rule
+_SPEC = TransformerSpec()
 
 
 class Net2NetError(ValueError):
@@ -107,7 +108,7 @@ def _mlp_map(f_old: int, f_new: int, seed: int) -> List[int]:
 def plan_widening(config, hidden_size: Optional[int] = None, ffn_hidden_size: Optional[int] = None,
                   noise_std: float = 0.0, seed: int = 1234, reset_optimizer: bool = False) -> WideningPlan:
     """Validate a width-growth request against a transformer ``config`` and plan it."""
-    if getattr(config, "model_type", "tokenformer") != "transformer":
+    if get_spec(config).growth_rule != GROW_NET2NET_WIDTH:
         raise Net2NetError("--hidden-size (Net2Net width growth) applies to checkpoints of --model-type transformer; a "
                            "Tokenformer grows by parameter tokens instead (--param-token-growth-factor or "
                            "--qkv-num-param-tokens/--proj-num-param-tokens/--ffn-num-param-tokens)")
@@ -140,7 +141,7 @@ def plan_from_options(config, opts) -> WideningPlan:
     """The plan for tools/expand_checkpoint.py's options (:class:`~.expand.ExpandOptions`) on a transformer
     checkpoint (``--hidden-size``, ``--ffn-hidden-size``, ``--net2net-noise-std``; no flag: a plain copy,
     optimizer state kept, for resharding). Token and depth growth flags are refused for it."""
-    if getattr(config, "model_type", "tokenformer") == "transformer":
+    if get_spec(config).growth_rule == GROW_NET2NET_WIDTH:
         given = [flag for flag, value in (
             ("--qkv-num-param-tokens", opts.qkv_num_param_tokens),
             ("--proj-num-param-tokens", opts.proj_num_param_tokens),
@@ -162,28 +163,12 @@ def plan_from_options(config, opts) -> WideningPlan:
 
 # --------------------------------------------------------------------------- the tensor rules
 def _kind(name: str) -> str:
-    """Which rule of the module docstring applies to a canonical parameter name."""
-    if name == "embedding.word_embeddings.weight":
-        return "embedding"
-    if name in ("final_layernorm.weight", "final_layernorm.bias"):
-        return "final_layernorm"
-    m = _LAYER_RE.match(name)
-    if not m:
-        raise Net2NetError(f"do not know how to widen parameter {name!r}")
-    suffix = m.group(2)
-    table = {
-        "input_layernorm.weight": "vector", "input_layernorm.bias": "vector",
-        "post_attention_layernorm.weight": "vector", "post_attention_layernorm.bias": "vector",
-        "attention.query.weight": "square", "attention.key.weight": "square", "attention.value.weight": "square",
-        "attention.dense.weight": "square",
-        "attention.query.bias": "vector", "attention.key.bias": "vector", "attention.value.bias": "vector",
-        "attention.dense.bias": "vector",
-        "mlp.dense_h_to_4h.weight": "h_to_4h", "mlp.dense_h_to_4h.bias": "mlp_vector",
-        "mlp.dense_4h_to_h.weight": "4h_to_h", "mlp.dense_4h_to_h.bias": "vector",
-    }
-    if suffix not in table:
-        raise Net2NetError(f"do not know how to widen parameter {name!r}")
-    return table[suffix]
+    """Which rule of the module docstring applies to a canonical parameter name: the role the
+    Transformer spec gives it (:meth:`~megatron_tokenformer.model.spec.ModelSpec.classify`)."""
+    try:
+        return _SPEC.classify(name).role
+    except UnknownParameterError:
+        raise Net2NetError(f"do not know how to widen parameter {name!r}") from None
 
 
 def widen_tensor(name: str, tensor: torch.Tensor, plan: WideningPlan) -> torch.Tensor:

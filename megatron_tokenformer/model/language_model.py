@@ -17,18 +17,15 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.config import TokenformerConfig
-from megatron_tokenformer.model.block import TokenformerBlock
 from megatron_tokenformer.model.layernorm import LayerNorm
+from megatron_tokenformer.model.spec import get_spec
 from megatron_tokenformer.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_tokenformer.tensor_parallel.layers import VocabParallelEmbedding, parallel_lm_logits
 
 
 def get_block_class(config: TokenformerConfig):
-    """The block class ``config.model_type`` selects: TokenformerBlock or the baseline TransformerBlock."""
-    if config.model_type == "transformer":
-        from megatron_tokenformer.model.transformer import TransformerBlock
-        return TransformerBlock
-    return TokenformerBlock
+    """The block class of ``config``'s model family (its spec's ``block_class``)."""
+    return get_spec(config).block_class
 
 
 def prepare_config(config: TokenformerConfig) -> TokenformerConfig:
@@ -79,7 +76,7 @@ class TokenformerLM(nn.Module):
         -> loss (fp32 scalar, mean over unmasked tokens) when labels are given,
            else vocab-parallel logits [b, s, padded_vocab/p].
     Submodules: ``embedding`` (``word_embeddings``), ``layers`` (ModuleList of TokenformerBlock, or of
-    the baseline TransformerBlock when ``config.model_type == "transformer"``),
+    the block class of the config's model family, :mod:`megatron_tokenformer.model.spec`),
     ``final_layernorm``. With ``config.checkpoint_activations`` each block is recomputed in backward
     (torch.utils.checkpoint, use_reentrant=False).
     """

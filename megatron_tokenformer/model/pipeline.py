@@ -64,7 +64,7 @@ def get_layer_specs(config: TokenformerConfig, seed: int = 1234) -> List:
     config = prepare_config(config)
     specs = [TiedLayerSpec(TIED_EMBEDDING_KEY, TokenformerEmbedding, config, seed, forward_fn=embedding_forward,
                            tied_weight_attr=TIED_WEIGHT_ATTR)]
-    block_class = get_block_class(config)  # TokenformerBlock, or TransformerBlock for model_type "transformer"
+    block_class = get_block_class(config)  # the model family's block (model/spec.py)
     specs += [LayerSpec(block_class, config, i + 1, seed) for i in range(config.num_layers)]
     specs.append(LayerSpec(LayerNorm, config.hidden_size, config.layernorm_epsilon, True,
                            params_dtype=config.torch_dtype))

@@ -1,4 +1,7 @@
-"""FLOPs per token of the Tokenformer LM and model FLOPs utilisation (docs/design.md §6).
+"""FLOPs per trained token and model FLOPs utilisation (docs/design.md §6).
+
+The forward count of each model family is its spec's (:meth:`megatron_tokenformer.model.spec.ModelSpec.
+forward_flops_per_token`); the two formulas, re-exported here, are:
 
 Forward FLOPs per token (a multiply-add counts 2):
 
@@ -14,7 +17,7 @@ Forward FLOPs per token (a multiply-add counts 2):
 
 ``F = L * (4 d (3 n_qkv + n_proj + n_ffn) + 4 T d) + 2 d V``
 
-The baseline Transformer (``model_type="transformer"``, MLP width ``f = ffn_hidden_size``): Q, K,
+The baseline Transformer (``--model-type transformer``, MLP width ``f = ffn_hidden_size``): Q, K,
 V and the output projection are d x d matrices (``2 d^2`` each), the MLP ``d -> f -> d`` costs
 ``2 d f + 2 f d``; biases, GeLU and norms are O(d) and not counted; attention and logits as above:
 
@@ -33,27 +36,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron_tokenformer.model.spec import get_spec
+from megatron_tokenformer.model.spec import tokenformer_forward_flops_per_token as forward_flops_per_token
+from megatron_tokenformer.model.spec import transformer_forward_flops_per_token
+
 __all__ = ["forward_flops_per_token", "transformer_forward_flops_per_token", "training_flops_per_token", "peak_tflops_for_device",
            "PEAK_TFLOPS"]
 
 #: dense bf16/fp16 peaks of one device, TFLOP/s
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def forward_flops_per_token(num_layers: int, hidden_size: int, seq_length: int, padded_vocab_size: int,
-                            qkv_num_param_tokens: int, proj_num_param_tokens: int,
-                            ffn_num_param_tokens: int) -> float:
-    d = hidden_size
-    pattention = 4 * d * (3 * qkv_num_param_tokens + proj_num_param_tokens + ffn_num_param_tokens)
-    attention = 4 * seq_length * d
-    return float(num_layers * (pattention + attention) + 2 * d * padded_vocab_size)
-
-
-def transformer_forward_flops_per_token(num_layers: int, hidden_size: int, seq_length: int, padded_vocab_size: int,
-                                        ffn_hidden_size: int) -> float:
-    """Forward FLOPs per token of the baseline Transformer (see the module docstring)."""
-    d, f = hidden_size, ffn_hidden_size
-    return float(num_layers * (8 * d * d + 4 * d * f + 4 * seq_length * d) + 2 * d * padded_vocab_size)
 
 
 def training_flops_per_token(config, padded_vocab_size: int, recompute: Optional[bool] = None,
@@ -63,13 +54,7 @@ def training_flops_per_token(config, padded_vocab_size: int, recompute: Optional
     ``hardware=True`` includes the recomputed forward when activations are checkpointed (4 F),
     ``hardware=False`` gives the model FLOPs (3 F) used for MFU.
     """
-    if getattr(config, "model_type", "tokenformer") == "transformer":
-        fwd = transformer_forward_flops_per_token(config.num_layers, config.hidden_size, config.seq_length,
-                                                  padded_vocab_size, config.ffn_hidden_size)
-    else:
-        fwd = forward_flops_per_token(config.num_layers, config.hidden_size, config.seq_length, padded_vocab_size,
-                                      config.qkv_num_param_tokens, config.proj_num_param_tokens,
-                                      config.ffn_num_param_tokens)
+    fwd = get_spec(config).forward_flops_per_token(config, padded_vocab_size)
     if recompute is None:
         recompute = bool(getattr(config, "checkpoint_activations", False))
     return (4.0 if (hardware and recompute) else 3.0) * fwd

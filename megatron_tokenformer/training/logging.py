@@ -13,8 +13,11 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from megatron_tokenformer.model.naming import canonical_parameter_names
+from megatron_tokenformer.model.spec import PARAM_KINDS, UnknownParameterError, get_spec
+
 __all__ = ["print_rank_0", "print_rank_last", "is_logging_rank", "format_train_line", "format_eval_line",
-           "TensorBoardLogger", "count_parameters", "format_parameter_summary", "PARAM_KINDS"]
+           "TensorBoardLogger", "count_model_parameters", "format_parameter_summary", "PARAM_KINDS"]
 
 
 def _rank() -> int:
@@ -107,35 +110,15 @@ class TensorBoardLogger:
 
 # --------------------------------------------------------------------------- parameter counts
 
-#: categories reported in the parameter summary, in order
-PARAM_KINDS = ("qkv pattention", "proj pattention", "ffn pattention", "embedding", "layernorm", "other")
-
-
-def param_kind(name: str) -> str:
-    """Category of a parameter from its qualified name (see the model's stable names)."""
-    parts = name.split(".")
-    if "word_embeddings" in parts or "embedding" in parts:
-        return "embedding"
-    if "attention" in parts:
-        i = parts.index("attention")
-        sub = parts[i + 1] if i + 1 < len(parts) else ""
-        if sub in ("query", "key", "value", "query_key_value"):
-            return "qkv pattention"
-        if sub in ("dense", "proj", "output"):
-            return "proj pattention"
-    if "mlp" in parts or "ffn" in parts:
-        return "ffn pattention"
-    if any("norm" in p for p in parts):
-        return "layernorm"
-    return "other"
-
-
 def _is_partitioned(p: torch.nn.Parameter) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False) or getattr(p, "model_parallel", False))
 
 
-def count_parameters(model: torch.nn.Module) -> Tuple[List[Dict[str, int]], Dict[str, int]]:
-    """Unique parameter counts of the whole (distributed) model, per pipeline stage and per kind.
+def count_model_parameters(model: torch.nn.Module, config) -> Tuple[List[Dict[str, int]], Dict[str, int]]:
+    """Unique parameter counts of the whole instantiated (distributed) model, per pipeline stage and per
+    kind (:data:`~megatron_tokenformer.model.spec.PARAM_KINDS`, from the spec of ``config``'s family;
+    a name the spec does not know counts as "other"). For the counts a config implies without a model
+    see :func:`megatron_tokenformer.model.spec.config_parameter_counts`.
 
     Collective over the world when ``torch.distributed`` is initialised. Tensor-parallel partitions
     are summed over the TP group, replicated parameters counted once (TP rank 0), pipeline copies of
@@ -147,11 +130,17 @@ def count_parameters(model: torch.nn.Module) -> Tuple[List[Dict[str, int]], Dict
     pp_size = ps.get_pipeline_model_parallel_world_size()
     pp_rank = ps.get_pipeline_model_parallel_rank()
     local = torch.zeros(pp_size, len(PARAM_KINDS), dtype=torch.float64)
+    spec = get_spec(config)
     try:  # PipelineModule names layers by index ("3.weight"): use the layout-independent names
-        from megatron_tokenformer.checkpointing.naming import canonical_parameter_names
         canonical = canonical_parameter_names(model)
-    except (ImportError, ValueError):
+    except ValueError:
         canonical = {}
+
+    def kind(name: str) -> str:
+        try:
+            return spec.classify(name).kind
+        except UnknownParameterError:
+            return "other"
     seen = set()
     for name, p in model.named_parameters():
         name = canonical.get(name, name)
@@ -162,7 +151,7 @@ def count_parameters(model: torch.nn.Module) -> Tuple[List[Dict[str, int]], Dict
             continue  # the other stage's copy of a tied weight
         if not _is_partitioned(p) and tp_rank != 0:
             continue
-        local[pp_rank, PARAM_KINDS.index(param_kind(name))] += p.numel()
+        local[pp_rank, PARAM_KINDS.index(kind(name))] += p.numel()
     if ps.get_data_parallel_rank() != 0:
         local.zero_()
     if torch.distributed.is_initialized():

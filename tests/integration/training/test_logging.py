@@ -9,7 +9,7 @@ import pytest
 
 from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model import TokenformerLM
-from megatron_tokenformer.training.logging import (TensorBoardLogger, count_parameters, format_eval_line,
+from megatron_tokenformer.training.logging import (TensorBoardLogger, count_model_parameters, format_eval_line,
                                                    format_parameter_summary, format_train_line)
 
 from tests.helpers import train_runs
@@ -37,7 +37,7 @@ def test_eval_line_has_loss_and_perplexity():
 def test_parameter_count_single_process():
     cfg = TokenformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=100,
                             qkv_num_param_tokens=16, proj_num_param_tokens=8, ffn_num_param_tokens=24)
-    per_stage, total = count_parameters(TokenformerLM(cfg))
+    per_stage, total = count_model_parameters(TokenformerLM(cfg), cfg)
     d, L = 32, 2
     assert total["qkv pattention"] == L * 3 * 2 * 16 * d   # key + value tokens of Q, K, V
     assert total["proj pattention"] == L * 2 * 8 * d

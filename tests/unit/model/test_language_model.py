@@ -167,7 +167,7 @@ def test_bad_config_is_rejected_by_the_model():
 
 @pytest.mark.parametrize("block_layernorm", ["nonparametric", "parametric"])
 def test_count_parameters_matches_the_model(block_layernorm):
-    from megatron_tokenformer.model.parameters import count_parameters
+    from megatron_tokenformer.model.spec import config_parameter_counts
 
     cfg = tiny_config(block_layernorm=block_layernorm)
     model = TokenformerLM(cfg)
@@ -175,8 +175,8 @@ def test_count_parameters_matches_the_model(block_layernorm):
     for name, p in model.named_parameters():
         part = next(k for k in ("layernorm", "embedding", "attention", "mlp") if k in name)
         numel[part] += p.numel()
-    counts = count_parameters(cfg, include_padding=True)
+    counts = config_parameter_counts(cfg, include_padding=True)
     assert {k: counts[k] for k in numel} == numel
     assert counts["total"] == sum(p.numel() for p in model.parameters())
-    assert count_parameters(cfg)["embedding"] == 61 * 32
-    assert count_parameters(cfg, include_embedding=False)["total"] == counts["total"] - 64 * 32
+    assert config_parameter_counts(cfg)["embedding"] == 61 * 32
+    assert config_parameter_counts(cfg, include_embedding=False)["total"] == counts["total"] - 64 * 32
