@@ -106,10 +106,8 @@ def run_pretrain(nproc: int, tp: int, iters: int, warmup: int, threads: int) -> 
 
 
 def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from megatron_tokenformer.launch import find_free_port
+    return find_free_port()
 
 
 def run_plain(iters: int, warmup: int, threads: int) -> Dict[str, float]:

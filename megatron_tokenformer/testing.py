@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from typing import Callable
 
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_tokenformer.launch import find_free_port
 
 
 def _gloo_worker(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
@@ -40,4 +34,4 @@ def spawn_gloo(fn: Callable, world_size: int, *args) -> None:
     """
     import torch.multiprocessing as mp
 
-    mp.spawn(_gloo_worker, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+    mp.spawn(_gloo_worker, args=(fn, world_size, find_free_port(), args), nprocs=world_size, join=True)

@@ -36,7 +36,7 @@ import shutil
 import struct
 import uuid
 from enum import Enum
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -582,10 +582,3 @@ def merge_datasets(input_prefixes: Sequence[str], output_prefix: str, dtype=None
         for p in input_prefixes:
             builder.add_index(p)
     return IndexedDataset(output_prefix)
-
-
-def read_documents(prefix: str) -> Iterable[np.ndarray]:
-    """Yield each document's tokens (convenience for tools and tests)."""
-    ds = IndexedDataset(prefix)
-    for d in range(ds.num_documents):
-        yield ds.get_document(d)

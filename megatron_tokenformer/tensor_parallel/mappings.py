@@ -241,9 +241,3 @@ def all_reduce_max_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Element-wise max over ranks, detached from autograd."""
     with torch.no_grad():
         return _collective("all_reduce_max", x.detach())
-
-
-def all_reduce_sum_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum over ranks, detached from autograd."""
-    with torch.no_grad():
-        return _collective("all_reduce", x.detach())

@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from megatron_tokenformer.launch import find_free_port as free_port  # noqa: F401  (the one free-port helper)
 from tests.helpers.paths import REPO_ROOT as ROOT
 SCRIPT = os.path.join(ROOT, "pretrain_tokenformer.py")
 VENV_BIN = os.path.dirname(sys.executable)
@@ -20,12 +20,6 @@ VENV_BIN = os.path.dirname(sys.executable)
 # A tiny Tokenformer whose every dimension divides TP = 2 and PP = 2.
 TINY_MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
               "--qkv-num-param-tokens", "16", "--proj-num-param-tokens", "16", "--ffn-num-param-tokens", "32"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:

@@ -173,3 +173,54 @@ def test_bad_layout_under_torchrun_fails_fast_with_one_message():
     assert result.stdout.count(needle) == 1, result.stdout[-3000:]
     # no Python traceback from the ranks (torchrun adds its own failure report)
     assert 'pretrain_tokenformer.py", line' not in result.stdout
+
+
+# ----------------------------------------------------------------------------- --data-path and --split
+
+
+def _prefixes(tmp_path, *names):
+    out = []
+    for name in names:
+        for ext in (".bin", ".idx"):
+            (tmp_path / (name + ext)).write_bytes(b"")  # validate_args only checks that the pair exists
+        out.append(str(tmp_path / name))
+    return out
+
+
+NO_MOCK = [a for a in BASE if a != "--mock-data"]
+
+
+@pytest.mark.parametrize("form", ["one prefix", "weighted pairs", "unweighted list"])
+def test_data_path_accepts_megatrons_three_forms(tmp_path, form):
+    a, b = _prefixes(tmp_path, "a", "b")
+    data_path = {"one prefix": [a], "weighted pairs": ["0.3", a, "0.7", b], "unweighted list": [a, b]}[form]
+    args = validate_args(parse_args(NO_MOCK + ["--data-path", *data_path]), 1)
+    assert args.data_path == data_path
+
+
+@pytest.mark.parametrize("data_path, needle", [
+    (["0.5", "{a}", "{b}"], "odd count"),
+    (["{a}", "0.5", "{b}"], "mixes weights and prefixes"),
+    (["-1", "{a}", "1", "{b}"], "must be a non-negative number"),
+    (["0", "{a}", "0", "{b}"], "the weights sum to zero"),
+    (["{a}", "{missing}"], "missing.bin not found"),
+])
+def test_bad_data_path_is_one_clear_error(tmp_path, data_path, needle):
+    a, b = _prefixes(tmp_path, "a", "b")
+    names = {"a": a, "b": b, "missing": str(tmp_path / "missing")}
+    msg = error_of_argv(NO_MOCK + ["--data-path"] + [item.format(**names) for item in data_path])
+    assert "--data-path" in msg and needle in msg
+
+
+@pytest.mark.parametrize("split, needle", [("969,x,1", "--split"), ("1,2,3,4", "--split"),
+                                           ("0,1,0", "the train part is zero")])
+def test_split_is_checked_by_the_data_layer_parser(tmp_path, split, needle):
+    (a,) = _prefixes(tmp_path, "a")
+    assert needle in error_of_argv(NO_MOCK + ["--data-path", a, "--split", split])
+    assert validate_args(parse_args(NO_MOCK + ["--data-path", a, "--split", "969/30/1"]), 1).split == "969/30/1"
+
+
+def error_of_argv(argv):
+    with pytest.raises(ArgumentError) as info:
+        validate_args(parse_args(argv), 1)
+    return str(info.value)
