@@ -26,7 +26,7 @@ import re
 import sys
 from typing import Iterable, Optional, Sequence
 
-from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, MODEL_TYPES, PATTENTION_NORMALIZATIONS, TokenformerConfig
+from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, MODEL_TYPES, PATTENTION_NORMALIZATIONS
 from megatron_tokenformer.data.blending import parse_data_prefix
 from megatron_tokenformer.data.gpt_dataset import parse_split
 
@@ -324,6 +324,8 @@ def _default_tokenizer_type(args) -> str:
 def _flag_names(message: str) -> str:
     """A model-config message (``config.validate``) in flag names: ``ffn_hidden_size`` -> ``--ffn-hidden-size``,
     ``the tensor-model-parallel size`` -> ``--tensor-model-parallel-size``."""
+    from megatron_tokenformer.config import TokenformerConfig
+
     fields = {f.name for f in dataclasses.fields(TokenformerConfig)} & {a.dest for a in build_parser()._actions}
     for name in sorted(fields, key=len, reverse=True):
         message = re.sub(rf"(?<![\w-]){name}(?![\w-])", "--" + name.replace("_", "-"), message)
@@ -336,9 +338,8 @@ def _check_model_config(args: argparse.Namespace) -> None:
     """The model config these flags describe, checked by its one rule set (``TokenformerConfig.validate``);
     the error names the flags."""
     try:
-        _config_from_args(args, args.vocab_size or 1).validate(args.tensor_model_parallel_size,
-                                                               args.pipeline_model_parallel_size)
-    except ValueError as exc:
+        core_config_from_args(args, args.vocab_size or 1)
+    except ArgumentError as exc:
         raise ArgumentError(_flag_names(str(exc))) from None
 
 
@@ -470,8 +471,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     return args
 
 
-def _config_from_args(args: argparse.Namespace, vocab_size: int) -> TokenformerConfig:
-    """The model config of these flags (taus resolved), not yet validated."""
+def core_config_from_args(args: argparse.Namespace, vocab_size: int):
+    """The :class:`~megatron_tokenformer.config.TokenformerConfig` these (validated) flags describe."""
+    from megatron_tokenformer.config import TokenformerConfig
+
     kwargs = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -495,13 +498,8 @@ def _config_from_args(args: argparse.Namespace, vocab_size: int) -> TokenformerC
     for name in ("qkv_tau", "proj_tau", "ffn_tau"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
-    return TokenformerConfig(**kwargs).resolve_taus()
-
-
-def core_config_from_args(args: argparse.Namespace, vocab_size: int) -> TokenformerConfig:
-    """The :class:`~megatron_tokenformer.config.TokenformerConfig` these (validated) flags describe,
-    validated (``config.validate``) for the flags' TP/PP."""
-    config = _config_from_args(args, vocab_size)
+    config = TokenformerConfig(**kwargs)
+    config.resolve_taus()
     try:
         config.validate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     except ValueError as exc:

@@ -29,7 +29,6 @@ from torch import nn
 
 from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, MODEL_TYPES, FamilyFields, TokenformerConfig
 from megatron_tokenformer.model.block import TokenformerBlock
-from megatron_tokenformer.model.transformer import MODEL_TYPE as TRANSFORMER_MODEL_TYPE
 from megatron_tokenformer.model.transformer import TransformerBlock
 
 __all__ = ["ParamInfo", "ModelSpec", "config_parameter_counts", "TokenformerSpec", "TransformerSpec", "get_spec", "MODEL_SPECS",
@@ -216,7 +215,7 @@ class TransformerSpec(ModelSpec):
     ``L (8 d^2 + 4 d f + 4 T d) + 2 d V``. Grows in width by Net2Net.
     """
 
-    name = TRANSFORMER_MODEL_TYPE
+    name = "transformer"
     block_class = TransformerBlock
     growth_rule = GROW_NET2NET_WIDTH
     _TABLE = {

@@ -40,24 +40,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, TokenformerConfig
+from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model.attention import ParallelAttention
 from megatron_tokenformer.model.layernorm import LayerNorm
 from megatron_tokenformer.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_tokenformer.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-__all__ = ["TransformerAttention", "ParallelMLP", "TransformerBlock", "transformer_config", "MODEL_TYPE"]
-
-#: this family's ``model_type`` (its spec in model/spec.py is registered under it)
-MODEL_TYPE = "transformer"
+__all__ = ["TransformerAttention", "ParallelMLP", "TransformerBlock", "transformer_config"]
 
 
 def transformer_config(**kwargs) -> TokenformerConfig:
     """A :class:`TokenformerConfig` for the baseline GPT: ``model_type="transformer"``, parametric
     block LayerNorms and ``ffn_hidden_size = 4 * hidden_size`` unless given. The Pattention token
     counts are unused by this model; they default to ``hidden_size`` (the config requires them)."""
-    kwargs.setdefault("model_type", MODEL_TYPE)
-    for name, value in MODEL_FAMILY_FIELDS[MODEL_TYPE].recommended.items():
+    from megatron_tokenformer.model.spec import TransformerSpec  # the registry imports this module
+    kwargs.setdefault("model_type", TransformerSpec.name)
+    for name, value in TransformerSpec().config_fields.recommended.items():
         kwargs.setdefault(name, value)  # parametric block LayerNorms
     for name in ("qkv_num_param_tokens", "proj_num_param_tokens"):
         kwargs.setdefault(name, kwargs["hidden_size"])
