@@ -9,6 +9,7 @@ not pull in DeepSpeed or torch.distributed state:
 __version__ = "0.1.0"
 
 _LAZY = {
+    "ModelConfig": "megatron_tokenformer.config",
     "Pattention": "megatron_tokenformer.model.pattention",
     "TokenformerConfig": "megatron_tokenformer.config",
     "TokenformerLM": "megatron_tokenformer.model.language_model",
