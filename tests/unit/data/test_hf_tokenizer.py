@@ -102,3 +102,27 @@ def test_train_tokenizer_too_small_vocab(tmp_path, capsys):
                                "--output-prefix", str(tmp_path / "t"), "--vocab-size", "100"])
     assert rc != 0 and "--vocab-size 100" in capsys.readouterr().err
     assert not list(tmp_path.glob("t*"))
+
+
+def test_pretrain_flags_resolve_the_tokenizer_json(tok_json, tmp_path):
+    from megatron_tokenformer.arguments import ArgumentError, parse_args, validate_args
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "2", "--train-iters", "1", "--lr", "1e-3", "--mock-data"]
+    args = validate_args(parse_args(base + ["--vocab-file", tok_json]), 1)  # GPT-NeoX spelling, type implied
+    assert args.tokenizer_type == "HFTokenizer" and args.tokenizer_model == tok_json
+    import shutil
+    shutil.copyfile(tok_json, tmp_path / "tokenizer.json")
+    args = validate_args(parse_args(base + ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                                            str(tmp_path)]), 1)  # Megatron spelling, a folder
+    assert args.tokenizer_model == str(tmp_path / "tokenizer.json")
+    with pytest.raises(ArgumentError, match="--vocab-file"):
+        validate_args(parse_args(base + ["--tokenizer-type", "HFTokenizer"]), 1)
+
+
+def test_vocabulary_padding_as_megatron(tok_json):
+    from megatron_tokenformer.config import TokenformerConfig
+    tok = build_tokenizer("HFTokenizer", vocab_file=tok_json)
+    cfg = TokenformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, seq_length=4,
+                            vocab_size=tok.vocab_size, qkv_num_param_tokens=4, proj_num_param_tokens=4,
+                            ffn_num_param_tokens=4)
+    assert cfg.padded_vocab_size(1) == 384 and cfg.padded_vocab_size(2) == 512  # multiple of 128 x TP
