@@ -68,7 +68,8 @@ def write_checkpoint(save: str, config, tensors: Dict[str, torch.Tensor], args: 
     missing = sorted(set(layout_map) - set(tensors))
     extra = sorted(set(tensors) - set(layout_map))
     if missing:
-        raise ValueError(f"missing parameter {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"missing parameter {missing[0]}{more}")
     if extra:
         raise ValueError(f"unexpected parameter {extra[0]}")
     for name, (shape, _, _) in layout_map.items():

@@ -68,7 +68,8 @@ def load_model_for_inference(load_dir: str, iteration: Optional[int] = None):
         try:
             model = TokenformerLM(config)
         except ValueError as exc:
-            raise GenerationError(f"--load {load_dir}: the model does not fit tensor parallel size {tp}: {exc}") from None
+            raise GenerationError(f"--load {load_dir}: the model does not fit tensor parallel size {tp}: "
+                                  f"{exc}") from None
         padded = model.config.padded_vocab_size(tp)
         params = dict(model.named_parameters())
         missing = sorted(set(params) - set(view.params))
@@ -111,7 +112,8 @@ def _attention_cached(attn, x, cache, offset):
     if total == s:
         ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
-        mask = torch.arange(total, device=q.device)[None, :] <= torch.arange(offset, offset + s, device=q.device)[:, None]
+        positions = torch.arange(offset, offset + s, device=q.device)
+        mask = torch.arange(total, device=q.device)[None, :] <= positions[:, None]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     ctx = ctx.transpose(1, 2).reshape(b, s, attn.hidden_size_per_partition)
     return attn.project_output(ctx)

@@ -298,6 +298,7 @@ def import_official(input_path: str, config_path: str, save: str, tokenizer_type
     step = write_checkpoint(save, config, tensors, args, tokenizer_file=tok_file,
                             source={"format": "tokenformer-official", "input": os.path.abspath(input_path),
                                     "config": os.path.abspath(config_path)}, layout=layout)
-    log(f"imported {input_path} ({config.num_layers} layers, d {config.hidden_size}, {config.pattention_normalization}, "
+    log(f"imported {input_path} ({config.num_layers} layers, d {config.hidden_size}, "
+        f"{config.pattention_normalization}, "
         f"vocabulary {config.vocab_size}) into {step}")
     return step

@@ -99,7 +99,8 @@ def random_ckpt(interop_dir, hf_assets):
                                ffn_num_param_tokens=32).resolve_taus()
     from megatron_tokenformer.interop.checkpoint_format import parameter_layout
     gen = torch.Generator().manual_seed(5)
-    tensors = {name: torch.randn(shape, generator=gen) * 0.3 for name, (shape, _, _) in parameter_layout(config).items()}
+    tensors = {name: torch.randn(shape, generator=gen) * 0.3
+               for name, (shape, _, _) in parameter_layout(config).items()}
     save = str(interop_dir / "random_ckpt")
     write_checkpoint(save, config, tensors, {"tokenizer_type": "HFTokenizer"}, tokenizer_file=hf_assets["tokenizer"])
     return save

@@ -204,3 +204,27 @@ def test_generate_bad_inputs_one_line_exit_2(random_ckpt, capsys):
         rc = generate.main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and needle in err[0], (argv, err)
+
+
+def test_sentencepiece_checkpoint_exports_an_equivalent_tokenizer(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from megatron_tokenformer.config import TokenformerConfig
+    from megatron_tokenformer.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from megatron_tokenformer.interop.checkpoint_format import parameter_layout, write_checkpoint
+    from tests.integration.interop.conftest import sentences
+
+    model = train_sentencepiece(iter(sentences(9, 300)), str(tmp_path / "sp"), 300, num_threads=1)
+    sp = SentencePieceTokenizer(model)
+    config = TokenformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=32,
+                               vocab_size=sp.vocab_size, qkv_num_param_tokens=8, proj_num_param_tokens=8,
+                               ffn_num_param_tokens=8).resolve_taus()
+    tensors = {n: torch.randn(shape) for n, (shape, _, _) in parameter_layout(config).items()}
+    write_checkpoint(str(tmp_path / "ckpt"), config, tensors, {}, tokenizer_file=model)
+    assert export_hf.main(["--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / "hf")]) == 0
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    for text in ["the cat sat", "  two  spaces\nand a new line", " lead", "ünïcödé ✓ 42", "park."]:
+        ids = tok(text)["input_ids"]
+        assert ids == sp.tokenize(text), text
+        assert tok.decode(ids) == sp.detokenize(ids)
+    assert tok.eos_token_id == sp.eod

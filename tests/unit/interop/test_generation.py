@@ -70,7 +70,8 @@ def test_sampling_rules():
     assert len(set(same)) == 1
 
 
-@pytest.mark.parametrize("opts, flag", [(dict(max_new_tokens=0), "--max-new-tokens"), (dict(temperature=0), "--temperature"),
+@pytest.mark.parametrize("opts, flag", [(dict(max_new_tokens=0), "--max-new-tokens"),
+                                        (dict(temperature=0), "--temperature"),
                                         (dict(top_k=-1), "--top-k"), (dict(top_p=1.5), "--top-p")])
 def test_bad_options_name_the_flag(opts, flag):
     with pytest.raises(GenerationError, match=flag):
