@@ -28,6 +28,9 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.5"],
         "plots": ["matplotlib>=3.5"],
+        # models in and out (docs/interop.md): Hugging Face tokenizers/export, lm-evaluation-harness
+        "hf": ["transformers>=5.24", "tokenizers>=0.20", "safetensors>=0.4", "lm-eval>=0.4.13", "accelerate>=0.26",
+               "pyyaml"],
     },
     entry_points={
         "console_scripts": [

@@ -171,10 +171,13 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                    help="synthetic random tokens (MockGPTDataset) instead of --data-path; for tests")
     g.add_argument("--data-cache-path", default=None, help="where to cache the dataset index files")
     g.add_argument("--num-workers", type=_nonneg_int, default=0, help="data-loader worker processes")
-    g.add_argument("--tokenizer-type", default=None, choices=["SentencePieceTokenizer", "NullTokenizer"],
-                   help="default: SentencePieceTokenizer with --tokenizer-model, NullTokenizer with "
-                        "--vocab-size only")
-    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file")
+    g.add_argument("--tokenizer-type", default=None,
+                   choices=["SentencePieceTokenizer", "HFTokenizer", "HuggingFaceTokenizer", "NullTokenizer"],
+                   help="default: SentencePieceTokenizer with --tokenizer-model, HFTokenizer with --vocab-file, "
+                        "NullTokenizer with --vocab-size only")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece .model file; HuggingFaceTokenizer: tokenizer.json or a folder holding one")
+    g.add_argument("--vocab-file", default=None, help="HFTokenizer (GPT-NeoX's name): a Hugging Face tokenizer.json")
     g.add_argument("--vocab-size", type=_positive_int, default=None,
                    help="vocabulary size for NullTokenizer / --mock-data (tests)")
 
@@ -318,6 +321,8 @@ def _default_tokenizer_type(args) -> str:
         return args.tokenizer_type
     if args.tokenizer_model:
         return "SentencePieceTokenizer"
+    if getattr(args, "vocab_file", None):
+        return "HFTokenizer"
     return "NullTokenizer"
 
 
@@ -447,6 +452,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.tokenizer_type == "SentencePieceTokenizer":
         _check(args.tokenizer_model is not None, "--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
         _check(os.path.isfile(args.tokenizer_model), f"--tokenizer-model {args.tokenizer_model}: no such file")
+    elif args.tokenizer_type in ("HFTokenizer", "HuggingFaceTokenizer"):
+        # one tokenizer.json from --vocab-file / --tokenizer-model (file or folder): checkpoints copy it
+        from megatron_tokenformer.data.hf_tokenizer import resolve_hf_tokenizer_file
+        try:
+            args.tokenizer_model = resolve_hf_tokenizer_file(args.tokenizer_type, args.tokenizer_model,
+                                                             getattr(args, "vocab_file", None))
+        except ValueError as exc:
+            raise ArgumentError(str(exc)) from None
     else:
         _check(args.vocab_size is not None, "--tokenizer-type NullTokenizer (and --mock-data without a "
                                             "tokenizer model) needs --vocab-size")

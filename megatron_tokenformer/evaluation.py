@@ -79,19 +79,22 @@ def load_model(load_dir: str, iteration: Optional[int] = None):
 
 
 def checkpoint_tokenizer(step_dir: str, tokenizer_model: Optional[str] = None):
-    """The tokenizer stored in the checkpoint (or ``tokenizer_model`` when given)."""
+    """The tokenizer stored in the checkpoint (or ``tokenizer_model`` when given): a sentencepiece
+    model or a Hugging Face ``tokenizer.json`` (told apart by content; a folder holding a
+    ``tokenizer.json`` works too)."""
     from megatron_tokenformer.checkpointing import files
-    from megatron_tokenformer.data.tokenizer import build_tokenizer
+    from megatron_tokenformer.data.tokenizer import load_tokenizer_file
 
     if tokenizer_model is not None:
+        if os.path.isdir(tokenizer_model) and os.path.isfile(os.path.join(tokenizer_model, "tokenizer.json")):
+            tokenizer_model = os.path.join(tokenizer_model, "tokenizer.json")
         if not os.path.isfile(tokenizer_model):
             raise EvaluationError(f"--tokenizer-model {tokenizer_model}: no such file")
-        return build_tokenizer("SentencePieceTokenizer", tokenizer_model)
+        return load_tokenizer_file(tokenizer_model)
     path = os.path.join(step_dir, files.TOKENIZER_FILE)
     if not os.path.isfile(path):
-        raise EvaluationError(f"{step_dir} stores no tokenizer (the run used no SentencePiece model); pass "
-                              "--tokenizer-model")
-    return build_tokenizer("SentencePieceTokenizer", path)
+        raise EvaluationError(f"{step_dir} stores no tokenizer (the run used none); pass --tokenizer-model")
+    return load_tokenizer_file(path)
 
 
 def split_tokens(data_prefix: str, split: str, which: str) -> np.ndarray:

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_tokenformer.data.indexed_dataset import IndexedDatasetError  # noqa: E402
 from megatron_tokenformer.data.preprocess import preprocess  # noqa: E402
 from megatron_tokenformer.data.text_inputs import BadInputError  # noqa: E402
-from megatron_tokenformer.data.tokenizer import TOKENIZER_TYPES, TokenizerError  # noqa: E402
+from megatron_tokenformer.data.hf_tokenizer import resolve_hf_tokenizer_file  # noqa: E402
+from megatron_tokenformer.data.tokenizer import HF_TOKENIZER_TYPES, TOKENIZER_TYPES, TokenizerError  # noqa: E402
 
 
 def get_args(argv=None):
@@ -37,7 +38,9 @@ def get_args(argv=None):
                    help="drop undecodable / malformed lines and report them instead of failing")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=list(TOKENIZER_TYPES))
-    g.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="sentencepiece .model file; HuggingFaceTokenizer: tokenizer.json or a folder holding one")
+    g.add_argument("--vocab-file", default=None, help="HFTokenizer (GPT-NeoX's name): a tokenizer.json")
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer only")
     g.add_argument("--append-eod", action="store_true", help="end every document with the eod token")
     g = p.add_argument_group("output data")
@@ -54,6 +57,9 @@ def get_args(argv=None):
 def main(argv=None) -> int:
     args = get_args(argv)
     try:
+        if args.tokenizer_type in HF_TOKENIZER_TYPES:
+            args.tokenizer_model = resolve_hf_tokenizer_file(args.tokenizer_type, args.tokenizer_model,
+                                                             args.vocab_file)
         preprocess(
             inputs=args.input,
             output_prefix=args.output_prefix,

@@ -1,9 +1,13 @@
 #!/usr/bin/env python
-"""Train a sentencepiece tokenizer (BPE by default) for megatron_tokenformer.
+"""Train a sentencepiece tokenizer (BPE by default) or a Hugging Face byte-level BPE.
 
     python tools/train_tokenizer.py --input corpus.jsonl --output-prefix tok --vocab-size 32000
+    python tools/train_tokenizer.py --tokenizer-type HFTokenizer --input corpus.jsonl \
+        --output-prefix tok --vocab-size 32000
 
-writes ``tok.model`` and ``tok.vocab``. Byte fallback is on; ids 0-3 are
+The first writes ``tok.model`` and ``tok.vocab`` (sentencepiece); the second ``tok.json``, a GPT-NeoX
+style byte-level BPE ``tokenizer.json`` (ids 0, 1 = ``<|endoftext|>`` (end of document),
+``<|padding|>``) for ``--tokenizer-type HFTokenizer --vocab-file tok.json``. Byte fallback is on; ids 0-3 are
 ``<unk> <s> </s> <pad>``; ``</s>`` is the end-of-document token. Input is streamed
 (plain text, JSON-lines, folders); ``--input-sentence-size N`` trains on a random sample
 of N lines of a very large corpus.
@@ -25,7 +29,11 @@ def get_args(argv=None):
     p.add_argument("--input-format", default="auto", choices=["auto", "jsonl", "text"])
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--skip-bad-lines", action="store_true")
-    p.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.model and .vocab")
+    p.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
+                   choices=["SentencePieceTokenizer", "HFTokenizer"],
+                   help="HFTokenizer: a byte-level BPE tokenizer.json (Hugging Face tokenizers)")
+    p.add_argument("--output-prefix", required=True,
+                   help="writes OUTPUT_PREFIX.model and .vocab (sentencepiece) or OUTPUT_PREFIX.json (HFTokenizer)")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--input-sentence-size", type=int, default=0,
@@ -63,6 +71,12 @@ def main(argv=None) -> int:
             first = next(lines)
         except StopIteration:
             raise BadInputError(f"empty input: no text in --input {' '.join(args.input)}") from None
+        if args.tokenizer_type == "HFTokenizer":
+            from megatron_tokenformer.data.hf_tokenizer import train_byte_level_bpe
+            out = train_byte_level_bpe(_chain(first, lines), args.output_prefix + ".json", args.vocab_size)
+            print(f"wrote {out} from {counter['lines']} lines ({len(counter.get('bad_lines', []))} bad lines "
+                  "skipped)", file=sys.stderr)
+            return 0
         tmp_prefix = f"{args.output_prefix}.tmp-{os.getpid()}"
         try:
             train_sentencepiece(

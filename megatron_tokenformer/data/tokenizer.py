@@ -1,7 +1,10 @@
 """Tokenizers (Megatron names) and sentencepiece training.
 
-``build_tokenizer("SentencePieceTokenizer", tokenizer_model=PATH)`` or
-``build_tokenizer("NullTokenizer", vocab_size=V)`` return an object with
+``build_tokenizer("SentencePieceTokenizer", tokenizer_model=PATH)``,
+``build_tokenizer("HFTokenizer", vocab_file=tokenizer.json)`` (GPT-NeoX's name),
+``build_tokenizer("HuggingFaceTokenizer", tokenizer_model=tokenizer.json or a folder holding one)``
+(Megatron's name; both are :class:`~megatron_tokenformer.data.hf_tokenizer.HFTokenizer`, through the
+``tokenizers`` library) or ``build_tokenizer("NullTokenizer", vocab_size=V)`` return an object with
 ``.vocab_size .eod .pad .tokenize(text) -> list[int] .detokenize(ids) -> str``.
 
 Special tokens of a model trained by :func:`train_sentencepiece` (and ``tools/train_tokenizer.py``):
@@ -25,11 +28,13 @@ __all__ = [
     "SentencePieceTokenizer",
     "NullTokenizer",
     "build_tokenizer",
+    "load_tokenizer_file",
     "train_sentencepiece",
     "TOKENIZER_TYPES",
 ]
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HFTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+HF_TOKENIZER_TYPES = ("HFTokenizer", "HuggingFaceTokenizer")
 
 
 class TokenizerError(ValueError):
@@ -149,8 +154,11 @@ class NullTokenizer:
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
-                    vocab_size: Optional[int] = None, num_threads: int = 1):
+                    vocab_size: Optional[int] = None, num_threads: int = 1, vocab_file: Optional[str] = None):
     """Megatron-style factory. Raises ``TokenizerError`` naming the flag or the file."""
+    if tokenizer_type in HF_TOKENIZER_TYPES:
+        from megatron_tokenformer.data.hf_tokenizer import HFTokenizer, resolve_hf_tokenizer_file
+        return HFTokenizer(resolve_hf_tokenizer_file(tokenizer_type, tokenizer_model, vocab_file))
     if tokenizer_type == "SentencePieceTokenizer":
         if tokenizer_model is None:
             raise TokenizerError("--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
@@ -162,6 +170,19 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
     raise TokenizerError(
         f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}"
     )
+
+
+def load_tokenizer_file(path: str):
+    """The tokenizer a checkpoint stores (``tokenizer.model``): a Hugging Face ``tokenizer.json``
+    (JSON) or a sentencepiece model (protobuf), told apart by the file's content."""
+    return build_tokenizer(tokenizer_file_type(path), tokenizer_model=path)
+
+
+def tokenizer_file_type(path: str) -> str:
+    """"HuggingFaceTokenizer" when ``path`` holds JSON, else "SentencePieceTokenizer"."""
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    return "HuggingFaceTokenizer" if head.startswith(b"{") else "SentencePieceTokenizer"
 
 
 def train_sentencepiece(

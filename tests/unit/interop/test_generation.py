@@ -1,0 +1,78 @@
+"""interop/generation.py in one process: the KV-cache step equals recomputing the prefix (both model
+types), and the sampling rules (temperature, top-k, top-p) against a direct computation."""
+
+import pytest
+import torch
+
+from megatron_tokenformer.config import TokenformerConfig
+from megatron_tokenformer.interop.generation import (GenerationError, SamplingOptions, _choose, forward_step,
+                                                     generate_tokens)
+from megatron_tokenformer.model import TokenformerLM
+
+
+def tiny(model_type):
+    cfg = TokenformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=40, vocab_size=90,
+                            qkv_num_param_tokens=16, proj_num_param_tokens=16, ffn_num_param_tokens=32,
+                            model_type=model_type, init_method_std=0.3, value_init=0.3,
+                            block_layernorm="parametric" if model_type == "transformer" else "nonparametric")
+    return TokenformerLM(cfg, seed=11).eval()
+
+
+@pytest.mark.parametrize("model_type", ["tokenformer", "transformer"])
+def test_cached_logits_equal_full_recompute(model_type):
+    model = tiny(model_type)
+    ids = torch.randint(0, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)[..., :90].float()
+    caches = [dict() for _ in model.layers]
+    parts = [forward_step(model, ids[:, :5], caches, 0), forward_step(model, ids[:, 5:6], caches, 5),
+             forward_step(model, ids[:, 6:], caches, 6)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["tokenformer", "transformer"])
+def test_greedy_with_cache_equals_without(model_type):
+    model = tiny(model_type)
+    a = generate_tokens(model, [5, 6, 7], SamplingOptions(max_new_tokens=15, greedy=True, use_cache=True))
+    b = generate_tokens(model, [5, 6, 7], SamplingOptions(max_new_tokens=15, greedy=True, use_cache=False))
+    assert a == b and len(a) == 15 and len(set(a)) > 2
+    # the reference: argmax of the full model's last logits, one token at a time
+    ids = [5, 6, 7]
+    for _ in range(15):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]))[0, -1, :90].argmax()))
+    assert ids[3:] == a
+
+
+def test_stops_at_eod_and_position_limit():
+    model = tiny("tokenformer")
+    first = generate_tokens(model, [1, 2], SamplingOptions(max_new_tokens=12, greedy=True))
+    j = first.index(next(t for t in first if t != first[0]))  # the first token the run has not produced before
+    assert generate_tokens(model, [1, 2], SamplingOptions(max_new_tokens=12, greedy=True), eod=first[j]) == first[:j]
+    assert len(generate_tokens(model, list(range(35)), SamplingOptions(max_new_tokens=50, greedy=True))) == 5
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    seen = set()
+    for seed in range(200):
+        seen.add(int(_choose(logits, SamplingOptions(top_k=2), torch.Generator().manual_seed(seed))))
+    assert seen == {0, 1}
+    p = torch.softmax(logits, -1)[0]
+    top_p = float(p[0] + p[1] / 2)  # needs tokens 0 and 1, not 2
+    seen = {int(_choose(logits, SamplingOptions(top_p=top_p), torch.Generator().manual_seed(s))) for s in range(200)}
+    assert seen == {0, 1}
+    counts = torch.zeros(5)
+    for seed in range(3000):
+        counts[_choose(logits, SamplingOptions(temperature=0.5), torch.Generator().manual_seed(seed))] += 1
+    torch.testing.assert_close(counts / counts.sum(), torch.softmax(logits / 0.5, -1)[0], atol=0.03, rtol=0)
+    same = [int(_choose(logits, SamplingOptions(), torch.Generator().manual_seed(7))) for _ in range(3)]
+    assert len(set(same)) == 1
+
+
+@pytest.mark.parametrize("opts, flag", [(dict(max_new_tokens=0), "--max-new-tokens"),
+                                        (dict(temperature=0), "--temperature"),
+                                        (dict(top_k=-1), "--top-k"), (dict(top_p=1.5), "--top-p")])
+def test_bad_options_name_the_flag(opts, flag):
+    with pytest.raises(GenerationError, match=flag):
+        SamplingOptions(**opts).check()
