@@ -40,7 +40,7 @@ def is_launcher(cmdline: List[str]) -> bool:
     """True when a process's argv is one of the launchers above (its first three words are looked at)."""
     head = list(cmdline[:3])
     for i, word in enumerate(head):
-        if os.path.basename(word) in _LAUNCHER_NAMES:
+        if os.path.basename(word).split(":")[0] in _LAUNCHER_NAMES:  # slurmstepd calls itself "slurmstepd: [1.0]"
             return True
         if word == "-m" and i + 1 < len(cmdline) and cmdline[i + 1] in _LAUNCHER_MODULES:
             return True
