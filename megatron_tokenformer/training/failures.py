@@ -7,6 +7,7 @@ failure                                exit  who prints the line
 truncated or unreadable checkpoint      2    rank 0 (every rank agreed on it)
 a save failed (full disk, ...)          1    rank 0 (every rank agreed on it)
 NaN/Inf loss or gradient, fp16 skips    1    rank 0 (every rank sees the same values)
+fp16 overflow at --min-loss-scale       1    rank 0 (DeepSpeed's error, as one line)
 a collective timed out / a peer died    1    every surviving rank, naming the silent rank
 =====================================  ====  ==============================================
 
@@ -71,3 +72,13 @@ def run(main: Callable[[Optional[Sequence[str]]], int], argv=None, prog: str = "
         print_error(prog, message)
         sys.stdout.flush()
         os._exit(EXIT_FAILED)  # the process group is broken: no shutdown hooks that might wait on it
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed raises a bare Exception at the fp16 scale floor
+        if _MIN_SCALE_TEXT not in str(exc):
+            raise
+        if _rank() == 0:
+            print_error(prog, "fp16: the gradients overflow at --min-loss-scale, the loss scale cannot decrease "
+                              f"further (DeepSpeed: {str(exc).strip()})")
+        raise SystemExit(EXIT_FAILED)
+
+
+_MIN_SCALE_TEXT = "Current loss scale already at minimum"
