@@ -15,7 +15,10 @@ ranks that did not reach it, and the result is one line such as ``rank 1 stopped
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import sys
 from datetime import timedelta
 from typing import Optional
 
@@ -68,6 +71,21 @@ def _silent_ranks(text: str):
     return []
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 (where torch's C++ logging writes) to /dev/null for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def describe_failure(exc: BaseException) -> str:
     """One line for a failed collective, naming the rank(s) that stopped answering where gloo can tell."""
     import torch.distributed as dist
@@ -79,7 +97,9 @@ def describe_failure(exc: BaseException) -> str:
     if _DIAGNOSIS_GROUP is not None:
         seconds = 30.0 if _TIMEOUT is None else min(30.0, max(2.0, _TIMEOUT.total_seconds()))
         try:
-            dist.monitored_barrier(group=_DIAGNOSIS_GROUP, timeout=timedelta(seconds=seconds), wait_all_ranks=True)
+            with _quiet_stderr():  # gloo also logs the answer (two C++ lines): the one line below says it
+                dist.monitored_barrier(group=_DIAGNOSIS_GROUP, timeout=timedelta(seconds=seconds),
+                                       wait_all_ranks=True)
         except RuntimeError as diag:
             silent = [r for r in _silent_ranks(str(diag)) if r != me]
     who = ("rank " + ", ".join(map(str, silent)) if len(silent) == 1 else
