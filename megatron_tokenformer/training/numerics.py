@@ -52,7 +52,8 @@ class NumericsCheck:
         if self.fp16 and self.consecutive_skips > self.max_skipped:
             raise NumericalFailure(
                 f"iteration {iteration}: {self.consecutive_skips} consecutive iterations skipped for fp16 "
-                f"overflow (more than --max-skipped-iterations {self.max_skipped}); iteration {iteration} was not saved")
+                f"overflow (more than --max-skipped-iterations {self.max_skipped}); "
+                f"iteration {iteration} was not saved")
 
     def check_values(self, losses: Optional[torch.Tensor], last_iteration: int,
                      grad_norm: Optional[float] = None) -> None:

@@ -4,7 +4,6 @@ line, a non-zero exit, no checkpoint lost or half-written (one rank, tiny model)
 import os
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import pytest
@@ -74,8 +73,9 @@ def test_full_disk_then_read_only_save_folder(small_tmpfs):
               "--save-interval", "2"], timeout=180)
     assert r.returncode == 2, r.stdout[-3000:]
     line = C.assert_one_error_line(r.stdout)
-    assert line == f"pretrain_tokenformer.py: error: --save {save} is not writable (rank 0): EROFS (Read-only file system)"
-    assert "iteration        1/" not in r.stdout          # refused before training, not at the first save
+    assert line == (f"pretrain_tokenformer.py: error: --save {save} is not writable (rank 0): "
+                    "EROFS (Read-only file system)")
+    assert "iteration        1/" not in r.stdout   # refused before training, not at the first save
     assert C.tree_hashes(save, ["global_step2"]) == before
 
 

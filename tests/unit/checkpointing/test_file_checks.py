@@ -1,6 +1,5 @@
 """checkpointing/file_checks.py: truncated or unreadable checkpoint files are named with their path."""
 
-import os
 
 import torch
 

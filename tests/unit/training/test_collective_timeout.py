@@ -4,11 +4,8 @@ Two bare gloo processes (no model): rank 1 stops itself (SIGSTOP); rank 0's all-
 created after set_default_timeout must fail within that timeout, and the diagnosis must name rank 1.
 """
 
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -55,17 +52,18 @@ def test_stopped_rank_is_named_within_the_timeout(tmp_path):
     procs = []
     try:
         for rank in (0, 1):
-            env = train_runs.env({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-            procs.append(subprocess.Popen([sys.executable, "-c", WORKER, "0.05"], env=env, stdout=subprocess.PIPE,
+            env = train_runs.env({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                  "MASTER_PORT": port})
+            procs.append(subprocess.Popen([sys.executable, "-c", WORKER, "0.1"], env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
         assert procs[1].stdout.readline().strip() == "stopping"
         out, _ = procs[0].communicate(timeout=120)
         assert procs[0].returncode == 0, out
         took = float(out.split("failed after ")[1].split(" s")[0])
-        assert 2.0 <= took <= 3.0 + 5.0, out          # the 3 s bound, not torch's default of 30 minutes
+        assert 5.0 <= took <= 6.0 + 10.0, out         # the 6 s bound, not torch's default of 30 minutes
         line = [l for l in out.splitlines() if l.startswith("line: ")][0]
         assert line.startswith("line: rank 0: a collective failed (") and "rank 1 stopped answering" in line, line
-        assert "--distributed-timeout-minutes 0.05" in line
+        assert "--distributed-timeout-minutes 0.1" in line
     finally:
         for p in procs:
             if p.poll() is None:
