@@ -12,6 +12,7 @@ from typing import Dict, Iterable, List
 import psutil
 
 ERROR_LINE = re.compile(r"^pretrain_tokenformer\.py: error: ")
+RANK_OUTPUT = re.compile(r"^\[rank\d+\]:", re.M)   # how torch prefixes what a rank prints when it dies
 
 
 def tree_hashes(folder: str, only: Iterable[str] = ()) -> Dict[str, str]:
@@ -45,11 +46,18 @@ def error_lines(text: str) -> List[str]:
     return [line for line in text.splitlines() if ERROR_LINE.match(line)]
 
 
-def assert_one_error_line(text: str, count: int = 1) -> str:
-    """Exactly ``count`` error lines (one per printing rank), no traceback; returns the first."""
+def assert_one_error_line(text: str, count: int = 1, torchrun: bool = False) -> str:
+    """Exactly ``count`` error lines (one per printing rank), no traceback; returns the first.
+
+    ``torchrun``: the output includes torchrun's own report of a non-zero exit (a ChildFailedError
+    traceback of the launcher, not of a rank); no rank may have printed a traceback.
+    """
     lines = error_lines(text)
     assert len(lines) == count, f"expected {count} error line(s), got {lines}\n{text[-4000:]}"
-    assert "Traceback" not in text, text[-4000:]
+    assert not RANK_OUTPUT.search(text), text[-4000:]
+    report = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
+    launcher_reports = text.count(report) if torchrun else 0
+    assert text.count("Traceback") == launcher_reports, text[-4000:]
     return lines[0]
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 ARGS = train_runs.TINY_MODEL + ["--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3", "--mock-data",
                                 "--vocab-size", "100", "--log-interval", "1", "--eval-iters", "0"]
-RANK_OUTPUT = re.compile(r"^\[rank\d+\]:", re.M)   # how torch prefixes a rank's uncaught traceback
+RANK_OUTPUT = C.RANK_OUTPUT
 
 
 class _Job:
