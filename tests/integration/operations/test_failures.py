@@ -79,7 +79,7 @@ def test_full_disk_then_read_only_save_folder(small_tmpfs):
     assert C.tree_hashes(save, ["global_step2"]) == before
 
 
-def test_bad_data_is_one_line(tmp_path):
+def test_truncated_bin_is_one_line(tmp_path):
     from megatron_tokenformer.data.indexed_dataset import IndexedDatasetBuilder
     prefix = str(tmp_path / "corpus_text_document")
     rng = np.random.default_rng(0)
@@ -93,6 +93,5 @@ def test_bad_data_is_one_line(tmp_path):
     assert r.returncode == 2, r.stdout[-3000:]
     line = C.assert_one_error_line(r.stdout)
     assert f"{prefix}.bin" in line and "truncated" in line, line
-    r = _run(common + ["--data-path", "0", prefix, "0", prefix])
-    assert r.returncode == 2, r.stdout[-3000:]
-    assert "weights sum to zero" in C.assert_one_error_line(r.stdout)
+    # (corrupt .idx, out-of-vocabulary ids and zero blend weights raise from the same dataset build, each
+    # tested for its message in tests/unit/data; this run checks that pretraining turns them into one line)
