@@ -1,11 +1,12 @@
-"""Never unsupervised, never hung: SIGTERM to the launcher (torchrun, the deepspeed runner), a second job
-on the same --save, and a rank stopped with SIGSTOP (two ranks, tiny model; every pid checked gone)."""
+"""Never unsupervised, never hung: SIGTERM to the launcher (torchrun, the deepspeed runner, srun), a second
+job on the same --save, and a rank stopped with SIGSTOP (two ranks, tiny model; every pid checked gone)."""
 
 import os
 import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -14,6 +15,7 @@ import pytest
 
 from tests.helpers import ops_checks as C
 from tests.helpers import train_runs
+from tests.unit.test_launch import slurm_cluster  # noqa: F401 - the local Slurm cluster fixture
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +32,7 @@ class _Job:
         self.lines = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.ranks = C.rank_processes(self.proc.pid, nranks)
+        self.ranks = C.rank_processes(self.proc.pid, nranks) if nranks else []  # srun: the tasks run under slurmd
 
     def _read(self):
         for line in self.proc.stdout:
@@ -145,3 +147,29 @@ def test_stopped_rank_ends_the_run_within_the_timeout():
     # the collective timeout + the diagnosis barrier (each 12 s), with room for a loaded machine
     assert noticed < 2 * timeout_s + 30, noticed
     assert ended < 2 * timeout_s + 30 + 60, ended
+
+
+@pytest.mark.slurm
+def test_scancel_signal_to_an_srun_step_saves_and_exits(slurm_cluster, tmp_path):
+    """SIGTERM to srun itself makes Slurm end the step with SIGKILL ("srun: forcing job termination"):
+    no process can save then. The signal that reaches the tasks is Slurm's own: scancel --signal=TERM."""
+    save = str(tmp_path / "ckpt")
+    name = f"ops-{os.getpid()}-{int(time.time())}"
+    job = _Job(["srun", "-n", "2", "--job-name", name, "--kill-on-bad-exit=1", sys.executable, train_runs.SCRIPT]
+               + ARGS + ["--train-iters", "100000", "--save", save, "--save-interval", "100000"], 0)
+    try:
+        job.wait_for("iteration        2/")
+        out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True, timeout=30)
+        job_id = out.stdout.split()[0]
+        subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=30)
+        job.finish(timeout=120)
+    finally:
+        job.kill()
+    text = job.text
+    assert job.proc.returncode == 0, text[-4000:]
+    m = re.search(r"exiting at iteration (\d+) \(signal SIGTERM\)", text)
+    assert m, text[-4000:]
+    stopped = int(m.group(1))
+    assert f"> done: iteration {stopped}," in text
+    assert C.latest(save) == f"global_step{stopped}" and C.leftovers(save) == []
+    assert C.error_lines(text) == [] and "Traceback" not in text, text[-4000:]
