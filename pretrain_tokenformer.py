@@ -28,6 +28,11 @@ def _fail(message: str, rank: int) -> None:
 
 
 def main(argv=None) -> int:
+    from megatron_tokenformer.training import failures  # [failures] known failures end in one line
+    return failures.run(_main, argv)
+
+
+def _main(argv=None) -> int:
     from megatron_tokenformer import launch
     from megatron_tokenformer.arguments import ArgumentError, parse_args, validate_args
 
@@ -72,8 +77,14 @@ def main(argv=None) -> int:
     device = engine_lib.get_device(env.local_rank)
     if device.type == "cpu":
         engine_lib.skip_cpu_shm_comm_build()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    from megatron_tokenformer.training import collective_timeout  # [timeout] bounds every collective
+    timeout = collective_timeout.set_default_timeout(args.distributed_timeout_minutes)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    collective_timeout.create_diagnosis_group()
+    # [save_dir] --save: lock, ownership, write probe -- before the model is built
+    from megatron_tokenformer.checkpointing import save_dir as save_dir_lib
+    save_lock = save_dir_lib.prepare_save_dir(args)  # noqa: F841 - held (flock) until the process ends
 
     torch.manual_seed(args.seed)
     tp_random.model_parallel_seed(args.seed)
@@ -86,16 +97,37 @@ def main(argv=None) -> int:
     engine, _, _ = engine_lib.setup_model_and_optimizer(args, config, device)
     per_stage, total = count_model_parameters(engine.module, config)
     print_rank_0(format_parameter_summary(per_stage, total))
+    if args.save and torch.distributed.get_rank() == 0:  # [save_dir] free space, a warning only
+        warning = save_dir_lib.free_space_warning(args.save, args.load, sum(total.values()),
+                                                  14 if (args.fp16 or args.bf16) else 16)
+        if warning:
+            print(warning, flush=True)
 
     iteration, consumed_samples = 0, 0
     if args.load:
         from megatron_tokenformer.checkpointing import io as checkpoint_io
+        from megatron_tokenformer.checkpointing import file_checks, files as checkpoint_files
+        try:
+            step_dir = checkpoint_files.resolve_step_dir(args.load)
+        except (ValueError, FileNotFoundError) as exc:
+            _fail(str(exc), env.rank)
+        if step_dir is not None:  # [file_checks] a truncated file: one line naming it, every rank ends
+            file_checks.verify_step_files(step_dir)
         try:
             iteration, consumed_samples = checkpoint_io.load_checkpoint(engine, args, config)
         except (ValueError, FileNotFoundError) as exc:  # a checkpoint that does not fit: one clear line
             _fail(str(exc), env.rank)
+        except (RuntimeError, OSError, EOFError) as exc:  # [file_checks] unreadable on this rank
+            from megatron_tokenformer.training import collective_timeout
+            if collective_timeout.is_collective_failure(exc):
+                raise
+            _fail(f"cannot load {step_dir} on rank {torch.distributed.get_rank()}: "
+                  f"{(str(exc).splitlines() or [type(exc).__name__])[0]}", 0)
 
-    train_ds, valid_ds, _ = loop.build_datasets(args, tokenizer)
+    try:
+        train_ds, valid_ds, _ = loop.build_datasets(args, tokenizer)
+    except (ValueError, OSError) as exc:  # [failures] bad data files: one line (every rank sees the same)
+        _fail(str(exc), env.rank)
     if len(train_ds) <= consumed_samples:
         _fail(f"the training data ({len(train_ds)} samples) is used up at {consumed_samples} consumed samples; "
               f"raise --train-iters", env.rank)
@@ -108,6 +140,8 @@ def main(argv=None) -> int:
     tensorboard.add_text("parameters", format_parameter_summary(per_stage, total).replace("\n", "  \n"))
     print_rank_0(f"> training from iteration {iteration} to {args.train_iters} "
                  f"(start-up took {time.time() - _START_TIME:.1f} s)")
+    from megatron_tokenformer.training import launcher_watch
+    launcher_watch.start()  # [launcher_watch] save and exit when the launcher dies
     iteration, consumed_samples, reason = loop.train(args, engine, config, train_iter, valid_iter, iteration,
                                                      consumed_samples, device, _START_TIME, tensorboard)
     tensorboard.close()

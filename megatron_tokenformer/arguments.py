@@ -55,6 +55,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _nonneg_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -148,6 +155,14 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                    help="steps without overflow before the dynamic loss scale doubles")
     g.add_argument("--hysteresis", type=_positive_int, default=2,
                    help="overflows tolerated before the dynamic loss scale halves")
+    g.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_true", default=True,
+                   help="end the run (one error line naming the iteration, nothing saved) when the loss or the "
+                        "gradient norm is NaN/Inf in fp32/bf16 (default: on)")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false")
+    g.add_argument("--max-skipped-iterations", type=_positive_int, default=100,
+                   help="fp16: end the run after more than this many consecutive steps skipped for overflow")
 
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1,
@@ -159,6 +174,9 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                         "2 also gradients (pipeline size 1 only)")
     g.add_argument("--distributed-backend", default="auto", choices=["auto", "nccl", "gloo"],
                    help="torch.distributed backend (auto: nccl with CUDA, gloo otherwise)")
+    g.add_argument("--distributed-timeout-minutes", type=_positive_float, default=10.0,
+                   help="bound on every collective: a rank that stops answering for this long ends the run "
+                        "(fractions allowed)")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help="set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment)")
 
@@ -190,7 +208,10 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and start from iteration 0 (no optimizer, RNG or sample count)")
     g.add_argument("--keep-last-n-checkpoints", type=_positive_int, default=None,
-                   help="delete older checkpoints after a successful save")
+                   help="delete older checkpoints after a successful save (only steps this run wrote)")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="let a run that does not resume from --save write into a --save folder that already "
+                        "holds step folders (refused without it)")
     g.add_argument("--use-checkpoint-args", dest="use_checkpoint_args", action="store_true", default=True,
                    help="take architecture flags not given on the command line from the checkpoint")
     g.add_argument("--no-use-checkpoint-args", dest="use_checkpoint_args", action="store_false")

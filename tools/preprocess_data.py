@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_tokenformer.data.indexed_dataset import IndexedDatasetError  # noqa: E402
-from megatron_tokenformer.data.preprocess import preprocess  # noqa: E402
+from megatron_tokenformer.data.preprocess import existing_outputs, preprocess  # noqa: E402
 from megatron_tokenformer.data.text_inputs import BadInputError  # noqa: E402
 from megatron_tokenformer.data.hf_tokenizer import resolve_hf_tokenizer_file  # noqa: E402
 from megatron_tokenformer.data.tokenizer import HF_TOKENIZER_TYPES, TOKENIZER_TYPES, TokenizerError  # noqa: E402
@@ -47,6 +47,8 @@ def get_args(argv=None):
     g.add_argument("--output-prefix", required=True,
                    help="writes OUTPUT_PREFIX_{key}_document.bin/.idx")
     g.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="only mmap (MMIDIDX)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing OUTPUT_PREFIX_{key}_document.bin/.idx (refused without it)")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     g.add_argument("--log-interval", type=int, default=10000, help="documents between progress lines")
@@ -56,6 +58,11 @@ def get_args(argv=None):
 
 def main(argv=None) -> int:
     args = get_args(argv)
+    existing = existing_outputs(args.output_prefix, args.json_keys)
+    if existing and not args.overwrite:
+        print(f"preprocess_data.py: error: --output-prefix {args.output_prefix} already holds a dataset "
+              f"({', '.join(existing)}); pass --overwrite to replace it, or choose another prefix", file=sys.stderr)
+        return 2
     try:
         if args.tokenizer_type in HF_TOKENIZER_TYPES:
             args.tokenizer_model = resolve_hf_tokenizer_file(args.tokenizer_type, args.tokenizer_model,

@@ -84,7 +84,7 @@ fi
 say "training a ${VOCAB}-token SentencePiece tokenizer and tokenizing $INPUT"
 "$PYTHON" "$REPO/tools/train_tokenizer.py" --input "$INPUT" --output-prefix "$WORK/tok" --vocab-size "$VOCAB" \
   --input-sentence-size 300000 >> "$WORK/logs/data.log" 2>&1 || fail "tokenizer training failed, see $WORK/logs/data.log"
-"$PYTHON" "$REPO/tools/preprocess_data.py" --input "$INPUT" --output-prefix "$WORK/data" \
+"$PYTHON" "$REPO/tools/preprocess_data.py" --input "$INPUT" --output-prefix "$WORK/data" --overwrite \
   --tokenizer-model "$WORK/tok.model" --append-eod --workers 2 >> "$WORK/logs/data.log" 2>&1 \
   || fail "preprocessing failed, see $WORK/logs/data.log"
 DATA="$WORK/data_text_document"

@@ -31,6 +31,7 @@ import torch
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.checkpointing import files
+from megatron_tokenformer.checkpointing import save_dir as save_dir_lib
 from megatron_tokenformer.checkpointing.naming import canonical_parameter_names, vocab_parameters
 from megatron_tokenformer.checkpointing.reshard import (CLIENT_STATE_KEY, FP32, CheckpointFormatError,
                                                         CheckpointView)
@@ -252,33 +253,43 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)
         client["optimizer_groups"] = [[names[id(p)] for p in g["params"] if id(p) in names]
                                       for g in getattr(base, "param_groups", [])]
-    with _fsync_deepspeed_writes(engine):
-        engine.save_checkpoint(save_dir, tag=partial_tag, client_state={CLIENT_STATE_KEY: client},
-                               save_latest=False)
-    # every rank's RNG states (DeepSpeed keeps only data-parallel rank 0's model file)
-    rng_path = os.path.join(partial_dir, files.rng_file_name(rank))
-    with open(rng_path, "wb") as f:
-        torch.save(_rng_state(), f)
-        f.flush()
-        os.fsync(f.fileno())
+    write_error = None  # [save_dir] a failed write ends the run with one line on every rank
+    try:
+        with _fsync_deepspeed_writes(engine):
+            engine.save_checkpoint(save_dir, tag=partial_tag, client_state={CLIENT_STATE_KEY: client},
+                                   save_latest=False)
+        # every rank's RNG states (DeepSpeed keeps only data-parallel rank 0's model file)
+        rng_path = os.path.join(partial_dir, files.rng_file_name(rank))
+        with open(rng_path, "wb") as f:
+            torch.save(_rng_state(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        if rank == 0:
+            has_tok = False
+            if tokenizer_model and os.path.isfile(tokenizer_model):
+                shutil.copyfile(tokenizer_model, os.path.join(partial_dir, files.TOKENIZER_FILE))
+                has_tok = True
+            meta = build_meta(files.KIND_DEEPSPEED, config, _args_dict(args), current_layout(engine), iteration,
+                              consumed_samples, tokenizer_model, has_tok)
+            meta["run_id"] = getattr(args, "_run_id", None)  # [save_dir] which run wrote the step
+            files.write_json(os.path.join(partial_dir, files.META_FILE), meta)
+    except (OSError, RuntimeError) as exc:
+        write_error = exc
+    save_dir_lib.agree_on_save(write_error, partial_dir, iteration)  # [save_dir] (was: _barrier())
+    publish_error = None
     if rank == 0:
-        has_tok = False
-        if tokenizer_model and os.path.isfile(tokenizer_model):
-            shutil.copyfile(tokenizer_model, os.path.join(partial_dir, files.TOKENIZER_FILE))
-            has_tok = True
-        meta = build_meta(files.KIND_DEEPSPEED, config, _args_dict(args), current_layout(engine), iteration,
-                          consumed_samples, tokenizer_model, has_tok)
-        files.write_json(os.path.join(partial_dir, files.META_FILE), meta)
-    _barrier()
-    if rank == 0:
-        files.publish_step_dir(partial_dir, final_dir)
-        files.update_latest(save_dir, tag)
-        deleted = files.prune_checkpoints(save_dir, getattr(args, "keep_last_n_checkpoints", None))
-        msg = f"saved checkpoint {final_dir} (iteration {iteration}) in {time.time() - start:.2f} s"
-        if deleted:
-            msg += f"; removed {', '.join(deleted)} (--keep-last-n-checkpoints)"
-        _log(msg)
-    _barrier()
+        try:
+            files.publish_step_dir(partial_dir, final_dir)
+            files.update_latest(save_dir, tag)
+            deleted = save_dir_lib.prune_own_checkpoints(save_dir, getattr(args, "keep_last_n_checkpoints", None),
+                                                         getattr(args, "_run_id", None))
+            msg = f"saved checkpoint {final_dir} (iteration {iteration}) in {time.time() - start:.2f} s"
+            if deleted:
+                msg += f"; removed {', '.join(deleted)} (--keep-last-n-checkpoints)"
+            _log(msg)
+        except OSError as exc:
+            publish_error = exc
+    save_dir_lib.agree_on_save(publish_error, partial_dir, iteration)  # [save_dir] (was: _barrier())
     return final_dir
 
 

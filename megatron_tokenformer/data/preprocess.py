@@ -20,15 +20,15 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
+from .indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype, data_file_path, index_file_path
 from .text_inputs import BadInputError, Chunk, expand_inputs, file_format, iter_chunks, parse_chunk
 from .tokenizer import build_tokenizer
 
-__all__ = ["preprocess", "output_prefix_for_key", "encode_chunk"]
+__all__ = ["preprocess", "output_prefix_for_key", "encode_chunk", "existing_outputs"]
 
 _worker_state: dict = {}
 
@@ -36,6 +36,15 @@ _worker_state: dict = {}
 def output_prefix_for_key(output_prefix: str, key: str) -> str:
     """Megatron's naming: ``{output_prefix}_{key}_document``."""
     return f"{output_prefix}_{key}_document"
+
+
+def existing_outputs(output_prefix: str, json_keys: Sequence[str]) -> List[str]:
+    """The ``.bin``/``.idx`` files that a run with these arguments would replace (sorted paths)."""
+    out = []
+    for key in json_keys:
+        prefix = output_prefix_for_key(output_prefix, key)
+        out += [p for p in (data_file_path(prefix), index_file_path(prefix)) if os.path.exists(p)]
+    return sorted(out)
 
 
 def _init_worker(tokenizer_args: dict, json_keys, append_eod, skip_bad_lines, dtype_str):

@@ -18,6 +18,8 @@ import torch
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.training import flops as flops_lib
+from megatron_tokenformer.training import launcher_watch
+from megatron_tokenformer.training.numerics import NumericsCheck
 from megatron_tokenformer.training.logging import (TensorBoardLogger, format_eval_line, format_train_line,
                                                    is_logging_rank, print_rank_0, print_rank_last)
 
@@ -211,6 +213,16 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int)
                                   tokenizer_model=args.tokenizer_model)
 
 
+def _check_before_save(numerics, engine, pending_losses, iteration: int, pipelined: bool) -> None:
+    """The losses not yet checked at a log line, and the gradient norm: no NaN weights are saved."""
+    if not numerics.check_nan:
+        return
+    losses = numerics.stack(pending_losses)
+    if losses is not None and not pipelined:
+        losses = _dp_average(losses)
+    numerics.check_values(losses, iteration, _grad_norm(engine))
+
+
 def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed_samples: int, device,
           start_time: float, tensorboard: Optional[TensorBoardLogger] = None) -> Tuple[int, int, str]:
     """Run until ``--train-iters`` or an exit condition. Returns (iteration, consumed_samples, reason)."""
@@ -226,6 +238,7 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
     handler = ExitSignalHandler()
+    numerics = NumericsCheck(args, engine.skipped_steps)  # [numerics] NaN/Inf and fp16 skips end the run
     interval_losses = []
     interval_start = time.time()
     interval_iters = 0
@@ -240,6 +253,7 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
             loss = train_step(engine, train_iter, args.gradient_accumulation_steps, pipelined)
             iteration += 1
             consumed_samples += gbs
+            numerics.after_step(engine.skipped_steps, iteration)
             interval_losses.append(loss)
             interval_iters += 1
 
@@ -248,6 +262,7 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
                 if not pipelined:
                     losses = _dp_average(losses)
                 grad_norm = _grad_norm(engine)
+                numerics.check_values(losses, iteration, grad_norm)
                 elapsed = time.time() - interval_start
                 if logger_rank:
                     finite = torch.isfinite(losses)
@@ -280,6 +295,7 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
                 interval_start = time.time()  # do not count evaluation as training time
 
             if args.save and args.save_interval and iteration % args.save_interval == 0:
+                _check_before_save(numerics, engine, interval_losses, iteration, pipelined)
                 save_checkpoint(engine, args, config, iteration, consumed_samples)
                 last_saved = iteration
                 interval_start = time.time()
@@ -288,6 +304,8 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
             local_exit, why = False, None
             if handler.received is not None:
                 local_exit, why = True, f"signal {handler.received}"
+            elif launcher_watch.reason() is not None:
+                local_exit, why = True, launcher_watch.reason()
             elif args.exit_duration_in_mins is not None and \
                     (time.time() - start_time) / 60.0 > args.exit_duration_in_mins:
                 local_exit, why = True, f"--exit-duration-in-mins {args.exit_duration_in_mins}"
@@ -308,6 +326,7 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
         tensorboard.add_scalars({"lm loss validation": val_loss,
                                  "lm loss validation ppl": math.exp(min(val_loss, 20.0))}, iteration)
     if args.save and last_saved != iteration:
+        _check_before_save(numerics, engine, interval_losses, iteration, pipelined)
         save_checkpoint(engine, args, config, iteration, consumed_samples)
     tensorboard.flush()
     return iteration, consumed_samples, reason

@@ -98,3 +98,26 @@ def test_subprocess_exit_codes(tmp_path, model):
 
     r = _run("--output-prefix", str(tmp_path / "p"))  # argparse: --input is required
     assert r.returncode == 2 and "--input" in r.stderr
+
+
+def test_existing_output_prefix_refused_unless_overwrite(tmp_path, model, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:3]))
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "a different corpus"}) + "\n")
+    prefix = str(tmp_path / "ds")
+    assert preprocess_data.main(["--input", str(src), "--output-prefix", prefix, "--tokenizer-model", model]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("ds_*")}
+    assert {"ds_text_document.bin", "ds_text_document.idx"} <= set(before)
+    capsys.readouterr()
+    rc = preprocess_data.main(["--input", str(other), "--output-prefix", prefix, "--tokenizer-model", model])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("preprocess_data.py: error: --output-prefix ")
+    assert "ds_text_document.bin" in lines[0] and "--overwrite" in lines[0]
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("ds_*")} == before   # untouched
+    rc = preprocess_data.main(["--input", str(other), "--output-prefix", prefix, "--tokenizer-model", model,
+                               "--overwrite"])
+    assert rc == 0
+    assert IndexedDataset(prefix + "_text_document").num_documents == 1

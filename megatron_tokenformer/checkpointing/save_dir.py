@@ -1,0 +1,380 @@
+"""A ``--save`` folder belongs to one run: lock, ownership, write access, free space, failed saves.
+
+At start (:func:`prepare_save_dir`, collective, before the first iteration):
+
+* **Lock.** Rank 0 takes an exclusive ``flock`` on ``<save>/tokenformer_save.lock`` and keeps the
+  descriptor open for the life of the process; the kernel releases it when the process ends,
+  however it ends. The file holds the holder's host, pid, Slurm job id and start time, so a second
+  job on the same folder ends with one line naming the folder and the holder.
+* **Ownership.** A run that does not resume from ``--save`` itself (``--load`` elsewhere, a ``--load``
+  that found nothing, ``--finetune``, or no ``--load``) is refused when the folder already holds step
+  folders, naming them, unless ``--overwrite-checkpoints``. Every step folder records the id of the
+  run that wrote it (``run_id`` in its metadata); a run that resumes from ``--save`` continues the
+  id of the step it resumed from, any other run gets a new one. ``--keep-last-n-checkpoints`` deletes
+  only steps carrying this run's id (:func:`prune_own_checkpoints`).
+* **Write access.** Every rank creates the folder if needed and writes, fsyncs and removes a probe
+  file in it: a missing, read-only (``EROFS``) or forbidden (``EACCES``) folder is reported before
+  any training, not at the first save.
+* **Free space** (:func:`free_space_warning`): compared with the size of the newest checkpoint (or an
+  estimate from the parameter count); a warning line only.
+
+A save that fails (:func:`agree_on_save`) is agreed by every rank, its ``.partial`` folder removed,
+``latest`` left on the previous step, and the run ended with one line naming the folder and the OS
+error (``ENOSPC``, ``EACCES``, ``EROFS``, ...).
+
+An existing step folder is never written into: a save goes to ``global_step<N>.partial`` and is
+renamed when complete; a step of the same name (a resumed run reaching a step that an interrupted
+earlier attempt published, or ``--overwrite-checkpoints``) is replaced only by that rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from typing import List, Optional
+
+from megatron_tokenformer.checkpointing import files
+
+__all__ = ["LOCK_FILE", "SaveDirError", "SaveFailedError", "SaveDirLock", "step_folders", "check_ownership",
+           "probe_writable", "os_error_text", "describe_save_error", "free_space_warning", "checkpoint_bytes",
+           "prune_own_checkpoints", "resumes_from_save", "prepare_save_dir", "agree_on_save", "holder_info"]
+
+LOCK_FILE = "tokenformer_save.lock"
+_STEP_DIR_RE = re.compile(r"^global_step(\d+)$")
+_PROBE_BYTES = 1 << 20
+
+
+class SaveDirError(RuntimeError):
+    """The ``--save`` folder cannot be used by this run (the message is one line)."""
+
+
+class SaveFailedError(RuntimeError):
+    """A checkpoint save failed (the message names the folder, the rank and the OS error)."""
+
+
+# --------------------------------------------------------------------------- errors as one line
+def os_error_text(exc: BaseException) -> str:
+    """``ENOSPC (No space left on device)`` for an OSError; its first line for anything else."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, f"errno {exc.errno}")
+        return f"{name} ({exc.strerror or os.strerror(exc.errno)})"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _probe(folder: str, name: str, size: int = 1) -> None:
+    """Write ``size`` bytes to ``folder/name``, fsync, remove (OSError on failure, nothing left)."""
+    path = os.path.join(folder, name)
+    try:
+        with open(path, "wb") as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def describe_save_error(exc: BaseException, folder: str) -> str:
+    """The OS cause of a failed write into ``folder``, as one line.
+
+    torch's writer reports a full disk as ``basic_ios::clear: iostream error`` (no errno): for an
+    error that is not an OSError the folder is probed with a 1 MiB write to find the OS error.
+    """
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = getattr(exc, "filename", None) or folder
+        return f"{os_error_text(exc)} writing {where}"
+    probe_dir = folder if os.path.isdir(folder) else os.path.dirname(folder)
+    try:
+        _probe(probe_dir, f".tokenformer_probe_{os.getpid()}", _PROBE_BYTES)
+    except OSError as probe_exc:
+        return f"{os_error_text(probe_exc)} writing into {probe_dir} ({os_error_text(exc)})"
+    return f"{os_error_text(exc)} while writing into {folder}"
+
+
+# --------------------------------------------------------------------------- the lock
+def holder_info() -> dict:
+    """Who this process is (written into the lock file)."""
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if os.environ.get("SLURM_JOB_ID"):
+        info["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    return info
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+    except (ValueError, TypeError):
+        return "holder unknown"
+    if not isinstance(info, dict):
+        return "holder unknown"
+    parts = [f"host {info.get('host', '?')}", f"pid {info.get('pid', '?')}"]
+    if info.get("slurm_job_id"):
+        parts.append(f"Slurm job {info['slurm_job_id']}")
+    if info.get("started"):
+        parts.append(f"since {info['started']}")
+    return ", ".join(parts)
+
+
+class SaveDirLock:
+    """An exclusive ``flock`` on ``<save_dir>/tokenformer_save.lock`` (released by the kernel on exit)."""
+
+    def __init__(self, save_dir: str):
+        self.save_dir = os.path.abspath(save_dir)
+        self.path = os.path.join(self.save_dir, LOCK_FILE)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "SaveDirLock":
+        import fcntl
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = _describe_holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            finally:
+                os.close(fd)
+            raise SaveDirError(f"--save {self.save_dir} is in use by another run ({holder}); wait for it to end "
+                               f"or choose another --save") from None
+        except OSError as exc:  # a file system without flock: go on unlocked, say so
+            os.close(fd)
+            print(f"warning: cannot lock --save {self.save_dir} ({os_error_text(exc)}); two jobs on this folder "
+                  "would not be stopped", flush=True)
+            return self
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+# --------------------------------------------------------------------------- ownership
+def step_folders(save_dir: str) -> List[str]:
+    """Names of the ``global_step<N>`` folders in ``save_dir`` (complete or not), sorted by N."""
+    if not os.path.isdir(save_dir):
+        return []
+    found = []
+    for name in os.listdir(save_dir):
+        m = _STEP_DIR_RE.match(name)
+        if m and os.path.isdir(os.path.join(save_dir, name)):
+            found.append((int(m.group(1)), name))
+    return [name for _, name in sorted(found)]
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(os.path.abspath(a)) == os.path.realpath(os.path.abspath(b))
+
+
+def resumes_from_save(args) -> Optional[str]:
+    """The step folder of ``--save`` this run resumes from, or None (see the module docstring)."""
+    load, save = getattr(args, "load", None), getattr(args, "save", None)
+    if not load or not save or getattr(args, "finetune", False) or not _same_folder(load, save):
+        return None
+    try:
+        return files.resolve_step_dir(load)
+    except (OSError, ValueError):
+        return None  # the load reports it
+
+
+def check_ownership(save_dir: str, resumed_step: Optional[str], overwrite: bool) -> List[str]:
+    """Refuse a run that did not resume from ``save_dir`` when it holds step folders. Returns warnings."""
+    steps = step_folders(save_dir)
+    if resumed_step is None:
+        if steps and not overwrite:
+            shown = ", ".join(steps[:6]) + (f" and {len(steps) - 6} more" if len(steps) > 6 else "")
+            latest = None
+            try:
+                latest = files.read_latest(save_dir)
+            except (OSError, ValueError):
+                pass
+            raise SaveDirError(
+                f"--save {save_dir} already holds checkpoints ({shown}"
+                + (f"; `latest` names {latest}" if latest else "")
+                + ") and this run does not resume from it; resume with --load " + save_dir
+                + ", choose an empty --save, or pass --overwrite-checkpoints")
+        return []
+    m = _STEP_DIR_RE.match(os.path.basename(resumed_step))
+    newer = [s for s in steps if m and int(_STEP_DIR_RE.match(s).group(1)) > int(m.group(1))]
+    if newer:
+        return [f"warning: --save {save_dir} holds steps newer than {os.path.basename(resumed_step)}, which this "
+                f"run resumes from ({', '.join(newer)}); each is replaced when the run saves that iteration"]
+    return []
+
+
+def _run_id_of(step_dir: Optional[str]) -> Optional[str]:
+    if step_dir is None:
+        return None
+    try:
+        return files.read_meta(step_dir).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def prune_own_checkpoints(save_dir: str, keep_last_n: Optional[int], run_id: Optional[str]) -> List[str]:
+    """Delete all but the newest ``keep_last_n`` complete steps that carry ``run_id``.
+
+    Steps of other runs (another ``run_id``, or none recorded) and the step ``latest`` names are
+    never deleted. Returns the deleted folder names.
+    """
+    if keep_last_n is None or keep_last_n < 1 or run_id is None:
+        return []
+    latest = files.read_latest(save_dir)
+    own = [name for _, name in files.list_step_dirs(save_dir)
+           if _run_id_of(os.path.join(save_dir, name)) == run_id]
+    doomed = [name for name in own[:-keep_last_n] if name != latest]
+    for name in doomed:
+        # Rename first so a crash mid-delete never leaves a half-deleted folder that looks complete.
+        path = os.path.join(save_dir, name)
+        trash = path + ".old"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    if doomed:
+        files.fsync_dir(save_dir)
+    return doomed
+
+
+# --------------------------------------------------------------------------- write access, space
+def probe_writable(save_dir: str, rank: int) -> None:
+    """Create ``save_dir`` if needed and write, fsync and remove a probe file (SaveDirError if not)."""
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+    except OSError as exc:
+        raise SaveDirError(f"--save {save_dir} cannot be created: {os_error_text(exc)}") from None
+    if not os.path.isdir(save_dir):
+        raise SaveDirError(f"--save {save_dir} is not a folder")
+    try:
+        _probe(save_dir, f".tokenformer_write_probe_rank{rank}_{os.getpid()}")
+    except OSError as exc:
+        raise SaveDirError(f"--save {save_dir} is not writable (rank {rank}): {os_error_text(exc)}") from None
+
+
+def checkpoint_bytes(step_dir: str) -> int:
+    total = 0
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def _newest_step(folder: Optional[str]) -> Optional[str]:
+    if not folder or not os.path.isdir(folder):
+        return None
+    steps = files.list_step_dirs(folder)
+    return os.path.join(folder, steps[-1][1]) if steps else None
+
+
+def free_space_warning(save_dir: str, load_dir: Optional[str], num_parameters: int,
+                       bytes_per_parameter: int) -> Optional[str]:
+    """A warning line when ``save_dir`` has less free space than one checkpoint needs, else None.
+
+    The need is the size of the newest step in ``save_dir`` or ``load_dir``, or else the estimate
+    ``num_parameters * bytes_per_parameter`` (weights + fp32 master weights + two Adam moments).
+    """
+    newest = _newest_step(save_dir) or _newest_step(load_dir)
+    if newest is not None:
+        need, how = checkpoint_bytes(newest), f"the size of {newest}"
+    else:
+        need, how = int(num_parameters) * int(bytes_per_parameter), \
+            f"estimated from {num_parameters:,} parameters x {bytes_per_parameter} bytes"
+    free = shutil.disk_usage(save_dir).free
+    if free >= need:
+        return None
+    gib = 1024.0 ** 3
+    return (f"warning: --save {save_dir} has {free / gib:.3g} GiB free but a checkpoint needs about "
+            f"{need / gib:.3g} GiB ({how}); the first save will fail unless space is freed")
+
+
+# --------------------------------------------------------------------------- collective steps
+def _dist():
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _gather(message: Optional[str]) -> List[Optional[str]]:
+    dist = _dist()
+    if dist is None:
+        return [message]
+    out: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, message)
+    return out
+
+
+def prepare_save_dir(args) -> Optional[SaveDirLock]:
+    """The start-up checks of the module docstring (every rank calls this; raises SaveDirError on all).
+
+    Sets ``args._run_id`` (the id recorded in every step this run writes). Returns rank 0's lock.
+    """
+    if not getattr(args, "save", None):
+        return None
+    dist = _dist()
+    rank = dist.get_rank() if dist is not None else 0
+    save_dir = os.path.abspath(args.save)
+    lock, error, warnings = None, None, []
+    resumed = resumes_from_save(args)
+    args._run_id = (_run_id_of(resumed) if resumed else None) or uuid.uuid4().hex
+    try:
+        if rank == 0:
+            probe_writable(save_dir, rank)
+            lock = SaveDirLock(save_dir).acquire()
+            warnings = check_ownership(save_dir, resumed, bool(getattr(args, "overwrite_checkpoints", False)))
+    except SaveDirError as exc:
+        error = str(exc)
+    if error is None and rank != 0:
+        try:
+            probe_writable(save_dir, rank)
+        except SaveDirError as exc:
+            error = str(exc)
+    errors = [e for e in _gather(error) if e]
+    if errors:
+        if lock is not None:
+            lock.release()
+        raise SaveDirError(errors[0])
+    if dist is not None:  # one id for the whole run (rank 0's), though only rank 0 writes metadata
+        holder = [args._run_id]
+        dist.broadcast_object_list(holder, src=0)
+        args._run_id = holder[0]
+    for line in warnings:
+        print(line, flush=True)
+    return lock
+
+
+def agree_on_save(error: Optional[BaseException], partial_dir: str, iteration: int) -> None:
+    """Every rank calls this after writing its part of a step (``error``: what its writes raised).
+
+    When any rank failed: rank 0 removes ``partial_dir`` and every rank raises SaveFailedError with
+    the first failing rank's one-line description; ``latest`` still names the previous step.
+    """
+    dist = _dist()
+    rank = dist.get_rank() if dist is not None else 0
+    message = None if error is None else describe_save_error(error, partial_dir)
+    failed = [(r, m) for r, m in enumerate(_gather(message)) if m]
+    if not failed:
+        return
+    if rank == 0:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+    r, m = failed[0]
+    save_dir = os.path.dirname(os.path.abspath(partial_dir))
+    raise SaveFailedError(f"saving iteration {iteration} into --save {save_dir} failed on rank {r}: {m}; "
+                          f"the partial step was removed and `latest` still names the previous step")

@@ -1,0 +1,84 @@
+"""How a run ends on a failure it can name: one line on stderr, a non-zero exit, on every rank.
+
+=====================================  ====  ==============================================
+failure                                exit  who prints the line
+=====================================  ====  ==============================================
+``--save`` locked / owned / unwritable  2    rank 0 (every rank agreed on it)
+truncated or unreadable checkpoint      2    rank 0 (every rank agreed on it)
+a save failed (full disk, ...)          1    rank 0 (every rank agreed on it)
+NaN/Inf loss or gradient, fp16 skips    1    rank 0 (every rank sees the same values)
+fp16 overflow at --min-loss-scale       1    rank 0 (DeepSpeed's error, as one line)
+a collective timed out / a peer died    1    every surviving rank, naming the silent rank
+=====================================  ====  ==============================================
+
+:func:`run` wraps the entry point's ``main``. Other exceptions keep their traceback (a bug).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "run", "print_error"]
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _rank() -> int:
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:
+        pass
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def print_error(prog: str, message: str) -> None:
+    text = " ".join(str(message).split("\n")).strip()
+    sys.stdout.flush()
+    sys.stderr.write(f"{prog}: error: {text}\n")
+    sys.stderr.flush()
+
+
+def run(main: Callable[[Optional[Sequence[str]]], int], argv=None, prog: str = "pretrain_tokenformer.py") -> int:
+    """``main(argv)``, with the failures of the module docstring turned into one line and an exit code."""
+    from megatron_tokenformer.checkpointing.file_checks import CheckpointFileError
+    from megatron_tokenformer.checkpointing.save_dir import SaveDirError, SaveFailedError
+    from megatron_tokenformer.training.numerics import NumericalFailure
+    try:
+        return main(argv)
+    except (SaveDirError, CheckpointFileError) as exc:
+        if _rank() == 0:
+            print_error(prog, str(exc))
+        raise SystemExit(EXIT_BAD_INPUT)
+    except (SaveFailedError, NumericalFailure) as exc:
+        if _rank() == 0:
+            print_error(prog, str(exc))
+        raise SystemExit(EXIT_FAILED)
+    except RuntimeError as exc:
+        from megatron_tokenformer.training import collective_timeout
+        if not collective_timeout.is_collective_failure(exc):
+            raise
+        try:
+            message = collective_timeout.describe_failure(exc)
+        except Exception:  # noqa: BLE001 - the diagnosis itself failed: still one line
+            message = f"rank {_rank()}: a collective failed ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+        print_error(prog, message)
+        sys.stdout.flush()
+        os._exit(EXIT_FAILED)  # the process group is broken: no shutdown hooks that might wait on it
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed raises a bare Exception at the fp16 scale floor
+        if _MIN_SCALE_TEXT not in str(exc):
+            raise
+        if _rank() == 0:
+            print_error(prog, "fp16: the gradients overflow at --min-loss-scale, the loss scale cannot decrease "
+                              f"further (DeepSpeed: {str(exc).strip()})")
+        raise SystemExit(EXIT_FAILED)
+
+
+_MIN_SCALE_TEXT = "Current loss scale already at minimum"
