@@ -69,7 +69,15 @@ def main(argv=None) -> int:
     backend = args.distributed_backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    device = engine_lib.get_device(env.local_rank)
+    from megatron_tokenformer.tensor_parallel import mappings
+    if mappings.collective_guard_requested():
+        mappings.install_collective_guard()  # tests: every collective through the choke point, on its device
+    try:
+        device_index = launch.bind_cuda_device(env, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    except ValueError as exc:
+        _fail(str(exc), env.rank)
+    device = engine_lib.get_device(device_index)
+    parallel_state.set_communication_device(device)
     if device.type == "cpu":
         engine_lib.skip_cpu_shm_comm_build()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
@@ -114,7 +122,7 @@ def main(argv=None) -> int:
     print_rank_0(f"> done: iteration {iteration}, {consumed_samples} samples consumed ({reason}); "
                  f"total time {time.time() - _START_TIME:.1f} s")
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        mappings.barrier()
         torch.distributed.destroy_process_group()
     return 0
 

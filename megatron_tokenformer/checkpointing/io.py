@@ -84,18 +84,17 @@ def _world() -> int:
 
 
 def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    from megatron_tokenformer.tensor_parallel.mappings import barrier
+    barrier()
 
 
 def _agree(ok: bool) -> bool:
     """True on all ranks iff ``ok`` on all ranks."""
     if not torch.distributed.is_initialized():
         return ok
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() == 0.0
+    from megatron_tokenformer.tensor_parallel.mappings import all_reduce_over
+    flag = torch.tensor([0.0 if ok else 1.0], device=parallel_state.get_communication_device())
+    return all_reduce_over(flag, "world", op="max").item() == 0.0
 
 
 # --------------------------------------------------------------------------- layout helpers

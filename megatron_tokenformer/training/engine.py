@@ -32,11 +32,16 @@ __all__ = ["get_device", "build_model", "get_param_groups", "build_optimizer", "
            "setup_model_and_optimizer", "apex_available"]
 
 
-def get_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def get_device(device_index: Optional[int]) -> torch.device:
+    """``cuda:device_index`` (made the current device), or the CPU when ``device_index`` is None.
+
+    The index comes from :func:`megatron_tokenformer.launch.bind_cuda_device`, which also makes
+    ``LOCAL_RANK`` say the same index, so DeepSpeed binds the same device.
+    """
+    if device_index is None:
+        return torch.device("cpu")
+    torch.cuda.set_device(device_index)
+    return torch.device("cuda", device_index)
 
 
 def apex_available() -> bool:

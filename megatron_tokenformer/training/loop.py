@@ -110,8 +110,9 @@ def train_step(engine, data_iter, gradient_accumulation_steps: int, pipelined: b
 
 def _dp_average(value: torch.Tensor) -> torch.Tensor:
     if parallel_state.get_data_parallel_world_size() > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        from megatron_tokenformer.tensor_parallel.mappings import all_reduce_over
+        device = value.device
+        value = all_reduce_over(value.to(parallel_state.get_communication_device()), "data").to(device)
         value /= parallel_state.get_data_parallel_world_size()
     return value
 
@@ -175,9 +176,9 @@ def _agree_on_exit(local_flag: bool, device) -> bool:
     """True on every rank when any rank wants to exit (all-reduce MAX over the world)."""
     if not torch.distributed.is_initialized():
         return local_flag
-    flag = torch.tensor([1.0 if local_flag else 0.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+    from megatron_tokenformer.tensor_parallel.mappings import all_reduce_over
+    flag = torch.tensor([1.0 if local_flag else 0.0], device=parallel_state.get_communication_device())
+    return bool(all_reduce_over(flag, "world", op="max").item() > 0)
 
 
 # --------------------------------------------------------------------------- the loop
