@@ -244,6 +244,8 @@ def discover(environ: Optional[MutableMapping[str, str]] = None) -> DistributedE
     if rank is not None and world is not None:
         # torchrun, the deepspeed launcher, or a user who exported the variables.
         local_size = _int_env(environ, "LOCAL_WORLD_SIZE") or _int_env(environ, "LOCAL_SIZE")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside world size {world} (env launcher)")
         local_rank = local_rank_from_environ(environ, rank, world, local_size)
         addr = environ.get("MASTER_ADDR") or "127.0.0.1"
         port = _int_env(environ, "MASTER_PORT") or DEFAULT_MASTER_PORT

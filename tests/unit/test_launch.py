@@ -207,3 +207,77 @@ def test_cpu_batch_script_under_sbatch(slurm_cluster, tmp_path):
     assert [r["iteration"] for r in rows] == [5, 10]
     assert all(r["number of nan iterations"] == 0 for r in rows)
     assert "> done: iteration 10" in text
+
+
+# ----------------------------------------------------------------------------- unit: device binding
+# DeepSpeed binds cuda:$LOCAL_RANK itself (init_process_group(device_id=...) and the engine's set_device);
+# the device chosen here must be that one, under every launcher's environment.
+
+LAUNCHER_ENVIRONMENTS = {
+    # launcher: (environment, physical GPUs on the node, expected device index)
+    "deepspeed --num_gpus 8": ({"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "LOCAL_SIZE": "8",
+                                "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, 8, 5),
+    "deepspeed --include host:2,3": ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2",
+                                      "CUDA_VISIBLE_DEVICES": "2,3"}, 8, 1),
+    "torchrun --nproc_per_node 8": ({"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5",
+                                     "LOCAL_WORLD_SIZE": "8"}, 8, 5),
+    "srun, all GPUs visible": ({"SLURM_PROCID": "13", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16",
+                                "SLURM_LOCALID": "5", "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "gpu[1-2]",
+                                "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_ID": "9"}, 8, 5),
+    "srun --gpus-per-task=1": ({"SLURM_PROCID": "13", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16",
+                                "SLURM_LOCALID": "5", "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "gpu[1-2]",
+                                "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_ID": "9",
+                                "CUDA_VISIBLE_DEVICES": "5"}, 8, 0),
+    "mpirun with exported RANK/WORLD_SIZE": ({"RANK": "13", "WORLD_SIZE": "16", "OMPI_COMM_WORLD_SIZE": "16",
+                                              "OMPI_COMM_WORLD_LOCAL_RANK": "5"}, 8, 5),
+    "mpirun, one GPU per rank": ({"RANK": "13", "WORLD_SIZE": "16", "OMPI_COMM_WORLD_SIZE": "16",
+                                  "OMPI_COMM_WORLD_LOCAL_RANK": "5", "CUDA_VISIBLE_DEVICES": "5"}, 8, 0),
+    "Intel MPI / MPICH": ({"RANK": "3", "WORLD_SIZE": "8", "MPI_LOCALRANKID": "3"}, 4, 3),
+    "one process, CUDA_VISIBLE_DEVICES=3": ({}, 8, 0),
+    "CPU only": ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 0, None),
+    "GPUs hidden": ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": ""}, 8, None),
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHER_ENVIRONMENTS))
+def test_device_binding_agrees_with_deepspeed(launcher, monkeypatch):
+    environ, physical, expected = LAUNCHER_ENVIRONMENTS[launcher]
+    environ = dict(environ)
+    if launcher.startswith("one process"):
+        environ["CUDA_VISIBLE_DEVICES"] = "3"
+    d = launch.discover(environ)
+    visible = launch.visible_cuda_device_count(environ, physical)
+    index = launch.bind_cuda_device(d, visible, environ)
+    assert index == expected
+    if expected is None:
+        return
+    # what DeepSpeed 0.19 reads: comm/torch.py device_id=cuda:$LOCAL_RANK; engine._set_distributed_vars
+    # set_device(int(LOCAL_RANK)) after asserting LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK under OpenMPI
+    assert int(environ["LOCAL_RANK"]) == expected < visible
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in environ:
+        assert environ["OMPI_COMM_WORLD_LOCAL_RANK"] == environ["LOCAL_RANK"]
+
+
+def test_more_local_ranks_than_gpus_is_refused():
+    d = launch.discover({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "5"})
+    with pytest.raises(ValueError, match="node-local rank 5 has no GPU: only 4 are visible"):
+        launch.bind_cuda_device(d, 4, {})
+
+
+def test_local_rank_is_never_the_global_rank_by_default():
+    """RANK/WORLD_SIZE without any node-local variable on a multi-node job: refused, not guessed."""
+    with pytest.raises(ValueError, match="export LOCAL_RANK"):
+        launch.discover({"RANK": "13", "WORLD_SIZE": "16"})
+    # ... but when every rank is on this node the global rank is the local rank
+    assert launch.discover({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}).local_rank == 3
+    # srun step with the variables exported by a wrapper: SLURM_LOCALID
+    assert launch.discover({"RANK": "13", "WORLD_SIZE": "16", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "5",
+                            "SLURM_PROCID": "13"}).local_rank == 5
+
+
+@pytest.mark.parametrize("visible, physical, expected", [
+    (None, 8, 8), ("0,1", 8, 2), ("5", 8, 1), ("", 8, 0), ("-1", 8, 0), ("GPU-3f2a,GPU-77b1", 8, 2), ("0,1", 0, 0),
+])
+def test_visible_cuda_device_count(visible, physical, expected):
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    assert launch.visible_cuda_device_count(environ, physical) == expected
