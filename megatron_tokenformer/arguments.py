@@ -165,7 +165,8 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
     g.add_argument("--mock-data", action="store_true",
                    help="synthetic random tokens (MockGPTDataset) instead of --data-path; for tests")
     g.add_argument("--data-cache-path", default=None, help="where to cache the dataset index files")
-    g.add_argument("--num-workers", type=_nonneg_int, default=0, help="data-loader worker processes")
+    g.add_argument("--num-workers", type=_nonneg_int, default=2,
+                   help="data-loader worker processes per rank (0: load in the training process)")
     g.add_argument("--tokenizer-type", default=None, choices=["SentencePieceTokenizer", "NullTokenizer"],
                    help="default: SentencePieceTokenizer with --tokenizer-model, NullTokenizer with "
                         "--vocab-size only")
