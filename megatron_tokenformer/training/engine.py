@@ -44,15 +44,24 @@ def get_device(device_index: Optional[int]) -> torch.device:
     return torch.device("cuda", device_index)
 
 
-def apex_available() -> bool:
-    """apex's fused Adam is used only when importable *and* CUDA is present."""
-    if not torch.cuda.is_available():
+def apex_available(cuda_available: Optional[bool] = None) -> bool:
+    """apex's FusedAdam is used only with CUDA and when its CUDA extension loads.
+
+    A Python-only apex install (``pip install apex`` without ``--cuda_ext``) imports, but
+    ``FusedAdam()`` then raises: its kernels live in the ``amp_C`` extension, reached through
+    ``multi_tensor_applier``. Both are probed here, not just ``import apex``.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
         return False
     try:
         from apex.optimizers import FusedAdam  # noqa: F401
+        from apex.multi_tensor_apply import multi_tensor_applier
+        import amp_C
+        return bool(getattr(multi_tensor_applier, "available", False)) and hasattr(amp_C, "multi_tensor_adam")
     except Exception:
         return False
-    return True
 
 
 def skip_cpu_shm_comm_build() -> None:
