@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     iteration, consumed_samples, reason = loop.train(args, engine, config, train_iter, valid_iter, iteration,
                                                      consumed_samples, device, _START_TIME, tensorboard)
     tensorboard.close()
+    if device.type == "cuda":
+        print_rank_0(f"> peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB allocated, "
+                     f"{torch.cuda.max_memory_reserved(device) / 2 ** 30:.2f} GiB reserved (rank 0)")
     print_rank_0(f"> done: iteration {iteration}, {consumed_samples} samples consumed ({reason}); "
                  f"total time {time.time() - _START_TIME:.1f} s")
     if torch.distributed.is_initialized():

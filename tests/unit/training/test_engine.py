@@ -48,3 +48,43 @@ def test_no_apex_without_cuda(monkeypatch):
 def test_no_apex_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "apex", None)
     assert not engine_lib.apex_available(cuda_available=True)
+
+
+# --------------------------------------------------------------------------- DeepSpeed config: bf16
+
+
+def _config_args(**overrides):
+    import argparse
+    base = dict(global_batch_size=32, micro_batch_size=1, gradient_accumulation_steps=32, clip_grad=1.0,
+                zero_stage=1, fp16=False, bf16=False, deepspeed_json=None)
+    base.update(overrides)
+    return argparse.Namespace(**base)
+
+
+def test_bf16_accumulates_and_reduces_gradients_in_fp32():
+    cfg = engine_lib.build_deepspeed_config(_config_args(bf16=True))
+    assert cfg["bf16"] == {"enabled": True}
+    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert cfg["communication_data_type"] == "fp32"
+
+
+def test_fp32_config_has_no_gradient_dtype_override():
+    cfg = engine_lib.build_deepspeed_config(_config_args())
+    assert "data_types" not in cfg and "communication_data_type" not in cfg
+
+
+def test_users_gradient_dtype_wins():
+    user = {"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"}
+    cfg = engine_lib.build_deepspeed_config(_config_args(bf16=True, deepspeed_json=user))
+    assert cfg["data_types"] == {"grad_accum_dtype": "bf16"} and cfg["communication_data_type"] == "bf16"
+    assert user == {"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"}  # not modified
+
+
+def test_deepspeed_reads_the_bf16_gradient_precision():
+    """The config as DeepSpeed 0.19 reads it (ZeRO-1 + bf16 + fp32 accumulation: its BF16_Optimizer)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    cfg = engine_lib.build_deepspeed_config(_config_args(bf16=True))
+    ds = DeepSpeedConfig(cfg)
+    import torch
+    assert ds.grad_accum_dtype == "fp32" and ds.communication_data_type == torch.float32
+    assert ds.bfloat16_config.enabled and ds.zero_optimization_stage == 1
