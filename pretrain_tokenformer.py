@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         print_rank_0(f"> peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB allocated, "
                      f"{torch.cuda.max_memory_reserved(device) / 2 ** 30:.2f} GiB reserved (rank 0)")
+    if args.exit_status_file and torch.distributed.get_rank() == 0:  # after the last save
+        from megatron_tokenformer.training.exit_status import write_exit_status
+        print_rank_0(f"> exit status: {write_exit_status(args.exit_status_file, iteration, args.train_iters, reason)}")
     print_rank_0(f"> done: iteration {iteration}, {consumed_samples} samples consumed ({reason}); "
                  f"total time {time.time() - _START_TIME:.1f} s")
     if torch.distributed.is_initialized():

@@ -112,6 +112,9 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                    help="save (if --save) and exit after the iteration that is a multiple of this")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="save (if --save) and exit once training has run this many minutes")
+    g.add_argument("--exit-status-file", default=None,
+                   help="rank 0 writes 'finished I/N reason' or 'unfinished I/N reason' here at exit (job "
+                        "scripts requeue on 'unfinished'; see training/exit_status.py)")
 
     g = parser.add_argument_group("optimizer and learning rate")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")

@@ -281,3 +281,50 @@ def test_local_rank_is_never_the_global_rank_by_default():
 def test_visible_cuda_device_count(visible, physical, expected):
     environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
     assert launch.visible_cuda_device_count(environ, physical) == expected
+
+
+def _job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    for field in out.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return "GONE"  # purged after completion
+
+
+@pytest.mark.slurm
+def test_cpu_batch_script_time_limit_save_requeue_resume(slurm_cluster, tmp_path):
+    """--time=3 with SIGUSR1 60 s before the limit (Slurm may send it up to 60 s earlier): the ranks save
+    and write "unfinished", the script requeues the job, the restarted job resumes from the checkpoint,
+    until training finishes. TRAIN_ITERS is far more than one start can do before its signal."""
+    log, save = tmp_path / "job.out", tmp_path / "ckpt"
+    script = os.path.join(train_runs.ROOT, "examples", "slurm", "pretrain_cpu.sbatch")
+    train_iters = int(os.environ.get("TOKENFORMER_REQUEUE_TEST_ITERS", "400"))
+    cmd = ["sbatch", "--parsable", "--time=3", "--signal=USR1@60", "-o", str(log),
+           f"--export=ALL,PYTHON={sys.executable},REPO={train_runs.ROOT},TRAIN_ITERS={train_iters},SAVE_DIR={save},"
+           f"TP=2,EXTRA_ARGS=--num-workers 0 --eval-iters 0", script]
+    sub = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+                         env=train_runs.env({"OMP_NUM_THREADS": ""}))
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    import time
+    deadline = time.time() + 1200
+    try:
+        while _job_state(job) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "GONE"):
+            assert time.time() < deadline, f"job {job} still {_job_state(job)}\n{log.read_text()[-3000:]}"
+            time.sleep(5)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    text = log.read_text()
+    state = _job_state(job)
+    assert state in ("COMPLETED", "GONE"), f"job {job}: {state}\n{text[-4000:]}"
+    assert f"> done: iteration {train_iters}" in text, text[-4000:]
+    assert f"> exit status: finished {train_iters}/{train_iters}" in text
+    stops = [int(m) for m in __import__("re").findall(r"> exit status: unfinished (\d+)/", text)]
+    assert stops, "the time limit never stopped a run:\n" + text[-4000:]
+    assert "signal SIGUSR1" in text and f"requeueing job {job}" in text
+    # every restart resumed where the previous run saved
+    starts = [int(m) for m in __import__("re").findall(r"> training from iteration (\d+) to", text)]
+    assert starts == [0] + stops, (starts, stops)
+    assert "job %s (start 2)" % job in text
+    rows = train_runs.parse_iterations(text)
+    assert rows[-1]["iteration"] == train_iters and all(r["number of nan iterations"] == 0 for r in rows)
