@@ -128,7 +128,7 @@ def _collective(kind: str, tensor: torch.Tensor, group=None) -> torch.Tensor:
             raise ValueError(f"reduce_scatter: dim 0 ({tensor.shape[0]}) not divisible by {world} ranks")
         out = torch.empty((tensor.shape[0] // world,) + tuple(tensor.shape[1:]),
                           dtype=tensor.dtype, device=tensor.device)
-        dist.reduce_scatter_tensor(out, tensor, op=dist.ReduceOp.SUM, group=group)
+        _reduce_scatter_single(out, tensor, op=dist.ReduceOp.SUM, group=group)
         return out
 
 
@@ -153,9 +153,9 @@ def barrier(group: str = "world") -> None:
 GUARD_ENV = "MEGATRON_TOKENFORMER_CHECK_COLLECTIVES"
 #: torch.distributed functions that communicate; package code must reach them through this module
 RAW_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object",
-                   "reduce_scatter", "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "barrier",
-                   "reduce", "gather", "gather_object", "scatter", "all_to_all", "all_to_all_single",
-                   "send", "recv", "isend", "irecv", "monitored_barrier")
+                   "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "broadcast",
+                   "broadcast_object_list", "barrier", "reduce", "gather", "gather_object", "scatter", "all_to_all",
+                   "all_to_all_single", "send", "recv", "isend", "irecv", "monitored_barrier")
 
 
 def collective_guard_requested(environ=None) -> bool:
@@ -189,6 +189,8 @@ def install_collective_guard() -> None:
 
 # torch >= 2.13 renamed all_gather_into_tensor to all_gather_single
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# ... and reduce_scatter_tensor to reduce_scatter_single
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 # --- plain (non-autograd) helpers on the last dimension ------------------------------------------
