@@ -308,15 +308,17 @@ def test_cpu_batch_script_time_limit_save_requeue_resume(slurm_cluster, tmp_path
     two minutes from now, so Slurm's --signal=USR1@120 warning arrives mid-run; the ranks save and write
     "unfinished", the script requeues the job, and the restarted job (time limit raised again while it
     waits) resumes from that checkpoint and finishes. Start-up time varies a lot with the machine's load,
-    so the limit is cut only when training has started; a run that finishes before the signal (a fast
-    machine) is repeated with 4x the iterations."""
+    so the limit is cut only when training has started (the ranks check for exits every iteration with
+    --log-interval 1); a run that finishes before the signal (a fast machine) is repeated with 4x the
+    iterations. Slurm holds a requeued job for about 2 minutes before it starts again."""
     import re
     script = os.path.join(train_runs.ROOT, "examples", "slurm", "pretrain_cpu.sbatch")
-    for attempt, train_iters in enumerate((100, 400, 1600)):
+    attempts = (20, 80, 320, 1280, 5120)
+    for attempt, train_iters in enumerate(attempts):
         log, save = tmp_path / f"job{attempt}.out", tmp_path / f"ckpt{attempt}"
         cmd = ["sbatch", "--parsable", "--time=30", "--signal=USR1@120", "-o", str(log),
                f"--export=ALL,PYTHON={sys.executable},REPO={train_runs.ROOT},TRAIN_ITERS={train_iters},"
-               f"SAVE_DIR={save},EXTRA_ARGS=--num-workers 0 --eval-iters 0", script]
+               f"SAVE_DIR={save},EXTRA_ARGS=--num-workers 0 --eval-iters 0 --log-interval 1", script]
         sub = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
                              env=train_runs.env({"OMP_NUM_THREADS": ""}))
         assert sub.returncode == 0, sub.stderr
@@ -352,4 +354,4 @@ def test_cpu_batch_script_time_limit_save_requeue_resume(slurm_cluster, tmp_path
         rows = train_runs.parse_iterations(text)
         assert rows[-1]["iteration"] == train_iters and all(r["number of nan iterations"] == 0 for r in rows)
         return
-    raise AssertionError("training finished before the time-limit warning even with 1600 iterations")
+    raise AssertionError(f"training finished before the time-limit warning even with {attempts[-1]} iterations")
