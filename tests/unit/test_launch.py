@@ -295,7 +295,8 @@ def _wait(predicate, timeout, what, log):
     import time
     deadline = time.time() + timeout
     while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}\n{log.read_text()[-3000:] if log.exists() else ''}"
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        assert time.time() < deadline, f"timed out waiting for {what}\n{tail}"
         time.sleep(3)
 
 
@@ -334,7 +335,8 @@ def test_cpu_batch_script_time_limit_save_requeue_resume(slurm_cluster, tmp_path
             _wait(lambda: "requeueing job" in log.read_text() or _job_field(job, "JobState") in _ENDED,
                   600, "the time-limit save", log)
             if "requeueing job" not in log.read_text():
-                assert f"> exit status: finished {train_iters}/{train_iters}" in log.read_text(), log.read_text()[-3000:]
+                text = log.read_text()
+                assert f"> exit status: finished {train_iters}/{train_iters}" in text, text[-3000:]
                 continue  # finished before the warning came: more iterations
             _wait(lambda: _job_field(job, "JobState") in ("PENDING", "REQUEUED", "RUNNING") + _ENDED
                   and "start 2" in log.read_text() or _job_field(job, "JobState") == "PENDING", 300, "the requeue", log)

@@ -34,7 +34,8 @@ class GroupStepAdamW(torch.optim.Optimizer):
                 st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                 m_hat = st["exp_avg"] / (1 - b1 ** t)
                 v_hat = st["exp_avg_sq"] / (1 - b2 ** t)
-                p.mul_(1 - group["lr"] * group["weight_decay"]).sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
 
 
 GRADS = [torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.4, -0.8, 1.5]), torch.tensor([0.3, -1.2, 1.0]),
