@@ -74,7 +74,15 @@ def _main(argv=None) -> int:
     backend = args.distributed_backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    device = engine_lib.get_device(env.local_rank)
+    from megatron_tokenformer.tensor_parallel import mappings
+    if mappings.collective_guard_requested():
+        mappings.install_collective_guard()  # tests: every collective through the choke point, on its device
+    try:
+        device_index = launch.bind_cuda_device(env, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    except ValueError as exc:
+        _fail(str(exc), env.rank)
+    device = engine_lib.get_device(device_index)
+    parallel_state.set_communication_device(device)
     if device.type == "cpu":
         engine_lib.skip_cpu_shm_comm_build()
     from megatron_tokenformer.training import collective_timeout  # [timeout] bounds every collective
@@ -145,10 +153,16 @@ def _main(argv=None) -> int:
     iteration, consumed_samples, reason = loop.train(args, engine, config, train_iter, valid_iter, iteration,
                                                      consumed_samples, device, _START_TIME, tensorboard)
     tensorboard.close()
+    if device.type == "cuda":
+        print_rank_0(f"> peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB allocated, "
+                     f"{torch.cuda.max_memory_reserved(device) / 2 ** 30:.2f} GiB reserved (rank 0)")
+    if args.exit_status_file and torch.distributed.get_rank() == 0:  # after the last save
+        from megatron_tokenformer.training.exit_status import write_exit_status
+        print_rank_0(f"> exit status: {write_exit_status(args.exit_status_file, iteration, args.train_iters, reason)}")
     print_rank_0(f"> done: iteration {iteration}, {consumed_samples} samples consumed ({reason}); "
                  f"total time {time.time() - _START_TIME:.1f} s")
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        mappings.barrier()
         torch.distributed.destroy_process_group()
     return 0
 

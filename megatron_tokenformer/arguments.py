@@ -123,6 +123,9 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                    help="save (if --save) and exit after the iteration that is a multiple of this")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="save (if --save) and exit once training has run this many minutes")
+    g.add_argument("--exit-status-file", default=None,
+                   help="rank 0 writes 'finished I/N reason' or 'unfinished I/N reason' here at exit (job "
+                        "scripts requeue on 'unfinished'; see training/exit_status.py)")
 
     g = parser.add_argument_group("optimizer and learning rate")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")
@@ -188,7 +191,8 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
     g.add_argument("--mock-data", action="store_true",
                    help="synthetic random tokens (MockGPTDataset) instead of --data-path; for tests")
     g.add_argument("--data-cache-path", default=None, help="where to cache the dataset index files")
-    g.add_argument("--num-workers", type=_nonneg_int, default=0, help="data-loader worker processes")
+    g.add_argument("--num-workers", type=_nonneg_int, default=2,
+                   help="data-loader worker processes per rank (0: load in the training process)")
     g.add_argument("--tokenizer-type", default=None,
                    choices=["SentencePieceTokenizer", "HFTokenizer", "HuggingFaceTokenizer", "NullTokenizer"],
                    help="default: SentencePieceTokenizer with --tokenizer-model, HFTokenizer with --vocab-file, "

@@ -39,6 +39,10 @@ __all__ = [
     "slurm_master_port",
     "find_free_port",
     "configure_cpu_threads",
+    "local_rank_from_environ",
+    "visible_cuda_device_count",
+    "cuda_device_index",
+    "bind_cuda_device",
 ]
 
 
@@ -239,14 +243,14 @@ def discover(environ: Optional[MutableMapping[str, str]] = None) -> DistributedE
     rank, world = _int_env(environ, "RANK"), _int_env(environ, "WORLD_SIZE")
     if rank is not None and world is not None:
         # torchrun, the deepspeed launcher, or a user who exported the variables.
-        local_rank = _int_env(environ, "LOCAL_RANK")
-        if local_rank is None:
-            local_rank = rank
+        local_size = _int_env(environ, "LOCAL_WORLD_SIZE") or _int_env(environ, "LOCAL_SIZE")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside world size {world} (env launcher)")
+        local_rank = local_rank_from_environ(environ, rank, world, local_size)
         addr = environ.get("MASTER_ADDR") or "127.0.0.1"
         port = _int_env(environ, "MASTER_PORT") or DEFAULT_MASTER_PORT
         # torchrun: LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE
-        local_size = _int_env(environ, "LOCAL_WORLD_SIZE") or _int_env(environ, "LOCAL_SIZE") or world
-        env = DistributedEnv(rank, world, local_rank, addr, port, "env", local_size)
+        env = DistributedEnv(rank, world, local_rank, addr, port, "env", local_size or world)
     elif "OMPI_COMM_WORLD_SIZE" in environ or "MV2_COMM_WORLD_SIZE" in environ:
         env = _discover_mpi(environ)  # mpirun (possibly inside a Slurm allocation)
     elif environ.get("SLURM_STEP_ID") is not None and environ.get("SLURM_PROCID") is not None:
@@ -260,6 +264,84 @@ def discover(environ: Optional[MutableMapping[str, str]] = None) -> DistributedE
     if not 0 <= env.rank < env.world_size:
         raise ValueError(f"rank {env.rank} is outside world size {env.world_size} ({env.launcher} launcher)")
     return env
+
+
+# Node-local rank variables of the launchers that may start us with RANK/WORLD_SIZE already exported,
+# in order of trust: torchrun/deepspeed, OpenMPI, MVAPICH2, MPICH/Intel MPI.
+_LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def local_rank_from_environ(environ, rank: int, world_size: int, local_world_size: Optional[int] = None) -> int:
+    """This process's rank on its node, from the launcher's variables; never guessed from the global rank
+    on a multi-node job.
+
+    ``LOCAL_RANK``, then the MPI launchers' node-local ranks, then ``SLURM_LOCALID`` inside an srun
+    step. Without any of them the global rank is the local rank only when every rank is on this node
+    (world size 1, or a local world size equal to the world size); otherwise ValueError.
+    """
+    for name in _LOCAL_RANK_VARIABLES:
+        value = _int_env(environ, name)
+        if value is not None:
+            return value
+    if environ.get("SLURM_STEP_ID") is not None:
+        value = _int_env(environ, "SLURM_LOCALID")
+        if value is not None:
+            return value
+    if world_size == 1 or (local_world_size is not None and local_world_size == world_size):
+        return rank
+    raise ValueError(f"RANK={rank} and WORLD_SIZE={world_size} are set but nothing says this process's rank on its "
+                     f"node (none of {', '.join(_LOCAL_RANK_VARIABLES)}, SLURM_LOCALID); export LOCAL_RANK")
+
+
+def visible_cuda_device_count(environ, physical_count: int) -> int:
+    """CUDA devices this process can use: ``CUDA_VISIBLE_DEVICES`` when set (an empty value hides all),
+    else every device of the node. (torch.cuda.device_count() already applies the variable; this is
+    the same rule, for tests and for reasoning about launcher environments.)"""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return physical_count
+    entries = [v for v in visible.split(",") if v.strip()]
+    if entries and entries[0].strip() in ("-1", "NoDevFiles"):
+        return 0
+    return min(len(entries), physical_count)
+
+
+def cuda_device_index(local_rank: int, visible_count: int) -> Optional[int]:
+    """The CUDA device (index among the visible ones) this rank uses; None without CUDA.
+
+    * several visible devices (``deepspeed``, ``torchrun``, ``mpirun``, ``srun`` with the node's GPUs
+      visible to every task): the device numbered by the node-local rank;
+    * one visible device (``srun --gpus-per-task=1``, or ``CUDA_VISIBLE_DEVICES`` with one entry): device 0,
+      whatever the local rank;
+    * a local rank with no device of its own: ValueError (more ranks on the node than GPUs).
+    """
+    if visible_count <= 0:
+        return None
+    if visible_count == 1:
+        return 0
+    if not 0 <= local_rank < visible_count:
+        raise ValueError(f"node-local rank {local_rank} has no GPU: only {visible_count} are visible to it "
+                         f"(start at most one rank per GPU, or check CUDA_VISIBLE_DEVICES)")
+    return local_rank
+
+
+def bind_cuda_device(env: DistributedEnv, visible_count: int,
+                     environ: Optional[MutableMapping[str, str]] = None) -> Optional[int]:
+    """Choose this rank's CUDA device and make DeepSpeed choose the same one.
+
+    DeepSpeed binds ``cuda:$LOCAL_RANK`` itself (``init_process_group(device_id=...)`` in
+    ``init_distributed`` and ``set_device`` in the engine) and, under OpenMPI, asserts that
+    ``LOCAL_RANK`` equals ``OMPI_COMM_WORLD_LOCAL_RANK``. So ``LOCAL_RANK`` (and the OpenMPI variable
+    when present) is set to the chosen device index. Returns the index, or None without CUDA (nothing
+    is changed then). Call before ``deepspeed.init_distributed``.
+    """
+    environ = os.environ if environ is None else environ
+    index = cuda_device_index(env.local_rank, visible_count)
+    if index is not None:
+        environ["LOCAL_RANK"] = str(index)
+        if "OMPI_COMM_WORLD_LOCAL_RANK" in environ:
+            environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(index)
+    return index
 
 
 def export(env: DistributedEnv, environ: Optional[MutableMapping[str, str]] = None) -> Dict[str, str]:

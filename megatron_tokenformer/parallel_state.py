@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+import torch
 import torch.distributed as dist
 
 _TENSOR_MODEL_PARALLEL_GROUP = None
@@ -34,6 +35,35 @@ _MODEL_PARALLEL_RANKS: Optional[List[int]] = None
 
 _SIZES = None  # (tp, pp, dp) once initialised
 _TOPOLOGY = None
+_COMMUNICATION_DEVICE: Optional[torch.device] = None
+
+
+# --- the communication device ------------------------------------------------------------------
+def choose_communication_device(cuda_available: bool, current_cuda_device: Optional[int]) -> torch.device:
+    """The device every collective's tensors live on: this process's CUDA device when CUDA is
+    present (NCCL has no CPU backend), the CPU otherwise (gloo). Pure: the caller passes what it sees.
+    """
+    if cuda_available:
+        if current_cuda_device is None:
+            raise ValueError("CUDA is available but no current CUDA device was given")
+        return torch.device("cuda", int(current_cuda_device))
+    return torch.device("cpu")
+
+
+def set_communication_device(device: Optional[torch.device]) -> None:
+    """Fix the communication device (once, at start-up, after the CUDA device is bound).
+    ``None`` forgets it (tests)."""
+    global _COMMUNICATION_DEVICE
+    _COMMUNICATION_DEVICE = None if device is None else torch.device(device)
+
+
+def get_communication_device() -> torch.device:
+    """The device collectives run on: the one set at start-up, else chosen from the current CUDA device."""
+    global _COMMUNICATION_DEVICE
+    if _COMMUNICATION_DEVICE is None:
+        cuda = torch.cuda.is_available()
+        _COMMUNICATION_DEVICE = choose_communication_device(cuda, torch.cuda.current_device() if cuda else None)
+    return _COMMUNICATION_DEVICE
 
 
 def rank_layout(world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int):

@@ -33,6 +33,7 @@ from megatron_tokenformer import parallel_state
 from megatron_tokenformer.checkpointing import files
 from megatron_tokenformer.checkpointing import save_dir as save_dir_lib
 from megatron_tokenformer.checkpointing.naming import canonical_parameter_names, vocab_parameters
+from megatron_tokenformer.checkpointing.optimizer_step import set_adam_step
 from megatron_tokenformer.checkpointing.reshard import (CLIENT_STATE_KEY, FP32, CheckpointFormatError,
                                                         CheckpointView)
 
@@ -85,18 +86,17 @@ def _world() -> int:
 
 
 def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    from megatron_tokenformer.tensor_parallel.mappings import barrier
+    barrier()
 
 
 def _agree(ok: bool) -> bool:
     """True on all ranks iff ``ok`` on all ranks."""
     if not torch.distributed.is_initialized():
         return ok
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() == 0.0
+    from megatron_tokenformer.tensor_parallel.mappings import all_reduce_over
+    flag = torch.tensor([0.0 if ok else 1.0], device=parallel_state.get_communication_device())
+    return all_reduce_over(flag, "world", op="max").item() == 0.0
 
 
 # --------------------------------------------------------------------------- layout helpers
@@ -555,16 +555,17 @@ def load_view_into_engine(engine, view: CheckpointView, config, load_optim: bool
                 for key in state_keys:
                     st[key] = read(key).to(param.dtype).view_as(param).clone()
                 if entry.step is not None:
-                    st["step"] = torch.tensor(float(entry.step), dtype=torch.float32)
+                    set_adam_step(base, gi, st, entry.step)
 
     if state_keys:
         if zero:
             for gi, group in enumerate(base.param_groups):
                 step = group_steps.get(gi)
+                st = base.state[group["params"][0]]
                 if step is not None:
-                    base.state[group["params"][0]]["step"] = torch.tensor(float(step), dtype=torch.float32)
-                elif "step" not in base.state[group["params"][0]]:
-                    base.state[group["params"][0]]["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    set_adam_step(base, gi, st, step)
+                elif "step" not in st and "step" not in group:
+                    set_adam_step(base, gi, st, 0)
             if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
                 engine.optimizer._hp_optimizer_states_linked = False
     if load_optim:  # (also when every step so far was skipped for overflow and Adam has no state yet)

@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from megatron_tokenformer.checkpointing import files
+from megatron_tokenformer.checkpointing.optimizer_step import get_adam_step
 from megatron_tokenformer.checkpointing.tensor_file import LazyTensor, TorchFile, materialize
 
 __all__ = ["ParamEntry", "CheckpointView", "CanonicalWriter", "CheckpointFormatError", "open_checkpoint",
@@ -460,7 +461,8 @@ class CheckpointView:
             for g, mapping in enumerate(mappings):
                 if isinstance(base, dict):       # "rigid" layout: a torch optimizer state_dict
                     st = base["state"].get(g, base["state"].get(str(g), {}))
-                    step = st.get("step")
+                    groups = base.get("param_groups") or []
+                    step = get_adam_step(groups[g] if g < len(groups) else None, st)  # apex: in the group
                 else:                             # elastic layout: list of per-group states
                     st = base[g]
                     step = osd.get("base_optimizer_state_step")
@@ -510,7 +512,8 @@ class CheckpointView:
         if isinstance(opt, dict) and groups:
             index = 0
             state = opt.get("state", {})
-            for group in groups:
+            saved_groups = opt.get("param_groups") or []
+            for gi, group in enumerate(groups):
                 for name in group:
                     st = state.get(index, {})
                     tensor_keys = sorted(k for k, v in st.items() if isinstance(v, LazyTensor) and k != "step"
@@ -518,8 +521,9 @@ class CheckpointView:
                     keys = keys or tensor_keys
                     for k in tensor_keys:
                         local_by_name[name][k] = _LocalTensor(shapes[name], [_Fragment(0, st[k].numel(), st[k], 0)])
-                    if "step" in st:
-                        steps[f"{m}/{name}"] = float(materialize(st["step"]))
+                    step = get_adam_step(saved_groups[gi] if gi < len(saved_groups) else None, st)
+                    if step is not None:
+                        steps[f"{m}/{name}"] = float(materialize(step))
                     index += 1
         return keys
 

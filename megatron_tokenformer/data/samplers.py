@@ -78,11 +78,11 @@ class MegatronPretrainingSampler:
 
 def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_size: int,
                                   data_parallel_rank: int, data_parallel_size: int,
-                                  num_workers: int = 0, drop_last: bool = True):
+                                  num_workers: int = 0, drop_last: bool = True, pin_memory: bool = False):
     """A ``torch.utils.data.DataLoader`` over ``dataset`` driven by the sampler above.
 
     Batches are ``{"text": LongTensor [micro_batch_size, seq_length + 1]}``. Returns None for
-    a None dataset.
+    a None dataset. ``pin_memory``: page-locked batches (only useful, and only asked for, with CUDA).
     """
     if dataset is None:
         return None
@@ -97,6 +97,6 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_si
         drop_last=drop_last,
     )
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
+        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
     )

@@ -3,6 +3,11 @@
 Two collectives forward: a max all-reduce (the stabilising shift) and ONE sum all-reduce carrying both
 the target logit and the partition function. Backward is local: softmax minus one-hot on the rank's
 own block.
+
+Memory (as Megatron-LM's): ONE fp32 tensor of the logits' shape [..., V/p] is made -- the upcast
+(or, for fp32 logits, the shifted copy) -- and then worked on in place: shifted, exponentiated,
+normalised into the softmax that is saved for backward; backward turns that saved softmax into the
+gradient in place (so the graph cannot be back-propagated twice, ``retain_graph`` included).
 """
 
 from __future__ import annotations
@@ -16,29 +21,31 @@ from megatron_tokenformer.tensor_parallel.mappings import _collective
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target):
-        logits = logits.float()
         local = logits.shape[-1]
         rank = parallel_state.get_tensor_model_parallel_rank()
         start = rank * local
-        logits_max = _collective("all_reduce_max", logits.amax(dim=-1))
-        shifted = logits - logits_max.unsqueeze(-1)
+        logits_max = _collective("all_reduce_max", logits.amax(dim=-1).float())
+        if logits.dtype == torch.float32:
+            work = logits - logits_max.unsqueeze(-1)  # the input itself is never modified
+        else:
+            work = logits.float()  # the one fp32 copy
+            work.sub_(logits_max.unsqueeze(-1))
 
         outside = (target < start) | (target >= start + local)
         local_target = (target - start).masked_fill(outside, 0)
-        predicted = torch.gather(shifted, -1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        exp = torch.exp(shifted)
-        sums = _collective("all_reduce", torch.stack([predicted, exp.sum(dim=-1)]))
+        predicted = torch.gather(work, -1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        torch.exp(work, out=work)
+        sums = _collective("all_reduce", torch.stack([predicted, work.sum(dim=-1)]))
         predicted, sum_exp = sums[0], sums[1]
         loss = torch.log(sum_exp) - predicted
 
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, outside, local_target)
+        work.div_(sum_exp.unsqueeze(-1))  # softmax
+        ctx.save_for_backward(work, outside, local_target)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, outside, local_target = ctx.saved_tensors
-        grad = softmax.clone()
+        grad, outside, local_target = ctx.saved_tensors  # the softmax, turned into the gradient in place
         hit = (~outside).to(grad.dtype)
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
         grad.mul_(grad_loss.unsqueeze(-1))

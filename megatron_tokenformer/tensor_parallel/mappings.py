@@ -20,6 +20,14 @@ Conventions (T = tokens on this rank, p = tensor-parallel size):
   arriving at each rank is a different partial and must be summed.
 - ``all_reduce_max_no_grad``: max all-reduce outside autograd (softmax shift).
 
+The same choke point carries the few collectives outside tensor parallelism (parameter counting,
+checkpoint and exit agreement, data-parallel loss averaging, barriers): :func:`all_reduce_over`
+and :func:`barrier` with ``group="data"`` or ``"world"``. Every collective's tensor lives on
+:func:`parallel_state.get_communication_device` (the local CUDA device under NCCL, the CPU under
+gloo). With ``MEGATRON_TOKENFORMER_CHECK_COLLECTIVES=1`` the training script installs
+:func:`install_collective_guard`: a tensor on another device, or a ``torch.distributed``
+collective called directly from a package module, raises instead of running.
+
 Element counts recorded are the numel of the tensor handed to the collective on this rank (for
 all-gather: the local input; for reduce-scatter: the full input).
 """
@@ -27,6 +35,9 @@ all-gather: the local input; for reduce-scatter: the full input).
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import sys
 from typing import List, Optional, Tuple
 
 import torch
@@ -58,22 +69,47 @@ def count_collectives():
 
 
 _KINDS = ("all_reduce", "all_reduce_max", "all_gather", "reduce_scatter")
+_GROUP_NAMES = ("tensor", "data", "world")
+_GUARD = False  # set by install_collective_guard()
+
+
+def _resolve_group(group):
+    """``None``/``"tensor"``/``"data"``/``"world"`` or a process group -> (process group, its size)."""
+    if group is None or group == "tensor":
+        return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
+    if group == "data":
+        return parallel_state.get_data_parallel_group(), parallel_state.get_data_parallel_world_size()
+    if group == "world":
+        initialised = dist.is_available() and dist.is_initialized()
+        return None, (dist.get_world_size() if initialised else 1)
+    if isinstance(group, str):
+        raise ValueError(f"unknown group {group!r}; expected one of {_GROUP_NAMES} or a process group")
+    return group, dist.get_world_size(group)
+
+
+def _check_device(kind: str, tensor: torch.Tensor, group) -> None:
+    expected = parallel_state.get_communication_device()
+    if tensor.device != expected:
+        raise RuntimeError(f"collective {kind} over the {group or 'tensor'} group got a tensor on {tensor.device}; "
+                           f"the communication device is {expected}")
 
 
 def _collective(kind: str, tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """Run one collective over the tensor-parallel group; the single place communication happens.
+    """Run one collective; the single place communication happens in the package.
 
     kind: ``all_reduce`` (sum), ``all_reduce_max``,
     ``all_gather`` (concatenate along dim 0), ``reduce_scatter`` (sum, keep this rank's dim-0 block).
-    Returns a new tensor; with a single rank, the input itself (never modify it in place).
+    group: ``None`` or ``"tensor"`` (the tensor-parallel group), ``"data"``, ``"world"``, or a
+    process group. Returns a new tensor; with a single rank, the input itself (never modify it in place).
+    Only tensor-parallel collectives are recorded by :func:`count_collectives`.
     """
     if kind not in _KINDS:
         raise ValueError(f"unknown collective kind {kind!r}; expected one of {_KINDS}")
-    if _COLLECTIVE_LOG is not None:
+    if _COLLECTIVE_LOG is not None and (group is None or group == "tensor"):
         _COLLECTIVE_LOG.append((kind, tensor.numel()))
-    if group is None:
-        group = parallel_state.get_tensor_model_parallel_group()
-    world = parallel_state.get_tensor_model_parallel_world_size()
+    if _GUARD:
+        _check_device(kind, tensor, group)
+    group, world = _resolve_group(group)
     if world == 1:  # nothing to exchange (the log above still records the call)
         return tensor
     if kind in ("all_reduce", "all_reduce_max"):
@@ -92,12 +128,69 @@ def _collective(kind: str, tensor: torch.Tensor, group=None) -> torch.Tensor:
             raise ValueError(f"reduce_scatter: dim 0 ({tensor.shape[0]}) not divisible by {world} ranks")
         out = torch.empty((tensor.shape[0] // world,) + tuple(tensor.shape[1:]),
                           dtype=tensor.dtype, device=tensor.device)
-        dist.reduce_scatter_tensor(out, tensor, op=dist.ReduceOp.SUM, group=group)
+        _reduce_scatter_single(out, tensor, op=dist.ReduceOp.SUM, group=group)
         return out
+
+
+def all_reduce_over(tensor: torch.Tensor, group: str = "world", op: str = "sum") -> torch.Tensor:
+    """Sum (``op="sum"``) or max (``op="max"``) of ``tensor`` over ``group`` ("world", "data" or
+    "tensor"), outside autograd. The tensor must be on the communication device. Returns a new
+    tensor (the input itself when the group has one rank)."""
+    if op not in ("sum", "max"):
+        raise ValueError(f"unknown reduction {op!r}; expected 'sum' or 'max'")
+    with torch.no_grad():
+        return _collective("all_reduce" if op == "sum" else "all_reduce_max", tensor.detach(), group)
+
+
+def barrier(group: str = "world") -> None:
+    """Wait for every rank of ``group`` (a one-element all-reduce on the communication device)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    all_reduce_over(torch.zeros(1, device=parallel_state.get_communication_device()), group)
+
+
+# --- the collective guard (tests) ----------------------------------------------------------------
+GUARD_ENV = "MEGATRON_TOKENFORMER_CHECK_COLLECTIVES"
+#: torch.distributed functions that communicate; package code must reach them through this module
+RAW_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object",
+                   "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "broadcast",
+                   "broadcast_object_list", "barrier", "reduce", "gather", "gather_object", "scatter", "all_to_all",
+                   "all_to_all_single", "send", "recv", "isend", "irecv", "monitored_barrier")
+
+
+def collective_guard_requested(environ=None) -> bool:
+    environ = os.environ if environ is None else environ
+    return environ.get(GUARD_ENV, "") not in ("", "0")
+
+
+def _refuse_outside_choke_point(name, fn):
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller != __name__ and (caller == "__main__" or caller.split(".")[0] == "megatron_tokenformer"):
+            raise RuntimeError(f"torch.distributed.{name} called directly from {caller}; package collectives go "
+                               f"through megatron_tokenformer.tensor_parallel.mappings")
+        return fn(*args, **kwargs)
+    guarded._megatron_tokenformer_guarded = True
+    return guarded
+
+
+def install_collective_guard() -> None:
+    """Turn on the checks: tensors at the choke point must be on the communication device, and
+    ``torch.distributed`` collectives called directly from package modules (or the entry script)
+    raise. DeepSpeed's own calls pass. Idempotent."""
+    global _GUARD
+    _GUARD = True
+    for name in RAW_COLLECTIVES:
+        fn = getattr(dist, name, None)
+        if fn is not None and not getattr(fn, "_megatron_tokenformer_guarded", False):
+            setattr(dist, name, _refuse_outside_choke_point(name, fn))
 
 
 # torch >= 2.13 renamed all_gather_into_tensor to all_gather_single
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# ... and reduce_scatter_tensor to reduce_scatter_single
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 # --- plain (non-autograd) helpers on the last dimension ------------------------------------------

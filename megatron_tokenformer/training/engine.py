@@ -32,22 +32,36 @@ __all__ = ["get_device", "build_model", "get_param_groups", "build_optimizer", "
            "setup_model_and_optimizer", "apex_available"]
 
 
-def get_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def get_device(device_index: Optional[int]) -> torch.device:
+    """``cuda:device_index`` (made the current device), or the CPU when ``device_index`` is None.
+
+    The index comes from :func:`megatron_tokenformer.launch.bind_cuda_device`, which also makes
+    ``LOCAL_RANK`` say the same index, so DeepSpeed binds the same device.
+    """
+    if device_index is None:
+        return torch.device("cpu")
+    torch.cuda.set_device(device_index)
+    return torch.device("cuda", device_index)
 
 
-def apex_available() -> bool:
-    """apex's fused Adam is used only when importable *and* CUDA is present."""
-    if not torch.cuda.is_available():
+def apex_available(cuda_available: Optional[bool] = None) -> bool:
+    """apex's FusedAdam is used only with CUDA and when its CUDA extension loads.
+
+    A Python-only apex install (``pip install apex`` without ``--cuda_ext``) imports, but
+    ``FusedAdam()`` then raises: its kernels live in the ``amp_C`` extension, reached through
+    ``multi_tensor_applier``. Both are probed here, not just ``import apex``.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
         return False
     try:
         from apex.optimizers import FusedAdam  # noqa: F401
+        from apex.multi_tensor_apply import multi_tensor_applier
+        import amp_C
+        return bool(getattr(multi_tensor_applier, "available", False)) and hasattr(amp_C, "multi_tensor_adam")
     except Exception:
         return False
-    return True
 
 
 def skip_cpu_shm_comm_build() -> None:
@@ -171,9 +185,26 @@ def build_deepspeed_config(args) -> dict:
             "min_loss_scale": float(args.min_loss_scale),
         })
     cfg = _merge(user, derived)
+    if args.bf16:
+        apply_bf16_gradient_precision(cfg)
     # We print our own log lines; keep DeepSpeed's periodic prints out of the way unless asked for.
     cfg.setdefault("steps_per_print", 10 ** 9)
     cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def apply_bf16_gradient_precision(cfg: dict) -> dict:
+    """bf16 training accumulates and reduces gradients in fp32 (what the user's JSON sets wins).
+
+    Without ``data_types`` DeepSpeed 0.19 keeps bf16 gradients: the sum over the micro-batches of a
+    step (32 in the 354M recipe) and the data-parallel reduction both round to 8 mantissa bits.
+    ``grad_accum_dtype: fp32`` makes ZeRO-1 (any pipeline size) use DeepSpeed's ``BF16_Optimizer``,
+    which accumulates into fp32 gradient partitions; ``communication_data_type: fp32`` makes the
+    reduction run in fp32. (ZeRO-2 with bf16 params ignores ``grad_accum_dtype`` in DeepSpeed 0.19:
+    there the accumulation stays bf16 and only the reduction is fp32.)
+    """
+    cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    cfg.setdefault("communication_data_type", "fp32")
     return cfg
 
 

@@ -41,10 +41,61 @@ from megatron_tokenformer.model.spec import tokenformer_forward_flops_per_token 
 from megatron_tokenformer.model.spec import transformer_forward_flops_per_token
 
 __all__ = ["forward_flops_per_token", "transformer_forward_flops_per_token", "training_flops_per_token", "peak_tflops_for_device",
-           "PEAK_TFLOPS"]
+           "PEAK_TFLOPS", "DEVICE_NAMES", "peak_tflops", "training_precision"]
 
-#: dense bf16/fp16 peaks of one device, TFLOP/s
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+#: dense (no sparsity) peak TFLOP/s of one device per matmul precision, from the vendors' data sheets
+PEAK_TFLOPS = {
+    "H100 SXM": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
+    "H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0},
+    "H100 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5},
+    "H200 SXM": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
+    "H200 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5},
+    "GH200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
+    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},  # SXM and PCIe, 40 and 80 GB
+    "L40S": {"fp32": 91.6, "tf32": 183.0, "bf16": 362.1, "fp16": 362.1},
+    "A10": {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0},
+}
+
+#: ``torch.cuda.get_device_name()`` -> row of :data:`PEAK_TFLOPS`. Matched exactly: a substring match
+#: would give an H100 PCIe or NVL the SXM peak. Unknown devices get no peak (MFU n/a; pass --peak-tflops).
+DEVICE_NAMES = {
+    "NVIDIA H100 80GB HBM3": "H100 SXM",
+    "NVIDIA H100 SXM5 80GB": "H100 SXM",
+    "NVIDIA H100 PCIe": "H100 PCIe",
+    "NVIDIA H100 NVL": "H100 NVL",
+    "NVIDIA H200": "H200 SXM",
+    "NVIDIA H200 NVL": "H200 NVL",
+    "NVIDIA GH200 480GB": "GH200",
+    "NVIDIA GH200 144G HBM3e": "GH200",
+    "NVIDIA A100-SXM4-40GB": "A100",
+    "NVIDIA A100-SXM4-80GB": "A100",
+    "NVIDIA A100-SXM-80GB": "A100",
+    "NVIDIA A100-PCIE-40GB": "A100",
+    "NVIDIA A100 80GB PCIe": "A100",
+    "NVIDIA L40S": "L40S",
+    "NVIDIA A10": "A10",
+}
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+def peak_tflops(device_name: str, precision: str) -> Optional[float]:
+    """Dense peak TFLOP/s of the device called ``device_name`` (exactly as CUDA reports it) for matmuls
+    in ``precision`` (fp32, tf32, bf16, fp16); None for a device not in the table."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    row = DEVICE_NAMES.get(device_name.strip())
+    return None if row is None else PEAK_TFLOPS[row][precision]
+
+
+def training_precision(bf16: bool, fp16: bool, tf32_allowed: bool) -> str:
+    """The matmul precision a run computes in: bf16/fp16 when enabled, else tf32 when fp32 matmuls may
+    use TF32 (``torch.backends.cuda.matmul.allow_tf32`` / float32 matmul precision below "highest")."""
+    if bf16:
+        return "bf16"
+    if fp16:
+        return "fp16"
+    return "tf32" if tf32_allowed else "fp32"
 
 
 def training_flops_per_token(config, padded_vocab_size: int, recompute: Optional[bool] = None,
@@ -60,8 +111,9 @@ def training_flops_per_token(config, padded_vocab_size: int, recompute: Optional
     return (4.0 if (hardware and recompute) else 3.0) * fwd
 
 
-def peak_tflops_for_device(explicit: Optional[float] = None) -> Optional[float]:
-    """``explicit`` if given; else the table value for this CUDA device; None (MFU n/a) otherwise."""
+def peak_tflops_for_device(explicit: Optional[float] = None, precision: str = "bf16") -> Optional[float]:
+    """``explicit`` if given; else the table value for this CUDA device in ``precision``; None (MFU n/a)
+    without CUDA or for a device not in the table."""
     if explicit is not None:
         return float(explicit)
     try:
@@ -71,7 +123,4 @@ def peak_tflops_for_device(explicit: Optional[float] = None) -> Optional[float]:
         name = torch.cuda.get_device_name()
     except Exception:  # pragma: no cover - no usable CUDA
         return None
-    for key, value in PEAK_TFLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_tflops(name, precision)

@@ -129,7 +129,8 @@ def count_model_parameters(model: torch.nn.Module, config) -> Tuple[List[Dict[st
     tp_rank = ps.get_tensor_model_parallel_rank()
     pp_size = ps.get_pipeline_model_parallel_world_size()
     pp_rank = ps.get_pipeline_model_parallel_rank()
-    local = torch.zeros(pp_size, len(PARAM_KINDS), dtype=torch.float64)
+    # on the communication device: under NCCL a CPU tensor cannot be all-reduced
+    local = torch.zeros(pp_size, len(PARAM_KINDS), dtype=torch.float64, device=ps.get_communication_device())
     spec = get_spec(config)
     try:  # PipelineModule names layers by index ("3.weight"): use the layout-independent names
         canonical = canonical_parameter_names(model)
@@ -155,7 +156,9 @@ def count_model_parameters(model: torch.nn.Module, config) -> Tuple[List[Dict[st
     if ps.get_data_parallel_rank() != 0:
         local.zero_()
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(local)
+        from megatron_tokenformer.tensor_parallel.mappings import all_reduce_over
+        local = all_reduce_over(local, "world")
+    local = local.cpu()
     per_stage = [{k: int(local[s, i]) for i, k in enumerate(PARAM_KINDS)} for s in range(pp_size)]
     total = {k: int(local[:, i].sum()) for i, k in enumerate(PARAM_KINDS)}
     return per_stage, total

@@ -73,17 +73,19 @@ def build_data_iterators(args, train_ds, valid_ds, consumed_samples: int, iterat
                          pipelined: bool):
     """Iterators over this rank's micro-batches (Megatron's sampler order; resumable)."""
     from megatron_tokenformer.data.samplers import build_pretraining_data_loader
+    # pinned host memory makes the host-to-device copy of a batch asynchronous (CUDA only)
+    pin = torch.device(device).type == "cuda"
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     train_loader = build_pretraining_data_loader(train_ds, consumed_samples, args.micro_batch_size, dp_rank, dp,
-                                                 num_workers=args.num_workers)
+                                                 num_workers=args.num_workers, pin_memory=pin)
     train_iter = _batches(train_loader, device, pipelined)
     valid_iter = None
     if valid_ds is not None and args.eval_iters > 0:
         consumed_valid = (iteration // args.eval_interval) * args.eval_iters * args.global_batch_size
         consumed_valid = consumed_valid % len(valid_ds)
         valid_loader = build_pretraining_data_loader(valid_ds, consumed_valid, args.micro_batch_size, dp_rank, dp,
-                                                     num_workers=args.num_workers)
+                                                     num_workers=args.num_workers, pin_memory=pin)
         valid_iter = _batches(valid_loader, device, pipelined)
     return train_iter, valid_iter
 
@@ -112,8 +114,9 @@ def train_step(engine, data_iter, gradient_accumulation_steps: int, pipelined: b
 
 def _dp_average(value: torch.Tensor) -> torch.Tensor:
     if parallel_state.get_data_parallel_world_size() > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        from megatron_tokenformer.tensor_parallel.mappings import all_reduce_over
+        device = value.device
+        value = all_reduce_over(value.to(parallel_state.get_communication_device()), "data").to(device)
         value /= parallel_state.get_data_parallel_world_size()
     return value
 
@@ -177,9 +180,24 @@ def _agree_on_exit(local_flag: bool, device) -> bool:
     """True on every rank when any rank wants to exit (all-reduce MAX over the world)."""
     if not torch.distributed.is_initialized():
         return local_flag
-    flag = torch.tensor([1.0 if local_flag else 0.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+    from megatron_tokenformer.tensor_parallel.mappings import all_reduce_over
+    flag = torch.tensor([1.0 if local_flag else 0.0], device=parallel_state.get_communication_device())
+    return bool(all_reduce_over(flag, "world", op="max").item() > 0)
+
+
+def exit_check_due(iteration: int, args) -> bool:
+    """Whether the ranks agree on an exit after ``iteration``: at every ``--log-interval``, save and exit
+    interval, and the last iteration -- not every iteration (the agreement waits for the device)."""
+    for interval in (args.log_interval, args.save_interval if args.save else None, args.exit_interval):
+        if interval and iteration % interval == 0:
+            return True
+    return iteration >= args.train_iters
+
+
+def _synchronize(device) -> None:
+    """Wait for the device's queued work (before reading a clock); nothing on the CPU."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -234,7 +252,9 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
     padded_vocab = config.padded_vocab_size(args.tensor_model_parallel_size)
     hw_flops_per_token = flops_lib.training_flops_per_token(config, padded_vocab, hardware=True)
     model_flops_per_token = flops_lib.training_flops_per_token(config, padded_vocab, hardware=False)
-    peak = flops_lib.peak_tflops_for_device(args.peak_tflops)
+    tf32 = bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+    peak = flops_lib.peak_tflops_for_device(args.peak_tflops,
+                                            flops_lib.training_precision(args.bf16, args.fp16, tf32))
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
     handler = ExitSignalHandler()
@@ -263,6 +283,7 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
                     losses = _dp_average(losses)
                 grad_norm = _grad_norm(engine)
                 numerics.check_values(losses, iteration, grad_norm)
+                _synchronize(device)  # the interval's kernels are finished before it is timed
                 elapsed = time.time() - interval_start
                 if logger_rank:
                     finite = torch.isfinite(losses)
@@ -309,7 +330,10 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
             elif args.exit_duration_in_mins is not None and \
                     (time.time() - start_time) / 60.0 > args.exit_duration_in_mins:
                 local_exit, why = True, f"--exit-duration-in-mins {args.exit_duration_in_mins}"
-            if _agree_on_exit(local_exit, device) and iteration < args.train_iters:
+            # The agreement is a host sync: only at iterations where the host waits anyway (logging,
+            # saving) -- a signal is acted on within --log-interval iterations.
+            if exit_check_due(iteration, args) and _agree_on_exit(local_exit, device) \
+                    and iteration < args.train_iters:
                 reason = why or "another rank's exit request"
                 break
             if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:

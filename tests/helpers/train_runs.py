@@ -31,6 +31,9 @@ def env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     e["PATH"] = VENV_BIN + os.pathsep + e.get("PATH", "")
     e["PYTHONUNBUFFERED"] = "1"
     e.setdefault("OMP_NUM_THREADS", "1")
+    # every training run of the suite checks that each collective goes through the one choke point
+    # (tensor_parallel/mappings.py) with its tensor on the communication device
+    e.setdefault("MEGATRON_TOKENFORMER_CHECK_COLLECTIVES", "1")
     if extra:
         e.update(extra)
     return e

@@ -207,3 +207,153 @@ def test_cpu_batch_script_under_sbatch(slurm_cluster, tmp_path):
     assert [r["iteration"] for r in rows] == [5, 10]
     assert all(r["number of nan iterations"] == 0 for r in rows)
     assert "> done: iteration 10" in text
+
+
+# ----------------------------------------------------------------------------- unit: device binding
+# DeepSpeed binds cuda:$LOCAL_RANK itself (init_process_group(device_id=...) and the engine's set_device);
+# the device chosen here must be that one, under every launcher's environment.
+
+LAUNCHER_ENVIRONMENTS = {
+    # launcher: (environment, physical GPUs on the node, expected device index)
+    "deepspeed --num_gpus 8": ({"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "LOCAL_SIZE": "8",
+                                "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, 8, 5),
+    "deepspeed --include host:2,3": ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2",
+                                      "CUDA_VISIBLE_DEVICES": "2,3"}, 8, 1),
+    "torchrun --nproc_per_node 8": ({"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5",
+                                     "LOCAL_WORLD_SIZE": "8"}, 8, 5),
+    "srun, all GPUs visible": ({"SLURM_PROCID": "13", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16",
+                                "SLURM_LOCALID": "5", "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "gpu[1-2]",
+                                "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_ID": "9"}, 8, 5),
+    "srun --gpus-per-task=1": ({"SLURM_PROCID": "13", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16",
+                                "SLURM_LOCALID": "5", "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "gpu[1-2]",
+                                "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_ID": "9",
+                                "CUDA_VISIBLE_DEVICES": "5"}, 8, 0),
+    "mpirun with exported RANK/WORLD_SIZE": ({"RANK": "13", "WORLD_SIZE": "16", "OMPI_COMM_WORLD_SIZE": "16",
+                                              "OMPI_COMM_WORLD_LOCAL_RANK": "5"}, 8, 5),
+    "mpirun, one GPU per rank": ({"RANK": "13", "WORLD_SIZE": "16", "OMPI_COMM_WORLD_SIZE": "16",
+                                  "OMPI_COMM_WORLD_LOCAL_RANK": "5", "CUDA_VISIBLE_DEVICES": "5"}, 8, 0),
+    "Intel MPI / MPICH": ({"RANK": "3", "WORLD_SIZE": "8", "MPI_LOCALRANKID": "3"}, 4, 3),
+    "one process, CUDA_VISIBLE_DEVICES=3": ({}, 8, 0),
+    "CPU only": ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 0, None),
+    "GPUs hidden": ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": ""}, 8, None),
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHER_ENVIRONMENTS))
+def test_device_binding_agrees_with_deepspeed(launcher, monkeypatch):
+    environ, physical, expected = LAUNCHER_ENVIRONMENTS[launcher]
+    environ = dict(environ)
+    if launcher.startswith("one process"):
+        environ["CUDA_VISIBLE_DEVICES"] = "3"
+    d = launch.discover(environ)
+    visible = launch.visible_cuda_device_count(environ, physical)
+    index = launch.bind_cuda_device(d, visible, environ)
+    assert index == expected
+    if expected is None:
+        return
+    # what DeepSpeed 0.19 reads: comm/torch.py device_id=cuda:$LOCAL_RANK; engine._set_distributed_vars
+    # set_device(int(LOCAL_RANK)) after asserting LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK under OpenMPI
+    assert int(environ["LOCAL_RANK"]) == expected < visible
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in environ:
+        assert environ["OMPI_COMM_WORLD_LOCAL_RANK"] == environ["LOCAL_RANK"]
+
+
+def test_more_local_ranks_than_gpus_is_refused():
+    d = launch.discover({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "5"})
+    with pytest.raises(ValueError, match="node-local rank 5 has no GPU: only 4 are visible"):
+        launch.bind_cuda_device(d, 4, {})
+
+
+def test_local_rank_is_never_the_global_rank_by_default():
+    """RANK/WORLD_SIZE without any node-local variable on a multi-node job: refused, not guessed."""
+    with pytest.raises(ValueError, match="export LOCAL_RANK"):
+        launch.discover({"RANK": "13", "WORLD_SIZE": "16"})
+    # ... but when every rank is on this node the global rank is the local rank
+    assert launch.discover({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}).local_rank == 3
+    # srun step with the variables exported by a wrapper: SLURM_LOCALID
+    assert launch.discover({"RANK": "13", "WORLD_SIZE": "16", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "5",
+                            "SLURM_PROCID": "13"}).local_rank == 5
+
+
+@pytest.mark.parametrize("visible, physical, expected", [
+    (None, 8, 8), ("0,1", 8, 2), ("5", 8, 1), ("", 8, 0), ("-1", 8, 0), ("GPU-3f2a,GPU-77b1", 8, 2), ("0,1", 0, 0),
+])
+def test_visible_cuda_device_count(visible, physical, expected):
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    assert launch.visible_cuda_device_count(environ, physical) == expected
+
+
+def _job_field(job_id: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    for field in out.split():
+        if field.startswith(name + "="):
+            return field.split("=", 1)[1]
+    return "GONE" if name == "JobState" else ""  # purged after completion
+
+
+def _wait(predicate, timeout, what, log):
+    import time
+    deadline = time.time() + timeout
+    while not predicate():
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        assert time.time() < deadline, f"timed out waiting for {what}\n{tail}"
+        time.sleep(3)
+
+
+_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "GONE")
+
+
+@pytest.mark.slurm
+def test_cpu_batch_script_time_limit_save_requeue_resume(slurm_cluster, tmp_path):
+    """The CPU batch script under a real time limit: once training runs, the job's time limit is cut to
+    two minutes from now, so Slurm's --signal=USR1@120 warning arrives mid-run; the ranks save and write
+    "unfinished", the script requeues the job, and the restarted job (time limit raised again while it
+    waits) resumes from that checkpoint and finishes. Start-up time varies a lot with the machine's load,
+    so the limit is cut only when training has started (the ranks check for exits every iteration with
+    --log-interval 1); a run that finishes before the signal (a fast machine) is repeated with 4x the
+    iterations. Slurm holds a requeued job for about 2 minutes before it starts again."""
+    import re
+    script = os.path.join(train_runs.ROOT, "examples", "slurm", "pretrain_cpu.sbatch")
+    attempts = (20, 80, 320, 1280, 5120)
+    for attempt, train_iters in enumerate(attempts):
+        log, save = tmp_path / f"job{attempt}.out", tmp_path / f"ckpt{attempt}"
+        cmd = ["sbatch", "--parsable", "--time=30", "--signal=USR1@120", "-o", str(log),
+               f"--export=ALL,PYTHON={sys.executable},REPO={train_runs.ROOT},TRAIN_ITERS={train_iters},"
+               f"SAVE_DIR={save},EXTRA_ARGS=--num-workers 0 --eval-iters 0 --log-interval 1", script]
+        sub = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+                             env=train_runs.env({"OMP_NUM_THREADS": ""}))
+        assert sub.returncode == 0, sub.stderr
+        job = sub.stdout.strip().split(";")[0]
+        try:
+            _wait(lambda: log.exists() and "> training from iteration 0" in log.read_text()
+                  or _job_field(job, "JobState") in _ENDED, 900, "training to start", log)
+            # the time limit now ends 2 minutes from here: the USR1@120 warning is due at once
+            run_minutes = int(_job_field(job, "RunTime").split(":")[-2] or 0) + \
+                60 * int((_job_field(job, "RunTime").split(":")[-3:-2] or ["0"])[0])
+            subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={run_minutes + 2}"], check=True,
+                           capture_output=True, timeout=30)
+            _wait(lambda: "requeueing job" in log.read_text() or _job_field(job, "JobState") in _ENDED,
+                  600, "the time-limit save", log)
+            if "requeueing job" not in log.read_text():
+                text = log.read_text()
+                assert f"> exit status: finished {train_iters}/{train_iters}" in text, text[-3000:]
+                continue  # finished before the warning came: more iterations
+            _wait(lambda: _job_field(job, "JobState") in ("PENDING", "REQUEUED", "RUNNING") + _ENDED
+                  and "start 2" in log.read_text() or _job_field(job, "JobState") == "PENDING", 300, "the requeue", log)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30"], capture_output=True, timeout=30)
+            _wait(lambda: _job_field(job, "JobState") in _ENDED, 1200, "the restarted job to finish", log)
+        finally:
+            subprocess.run(["scancel", job], capture_output=True, timeout=30)
+        text = log.read_text()
+        assert _job_field(job, "JobState") in ("COMPLETED", "GONE"), text[-4000:]
+        assert f"> done: iteration {train_iters}" in text, text[-4000:]
+        assert f"> exit status: finished {train_iters}/{train_iters}" in text
+        stops = [int(m) for m in re.findall(r"> exit status: unfinished (\d+)/\d+ signal SIGUSR1", text)]
+        assert len(stops) == 1 and 0 < stops[0] < train_iters, text[-4000:]
+        assert f"requeueing job {job}" in text and f"job {job} (start 2)" in text
+        # the restart resumed where the time-limit save left off
+        assert [int(m) for m in re.findall(r"> training from iteration (\d+) to", text)] == [0, stops[0]]
+        rows = train_runs.parse_iterations(text)
+        assert rows[-1]["iteration"] == train_iters and all(r["number of nan iterations"] == 0 for r in rows)
+        return
+    raise AssertionError(f"training finished before the time-limit warning even with {attempts[-1]} iterations")

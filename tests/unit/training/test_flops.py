@@ -6,8 +6,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model import TokenformerLM
-from megatron_tokenformer.training.flops import (forward_flops_per_token, peak_tflops_for_device,
-                                                 training_flops_per_token)
+from megatron_tokenformer.training.flops import (DEVICE_NAMES, PEAK_TFLOPS, forward_flops_per_token, peak_tflops,
+                                                 peak_tflops_for_device, training_flops_per_token,
+                                                 training_precision)
 
 
 def test_forward_flops_match_torch_flop_counter():
@@ -45,3 +46,50 @@ def test_peak_tflops():
     assert peak_tflops_for_device(123.0) == 123.0
     if not torch.cuda.is_available():
         assert peak_tflops_for_device(None) is None  # CPU: MFU reported as n/a
+
+
+# Dense peaks from the vendors' data sheets (H100/H200: Hopper data sheets; A100: Ampere data sheet), written
+# out here independently of the table: (device name as CUDA reports it, precision, TFLOP/s).
+DATASHEET = [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 80GB HBM3", "tf32", 494.7),
+    ("NVIDIA H100 80GB HBM3", "fp32", 67.0),
+    ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H100 PCIe", "tf32", 378.0),
+    ("NVIDIA H100 NVL", "bf16", 835.5), ("NVIDIA H100 NVL", "fp16", 835.5),
+    ("NVIDIA H200", "bf16", 989.4), ("NVIDIA H200", "fp32", 67.0),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA A100-SXM4-40GB", "tf32", 156.0),
+    ("NVIDIA A100-PCIE-40GB", "bf16", 312.0), ("NVIDIA A100 80GB PCIe", "fp32", 19.5),
+]
+
+
+@pytest.mark.parametrize("name, precision, expected", DATASHEET)
+def test_peak_by_exact_device_name_and_precision(name, precision, expected):
+    assert peak_tflops(name, precision) == expected
+
+
+def test_pcie_and_nvl_do_not_get_the_sxm_peak():
+    sxm = peak_tflops("NVIDIA H100 80GB HBM3", "bf16")
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") < sxm and peak_tflops("NVIDIA H100 NVL", "bf16") < sxm
+
+
+def test_unknown_device_has_no_peak():
+    """Never a substring guess: an unlisted name (a new H100 variant, an RTX card) gives MFU n/a."""
+    assert peak_tflops("NVIDIA H100 96GB Something", "bf16") is None
+    assert peak_tflops("NVIDIA GeForce RTX 4090", "bf16") is None
+    with pytest.raises(ValueError):
+        peak_tflops("NVIDIA H200", "int8")
+
+
+def test_table_rows_follow_the_tensor_core_ratios():
+    """On Ampere, Hopper and Ada, dense TF32 is half of dense BF16, and FP16 equals BF16."""
+    assert set(DEVICE_NAMES.values()) <= set(PEAK_TFLOPS)
+    for row, peaks in PEAK_TFLOPS.items():
+        assert peaks["fp16"] == peaks["bf16"], row
+        assert peaks["tf32"] == pytest.approx(peaks["bf16"] / 2, rel=0.02), row
+        assert peaks["fp32"] < peaks["tf32"], row
+
+
+def test_training_precision():
+    assert training_precision(bf16=True, fp16=False, tf32_allowed=False) == "bf16"
+    assert training_precision(bf16=False, fp16=True, tf32_allowed=True) == "fp16"
+    assert training_precision(bf16=False, fp16=False, tf32_allowed=True) == "tf32"
+    assert training_precision(bf16=False, fp16=False, tf32_allowed=False) == "fp32"
