@@ -61,8 +61,8 @@ def verify_step_files(step_dir: str) -> None:
             break
     problems = [problem]
     if initialized and world > 1:
-        problems = [None] * world
-        dist.all_gather_object(problems, problem)
+        from megatron_tokenformer.tensor_parallel.mappings import all_gather_objects
+        problems = all_gather_objects(problem)
     found = [p for p in problems if p]
     if found:
         raise CheckpointFileError(found[0])

@@ -316,9 +316,8 @@ def _gather(message: Optional[str]) -> List[Optional[str]]:
     dist = _dist()
     if dist is None:
         return [message]
-    out: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, message)
-    return out
+    from megatron_tokenformer.tensor_parallel.mappings import all_gather_objects
+    return all_gather_objects(message)
 
 
 def prepare_save_dir(args) -> Optional[SaveDirLock]:
@@ -352,9 +351,8 @@ def prepare_save_dir(args) -> Optional[SaveDirLock]:
             lock.release()
         raise SaveDirError(errors[0])
     if dist is not None:  # one id for the whole run (rank 0's), though only rank 0 writes metadata
-        holder = [args._run_id]
-        dist.broadcast_object_list(holder, src=0)
-        args._run_id = holder[0]
+        from megatron_tokenformer.tensor_parallel.mappings import broadcast_object
+        args._run_id = broadcast_object(args._run_id, src=0)
     for line in warnings:
         print(line, flush=True)
     return lock

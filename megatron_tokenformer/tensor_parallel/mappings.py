@@ -149,6 +149,32 @@ def barrier(group: str = "world") -> None:
     all_reduce_over(torch.zeros(1, device=parallel_state.get_communication_device()), group)
 
 
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's picklable ``obj`` over ``group`` (a process group, default the world), in rank
+    order. Object collectives pickle on the host; under NCCL torch stages them on the current CUDA
+    device, which the launcher binding has set. A single process gets ``[obj]``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """Rank ``src``'s picklable ``obj`` on every rank of ``group`` (default the world)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, group=group)
+    return holder[0]
+
+
+def monitored_barrier(group, timeout, wait_all_ranks: bool = True) -> None:
+    """gloo's monitored barrier on ``group`` (a gloo group): raises naming the ranks that did not
+    arrive within ``timeout`` (a timedelta). Used only to diagnose a failed collective."""
+    dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=wait_all_ranks)
+
+
 # --- the collective guard (tests) ----------------------------------------------------------------
 GUARD_ENV = "MEGATRON_TOKENFORMER_CHECK_COLLECTIVES"
 #: torch.distributed functions that communicate; package code must reach them through this module

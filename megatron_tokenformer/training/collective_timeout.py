@@ -89,6 +89,8 @@ def _quiet_stderr():
 def describe_failure(exc: BaseException) -> str:
     """One line for a failed collective, naming the rank(s) that stopped answering where gloo can tell."""
     import torch.distributed as dist
+
+    from megatron_tokenformer.tensor_parallel.mappings import monitored_barrier
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[file.cc:123] " prefix
     bound = f"--distributed-timeout-minutes {_TIMEOUT.total_seconds() / 60:g}" if _TIMEOUT else "the timeout"
@@ -98,8 +100,7 @@ def describe_failure(exc: BaseException) -> str:
         seconds = 30.0 if _TIMEOUT is None else min(30.0, max(2.0, _TIMEOUT.total_seconds()))
         try:
             with _quiet_stderr():  # gloo also logs the answer (two C++ lines): the one line below says it
-                dist.monitored_barrier(group=_DIAGNOSIS_GROUP, timeout=timedelta(seconds=seconds),
-                                       wait_all_ranks=True)
+                monitored_barrier(_DIAGNOSIS_GROUP, timedelta(seconds=seconds), wait_all_ranks=True)
         except RuntimeError as diag:
             silent = [r for r in _silent_ranks(str(diag)) if r != me]
     who = ("rank " + ", ".join(map(str, silent)) if len(silent) == 1 else

@@ -8,8 +8,7 @@ global rank 0.
 from __future__ import annotations
 
 import math
-import sys
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
