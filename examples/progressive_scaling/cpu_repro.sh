@@ -34,6 +34,8 @@
 # CORPUS_MB [20]; VOCAB [2048]; D [128] LAYERS [4] HEADS [4]; N_SMALL [64] (attention tokens, FFN 4x);
 # TRANSFORMER_FFN [192]; WIDE_D [256] WIDE_FFN [384]; NET2NET_NOISE [0.05]; TRANSFORMER_SCRATCH [1] (0 drops
 # transformer-scratch from ARMS);
+# REUSE [0] (1: keep WORK and skip every run whose log ends with '> done:' and every growth whose checkpoint
+# exists: continue an interrupted experiment with the same settings);
 # DATA_DIR [] (a folder with tok.model and data_text_document.bin/.idx from an earlier run: reused, no
 # corpus or tokenizer is built);
 # WORK [runs/progressive_scaling] (everything but the report goes here; deleted and rebuilt);
@@ -110,7 +112,7 @@ case "$(realpath -m "$WORK")" in
   /|"$HOME"|"$REPO") echo "cpu_repro.sh: error: WORK=$WORK would delete a folder it does not own" >&2; exit 2 ;;
 esac
 if [ "$G" -lt 1 ] || [ "$S" -lt 1 ]; then echo "cpu_repro.sh: error: S and G must be >= 1" >&2; exit 2; fi
-rm -rf "$WORK"
+[ "${REUSE:-0}" = 1 ] || rm -rf "$WORK"
 mkdir -p "$WORK/logs" "$(dirname "$REPORT")" "$(dirname "$PLOT")"
 START=$(date +%s)
 say() { echo "[cpu_repro $(( $(date +%s) - START ))s] $*"; }
@@ -154,8 +156,10 @@ tokens() {  # tokens FACTOR: the Tokenformer token-count flags of N_SMALL x FACT
   echo --hidden-size "$D" --qkv-num-param-tokens "$n" --proj-num-param-tokens "$n" --ffn-num-param-tokens $((4 * n))
 }
 # run NAME ARGS...: one single-process training run, log in $WORK/logs/NAME.log
+done_before() { [ "${REUSE:-0}" = 1 ] && grep -q '^> done:' "$WORK/logs/$1.log" 2>/dev/null; }
 run() {
   local name=$1; shift
+  if done_before "$name"; then say "reusing $name"; return 0; fi
   say "training $name"
   OMP_NUM_THREADS=$THREADS "$PYTHON" "$REPO/pretrain_tokenformer.py" "$@" > "$WORK/logs/$name.log" 2>&1 \
     || fail "training run $name failed, see $WORK/logs/$name.log"
@@ -164,6 +168,7 @@ run() {
 run2() {
   local name=$1; shift
   local port
+  if done_before "$name"; then say "reusing $name"; return 0; fi
   port=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
   say "training $name on 2 ranks"
   OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 \
@@ -172,6 +177,7 @@ run2() {
 }
 expand() {
   local name=$1; shift
+  if [ "${REUSE:-0}" = 1 ] && grep -q '^wrote' "$WORK/logs/$name.log" 2>/dev/null; then say "reusing $name"; return 0; fi
   say "tools/expand_checkpoint.py $*"
   "$PYTHON" "$REPO/tools/expand_checkpoint.py" "$@" > "$WORK/logs/$name.log" 2>&1 \
     || fail "tools/expand_checkpoint.py failed, see $WORK/logs/$name.log"
@@ -225,25 +231,9 @@ for name in "$TF_SMALL" "$T_SMALL" "$T_SCRATCH" $(for g in "${GROWTH_LIST[@]}"; 
 done
 for name in "${!BEST[@]}"; do say "best learning rate of $name: ${BEST[$name]}"; done
 
-# ---- 2. the other seeds, each arm at its best LR (one invocation per arm and seed)
-for seed in "${SEED_LIST[@]:1}"; do
-  for arm in "${ARM_LIST[@]}"; do
-    case "$arm" in
-      tokenformer-grown) ARMS_SAVED=("${ARM_LIST[@]}"); ARM_LIST=(tokenformer-grown); scratch_runs "${BEST[$TF_SMALL]}" "$seed"; ARM_LIST=("${ARMS_SAVED[@]}") ;;
-      transformer-net2net) ARMS_SAVED=("${ARM_LIST[@]}"); ARM_LIST=(transformer-net2net); scratch_runs "${BEST[$T_SMALL]}" "$seed"; ARM_LIST=("${ARMS_SAVED[@]}") ;;
-      transformer-scratch) ARMS_SAVED=("${ARM_LIST[@]}"); ARM_LIST=(transformer-scratch); scratch_runs "${BEST[$T_SCRATCH]}" "$seed"; ARM_LIST=("${ARMS_SAVED[@]}") ;;
-      tokenformer-scratch)
-        for g in "${GROWTH_LIST[@]}"; do
-          lr=${BEST[$(tf_scratch_name "$g")]}; tag="lr${lr}_s$seed"; common "$lr" "$seed"
-          run "tokenformer_x${g}_scratch_$tag" "${COMMON[@]}" $(tokens "$g")
-          record "$(tf_scratch_name "$g")" "$lr" "$seed" "$L/tokenformer_x${g}_scratch_$tag.log"
-        done ;;
-    esac
-  done
-done
-
-# ---- 3. growth: every seed, from the small model at its best LR
-for seed in "${SEED_LIST[@]}"; do
+# growth_runs SEED: the growth stages (Tokenformer) and the Net2Net stage, from the small runs at their best LR
+growth_runs() {
+  local seed=$1 lr tag src logs prev end tp g runner
   if has_arm tokenformer-grown; then
     lr=${BEST[$TF_SMALL]}; tag="lr${lr}_s$seed"; common "$lr" "$seed"
     src="$WORK/ckpt/tokenformer_small_$tag"; logs="$L/tokenformer_small_$tag.log"; prev=1; end=$S; tp=1
@@ -269,6 +259,26 @@ for seed in "${SEED_LIST[@]}"; do
       --load "$WORK/ckpt/transformer_wide_$tag" --save "$WORK/ckpt/transformer_wide_trained_$tag"
     record "$T_GROWN" "$lr" "$seed" "$L/transformer_small_$tag.log,$L/transformer_wide_$tag.log"
   fi
+}
+
+# ---- 2. growth at the first seed, then the other seeds (each arm at its best LR, growth included): an
+# interrupted experiment has complete seeds
+growth_runs "$SEED0"
+for seed in "${SEED_LIST[@]:1}"; do
+  for arm in "${ARM_LIST[@]}"; do
+    case "$arm" in
+      tokenformer-grown) ARMS_SAVED=("${ARM_LIST[@]}"); ARM_LIST=(tokenformer-grown); scratch_runs "${BEST[$TF_SMALL]}" "$seed"; ARM_LIST=("${ARMS_SAVED[@]}") ;;
+      transformer-net2net) ARMS_SAVED=("${ARM_LIST[@]}"); ARM_LIST=(transformer-net2net); scratch_runs "${BEST[$T_SMALL]}" "$seed"; ARM_LIST=("${ARMS_SAVED[@]}") ;;
+      transformer-scratch) ARMS_SAVED=("${ARM_LIST[@]}"); ARM_LIST=(transformer-scratch); scratch_runs "${BEST[$T_SCRATCH]}" "$seed"; ARM_LIST=("${ARMS_SAVED[@]}") ;;
+      tokenformer-scratch)
+        for g in "${GROWTH_LIST[@]}"; do
+          lr=${BEST[$(tf_scratch_name "$g")]}; tag="lr${lr}_s$seed"; common "$lr" "$seed"
+          run "tokenformer_x${g}_scratch_$tag" "${COMMON[@]}" $(tokens "$g")
+          record "$(tf_scratch_name "$g")" "$lr" "$seed" "$L/tokenformer_x${g}_scratch_$tag.log"
+        done ;;
+    esac
+  done
+  growth_runs "$seed"
 done
 
 # ---- report

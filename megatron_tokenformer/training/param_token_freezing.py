@@ -130,33 +130,47 @@ class ParamTokenFreezer:
 
     def start(self, engine) -> None:
         """Copy the old rows (after the checkpoint is loaded) and zero their Adam moments."""
-        from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
-
+        opt = engine.optimizer
+        self._base = getattr(opt, "optimizer", opt)
         self._saved = [param.detach()[:old].clone() for _, param, old in self.partial]
         for _, param, old in self.partial:
             for key in ("exp_avg", "exp_avg_sq"):
-                try:
-                    state = safe_get_full_optimizer_state(param, key)
-                except (KeyError, AttributeError):
-                    state = None  # no state yet (a fresh optimizer): it starts at zero
-                if state is not None:
-                    state = state.clone()
-                    state[:old] = 0
-                    safe_set_full_optimizer_state(param, state, key)
+                fragment, count = self._old_part(param, old, key)
+                if fragment is not None:
+                    fragment[:count].zero_()
         self.started = True
+
+    def _old_part(self, param, old: int, key: Optional[str]):
+        """(this rank's fp32 fragment of ``param`` -- the master weights for key None, else the optimizer
+        state ``key`` --, how many of its first elements are old rows); (None, 0) when it holds none.
+
+        ZeRO-1/2 keep each parameter's fp32 master and Adam moments as a contiguous fragment of a flat
+        partition: the elements [lo, lo + n) of the flattened parameter (``_hp_mapping``). Old rows are the
+        flat elements [0, old x row size), so the fragment's old part is its first max(0, min(n, end - lo))."""
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            return None, 0
+        lo, n = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+        count = max(0, min(n, old * param[0].numel() - lo))
+        if count == 0:
+            return None, 0
+        if key is None:
+            return mapping.hp_fragment.view(-1), count
+        flat = self._base.param_groups[mapping.param_group_index]["params"][0]
+        state = self._base.state.get(flat, {})
+        if key not in state:
+            return None, 0  # no state yet (a fresh optimizer): it starts at zero and the gradient is zero
+        return state[key].narrow(0, mapping.hp_fragment_address.start, n), count
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Write the old rows back into the module parameters and DeepSpeed's fp32 master partitions."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
+        """Write the old rows back into the module parameters and DeepSpeed's fp32 master fragments."""
         for (_, param, old), saved in zip(self.partial, self._saved):
             param.data[:old].copy_(saved.to(param.dtype))
-            master = safe_get_full_fp32_param(param)
+            master, count = self._old_part(param, old, None)
             if master is not None:
-                master = master.clone()
-                master[:old] = saved.to(master.dtype)
-                safe_set_full_fp32_param(param, master)
+                lo = param._hp_mapping.lp_fragment_address.start
+                master[:count].copy_(saved.reshape(-1)[lo:lo + count].to(master.dtype))
 
 
 def setup_param_token_freezing(args, model: torch.nn.Module) -> Optional[ParamTokenFreezer]:
