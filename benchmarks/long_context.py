@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         lines.append(f"| {seq} | {f1 / 1e6:.2f} M ({s1:.0%}) | {f2 / 1e6:.2f} M ({s2:.0%}) | {f2 / f1:.2f} | "
                      f"{tps[names[0]]:.0f} | {tps[names[1]]:.0f} | {tps[names[0]] / tps[names[1]]:.2f} |")
     if t_cross <= 0.5:
-        cross = (f"The formula's crossover is at T = {max(t_cross, 0):.0f}: at these sizes the grown Tokenformer needs "
+        cross = (f"The formula's crossover is at T = {max(0.0, t_cross):.0f}: at these sizes the grown Tokenformer needs "
                  "fewer forward FLOPs per token than the widened Transformer at every sequence length, and the gap "
                  f"grows linearly with T (attention costs 4 T d per layer, d = {args.d} against {args.wide_d}).")
     else:
