@@ -34,8 +34,8 @@
 # CORPUS_MB [20]; VOCAB [2048]; D [128] LAYERS [4] HEADS [4]; N_SMALL [64] (attention tokens, FFN 4x);
 # TRANSFORMER_FFN [192]; WIDE_D [256] WIDE_FFN [384]; NET2NET_NOISE [0.05]; TRANSFORMER_SCRATCH [1] (0 drops
 # transformer-scratch from ARMS);
-# REUSE [0] (1: keep WORK and skip every run whose log ends with '> done:' and every growth whose checkpoint
-# exists: continue an interrupted experiment with the same settings);
+# REUSE [0] (1: keep WORK and skip every run whose log says it stopped where planned and every growth whose
+# log says it wrote its checkpoint: continue an interrupted experiment with the same settings);
 # DATA_DIR [] (a folder with tok.model and data_text_document.bin/.idx from an earlier run: reused, no
 # corpus or tokenizer is built);
 # WORK [runs/progressive_scaling] (everything but the report goes here; deleted and rebuilt);
@@ -156,7 +156,8 @@ tokens() {  # tokens FACTOR: the Tokenformer token-count flags of N_SMALL x FACT
   echo --hidden-size "$D" --qkv-num-param-tokens "$n" --proj-num-param-tokens "$n" --ffn-num-param-tokens $((4 * n))
 }
 # run NAME ARGS...: one single-process training run, log in $WORK/logs/NAME.log
-done_before() { [ "${REUSE:-0}" = 1 ] && grep -q '^> done:' "$WORK/logs/$1.log" 2>/dev/null; }
+# done_before NAME: REUSE=1 and the run's log ends at its planned stop (not a signal or a time limit)
+done_before() { [ "${REUSE:-0}" = 1 ] && grep -Eq '^> done: .*\((train-iters|--exit-interval [0-9]+)\)' "$WORK/logs/$1.log" 2>/dev/null; }
 run() {
   local name=$1; shift
   if done_before "$name"; then say "reusing $name"; return 0; fi
