@@ -43,8 +43,9 @@ def resolve_frozen_counts(args) -> Optional[Dict[str, int]]:
     """The old token counts per kind (``{"qkv_num_param_tokens": n_old, ...}``) this run keeps frozen, or None.
 
     ``args.train_only_new_param_tokens``: True (the flag), False (``--no-...``: train all) or None (not
-    given: follow the checkpoint). Sources, in order: the loaded checkpoint's expansion report when it
-    records a token growth (the last growth), else its saved arguments (a run that already froze).
+    given). With the flag: the loaded checkpoint's expansion report when it records a token growth (the
+    last growth), else its saved arguments (a run that already froze). Without it: the saved arguments
+    only (a resume keeps freezing), and nothing from a freshly grown checkpoint.
     """
     from megatron_tokenformer.checkpointing import files
 
@@ -52,18 +53,20 @@ def resolve_frozen_counts(args) -> Optional[Dict[str, int]]:
     if wanted is False:
         return None
     step_dir = getattr(args, "_checkpoint_step_dir", None)
-    counts = None
+    growth = saved = None
     if step_dir is not None:
         report_path = os.path.join(step_dir, files.REPORT_FILE)
         if os.path.isfile(report_path):
             with open(report_path) as f:
-                growth = (json.load(f).get("growth") or {}).get("token_counts") or {}
-            if growth:
-                counts = {field: int(growth[field]["old"]) if field in growth else None for field in _FIELDS}
-        if counts is None:
-            saved = (files.read_meta(step_dir).get("args") or {}).get(ARG_KEY)
-            if saved:
-                counts = {field: (int(saved[field]) if saved.get(field) is not None else None) for field in _FIELDS}
+                changes = (json.load(f).get("growth") or {}).get("token_counts") or {}
+            if changes:
+                growth = {field: int(changes[field]["old"]) if field in changes else None for field in _FIELDS}
+        recorded = (files.read_meta(step_dir).get("args") or {}).get(ARG_KEY)
+        if recorded:
+            saved = {field: (int(recorded[field]) if recorded.get(field) is not None else None) for field in _FIELDS}
+    # the flag: the last growth's old rows (or the record of a run that already froze); no flag: only the
+    # record, and not across a new growth (which starts a new choice)
+    counts = (growth or saved) if wanted else (saved if growth is None else None)
     if counts is None:
         if wanted:
             where = f"--load {args.load} ({step_dir})" if step_dir else "no --load checkpoint"
