@@ -93,6 +93,24 @@ def time_steps(model, seq: int, vocab: int, steps: int) -> float:
     return (time.process_time() - t0) / steps
 
 
+def measured_crossover(measured, names) -> str:
+    """Where the measured speed ratio (Tokenformer / Transformer tokens per CPU-s) crosses 1: linear in
+    log2(T) between the two lengths that bracket it."""
+    import math
+    ratios = [(seq, tps[names[0]] / tps[names[1]]) for seq, tps in measured]
+    for (t0, r0), (t1, r1) in zip(ratios, ratios[1:]):
+        if (r0 - 1) * (r1 - 1) <= 0 and r0 != r1:
+            t = 2 ** (math.log2(t0) + (math.log2(t1) - math.log2(t0)) * (1 - r0) / (r1 - r0))
+            faster = names[0] if r1 > r0 else names[1]
+            return (f"Measured, the crossover lies between T = {t0} and {t1} (about T = {t:.0f}, interpolating the "
+                    f"speed ratio in log T): above it the {faster} trains more tokens per CPU-second. Below it the "
+                    "Transformer's few large matrix products run faster per FLOP on this CPU than the Tokenformer's "
+                    "Pattentions (norm, GeLU and the extra score matrices are memory-bound work the FLOP count "
+                    "leaves out).")
+    return ("Measured, the speed ratio does not cross 1 between the lengths run (" +
+            ", ".join(f"T = {t}: {r:.2f}" for t, r in ratios) + ").")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqs", type=int, nargs="+", default=[512, 2048, 8192])
@@ -156,7 +174,7 @@ def main(argv=None) -> int:
     else:
         cross = (f"The formula's crossover is at T = {t_cross:.0f}: below it the widened Transformer needs fewer "
                  "forward FLOPs per token, above it the grown Tokenformer does.")
-    lines += ["", cross]
+    lines += ["", cross, "", measured_crossover(measured, names)]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
