@@ -48,6 +48,8 @@ def _main(argv=None) -> int:
             from megatron_tokenformer.checkpointing import io as checkpoint_io
             args = checkpoint_io.apply_checkpoint_args(args)
         validate_args(args, env.world_size)
+        from megatron_tokenformer.training.param_token_freezing import ARG_KEY, resolve_frozen_counts
+        setattr(args, ARG_KEY, resolve_frozen_counts(args))
     except (ArgumentError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc), env.rank)
 

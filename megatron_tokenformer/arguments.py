@@ -57,8 +57,8 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -106,6 +106,20 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
     g.add_argument("--pattention-normalization", default="l2_norm_gelu",
                    choices=list(PATTENTION_NORMALIZATIONS),
                    help="score normalisation over the parameter tokens")
+    g.add_argument("--value-init-std", type=_positive_float, default=None,
+                   help="std of the value parameter tokens at initialisation (default: Wang's 2 / (num_layers x "
+                        "sqrt(hidden_size)), the official models' init; it does not depend on the token count n, "
+                        "so a Pattention's output scale grows like sqrt(n): docs/progressive_scaling.md)")
+    for kind, what in (("qkv", "each Q/K/V Pattention"), ("proj", "the attention output Pattention"),
+                       ("ffn", "the FFN Pattention")):
+        g.add_argument(f"--{kind}-tau", type=_positive_float, default=None,
+                       help=f"tau (score scale) of {what} (default: sqrt of its token count, fixed at construction; "
+                            "a checkpoint's tau always wins, growth keeps it)")
+    g.add_argument("--train-only-new-param-tokens", action=argparse.BooleanOptionalAction, default=None,
+                   help="after a growth (--load of a checkpoint grown by tools/expand_checkpoint.py), train only the "
+                        "parameter tokens the last growth added and the final LayerNorm; every other value stays "
+                        "bitwise unchanged. Recorded in the checkpoints, so a resume keeps it without the flag; "
+                        "--no-train-only-new-param-tokens trains everything again")
     g.add_argument("--rotary-percent", type=float, default=0.25,
                    help="fraction of each attention head's channels that get rotary embedding")
 
@@ -532,6 +546,8 @@ def core_config_from_args(args: argparse.Namespace, vocab_size: int):
     )
     kwargs.update(ffn_hidden_size=args.ffn_hidden_size)
     kwargs.update(MODEL_FAMILY_FIELDS[args.model_type].recommended)  # the baseline GPT: parametric LayerNorms
+    if getattr(args, "value_init_std", None) is not None:
+        kwargs["value_init"] = float(args.value_init_std)
     # Values the checkpoint fixed (e.g. tau after growth) win over the defaults.
     for name in ("qkv_tau", "proj_tau", "ffn_tau"):
         if getattr(args, name, None) is not None:

@@ -329,6 +329,10 @@ def apply_checkpoint_args(args):
             setattr(args, dest, cfg[field])
     # The vocabulary comes from the tokenizer (NullTokenizer adds an end-of-document id to --vocab-size);
     # load_checkpoint compares the built model's vocab_size with the checkpoint's.
+    for name in TAU_FIELDS:  # an explicit --*-tau must agree with the checkpoint's (which always wins)
+        if name in explicit and cfg.get(name) is not None and getattr(args, name, None) is not None \
+                and abs(float(getattr(args, name)) - float(cfg[name])) > 1e-12 * max(1.0, abs(float(cfg[name]))):
+            mismatches.append(f"--{name.replace('_', '-')} {getattr(args, name)} (checkpoint: {cfg[name]})")
     if mismatches:
         raise CheckpointMismatchError(
             f"the checkpoint {step_dir} does not match the model the flags describe; differing: "

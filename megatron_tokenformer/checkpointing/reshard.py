@@ -100,6 +100,39 @@ class _Fragment:
     source_start: int     # offset in the flattened source tensor
 
 
+class _Zeros:
+    """A source of zeros (the optimizer state of a parameter that had none)."""
+
+    dtype = torch.float32
+
+    def __init__(self, numel: int):
+        self._numel = numel
+
+    def numel(self) -> int:
+        return self._numel
+
+    def read_flat(self, start: int, count: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if out is None:
+            return torch.zeros(count, dtype=torch.float32)
+        return out.zero_()
+
+
+def _fill_frozen(sd, param_list, local_by_name, state_keys) -> None:
+    """Parameters trained with ``requires_grad = False`` (--train-only-new-param-tokens,
+    training/param_token_freezing.py) have no ZeRO fragment: their value is the module weight and their
+    optimizer state is zero."""
+    module = sd.get("module") if isinstance(sd, dict) else None
+    for p in param_list:
+        per_key = local_by_name[p["name"]]
+        t = (module or {}).get(p["name"])
+        if per_key or not isinstance(t, LazyTensor):
+            continue  # trained, or nothing to fill from (the completeness check reports it)
+        shape = tuple(int(s) for s in p["shape"])
+        per_key[FP32] = _LocalTensor(shape, [_Fragment(0, t.numel(), t, 0)])
+        for key in state_keys:
+            per_key[key] = _LocalTensor(shape, [_Fragment(0, t.numel(), _Zeros(t.numel()), 0)])
+
+
 @dataclass
 class _LocalTensor:
     """One TP rank's tensor of a parameter, as consecutive fragments of its flattened form."""
@@ -392,6 +425,7 @@ class CheckpointView:
                     slot[tp_rank] = (shape, p, m)
             if zero_stage >= 1:
                 keys = self._read_zero_shards(m, dp, param_list, local_by_name, steps, training_state, model_path)
+                _fill_frozen(sd, param_list, local_by_name, keys)
             else:
                 keys = self._read_stage0(m, sd, cs, param_list, local_by_name, steps, model_path)
             if state_keys is None:

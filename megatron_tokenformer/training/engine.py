@@ -239,6 +239,8 @@ def setup_model_and_optimizer(args, config, device: Optional[torch.device] = Non
     model = build_model(args, config)
     if device is not None and device.type == "cuda":
         model.to(device)  # before the optimizer: fused optimizers check the parameters' device
+    from megatron_tokenformer.training.param_token_freezing import setup_param_token_freezing
+    freezer = setup_param_token_freezing(args, model)  # --train-only-new-param-tokens: before the optimizer
     optimizer = build_optimizer(args, model)
     scheduler = OptimizerParamScheduler(optimizer, max_lr=args.lr, min_lr=args.min_lr,
                                         warmup_steps=args.lr_warmup_iters, decay_steps=args.lr_decay_iters,
@@ -250,6 +252,7 @@ def setup_model_and_optimizer(args, config, device: Optional[torch.device] = Non
     engine, ds_optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         mpu=None if pipelined else parallel_state)
+    engine.param_token_freezer = freezer
     return engine, ds_optimizer, lr_scheduler
 
 

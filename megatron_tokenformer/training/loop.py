@@ -100,8 +100,14 @@ def train_step(engine, data_iter, gradient_accumulation_steps: int, pipelined: b
     averaged over data-parallel ranks); for PP > 1 DeepSpeed's loss, already averaged over the
     micro-batches and the data-parallel group (and broadcast to every stage).
     """
+    freezer = getattr(engine, "param_token_freezer", None)  # --train-only-new-param-tokens
+    if freezer is not None and not freezer.started:
+        freezer.start(engine)
     if pipelined:
-        return engine.train_batch(data_iter=data_iter).detach().float()
+        loss = engine.train_batch(data_iter=data_iter).detach().float()
+        if freezer is not None:
+            freezer.after_step()
+        return loss
     total = None
     for _ in range(gradient_accumulation_steps):
         tokens, labels, loss_mask = next(data_iter)
@@ -109,6 +115,8 @@ def train_step(engine, data_iter, gradient_accumulation_steps: int, pipelined: b
         engine.backward(loss)
         engine.step()
         total = loss.detach().float() if total is None else total + loss.detach().float()
+    if freezer is not None:  # after the optimizer step of the last micro-batch
+        freezer.after_step()
     return total / gradient_accumulation_steps
 
 

@@ -11,6 +11,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -65,17 +66,21 @@ def test_all_arms_run_and_the_report_is_written(repro):
     assert "cpu_repro.sh --text" in report and "S=4 G=4" in report
     logs = tmp / "work" / "logs"
     # the growth arm: stage 2 resumed the grown, resharded checkpoint at iteration S on 2 ranks
-    grown = (logs / "tokenformer_grown.log").read_text()
+    grown = (logs / "tokenformer_x4_grown_lr1e-3_s1234.log").read_text()
     assert "loaded checkpoint" in grown and "(iteration 4, consumed samples 16)" in grown
     assert re.search(r"tensor_model_parallel_size \.+ 2", grown)
     assert re.search(r"qkv_num_param_tokens \.+ 32", grown) and re.search(r"ffn_num_param_tokens \.+ 128", grown)
-    wide = (logs / "transformer_wide.log").read_text()
+    wide = (logs / "transformer_wide_lr1e-3_s1234.log").read_text()
     assert re.search(r"hidden_size \.+ 64", wide) and re.search(r"num_attention_heads \.+ 4", wide)
-    expand = (logs / "transformer_expand.log").read_text()
+    expand = (logs / "transformer_expand_lr1e-3_s1234.log").read_text()
     assert "wrote" in expand
 
-    rows = {m.group(1): m.groups() for m in re.finditer(
-        r"^\| ([^|]+?) \| ([\d,]+) \| (\d+) \| ([\d.e+]+) \| ([\d.]+) \| ([\d.]+) \|", report, flags=re.M)}
+    # results table: arm | LR | seeds | parameters | iterations | FLOPs | final loss | perplexity | wall time
+    rows = {m.group(1): (m.group(1),) + m.groups()[2:] for m in re.finditer(
+        r"^\| ([^|]+?) \| 1e-3 \| (1) \| ([\d,]+) \| (\d+) \| ([\d.e+]+) \| ([\d.]+) \| ([\d.]+) \|", report,
+        flags=re.M)}
+    small = {name: rows.pop(name) for name in ("Tokenformer small", "Transformer small")}
+    assert all(r[2] == "4" for r in small.values())  # the stage-1 runs (sweep table only) stop at S
     assert set(rows) == {"Tokenformer grown x4 (TP 1->2)", "Tokenformer x4 from scratch",
                          "Transformer Net2Net-widened", "Transformer wide from scratch"}
     V, T, tokens = 512, 32, 4 * 32
@@ -92,9 +97,10 @@ def test_all_arms_run_and_the_report_is_written(repro):
         assert abs(float(flops) / expected[name] - 1) < 1e-2, (name, flops, expected[name])
         assert abs(float(ppl) / (2.718281828 ** float(loss)) - 1) < 1e-3
     # the final loss of each arm is the last validation line of its last log
-    last = {"Tokenformer x4 from scratch": "tokenformer_scratch.log", "Tokenformer grown x4 (TP 1->2)":
-            "tokenformer_grown.log", "Transformer Net2Net-widened": "transformer_wide.log",
-            "Transformer wide from scratch": "transformer_scratch.log"}
+    last = {"Tokenformer x4 from scratch": "tokenformer_x4_scratch_lr1e-3_s1234.log",
+            "Tokenformer grown x4 (TP 1->2)": "tokenformer_x4_grown_lr1e-3_s1234.log",
+            "Transformer Net2Net-widened": "transformer_wide_lr1e-3_s1234.log",
+            "Transformer wide from scratch": "transformer_scratch_lr1e-3_s1234.log"}
     for name, log in last.items():
         values = re.findall(r"loss at iteration \d+ \| lm loss value: ([\d.E+-]+)", (logs / log).read_text())
         assert abs(float(values[-1]) - float(rows[name][4])) < 1e-4
@@ -105,7 +111,7 @@ def test_all_arms_run_and_the_report_is_written(repro):
 
 def test_report_refuses_an_incomplete_log(repro, tmp_path):
     tmp, _ = repro
-    full = (tmp / "work" / "logs" / "tokenformer_small.log").read_text()
+    full = (tmp / "work" / "logs" / "tokenformer_small_lr1e-3_s1234.log").read_text()
     cut = tmp_path / "cut.log"
     cut.write_text(full[: full.index("> training from iteration")])
     proc = subprocess.run(["python", REPORT_PY, "--output", str(tmp_path / "r.md"), "--plot", str(tmp_path / "p.png"),
@@ -115,7 +121,8 @@ def test_report_refuses_an_incomplete_log(repro, tmp_path):
     # stages that do not connect (the scratch run does not start where the small run stopped)
     logs = tmp / "work" / "logs"
     proc = subprocess.run(["python", REPORT_PY, "--output", str(tmp_path / "r.md"), "--plot", str(tmp_path / "p.png"),
-                           "--arm", f"a={logs / 'tokenformer_small.log'},{logs / 'tokenformer_scratch.log'}"],
+                           "--arm", f"a={logs / 'tokenformer_small_lr1e-3_s1234.log'},"
+                                    f"{logs / 'tokenformer_x4_scratch_lr1e-3_s1234.log'}"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "the stages do not connect" in proc.stderr
 
@@ -125,3 +132,13 @@ def test_bad_arguments_exit_2():
                           (["--frobnicate"], "unknown argument '--frobnicate'")):
         proc = subprocess.run(["bash", SCRIPT, *argv], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr
+    # the sweep knobs are checked before anything is built or deleted
+    for env, message in (({"GROWTHS": "3 4"}, "GROWTHS: '3 4' must be increasing integers > 1, each a multiple"),
+                         ({"LRS": "1e-3 fast"}, "LRS: 'fast' is not a positive number"),
+                         ({"SEEDS": "1 x"}, "SEEDS: 'x' is not a non-negative integer"),
+                         ({"ARMS": "tokenformer-grown bogus"}, "ARMS: unknown arm 'bogus'"),
+                         ({"GROWN_TP": "3"}, "GROWN_TP must be 1 or 2")):
+        proc = subprocess.run(["bash", SCRIPT], capture_output=True, text=True,
+                              env=dict(os.environ, WORK="/nonexistent/never_made", PYTHON=sys.executable, **env))
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert not os.path.exists("/nonexistent/never_made")
