@@ -2,7 +2,7 @@
 
 The TP = 1 references are computed in this (single, non-distributed) process: plain torch for the
 Pattention, embedding/cross-entropy and linear layers, and the TP = 1 block / LM (themselves checked
-against a plain float64 reference in tests/model/test_language_model.py). Each spawned rank then
+against a plain float64 reference in tests/unit/model/test_language_model.py). Each spawned rank then
 rebuilds the layer at TP = p and checks: its parameter shards are exact slices of the TP = 1
 parameters, outputs/losses match, every parameter gradient matches the matching slice of the TP = 1
 gradient and input gradients match, all within 1e-5 (see assert_matches).
