@@ -31,6 +31,7 @@ in one tensor-parallel group) and use one intra-op thread each.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import multiprocessing
@@ -51,6 +52,23 @@ GRACE_S = 5.0             # after a rank fails, how long the others get to repor
 COLLECTIVE_TIMEOUT_S = 300
 
 
+_RANK_TP: Optional[int] = None  # on a rank: the tensor-model-parallel size the pool initialised
+
+
+@contextlib.contextmanager
+def own_model_parallel_groups():
+    """Inside a check on a pool rank: drop the pool's model-parallel state for the block (the check
+    calls ``initialize_model_parallel`` itself, with any layout) and restore it afterwards."""
+    from megatron_tokenformer import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=_RANK_TP)
+
+
 class RankFailure(AssertionError):
     """A check failed (or did not finish) on at least one rank; the message holds each rank's story."""
 
@@ -62,6 +80,8 @@ def _rank_main(rank: int, world: int, init_file: str, tp: int, tasks, results, p
 
     from megatron_tokenformer import parallel_state
 
+    global _RANK_TP
+    _RANK_TP = tp
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
