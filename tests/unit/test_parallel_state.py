@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tokenformer import parallel_state as ps
-from megatron_tokenformer.testing import spawn_gloo
+from tests.helpers import dist_pool
 
 
 def expected_coords(rank, tp, pp, dp):
@@ -72,15 +72,27 @@ def _check_layout(rank, world, tp, pp):
     assert not ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() == 1
 
 
-def _worker(rank, world):
-    for tp, pp in ((2, 2), (4, 1), (1, 2), (1, 1)):
+def check_layout(rank, world, tp, pp):
+    with dist_pool.own_model_parallel_groups():
         _check_layout(rank, world, tp, pp)
-    with pytest.raises(ValueError, match="not divisible by tensor_model_parallel_size \\(3\\)"):
-        ps.initialize_model_parallel(3, 1)
-    ps.initialize_model_parallel(2, 1)
-    with pytest.raises(RuntimeError, match="already initialised"):
+
+
+def check_bad_initialisation(rank, world):
+    with dist_pool.own_model_parallel_groups():
+        with pytest.raises(ValueError, match="not divisible by tensor_model_parallel_size \\(3\\)"):
+            ps.initialize_model_parallel(3, 1)
         ps.initialize_model_parallel(2, 1)
+        with pytest.raises(RuntimeError, match="already initialised"):
+            ps.initialize_model_parallel(2, 1)
 
 
-def test_groups_on_four_gloo_ranks():
-    spawn_gloo(_worker, 4)
+four_ranks = dist_pool.pool_fixture(4)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 2), (4, 1), (1, 2), (1, 1)], ids=lambda v: str(v))
+def test_groups_on_four_gloo_ranks(four_ranks, tp, pp):
+    four_ranks.run(check_layout, tp, pp)
+
+
+def test_bad_initialisation_on_four_gloo_ranks(four_ranks):
+    four_ranks.run(check_bad_initialisation)

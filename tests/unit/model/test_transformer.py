@@ -1,5 +1,5 @@
 """The baseline Transformer (model_type="transformer"): plain float64 references, pipeline specs, FLOPs,
-clear errors, and TP = 2 / 4 against TP = 1 (spawned gloo processes, CPU).
+clear errors, and TP = 2 / 4 against TP = 1 (one test per check on the shared gloo rank pool, CPU).
 
 References are written here from the full TP = 1 weights in a few lines of float64 torch (LayerNorm,
 linear layers, rotary, causal softmax attention with an explicit mask, erf-GeLU, tied logits,
@@ -20,8 +20,8 @@ from megatron_tokenformer.model import TokenformerLM
 from megatron_tokenformer.model.pipeline import get_layer_specs, pipeline_loss_fn
 from megatron_tokenformer.model.transformer import TransformerBlock, transformer_config
 from megatron_tokenformer.tensor_parallel import mappings
-from megatron_tokenformer.testing import spawn_gloo
 from megatron_tokenformer.training.flops import training_flops_per_token, transformer_forward_flops_per_token
+from tests.helpers import dist_pool
 
 SEED = 2024
 VOCAB = 51   # padded to 52 at TP = 2 and 4 (make_vocab_size_divisible_by = 1)
@@ -268,9 +268,17 @@ def shard_of(full, param, rank, world):
     return full.narrow(dim, rank * size, size)
 
 
-def _tp_worker(rank, world, ref_path):
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-    ref = torch.load(ref_path)
+_REFERENCES = {}
+
+
+def load_reference(path):
+    if path not in _REFERENCES:
+        _REFERENCES[path] = torch.load(path)
+    return _REFERENCES[path]
+
+
+def check_init(rank, world, ref_path):
+    ref = load_reference(ref_path)
     model = TokenformerLM(tiny_config(), seed=SEED)
     params = dict(model.named_parameters())
     assert sorted(params) == sorted(ref["params"])
@@ -285,11 +293,25 @@ def _tp_worker(rank, world, ref_path):
     assert params["layers.1.mlp.dense_h_to_4h.weight"].shape == (48 // world, d)
     assert params["layers.1.mlp.dense_4h_to_h.bias"].shape == (d,)
 
+
+def check_loss_and_grads(rank, world, ref_path):
+    ref = load_reference(ref_path)
+    model = TokenformerLM(tiny_config(), seed=SEED)
+    params = dict(model.named_parameters())
     loss = model(ref["ids"], ref["labels"], ref["mask"])
     loss.backward()
     assert abs(loss.item() - ref["loss"].item()) <= TOL * abs(ref["loss"].item()), (loss.item(), ref["loss"].item())
     for name, p in params.items():
         assert_close(f"TP={world} grad {name}", p.grad, shard_of(ref["grads"][name], p, rank, world))
+    # the same loss on every rank of the group
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, loss.detach(), group=parallel_state.get_tensor_model_parallel_group())
+    assert all(torch.equal(t, losses[0]) for t in losses)
+
+
+def check_logits(rank, world, ref_path):
+    ref = load_reference(ref_path)
+    model = TokenformerLM(tiny_config(), seed=SEED)
     logits = model(ref["ids"])
     padded = model.config.padded_vocab_size(world)
     full = torch.cat([ref["logits"], torch.full((2, 16, padded - VOCAB), float("-inf"))], dim=-1)
@@ -298,18 +320,31 @@ def _tp_worker(rank, world, ref_path):
     assert torch.equal(finite, torch.isfinite(got))
     assert_close("logits", got[finite], want[finite])
 
-    # forward traffic of one block: Megatron's two all-reduces of [b, s, d], nothing else
+
+def check_block_traffic(rank, world):
+    """Forward traffic of one block: Megatron's two all-reduces of [b, s, d], nothing else."""
+    d = 32
+    model = TokenformerLM(tiny_config(), seed=SEED)
     x = torch.randn(2, 16, d, generator=torch.Generator().manual_seed(5))
     with mappings.count_collectives() as log, torch.no_grad():
         model.layers[0](x)
     assert log == [("all_reduce", 2 * 16 * d), ("all_reduce", 2 * 16 * d)], log
 
-    # the same loss on every rank of the group
-    losses = [torch.zeros(()) for _ in range(world)]
-    dist.all_gather(losses, loss.detach(), group=parallel_state.get_tensor_model_parallel_group())
-    assert all(torch.equal(t, losses[0]) for t in losses)
+
+tp_pool = dist_pool.pool_fixture(2, 4)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tensor_parallel_matches_tp1(reference, tp):
-    spawn_gloo(_tp_worker, tp, reference)
+def test_tensor_parallel_init_is_the_tp1_slice(tp_pool, reference):
+    tp_pool.run(check_init, reference)
+
+
+def test_tensor_parallel_loss_and_grads_match_tp1(tp_pool, reference):
+    tp_pool.run(check_loss_and_grads, reference)
+
+
+def test_tensor_parallel_logits_match_tp1(tp_pool, reference):
+    tp_pool.run(check_logits, reference)
+
+
+def test_tensor_parallel_block_traffic(tp_pool):
+    tp_pool.run(check_block_traffic)

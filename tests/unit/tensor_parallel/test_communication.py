@@ -1,6 +1,6 @@
 """Communication accounting: the collectives one block issues at TP = 2, forward and backward.
 
-The expected tables are written here from DESIGN.md §3 (T tokens, d hidden, p ranks); the measured
+The expected tables are written here from docs/design.md §3 (T tokens, d hidden, p ranks); the measured
 ones come from ``count_collectives``. The same count for a Megatron-style linear block (column/row
 parallel linear layers, same d) is measured for comparison. docs/tensor_parallel.md shows these
 tables.
@@ -8,16 +8,16 @@ tables.
 
 from collections import Counter
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_tokenformer import parallel_state
 from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model.block import TokenformerBlock
 from megatron_tokenformer.model.language_model import prepare_config
 from megatron_tokenformer.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_tokenformer.tensor_parallel.mappings import count_collectives
-from megatron_tokenformer.testing import spawn_gloo
+from tests.helpers import dist_pool
 
 B, S, D, HEADS = 2, 16, 32, 4
 T = B * S
@@ -80,21 +80,31 @@ def measure(block, x):
     return forward, Counter(backward)
 
 
-def _worker(rank, world):
-    parallel_state.initialize_model_parallel(world)
+def check_tokenformer_block(rank, world, normalization):
     x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    for normalization in ("l2_norm_gelu", "softmax"):
-        cfg = prepare_config(TokenformerConfig(
-            num_layers=1, hidden_size=D, num_attention_heads=HEADS, seq_length=S, vocab_size=64,
-            qkv_num_param_tokens=8, proj_num_param_tokens=8, ffn_num_param_tokens=16,
-            pattention_normalization=normalization))
-        forward, backward = measure(TokenformerBlock(cfg, 1), x)
-        exp_forward, exp_backward = expected_tokenformer(world, normalization)
-        assert forward == exp_forward, (normalization, forward)
-        assert backward == exp_backward, (normalization, backward)
+    cfg = prepare_config(TokenformerConfig(
+        num_layers=1, hidden_size=D, num_attention_heads=HEADS, seq_length=S, vocab_size=64,
+        qkv_num_param_tokens=8, proj_num_param_tokens=8, ffn_num_param_tokens=16,
+        pattention_normalization=normalization))
+    forward, backward = measure(TokenformerBlock(cfg, 1), x)
+    exp_forward, exp_backward = expected_tokenformer(world, normalization)
+    assert forward == exp_forward, (normalization, forward)
+    assert backward == exp_backward, (normalization, backward)
+
+
+def check_megatron_block(rank, world):
+    x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(0), requires_grad=True)
     forward, backward = measure(MegatronStyleBlock(world), x)
     assert (forward, backward) == expected_megatron(), (forward, backward)
 
 
-def test_block_collectives_at_tp2():
-    spawn_gloo(_worker, 2)
+tp_pool = dist_pool.pool_fixture(2)
+
+
+@pytest.mark.parametrize("normalization", ["l2_norm_gelu", "softmax"])
+def test_tokenformer_block_collectives(tp_pool, normalization):
+    tp_pool.run(check_tokenformer_block, normalization)
+
+
+def test_megatron_style_block_collectives(tp_pool):
+    tp_pool.run(check_megatron_block)

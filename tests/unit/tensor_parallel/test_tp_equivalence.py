@@ -2,10 +2,14 @@
 
 The TP = 1 references are computed in this (single, non-distributed) process: plain torch for the
 Pattention, embedding/cross-entropy and linear layers, and the TP = 1 block / LM (themselves checked
-against a plain float64 reference in tests/model/test_language_model.py). Each spawned rank then
+against a plain float64 reference in tests/unit/model/test_language_model.py). Each spawned rank then
 rebuilds the layer at TP = p and checks: its parameter shards are exact slices of the TP = 1
 parameters, outputs/losses match, every parameter gradient matches the matching slice of the TP = 1
 gradient and input gradients match, all within 1e-5 (see assert_matches).
+
+Every check is its own test; all checks of one TP size share one persistent pool of gloo ranks
+(tests/helpers/dist_pool.py), so a failing check neither hides the others nor costs a respawn of
+the passing ones.
 """
 
 import math
@@ -26,7 +30,7 @@ from megatron_tokenformer.tensor_parallel.layers import (ColumnParallelLinear, R
                                                          VocabParallelEmbedding, parallel_lm_logits)
 from megatron_tokenformer.tensor_parallel.pattention import ParallelPattention
 from megatron_tokenformer.tensor_parallel.random import get_rng_tracker, model_parallel_seed
-from megatron_tokenformer.testing import spawn_gloo
+from tests.helpers import dist_pool
 
 TOL = 1e-5
 SEED = 4321
@@ -195,6 +199,16 @@ def check_module(what, module, ref_params, ref_grads, rank, world):
         assert_matches(f"{what}: grad {name}", p.grad, shard_of(ref_grads[name], p, rank, world))
 
 
+_REFERENCES = {}
+
+
+def load_reference(path):
+    """The TP = 1 references, loaded once per rank process."""
+    if path not in _REFERENCES:
+        _REFERENCES[path] = torch.load(path)
+    return _REFERENCES[path]
+
+
 def check_mappings(rank, world):
     base = torch.arange(12.0).view(2, 6) + 1.0
     x = (base * (rank + 1)).requires_grad_()
@@ -260,22 +274,21 @@ def check_rng_tracker(rank, world):
     assert torch.equal(torch.rand(5), after), "fork must not advance the default generator"
 
 
-def check_pattention(ref, rank, world):
-    for norm in NORMS:
-        r = ref[f"pattention/{norm}"]
-        layer = ParallelPattention(24, 20, 16, normalization=norm, key_init_std=0.4, value_init_std=0.5,
-                                   seed=SEED, layer_number=3, tag="test")
-        assert layer.key_param_tokens.shape == (16 // world, 24)
-        x = r["x"].clone().requires_grad_()
-        out = layer(x)
-        (out * r["w"]).sum().backward()
-        assert_matches(f"pattention {norm}: output", out, r["out"])
-        assert_matches(f"pattention {norm}: input grad", x.grad, r["dx"])
-        check_module(f"pattention {norm}", layer, r["params"], r["grads"], rank, world)
+def check_pattention(rank, world, ref_path, norm):
+    r = load_reference(ref_path)[f"pattention/{norm}"]
+    layer = ParallelPattention(24, 20, 16, normalization=norm, key_init_std=0.4, value_init_std=0.5,
+                               seed=SEED, layer_number=3, tag="test")
+    assert layer.key_param_tokens.shape == (16 // world, 24)
+    x = r["x"].clone().requires_grad_()
+    out = layer(x)
+    (out * r["w"]).sum().backward()
+    assert_matches(f"pattention {norm}: output", out, r["out"])
+    assert_matches(f"pattention {norm}: input grad", x.grad, r["dx"])
+    check_module(f"pattention {norm}", layer, r["params"], r["grads"], rank, world)
 
 
-def check_embedding_and_cross_entropy(ref, rank, world):
-    r = ref["embedding"]
+def check_embedding(rank, world, ref_path):
+    r = load_reference(ref_path)["embedding"]
     padded = lm_config().padded_vocab_size(world)
     assert padded == 52
     emb = VocabParallelEmbedding(padded, 16, vocab_size=VOCAB, init_std=0.5, seed=SEED, tag="test.emb")
@@ -288,7 +301,9 @@ def check_embedding_and_cross_entropy(ref, rank, world):
     assert_matches("vocab-parallel logits", logits, full_logits.chunk(world, dim=-1)[rank])
     check_module("embedding", emb, {"weight": r["weight"]}, {"weight": r["grad"]}, rank, world)
 
-    r = ref["cross_entropy"]
+
+def check_cross_entropy(rank, world, ref_path):
+    r = load_reference(ref_path)["cross_entropy"]
     local = r["logits"].chunk(world, dim=-1)[rank].clone().requires_grad_()
     losses = vocab_parallel_cross_entropy(local, r["targets"])
     (losses * r["weights"]).sum().backward()
@@ -296,8 +311,8 @@ def check_embedding_and_cross_entropy(ref, rank, world):
     assert_matches("cross-entropy logit grad", local.grad, r["grad"].chunk(world, dim=-1)[rank])
 
 
-def check_linear(ref, rank, world):
-    r = ref["linear"]
+def check_linear(rank, world, ref_path):
+    r = load_reference(ref_path)["linear"]
     col = ColumnParallelLinear(16, 24, seed=SEED, tag="test.col", init_std=0.3)
     row = RowParallelLinear(24, 12, seed=SEED, tag="test.row", init_std=0.3)
     with torch.no_grad():
@@ -317,8 +332,8 @@ def check_linear(ref, rank, world):
     assert_matches("column gather_output", gathered(r["x"]), F.linear(r["x"], r["params"]["col.weight"]))
 
 
-def check_block(ref, rank, world):
-    r = ref["block"]
+def check_block(rank, world, ref_path):
+    r = load_reference(ref_path)["block"]
     cfg = prepare_config(lm_config())
     block = TokenformerBlock(cfg, layer_number=2, seed=SEED)
     x = r["x"].clone().requires_grad_()
@@ -329,18 +344,17 @@ def check_block(ref, rank, world):
     check_module("block", block, r["params"], r["grads"], rank, world)
 
 
-def check_lm(ref, rank, world):
-    for name, overrides in LM_VARIANTS.items():
-        r = ref[f"lm/{name}"]
-        model = TokenformerLM(lm_config(**overrides), seed=SEED)
-        loss = model(r["ids"], r["labels"], r["mask"])
-        loss.backward()
-        assert abs(loss.item() - r["loss"].item()) <= TOL * abs(r["loss"].item()), (name, loss.item(), r["loss"].item())
-        check_module(f"lm {name}", model, r["params"], r["grads"], rank, world)
-        logits = model(r["ids"])
-        padded = model.config.padded_vocab_size(world)
-        full = torch.cat([r["logits"], torch.full((2, 16, padded - VOCAB), float("-inf"))], dim=-1)
-        assert_matches(f"lm {name}: logits", logits, full.chunk(world, dim=-1)[rank])
+def check_lm(rank, world, ref_path, name):
+    r = load_reference(ref_path)[f"lm/{name}"]
+    model = TokenformerLM(lm_config(**LM_VARIANTS[name]), seed=SEED)
+    loss = model(r["ids"], r["labels"], r["mask"])
+    loss.backward()
+    assert abs(loss.item() - r["loss"].item()) <= TOL * abs(r["loss"].item()), (name, loss.item(), r["loss"].item())
+    check_module(f"lm {name}", model, r["params"], r["grads"], rank, world)
+    logits = model(r["ids"])
+    padded = model.config.padded_vocab_size(world)
+    full = torch.cat([r["logits"], torch.full((2, 16, padded - VOCAB), float("-inf"))], dim=-1)
+    assert_matches(f"lm {name}: logits", logits, full.chunk(world, dim=-1)[rank])
 
 
 def check_errors(rank, world):
@@ -356,19 +370,43 @@ def check_errors(rank, world):
         TokenformerLM(lm_config(ffn_num_param_tokens=bad))
 
 
-def _worker(rank, world, ref_path):
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-    ref = torch.load(ref_path)
-    check_mappings(rank, world)
-    check_rng_tracker(rank, world)
-    check_pattention(ref, rank, world)
-    check_embedding_and_cross_entropy(ref, rank, world)
-    check_linear(ref, rank, world)
-    check_block(ref, rank, world)
-    check_lm(ref, rank, world)
-    check_errors(rank, world)
+# --- the tests: one per check, each on every rank of the module's pool --------------------------------
+tp_pool = dist_pool.pool_fixture(2, 4)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tensor_parallel_matches_tp1(reference, tp):
-    spawn_gloo(_worker, tp, reference)
+def test_mappings(tp_pool):
+    tp_pool.run(check_mappings)
+
+
+def test_rng_tracker(tp_pool):
+    tp_pool.run(check_rng_tracker)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_pattention(tp_pool, reference, norm):
+    tp_pool.run(check_pattention, reference, norm)
+
+
+def test_embedding_and_tied_logits(tp_pool, reference):
+    tp_pool.run(check_embedding, reference)
+
+
+def test_cross_entropy(tp_pool, reference):
+    tp_pool.run(check_cross_entropy, reference)
+
+
+def test_linear(tp_pool, reference):
+    tp_pool.run(check_linear, reference)
+
+
+def test_block(tp_pool, reference):
+    tp_pool.run(check_block, reference)
+
+
+@pytest.mark.parametrize("variant", list(LM_VARIANTS))
+def test_lm(tp_pool, reference, variant):
+    tp_pool.run(check_lm, reference, variant)
+
+
+def test_errors(tp_pool):
+    tp_pool.run(check_errors)

@@ -1,0 +1,165 @@
+"""tensor_parallel/layers.py against nn.Linear / nn.Embedding / a plain matmul, at TP 1 (this process) and 2.
+
+On every rank the full weight is rebuilt by all-gathering the shards with torch.distributed directly
+(tests/helpers/tp_gather.py, not through the code under test); the reference module is then a plain torch layer with that weight,
+run on the full input in float64. The parallel layer's output must be the rank's part of the reference
+output, its parameter gradients the rank's slices of the reference gradients, and the input gradient
+the reference input gradient (sums over ranks happen inside the layer). Upstream gradients are the
+same on every rank when the output is replicated, so the loss is counted once.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_tokenformer.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                         VocabParallelEmbedding, parallel_lm_logits)
+from tests.helpers import dist_pool
+from tests.helpers.tp_gather import full_tensor
+
+F64 = torch.float64
+TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def part(t, dim, rank, world):
+    return t.chunk(world, dim=dim)[rank]
+
+
+def check_column(rank, world, gather_output):
+    col = ColumnParallelLinear(8, 12, gather_output=gather_output, init_std=0.5, seed=3, tag="c", params_dtype=F64)
+    assert col.weight.shape == (12 // world, 8) and col.bias.shape == (12 // world,)
+    assert col.weight.partition_dim == 0 and col.bias.tensor_model_parallel
+    with torch.no_grad():
+        col.bias.copy_(part(randn(12, seed=1), 0, rank, world))
+    ref = nn.Linear(8, 12, dtype=F64)
+    with torch.no_grad():
+        ref.weight.copy_(full_tensor(col.weight, 0, world))
+        ref.bias.copy_(randn(12, seed=1))
+    x, g = randn(2, 5, 8, seed=2), randn(2, 5, 12, seed=4)
+    xr, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref = ref(xr)
+    out_ref.backward(g)
+    out = col(xp)
+    if gather_output:
+        torch.testing.assert_close(out, out_ref.detach(), **TOL)
+        out.backward(g)
+    else:
+        torch.testing.assert_close(out, part(out_ref.detach(), -1, rank, world), **TOL)
+        out.backward(part(g, -1, rank, world))
+    torch.testing.assert_close(col.weight.grad, part(ref.weight.grad, 0, rank, world), **TOL)
+    torch.testing.assert_close(col.bias.grad, part(ref.bias.grad, 0, rank, world), **TOL)
+    torch.testing.assert_close(xp.grad, xr.grad, **TOL)
+
+
+def check_row(rank, world, input_is_parallel):
+    row = RowParallelLinear(12, 6, input_is_parallel=input_is_parallel, init_std=0.5, seed=3, tag="r",
+                            params_dtype=F64)
+    assert row.weight.shape == (6, 12 // world) and row.bias.shape == (6,)
+    assert row.weight.partition_dim == 1 and not row.bias.tensor_model_parallel
+    with torch.no_grad():
+        row.bias.copy_(randn(6, seed=1))
+    ref = nn.Linear(12, 6, dtype=F64)
+    with torch.no_grad():
+        ref.weight.copy_(full_tensor(row.weight, 1, world))
+        ref.bias.copy_(randn(6, seed=1))
+    x, g = randn(2, 5, 12, seed=2), randn(2, 5, 6, seed=4)
+    xr = x.clone().requires_grad_()
+    out_ref = ref(xr)
+    out_ref.backward(g)
+    xp = (x if not input_is_parallel else part(x, -1, rank, world)).clone().requires_grad_()
+    out = row(xp)
+    torch.testing.assert_close(out, out_ref.detach(), **TOL)
+    out.backward(g)
+    torch.testing.assert_close(row.weight.grad, part(ref.weight.grad, 1, rank, world), **TOL)
+    torch.testing.assert_close(row.bias.grad, ref.bias.grad, **TOL)
+    want_dx = xr.grad if not input_is_parallel else part(xr.grad, -1, rank, world)
+    torch.testing.assert_close(xp.grad, want_dx, **TOL)
+
+
+def check_embedding(rank, world):
+    vocab, padded = 11, 12
+    emb = VocabParallelEmbedding(padded, 4, vocab_size=vocab, init_std=0.5, seed=3, tag="e", params_dtype=F64)
+    assert emb.weight.shape == (padded // world, 4)
+    assert (emb.vocab_start_index, emb.vocab_end_index) == (rank * padded // world, (rank + 1) * padded // world)
+    weight = full_tensor(emb.weight, 0, world)
+    assert torch.equal(weight[vocab:], torch.zeros(padded - vocab, 4, dtype=F64)), "padding rows are zero"
+    ref = nn.Embedding(padded, 4, dtype=F64)
+    with torch.no_grad():
+        ref.weight.copy_(weight)
+    ids = torch.tensor([[0, 5, 6, 10], [11 - 1, 3, 0, 7]])  # ids in every rank's block
+    g = randn(2, 4, 4, seed=5)
+    out_ref = ref(ids)
+    out_ref.backward(g)
+    out = emb(ids)
+    torch.testing.assert_close(out, out_ref.detach(), **TOL)
+    out.backward(g)
+    torch.testing.assert_close(emb.weight.grad, part(ref.weight.grad, 0, rank, world), **TOL)
+
+
+def check_lm_logits(rank, world):
+    vocab, padded = 11, 12
+    emb = VocabParallelEmbedding(padded, 4, vocab_size=vocab, init_std=0.5, seed=3, tag="e", params_dtype=F64)
+    weight = full_tensor(emb.weight, 0, world)[:vocab].requires_grad_()
+    h = randn(2, 3, 4, seed=6)
+    g = randn(2, 3, padded, seed=7)
+    hr, hp = h.clone().requires_grad_(), h.clone().requires_grad_()
+    logits_ref = hr @ weight.T  # [2, 3, vocab]
+    logits_ref.backward(g[..., :vocab])
+    logits_ref = torch.cat([logits_ref.detach(), torch.full((2, 3, padded - vocab), float("-inf"), dtype=F64)], -1)
+    logits = parallel_lm_logits(hp, emb)
+    assert logits.shape == (2, 3, padded // world)
+    want = part(logits_ref, -1, rank, world)
+    assert torch.equal(torch.isinf(logits), torch.isinf(want)), "padding logits are -inf, the others finite"
+    torch.testing.assert_close(logits, want, **TOL)
+    logits.backward(part(g, -1, rank, world))  # each rank's logit gradient is its own block
+    grad_full = torch.cat([weight.grad, torch.zeros(padded - vocab, 4, dtype=F64)])
+    torch.testing.assert_close(emb.weight.grad, part(grad_full, 0, rank, world), **TOL)
+    torch.testing.assert_close(hp.grad, hr.grad, **TOL)
+
+
+def check_errors(rank, world):
+    if world == 1:  # every size divides by 1
+        assert ColumnParallelLinear(4, 7).weight.shape == (7, 4) and RowParallelLinear(7, 4).weight.shape == (4, 7)
+        assert VocabParallelEmbedding(7, 4).weight.shape == (7, 4)
+        return
+    with pytest.raises(ValueError, match=r"c: output size \(7\) is not divisible by 2"):
+        ColumnParallelLinear(4, 7, tag="c")
+    with pytest.raises(ValueError, match=r"r: input size \(7\) is not divisible by 2"):
+        RowParallelLinear(7, 4, tag="r")
+    with pytest.raises(ValueError, match=r"padded vocabulary size \(7\) is not divisible by 2"):
+        VocabParallelEmbedding(7, 4)
+
+
+tp_pool = dist_pool.pool_fixture(1, 2)
+
+
+@pytest.mark.parametrize("gather_output", [False, True], ids=["local-output", "gather-output"])
+def test_column_parallel_linear_matches_nn_linear(tp_pool, gather_output):
+    tp_pool.run(check_column, gather_output)
+
+
+@pytest.mark.parametrize("input_is_parallel", [True, False], ids=["parallel-input", "replicated-input"])
+def test_row_parallel_linear_matches_nn_linear(tp_pool, input_is_parallel):
+    tp_pool.run(check_row, input_is_parallel)
+
+
+def test_vocab_parallel_embedding_matches_nn_embedding(tp_pool):
+    tp_pool.run(check_embedding)
+
+
+def test_parallel_lm_logits_matches_matmul(tp_pool):
+    tp_pool.run(check_lm_logits)
+
+
+def test_indivisible_sizes_are_refused(tp_pool):
+    tp_pool.run(check_errors)
+
+
+def test_vocab_larger_than_padded_is_refused():
+    with pytest.raises(ValueError, match=r"vocab_size \(13\) exceeds the padded size \(12\)"):
+        VocabParallelEmbedding(12, 4, vocab_size=13)
