@@ -27,6 +27,7 @@ from megatron_tokenformer.tensor_parallel.layers import (ColumnParallelLinear, R
 from megatron_tokenformer.tensor_parallel.pattention import ParallelPattention
 from megatron_tokenformer.tensor_parallel.random import get_rng_tracker, model_parallel_seed
 from megatron_tokenformer.testing import spawn_gloo
+from tests.unit.ops.test_pattention_norm import check_tensor_parallel as check_lean_pattention_function
 
 TOL = 1e-5
 SEED = 4321
@@ -362,6 +363,7 @@ def _worker(rank, world, ref_path):
     check_mappings(rank, world)
     check_rng_tracker(rank, world)
     check_pattention(ref, rank, world)
+    check_lean_pattention_function(rank, world)
     check_embedding_and_cross_entropy(ref, rank, world)
     check_linear(ref, rank, world)
     check_block(ref, rank, world)
