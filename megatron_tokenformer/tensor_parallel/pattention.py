@@ -29,6 +29,8 @@ from megatron_tokenformer.ops.pattention_norm import (check_normalization, norma
 from megatron_tokenformer.tensor_parallel.mappings import (all_reduce_max_no_grad, all_reduce_norm,
                                                            all_reduce_sum_no_grad,
                                                            copy_to_tensor_model_parallel_region,
+                                                           gather_from_sequence_parallel_region,
+                                                           reduce_scatter_to_sequence_parallel_region,
                                                            reduce_from_tensor_model_parallel_region)
 from megatron_tokenformer.tensor_parallel.random import init_partitioned_, set_tensor_model_parallel_attributes
 
@@ -47,6 +49,9 @@ class ParallelPattention(nn.Module):
             Set False when the caller did it once for several layers, or when the caller's
             communication turns the partial input gradient into the right thing itself.
         reduce_output: all-reduce the output (True) or return the partial sum S_r V_r (False).
+        sequence_parallel: where the input would be copied, all-gather it along the sequence instead
+            ([b, s/p, d_in] -> [b, s, d_in]; backward reduce-scatter); where the output would be
+            all-reduced, reduce-scatter it along the sequence instead (-> [b, s/p, d_out]).
         params_dtype: dtype of the parameters.
 
     Parameters: ``key_param_tokens`` [n/p, d_in], ``value_param_tokens`` [n/p, d_out], both marked
@@ -59,8 +64,10 @@ class ParallelPattention(nn.Module):
                  normalization: str = "l2_norm_gelu", tau: Optional[float] = None, eps: float = 1e-6,
                  key_init_std: float = 0.02, value_init_std: float = 0.02, seed: int = 1234,
                  layer_number: int = 0, tag: str = "pattention", copy_input: bool = True,
-                 reduce_output: bool = True, params_dtype: torch.dtype = torch.float32, device=None):
+                 reduce_output: bool = True, params_dtype: torch.dtype = torch.float32, device=None,
+                 sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         check_normalization(normalization)
         world = parallel_state.get_tensor_model_parallel_world_size()
         if num_param_tokens % world != 0:
@@ -96,10 +103,12 @@ class ParallelPattention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:
-            x = copy_to_tensor_model_parallel_region(x)
+            x = gather_from_sequence_parallel_region(x) if self.sequence_parallel else \
+                copy_to_tensor_model_parallel_region(x)
         (out,) = parallel_pattention_partial_outputs([self], x)
         if self.reduce_output:
-            out = reduce_from_tensor_model_parallel_region(out)
+            out = reduce_scatter_to_sequence_parallel_region(out) if self.sequence_parallel else \
+                reduce_from_tensor_model_parallel_region(out)
         return out
 
     def extra_repr(self) -> str:

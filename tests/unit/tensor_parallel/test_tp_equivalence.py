@@ -48,6 +48,15 @@ LM_VARIANTS = {
     "gelu_l2_norm-parametric-ckpt": {"pattention_normalization": "gelu_l2_norm", "block_layernorm": "parametric",
                                      "checkpoint_activations": True},
     "softmax": {"pattention_normalization": "softmax", "rotary_percent": 0.5},
+    # sequence parallelism and recomputation change what is kept in memory, not the function: the TP = 1
+    # reference (where both have no effect or recompute exactly) must be matched at TP = 2 and 4
+    "l2_norm_gelu-sp-selective": {"sequence_parallel": True, "recompute_granularity": "selective"},
+    "gelu_l2_norm-parametric-sp-block": {"pattention_normalization": "gelu_l2_norm", "block_layernorm": "parametric",
+                                         "sequence_parallel": True, "recompute_granularity": "full",
+                                         "recompute_method": "block", "recompute_num_layers": 1},
+    "transformer-sp-uniform2": {"model_type": "transformer", "block_layernorm": "parametric", "ffn_hidden_size": 64,
+                                "sequence_parallel": True, "recompute_granularity": "full",
+                                "recompute_method": "uniform", "recompute_num_layers": 2},
 }
 
 
@@ -334,6 +343,8 @@ def check_lm(ref, rank, world):
     for name, overrides in LM_VARIANTS.items():
         r = ref[f"lm/{name}"]
         model = TokenformerLM(lm_config(**overrides), seed=SEED)
+        if overrides.get("sequence_parallel"):  # the residual stream really is split along the sequence
+            assert model.embedding(r["ids"]).shape == (2, 16 // world, 32)
         loss = model(r["ids"], r["labels"], r["mask"])
         loss.backward()
         assert abs(loss.item() - r["loss"].item()) <= TOL * abs(r["loss"].item()), (name, loss.item(), r["loss"].item())
