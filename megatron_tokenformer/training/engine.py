@@ -179,6 +179,11 @@ def build_deepspeed_config(args) -> dict:
             "min_loss_scale": float(args.min_loss_scale),
         })
     cfg = _merge(user, derived)
+    if getattr(args, "sequence_parallel", False):
+        # DeepSpeed's pipeline sends 1/TP of each activation (and gradient) per TP rank and all-gathers on
+        # receipt, assuming they are replicated over the TP group; with sequence parallelism every TP rank
+        # holds a different sequence chunk [b, s/p, d], so each rank sends its own whole tensor.
+        cfg["pipeline"] = dict(cfg.get("pipeline") or {}, pipe_partitioned=False, grad_partitioned=False)
     # We print our own log lines; keep DeepSpeed's periodic prints out of the way unless asked for.
     cfg.setdefault("steps_per_print", 10 ** 9)
     cfg.setdefault("wall_clock_breakdown", False)
