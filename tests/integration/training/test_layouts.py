@@ -34,8 +34,9 @@ TRAIN = ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters",
 
 # (tp, pp, dp, zero stage, activation recomputation)
 LAYOUTS = [(1, 1, 1, 1, 0), (2, 1, 1, 1, 0), (1, 2, 1, 1, 0), (1, 1, 2, 1, 0), (2, 2, 1, 1, 0), (1, 2, 2, 1, 0),
-           (2, 1, 2, 1, 0), (1, 1, 2, 2, 0), (2, 1, 2, 2, 0), (1, 2, 1, 1, 1), (4, 1, 1, 1, 0)]
-# (tp, pp, dp, zero stage, extra flags) -> the LAYOUTS run without those flags it must equal
+           (2, 1, 2, 1, 0), (1, 1, 2, 2, 0), (2, 1, 2, 2, 0), (1, 2, 1, 1, 1)]
+# (tp, pp, dp, zero stage, extra flags) -> the run without those flags it must equal (in LAYOUTS, or TP 4 here)
+SP_BASE = [(4, 1, 1, 1, 0)]
 SP_LAYOUTS = {
     (2, 1, 1, 1, ("--sequence-parallel", "--recompute-granularity", "selective")): (2, 1, 1, 1, 0),
     (2, 2, 1, 1, ("--sequence-parallel", "--recompute-granularity", "full", "--recompute-method", "block",
@@ -54,11 +55,10 @@ def _cmd(layout):
                                + ["--zero-stage", str(zero)] + extra)
 
 
-@pytest.fixture(scope="module")
-def layout_logs():
+def _run_all(layouts, what):
     """layout -> stdout of its run; also reports the total wall time."""
     t0 = time.time()
-    pending = list(LAYOUTS) + list(SP_LAYOUTS)
+    pending = list(layouts)
     running, logs = [], {}
     while pending or running:
         while pending and len(running) < CONCURRENCY:
@@ -66,8 +66,20 @@ def layout_logs():
             running.append((layout, train_runs.start(_cmd(layout)), time.time()))
         layout, proc, started = running.pop(0)
         logs[layout] = train_runs.check_ok(train_runs.finish(proc, max(10.0, TIMEOUT - (time.time() - started))))
-    print(f"\n[layout equivalence] {len(logs)} runs in {time.time() - t0:.1f} s wall", file=sys.stderr)
+    print(f"\n[{what}] {len(logs)} runs in {time.time() - t0:.1f} s wall", file=sys.stderr)
     return logs
+
+
+@pytest.fixture(scope="module")
+def layout_logs():
+    return _run_all(LAYOUTS, "layout equivalence")
+
+
+@pytest.fixture(scope="module")
+def sp_logs(layout_logs):
+    """The sequence-parallel / recomputation runs and their TP = 4 base, with the LAYOUTS runs
+    (a fixture of its own: its runs fit the per-test timeout after LAYOUTS has been built)."""
+    return {**layout_logs, **_run_all(SP_BASE + list(SP_LAYOUTS), "sequence parallel / recomputation")}
 
 
 def _rows(log):
@@ -95,9 +107,9 @@ def test_layout_matches_single_rank(layout_logs, layout):
 
 @pytest.mark.parametrize("layout", list(SP_LAYOUTS), ids=lambda l: "tp%d_pp%d_dp%d_zero%d" % l[:4] + "_"
                          + "_".join(f.strip("-").replace("-", "_") for f in l[4]))
-def test_sequence_parallel_and_recompute_match_plain_run(layout_logs, layout):
-    base = _rows(layout_logs[SP_LAYOUTS[layout]])
-    rows = _rows(layout_logs[layout])
+def test_sequence_parallel_and_recompute_match_plain_run(sp_logs, layout):
+    base = _rows(sp_logs[SP_LAYOUTS[layout]])
+    rows = _rows(sp_logs[layout])
     for b, r in zip(base, rows):
         assert r["lm loss"] == pytest.approx(b["lm loss"], rel=1e-5), (layout, r["iteration"])
         assert r["grad norm"] == pytest.approx(b["grad norm"], rel=1e-5), (layout, r["iteration"])
