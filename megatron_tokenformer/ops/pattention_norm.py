@@ -23,7 +23,7 @@ Two implementations of the same function:
   baseline of ``benchmarks/memory.py``; ``pattention_normalize_combine(..., lean=False)`` uses it.
 
 The elementwise regions are separate functions (:func:`norm_forward_elementwise`,
-:func:`norm_backward_row_dot`, :func:`norm_backward_elementwise`) so a fused (compiled) variant can
+:func:`norm_backward_local`, :func:`norm_backward_elementwise`) so a fused (compiled) variant can
 replace them without touching the reductions.
 """
 
@@ -138,41 +138,51 @@ def norm_forward_elementwise(a: torch.Tensor, stats: Sequence[torch.Tensor], nor
     return torch.exp(a - m.unsqueeze(-1)) * (float(n) * inv_sum).unsqueeze(-1)
 
 
-def norm_backward_row_dot(a: torch.Tensor, stats: Sequence[torch.Tensor], grad_s: torch.Tensor,
-                          normalization: str, tau: float) -> torch.Tensor:
-    """This rank's part of the one row sum backward needs (summed over all n tokens by the caller).
+def norm_backward_local(a: torch.Tensor, stats: Sequence[torch.Tensor], grad_s: torch.Tensor, normalization: str,
+                        tau: float, n: int):
+    """The elementwise backward before the reduction, in one pass over A (one erf, one exp).
 
-    l2_norm_gelu: Σ dz ⊙ a with dz = dS ⊙ GeLU'(τ a r); gelu_l2_norm: Σ dS ⊙ GeLU(a);
-    softmax: Σ dS ⊙ s, s = softmax(a). a, grad_s: [..., n_local] (compute dtype) -> [...].
+    a, grad_s: [..., n_local] (compute dtype). Returns ``(S, row_dot, partial)``: S = f(A) recomputed (for
+    dV = Sᵀ dO), this rank's part of the one row sum backward needs ([...]; summed over all n tokens by
+    the caller), and what :func:`norm_backward_elementwise` needs after the reduction:
+
+    - l2_norm_gelu:  z = τ a r; row_dot = Σ dz ⊙ a with dz = dS ⊙ GeLU'(z); partial = dz
+    - gelu_l2_norm:  g = GeLU(a); row_dot = Σ dS ⊙ g; partial = (dS, g, GeLU'(a))
+    - softmax:       s = softmax(a); row_dot = Σ dS ⊙ s; partial = (dS, s)
     """
     if normalization == "l2_norm_gelu":
-        dz = grad_s * gelu_derivative(a * (tau * stats[0]).unsqueeze(-1))
-        return (dz * a).sum(dim=-1)
+        z = a * (tau * stats[0]).unsqueeze(-1)
+        cdf = 0.5 * (1.0 + torch.erf(z * _INV_SQRT_2))
+        s = z * cdf
+        dz = grad_s * (cdf + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI)
+        return s, (dz * a).sum(dim=-1), dz
     if normalization == "gelu_l2_norm":
-        return (grad_s * F.gelu(a)).sum(dim=-1)
+        cdf = 0.5 * (1.0 + torch.erf(a * _INV_SQRT_2))
+        g = a * cdf
+        gelu_grad = cdf + a * torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
+        return g * (tau * stats[0]).unsqueeze(-1), (grad_s * g).sum(dim=-1), (grad_s, g, gelu_grad)
     m, inv_sum = stats
-    return (grad_s * torch.exp(a - m.unsqueeze(-1))).sum(dim=-1) * inv_sum
+    prob = torch.exp(a - m.unsqueeze(-1)) * inv_sum.unsqueeze(-1)
+    return float(n) * prob, (grad_s * prob).sum(dim=-1), (grad_s, prob)
 
 
-def norm_backward_elementwise(a: torch.Tensor, stats: Sequence[torch.Tensor], grad_s: torch.Tensor,
-                              row_dot: torch.Tensor, normalization: str, tau: float, n: int) -> torch.Tensor:
-    """dA from dS and the reduced row sum of :func:`norm_backward_row_dot`, elementwise (docs/design.md):
+def norm_backward_elementwise(a: torch.Tensor, stats: Sequence[torch.Tensor], partial, row_dot: torch.Tensor,
+                              normalization: str, tau: float, n: int) -> torch.Tensor:
+    """dA from the output of :func:`norm_backward_local` and the reduced row sum (docs/design.md §8):
 
-    - l2_norm_gelu:  dA = τ r dz − τ r³ a Σ(dz ⊙ a),  dz = dS ⊙ GeLU'(τ a r)
-    - gelu_l2_norm:  dA = (τ r dS − τ r³ g Σ(dS ⊙ g)) ⊙ GeLU'(a),  g = GeLU(a)
+    - l2_norm_gelu:  dA = τ r dz − τ r³ a Σ(dz ⊙ a)
+    - gelu_l2_norm:  dA = (τ r dS − τ r³ g Σ(dS ⊙ g)) ⊙ GeLU'(a)
     - softmax:       dA = n s ⊙ (dS − Σ(dS ⊙ s))
     """
     if normalization == "l2_norm_gelu":
         r = stats[0].unsqueeze(-1)
-        dz = grad_s * gelu_derivative(a * (tau * r))
-        return (tau * r) * dz - (tau * r * r * r) * a * row_dot.unsqueeze(-1)
+        return (tau * r) * partial - (tau * r * r * r) * a * row_dot.unsqueeze(-1)
     if normalization == "gelu_l2_norm":
+        grad_s, g, gelu_grad = partial
         r = stats[0].unsqueeze(-1)
-        dg = (tau * r) * grad_s - (tau * r * r * r) * F.gelu(a) * row_dot.unsqueeze(-1)
-        return dg * gelu_derivative(a)
-    m, inv_sum = stats
-    s = torch.exp(a - m.unsqueeze(-1)) * inv_sum.unsqueeze(-1)
-    return (float(n) * s) * (grad_s - row_dot.unsqueeze(-1))
+        return ((tau * r) * grad_s - (tau * r * r * r) * g * row_dot.unsqueeze(-1)) * gelu_grad
+    grad_s, prob = partial
+    return (float(n) * prob) * (grad_s - row_dot.unsqueeze(-1))
 
 
 def _reduced_statistics(a_list: List[torch.Tensor], normalization: str, eps: float, sum_reduce: Reduction,
@@ -217,22 +227,26 @@ class PattentionNormCombine(torch.autograd.Function):
         saved = ctx.saved_tensors
         scores, values, flat_stats = saved[:k], saved[k:2 * k], saved[2 * k:]
         stats = [tuple(flat_stats[i * ctx.num_stats:(i + 1) * ctx.num_stats]) for i in range(k)]
-        grad_values, grad_s_list, a_list = [], [], []
-        for a_in, v, st, g, tau, n in zip(scores, values, stats, grad_outs, ctx.taus, ctx.ns):
+        grad_values, partials, row_dots, a_list = [], [], [], []
+        for i, (a_in, v, st, g, tau, n) in enumerate(zip(scores, values, stats, grad_outs, ctx.taus, ctx.ns)):
             a = a_in.to(compute_dtype(a_in.dtype))
             a_list.append(a)
             if g is None:
                 g = torch.zeros(a_in.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
-            if ctx.needs_input_grad[7 + k + len(grad_values)]:
-                s = norm_forward_elementwise(a, st, normalization, tau, n).to(a_in.dtype)
+            grad_s = torch.matmul(g, v.t()).to(a.dtype)
+            s, row_dot, partial = norm_backward_local(a, st, grad_s, normalization, tau, n)
+            del grad_s
+            row_dots.append(row_dot)
+            partials.append(partial)
+            if ctx.needs_input_grad[7 + k + i]:
+                s = s.to(a_in.dtype)
                 grad_values.append(s.reshape(-1, s.shape[-1]).t().matmul(g.reshape(-1, g.shape[-1])))
             else:
                 grad_values.append(None)
-            grad_s_list.append(torch.matmul(g, v.t()).to(a.dtype))
-        row_dots = _reduce_batched([norm_backward_row_dot(a, st, gs, normalization, tau)
-                                    for a, st, gs, tau in zip(a_list, stats, grad_s_list, ctx.taus)], ctx.sum_reduce)
-        grad_scores = [norm_backward_elementwise(a, st, gs, rd, normalization, tau, n).to(a_in.dtype)
-                       for a, a_in, st, gs, rd, tau, n in zip(a_list, scores, stats, grad_s_list, row_dots,
+            del s
+        row_dots = _reduce_batched(row_dots, ctx.sum_reduce)
+        grad_scores = [norm_backward_elementwise(a, st, pt, rd, normalization, tau, n).to(a_in.dtype)
+                       for a, a_in, st, pt, rd, tau, n in zip(a_list, scores, stats, partials, row_dots,
                                                                ctx.taus, ctx.ns)]
         return (None,) * 7 + tuple(grad_scores) + tuple(grad_values)
 
