@@ -116,10 +116,10 @@ def norm_row_statistic(a: torch.Tensor, normalization: str, shift: Optional[torc
     softmax: Σ exp(a - shift) (shift = the all-reduced row max, [...]).
     """
     if normalization == "l2_norm_gelu":
-        return (a * a).sum(dim=-1)
+        return torch.linalg.vecdot(a, a)
     if normalization == "gelu_l2_norm":
         g = F.gelu(a)
-        return (g * g).sum(dim=-1)
+        return torch.linalg.vecdot(g, g)
     return torch.exp(a - shift.unsqueeze(-1)).sum(dim=-1)
 
 
@@ -142,7 +142,7 @@ def norm_backward_local(a: torch.Tensor, stats: Sequence[torch.Tensor], grad_s: 
                         tau: float, n: int):
     """The elementwise backward before the reduction, in one pass over A (one erf, one exp).
 
-    a, grad_s: [..., n_local] (compute dtype). Returns ``(S, row_dot, partial)``: S = f(A) recomputed (for
+    a, grad_s: [..., n_local] (compute dtype); grad_s may be overwritten. Returns ``(S, row_dot, partial)``: S = f(A) recomputed (for
     dV = Sᵀ dO), this rank's part of the one row sum backward needs ([...]; summed over all n tokens by
     the caller), and what :func:`norm_backward_elementwise` needs after the reduction:
 
@@ -150,12 +150,14 @@ def norm_backward_local(a: torch.Tensor, stats: Sequence[torch.Tensor], grad_s: 
     - gelu_l2_norm:  g = GeLU(a); row_dot = Σ dS ⊙ g; partial = (dS, g, GeLU'(a))
     - softmax:       s = softmax(a); row_dot = Σ dS ⊙ s; partial = (dS, s)
     """
-    if normalization == "l2_norm_gelu":
+    if normalization == "l2_norm_gelu":  # in place where the temporaries are ours (fewer T x n allocations)
         z = a * (tau * stats[0]).unsqueeze(-1)
-        cdf = 0.5 * (1.0 + torch.erf(z * _INV_SQRT_2))
+        cdf = torch.mul(z, _INV_SQRT_2).erf_().add_(1.0).mul_(0.5)
         s = z * cdf
-        dz = grad_s * (cdf + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI)
-        return s, (dz * a).sum(dim=-1), dz
+        gelu_grad = torch.mul(z, z).mul_(-0.5).exp_().mul_(z).mul_(_INV_SQRT_2PI).add_(cdf)
+        del z, cdf
+        dz = grad_s.mul_(gelu_grad)
+        return s, torch.linalg.vecdot(dz, a), dz
     if normalization == "gelu_l2_norm":
         cdf = 0.5 * (1.0 + torch.erf(a * _INV_SQRT_2))
         g = a * cdf
@@ -168,7 +170,8 @@ def norm_backward_local(a: torch.Tensor, stats: Sequence[torch.Tensor], grad_s: 
 
 def norm_backward_elementwise(a: torch.Tensor, stats: Sequence[torch.Tensor], partial, row_dot: torch.Tensor,
                               normalization: str, tau: float, n: int) -> torch.Tensor:
-    """dA from the output of :func:`norm_backward_local` and the reduced row sum (docs/design.md §8):
+    """dA from the output of :func:`norm_backward_local` (may be overwritten) and the reduced row sum
+    (docs/design.md §8):
 
     - l2_norm_gelu:  dA = τ r dz − τ r³ a Σ(dz ⊙ a)
     - gelu_l2_norm:  dA = (τ r dS − τ r³ g Σ(dS ⊙ g)) ⊙ GeLU'(a)
@@ -176,7 +179,7 @@ def norm_backward_elementwise(a: torch.Tensor, stats: Sequence[torch.Tensor], pa
     """
     if normalization == "l2_norm_gelu":
         r = stats[0].unsqueeze(-1)
-        return (tau * r) * partial - (tau * r * r * r) * a * row_dot.unsqueeze(-1)
+        return partial.mul_(tau * r).addcmul_(a, (tau * r * r * r) * row_dot.unsqueeze(-1), value=-1.0)
     if normalization == "gelu_l2_norm":
         grad_s, g, gelu_grad = partial
         r = stats[0].unsqueeze(-1)
