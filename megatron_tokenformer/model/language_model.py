@@ -35,6 +35,7 @@ def get_block_class(config: TokenformerConfig):
 def prepare_config(config: TokenformerConfig) -> TokenformerConfig:
     """A copy of ``config`` with taus resolved (sqrt(n) where None), validated for the current TP/PP."""
     config = copy.deepcopy(config).resolve_taus()
+    config.__post_init__()  # checkpoint_activations set after construction still means full recomputation
     return config.validate(parallel_state.get_tensor_model_parallel_world_size(),
                            parallel_state.get_pipeline_model_parallel_world_size())
 
