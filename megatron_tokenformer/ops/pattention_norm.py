@@ -104,11 +104,6 @@ _INV_SQRT_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
-def gelu_derivative(x: torch.Tensor) -> torch.Tensor:
-    """d/dx of the exact GeLU x Φ(x): Φ(x) + x φ(x)."""
-    return 0.5 * (1.0 + torch.erf(x * _INV_SQRT_2)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-
-
 def norm_row_statistic(a: torch.Tensor, normalization: str, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """This rank's part of the row statistic that is summed over all n tokens (before the reduction).
 
