@@ -131,7 +131,18 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                         "default: micro-batch x data parallel)")
     g.add_argument("--train-iters", type=_positive_int, default=None, help="optimizer steps to train for")
     g.add_argument("--checkpoint-activations", action="store_true",
-                   help="recompute each block's activations in the backward pass (saves memory)")
+                   help="recompute each block's activations in the backward pass (saves memory); the same as "
+                        "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"],
+                   help="activation recomputation in the backward pass: full = whole blocks (see "
+                        "--recompute-method), selective = the attention core only (the Pattention "
+                        "normalisations are always recomputed by the memory-lean Pattention)")
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"],
+                   help="with --recompute-granularity full: uniform = chunks of --recompute-num-layers blocks, "
+                        "each recomputed as one; block = only the first --recompute-num-layers blocks of each "
+                        "pipeline stage (default uniform)")
+    g.add_argument("--recompute-num-layers", type=_positive_int, default=None,
+                   help="blocks per recomputed chunk (uniform) or recomputed blocks per stage (block); default 1")
     g.add_argument("--seed", type=int, default=1234, help="random seed (model init, data order)")
     g.add_argument("--exit-interval", type=_positive_int, default=None,
                    help="save (if --save) and exit after the iteration that is a multiple of this")
@@ -186,6 +197,10 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                    help="ranks that split each Pattention's parameter tokens (and the vocabulary)")
     g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1,
                    help="pipeline stages (1F1B schedule); layers split by parameter count")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split the residual stream and the LayerNorms along the sequence over the tensor-parallel "
+                        "ranks (all-gather / reduce-scatter instead of all-reduce; activations / TP); ignored at "
+                        "tensor-model-parallel size 1")
     g.add_argument("--zero-stage", type=int, default=1, choices=[1, 2],
                    help="ZeRO stage: 1 shards optimizer states over data-parallel ranks (any pipeline size), "
                         "2 also gradients (pipeline size 1 only)")
@@ -454,6 +469,28 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             setattr(args, dest, 4 * args.hidden_size)
     _check_model_config(args)
 
+    # ---- activation memory: recomputation, sequence parallelism
+    if args.checkpoint_activations:
+        _check(args.recompute_granularity in (None, "full"), "--checkpoint-activations means --recompute-granularity "
+                                                             "full; it cannot be combined with selective")
+        args.recompute_granularity = "full"
+    if args.recompute_granularity == "full":
+        args.checkpoint_activations = True
+        args.recompute_method = args.recompute_method or "uniform"
+        args.recompute_num_layers = args.recompute_num_layers or 1
+        if args.recompute_method == "block":
+            _check(args.recompute_num_layers <= args.num_layers // pp,
+                   f"--recompute-num-layers ({args.recompute_num_layers}) exceeds the {args.num_layers // pp} "
+                   f"blocks of a pipeline stage (--recompute-method block)")
+    else:
+        _check(args.recompute_method is None and args.recompute_num_layers is None,
+               "--recompute-method and --recompute-num-layers need --recompute-granularity full")
+    if tp == 1:
+        args.sequence_parallel = False  # nothing to split (as Megatron)
+    _check(not args.sequence_parallel or args.seq_length % tp == 0,
+           f"--sequence-parallel: --seq-length ({args.seq_length}) is not divisible by "
+           f"--tensor-model-parallel-size ({tp})")
+
     # ---- precision
     _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive")
     if args.fp16 and args.loss_scale is None:
@@ -542,6 +579,10 @@ def core_config_from_args(args: argparse.Namespace, vocab_size: int):
         rotary_percent=args.rotary_percent,
         init_method_std=args.init_method_std,
         checkpoint_activations=args.checkpoint_activations,
+        recompute_granularity=getattr(args, "recompute_granularity", None),
+        recompute_method=getattr(args, "recompute_method", None),
+        recompute_num_layers=getattr(args, "recompute_num_layers", None),
+        sequence_parallel=getattr(args, "sequence_parallel", False),
         model_type=args.model_type,
     )
     kwargs.update(ffn_hidden_size=args.ffn_hidden_size)

@@ -18,6 +18,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 # The Pattention score normalisations (the official code's names); the math is in ops/pattention_norm.py.
 PATTENTION_NORMALIZATIONS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 BLOCK_LAYERNORMS = ("nonparametric", "parametric")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -72,6 +74,14 @@ class TokenformerConfig:
     ``value_init``: "wang" (std 2 / (L * sqrt(d))) or a float std for the value tokens.
     ``model_type``: one of :data:`MODEL_TYPES` (see :mod:`megatron_tokenformer.model.spec`); the
     baseline GPT's MLP width is ``ffn_hidden_size`` (default 4 * hidden_size).
+
+    Runtime fields (they change what is kept in memory, not the function or the parameters; a
+    checkpoint can be resumed with other values): ``sequence_parallel`` (split the residual stream along
+    the sequence over the TP group; no effect at TP = 1), ``recompute_granularity`` ("full": recompute
+    whole blocks, "selective": only the attention core; None: nothing), ``recompute_method``
+    ("uniform": chunks of ``recompute_num_layers`` blocks, "block": the first ``recompute_num_layers``
+    blocks of each pipeline stage; full only), ``recompute_num_layers``. ``checkpoint_activations=True``
+    is the old spelling of ``recompute_granularity="full"`` (uniform, 1 layer); the two are kept in step.
     """
 
     num_layers: int
@@ -99,8 +109,20 @@ class TokenformerConfig:
     params_dtype: str = "float32"
     model_type: str = "tokenformer"
     ffn_hidden_size: Optional[int] = None
+    sequence_parallel: bool = False
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
 
     def __post_init__(self):
+        if self.checkpoint_activations and self.recompute_granularity is None:
+            self.recompute_granularity = "full"
+        if self.recompute_granularity == "full":
+            self.checkpoint_activations = True
+            if self.recompute_method is None:
+                self.recompute_method = "uniform"
+            if self.recompute_num_layers is None:
+                self.recompute_num_layers = 1
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
         family = MODEL_FAMILY_FIELDS.get(self.model_type)
@@ -196,6 +218,20 @@ class TokenformerConfig:
         for name in ("norm_epsilon_pattention", "layernorm_epsilon", "init_method_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.recompute_granularity not in (None,) + RECOMPUTE_GRANULARITIES:
+            raise ValueError(f"recompute_granularity must be one of {RECOMPUTE_GRANULARITIES} or None, "
+                             f"got {self.recompute_granularity!r}")
+        if self.recompute_granularity == "selective" and self.checkpoint_activations:
+            raise ValueError("checkpoint_activations means recompute_granularity 'full', not 'selective'")
+        if self.recompute_granularity == "full":
+            if self.recompute_method not in RECOMPUTE_METHODS:
+                raise ValueError(f"recompute_method must be one of {RECOMPUTE_METHODS}, got {self.recompute_method!r}")
+            positive("recompute_num_layers")
+        elif self.recompute_method is not None or self.recompute_num_layers is not None:
+            raise ValueError("recompute_method / recompute_num_layers apply to recompute_granularity 'full' only")
+        if self.sequence_parallel and self.seq_length % tp != 0:
+            raise ValueError(f"seq_length ({self.seq_length}) is not divisible by the tensor-model-parallel size "
+                             f"({tp}): sequence parallelism splits the sequence over the TP ranks")
         self.value_init_std()
         return self
 

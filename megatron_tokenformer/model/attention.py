@@ -14,6 +14,12 @@ one all-reduce, and their partial sums [b, s, 3, d] are reduce-scattered in ONE 
 rank's heads. The attention output is all-gathered to [b, s, d] (backward: reduce-scatter, since the
 output Pattention's input gradient is a per-rank partial) and the output Pattention ends in an
 all-reduce.
+
+Sequence parallel (:mod:`megatron_tokenformer.model.sequence_parallel`): the input is [b, s/p, d] and
+is all-gathered along the sequence instead of copied (backward: reduce-scatter instead of the
+all-reduce), and the output projection reduce-scatters along the sequence instead of all-reducing
+(output [b, s/p, d]). Selective recomputation (``recompute_granularity="selective"``) recomputes
+:meth:`ParallelAttention.core_attention` in backward.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ from torch import nn
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.config import TokenformerConfig
+from megatron_tokenformer.model.recompute import checkpointed
 from megatron_tokenformer.model.rotary import RotaryEmbedding, apply_rotary_pos_emb
+from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
 from megatron_tokenformer.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                           gather_from_sequence_parallel_region,
                                                            gather_from_tensor_model_parallel_region,
                                                            reduce_scatter_to_tensor_model_parallel_region)
 from megatron_tokenformer.tensor_parallel.pattention import ParallelPattention, parallel_pattention_partial_outputs
@@ -48,6 +57,16 @@ class ParallelAttention(nn.Module):
         self.hidden_size_per_partition = self.num_heads_per_partition * self.head_dim
         self.layer_number = layer_number
         self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rotary_base) if config.rotary_dim > 0 else None
+        self.sequence_parallel = sequence_parallel_enabled(config)
+        self.selective_recompute = getattr(config, "recompute_granularity", None) == "selective"
+
+    def replicate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the Q/K/V projections, once for the three: [b, s, d] replicated, its gradient
+        all-reduced (copy); sequence parallel: [b, s/p, d] all-gathered along the sequence (gradient
+        reduce-scattered)."""
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(x)
+        return copy_to_tensor_model_parallel_region(x)
 
     def project_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -69,6 +88,8 @@ class ParallelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project_qkv(x)
+        if self.selective_recompute:
+            return self.project_output(checkpointed(self.core_attention, q, k, v))
         return self.project_output(self.core_attention(q, k, v))
 
 
@@ -92,11 +113,12 @@ class TokenformerAttention(ParallelAttention):
                                                    tag=f"attention.{name}", copy_input=False,
                                                    reduce_output=False, **common))
         self.dense = ParallelPattention(d, d, config.proj_num_param_tokens, tau=config.proj_tau,
-                                        tag="attention.dense", copy_input=False, reduce_output=True, **common)
+                                        tag="attention.dense", copy_input=False, reduce_output=True,
+                                        sequence_parallel=self.sequence_parallel, **common)
 
     def project_qkv(self, x):
         world = parallel_state.get_tensor_model_parallel_world_size()
-        x = copy_to_tensor_model_parallel_region(x)
+        x = self.replicate_input(x)
         partials = parallel_pattention_partial_outputs([self.query, self.key, self.value], x)
         b, s, d = partials[0].shape
         # [b, s, 3, p, d/p] -> [b, s, p, 3, d/p]: block r of the last dim = (Q_r, K_r, V_r)

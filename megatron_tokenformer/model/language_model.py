@@ -13,12 +13,13 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model.layernorm import LayerNorm
 from megatron_tokenformer.model.spec import get_spec
+from megatron_tokenformer.model.recompute import run_layers
+from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
 from megatron_tokenformer.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_tokenformer.tensor_parallel.layers import VocabParallelEmbedding, parallel_lm_logits
 
@@ -31,6 +32,7 @@ def get_block_class(config: TokenformerConfig):
 def prepare_config(config: TokenformerConfig) -> TokenformerConfig:
     """A copy of ``config`` with taus resolved (sqrt(n) where None), validated for the current TP/PP."""
     config = copy.deepcopy(config).resolve_taus()
+    config.__post_init__()  # checkpoint_activations set after construction still means full recomputation
     return config.validate(parallel_state.get_tensor_model_parallel_world_size(),
                            parallel_state.get_pipeline_model_parallel_world_size())
 
@@ -39,21 +41,24 @@ class TokenformerEmbedding(nn.Module):
     """Input embedding, tied to the output layer. Parameter: ``word_embeddings.weight`` [V_pad/p, d].
 
     forward: input_ids [b, s] -> [b, s, d]. :meth:`logits`: [b, s, d] -> [b, s, V_pad/p] (padding = -inf).
+    Sequence parallel: forward -> [b, s/p, d] (this rank's chunk); logits: [b, s/p, d] -> [b, s, V_pad/p].
     """
 
     def __init__(self, config: TokenformerConfig, seed: int = 1234):
         super().__init__()
         tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.sequence_parallel = sequence_parallel_enabled(config)
         self.word_embeddings = VocabParallelEmbedding(config.padded_vocab_size(tp), config.hidden_size,
                                                       vocab_size=config.vocab_size, init_std=config.init_method_std,
                                                       seed=seed, layer_number=0, tag="embedding.word_embeddings",
-                                                      params_dtype=config.torch_dtype)
+                                                      params_dtype=config.torch_dtype,
+                                                      sequence_parallel=self.sequence_parallel)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(input_ids)
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return parallel_lm_logits(hidden_states, self.word_embeddings)
+        return parallel_lm_logits(hidden_states, self.word_embeddings, sequence_parallel=self.sequence_parallel)
 
 
 def language_model_loss(logits: torch.Tensor, labels: torch.Tensor,
@@ -77,8 +82,10 @@ class TokenformerLM(nn.Module):
            else vocab-parallel logits [b, s, padded_vocab/p].
     Submodules: ``embedding`` (``word_embeddings``), ``layers`` (ModuleList of TokenformerBlock, or of
     the block class of the config's model family, :mod:`megatron_tokenformer.model.spec`),
-    ``final_layernorm``. With ``config.checkpoint_activations`` each block is recomputed in backward
-    (torch.utils.checkpoint, use_reentrant=False).
+    ``final_layernorm``. Activation recomputation follows ``config.recompute_granularity`` /
+    ``recompute_method`` / ``recompute_num_layers`` (:mod:`megatron_tokenformer.model.recompute`;
+    ``checkpoint_activations`` = full, uniform, 1 layer). Sequence parallel when ``config.sequence_parallel``
+    and TP > 1 (:mod:`megatron_tokenformer.model.sequence_parallel`).
     """
 
     def __init__(self, config: TokenformerConfig, seed: int = 1234):
@@ -90,14 +97,15 @@ class TokenformerLM(nn.Module):
         block_class = get_block_class(config)
         self.layers = nn.ModuleList([block_class(config, i + 1, seed) for i in range(config.num_layers)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, parametric=True,
-                                         params_dtype=config.torch_dtype)
+                                         params_dtype=config.torch_dtype,
+                                         sequence_parallel=sequence_parallel_enabled(config))
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         hidden = self.embedding(input_ids)
-        recompute = self.config.checkpoint_activations and torch.is_grad_enabled()
-        for layer in self.layers:
-            hidden = checkpoint(layer, hidden, use_reentrant=False) if recompute else layer(hidden)
+        config = self.config
+        hidden = run_layers(self.layers, hidden, config.recompute_granularity, config.recompute_method,
+                            config.recompute_num_layers)
         logits = self.embedding.logits(self.final_layernorm(hidden))
         if labels is None:
             return logits

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_tokenformer.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
 
 class LayerNorm(nn.Module):
     """LayerNorm over the last dim, computed in fp32 and cast back to the input dtype.
@@ -13,11 +15,14 @@ class LayerNorm(nn.Module):
     parametric=False: no weight/bias (the official Tokenformer blocks). Parametric weight/bias are
     replicated on the tensor-parallel group (``tensor_model_parallel=False``).
     forward: [..., d] -> [..., d].
+    ``sequence_parallel``: the input is this rank's sequence chunk, so the weight/bias gradients are
+    all-reduced over the TP group (they are replicated parameters used on local rows only).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, parametric: bool = True,
-                 params_dtype: torch.dtype = torch.float32, device=None):
+                 params_dtype: torch.dtype = torch.float32, device=None, sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         self.hidden_size = hidden_size
         self.eps = float(eps)
         self.parametric = parametric
@@ -32,8 +37,11 @@ class LayerNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
+        weight, bias = self.weight, self.bias
+        if self.sequence_parallel and weight is not None:
+            weight, bias = copy_to_tensor_model_parallel_region(weight), copy_to_tensor_model_parallel_region(bias)
+        weight = None if weight is None else weight.float()
+        bias = None if bias is None else bias.float()
         return F.layer_norm(x.float(), (self.hidden_size,), weight, bias, self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -4,9 +4,9 @@
     S = f(A)        normalised over the n parameter tokens
     O = S V         [..., d_out]    V: value parameter tokens [n, d_out]
 
-The drop-in single-device layer. f is :func:`megatron_tokenformer.ops.pattention_norm.normalize_pattention_scores`,
-the one implementation shared with the tensor-parallel ``ParallelPattention`` (no reduction here:
-all n tokens are local). No biases.
+The drop-in single-device layer. f(A) V is :func:`megatron_tokenformer.ops.pattention_norm.pattention_normalize_combine`,
+the one memory-lean autograd function shared with the tensor-parallel ``ParallelPattention`` (no reduction
+here: all n tokens are local). No biases.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_tokenformer.ops.pattention_norm import (NORMALIZATIONS, check_normalization,
-                                                       normalize_pattention_scores)
+                                                       normalize_pattention_scores, pattention_normalize_combine)
 
 __all__ = ["Pattention", "NORMALIZATIONS", "normalize_pattention_scores"]
 
@@ -68,9 +68,9 @@ class Pattention(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Pattention expects last dimension {self.in_features}, got input shape {tuple(x.shape)}")
         scores = F.linear(x, self.key_param_tokens)
-        (weights,) = normalize_pattention_scores([scores], self.normalization, [self.tau],
-                                                 [self.num_param_tokens], self.eps)
-        return torch.matmul(weights, self.value_param_tokens)
+        (out,) = pattention_normalize_combine([scores], [self.value_param_tokens], self.normalization, [self.tau],
+                                              [self.num_param_tokens], self.eps)
+        return out
 
     @torch.no_grad()
     def grow(self, num_new_tokens: int, new_value_std: Optional[float] = None,

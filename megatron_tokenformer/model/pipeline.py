@@ -16,7 +16,9 @@ Usage::
                    topology=parallel_state.get_topology(), partition_method="parameters")
 
 Pipeline inputs: ``(input_ids,)`` or ``input_ids``; labels: ``(labels, loss_mask)`` or ``labels``.
-Activation checkpointing is the PipelineModule's job here (``activation_checkpoint_interval``).
+Activation recomputation: full/uniform is the PipelineModule's ``activation_checkpoint_interval``;
+full/block and selective are applied by training/engine.py and the attention module
+(:mod:`megatron_tokenformer.model.recompute`). Sequence parallel: the stages exchange [b, s/p, d].
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model.language_model import (TokenformerEmbedding, get_block_class, language_model_loss,
                                                        prepare_config)
 from megatron_tokenformer.model.layernorm import LayerNorm
+from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
 
 TIED_EMBEDDING_KEY = "embed"
 TIED_WEIGHT_ATTR = "word_embeddings.weight"
@@ -67,7 +70,7 @@ def get_layer_specs(config: TokenformerConfig, seed: int = 1234) -> List:
     block_class = get_block_class(config)  # the model family's block (model/spec.py)
     specs += [LayerSpec(block_class, config, i + 1, seed) for i in range(config.num_layers)]
     specs.append(LayerSpec(LayerNorm, config.hidden_size, config.layernorm_epsilon, True,
-                           params_dtype=config.torch_dtype))
+                           params_dtype=config.torch_dtype, sequence_parallel=sequence_parallel_enabled(config)))
     specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, TokenformerEmbedding, config, seed, forward_fn=logits_forward,
                                tied_weight_attr=TIED_WEIGHT_ATTR))
     return specs

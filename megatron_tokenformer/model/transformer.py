@@ -43,8 +43,8 @@ from torch import nn
 from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model.attention import ParallelAttention
 from megatron_tokenformer.model.layernorm import LayerNorm
+from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
 from megatron_tokenformer.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron_tokenformer.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
 __all__ = ["TransformerAttention", "ParallelMLP", "TransformerBlock", "transformer_config"]
 
@@ -79,11 +79,11 @@ class TransformerAttention(ParallelAttention):
             setattr(self, name, ColumnParallelLinear(d, d, bias=True, init_std=config.init_method_std,
                                                      tag=f"attention.{name}", copy_input=False, **common))
         self.dense = RowParallelLinear(d, d, bias=True, input_is_parallel=True, init_std=config.value_init_std(),
-                                       tag="attention.dense", **common)
+                                       tag="attention.dense", sequence_parallel=self.sequence_parallel, **common)
 
     def project_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [b, s, d] -> q, k, v [b, s, d/p] each (this rank's heads, head-major channels)."""
-        x = copy_to_tensor_model_parallel_region(x)  # one input-gradient all-reduce for Q, K and V
+        x = self.replicate_input(x)  # one input-gradient all-reduce (or sequence all-gather) for Q, K and V
         layers = (self.query, self.key, self.value)
         weight = torch.cat([layer.weight for layer in layers], dim=0)
         bias = torch.cat([layer.bias for layer in layers], dim=0)
@@ -104,7 +104,8 @@ class ParallelMLP(nn.Module):
     def __init__(self, config: TokenformerConfig, layer_number: int, seed: int = 1234):
         super().__init__()
         d, f = config.hidden_size, config.ffn_hidden_size
-        common = dict(seed=seed, layer_number=layer_number, params_dtype=config.torch_dtype)
+        common = dict(seed=seed, layer_number=layer_number, params_dtype=config.torch_dtype,
+                      sequence_parallel=sequence_parallel_enabled(config))
         self.dense_h_to_4h = ColumnParallelLinear(d, f, bias=True, init_std=config.init_method_std,
                                                   tag="mlp.dense_h_to_4h", copy_input=True, **common)
         self.dense_4h_to_h = RowParallelLinear(f, d, bias=True, input_is_parallel=True,
@@ -128,9 +129,12 @@ class TransformerBlock(nn.Module):
         d, dtype = config.hidden_size, config.torch_dtype
         parametric = config.block_layernorm == "parametric"
         self.layer_number = layer_number
-        self.input_layernorm = LayerNorm(d, config.layernorm_epsilon, parametric, params_dtype=dtype)
+        sp = sequence_parallel_enabled(config)
+        self.input_layernorm = LayerNorm(d, config.layernorm_epsilon, parametric, params_dtype=dtype,
+                                         sequence_parallel=sp)
         self.attention = TransformerAttention(config, layer_number, seed)
-        self.post_attention_layernorm = LayerNorm(d, config.layernorm_epsilon, parametric, params_dtype=dtype)
+        self.post_attention_layernorm = LayerNorm(d, config.layernorm_epsilon, parametric, params_dtype=dtype,
+                                                  sequence_parallel=sp)
         self.mlp = ParallelMLP(config, layer_number, seed)
 
     @property

@@ -7,12 +7,29 @@ cross-rank all-reduces (each rank holds n/p tokens). Several score tensors can b
 batched reduction (the Q/K/V Pattentions of attention use one collective).
 
 Statistics (norms, softmax max and sum) are computed in fp32 for fp32/bf16/fp16 inputs, with eps
-under the square root so an all-zero row gives zeros, not NaN. GeLU is the exact (erf) one.
+under the square root so an all-zero row gives zeros, not NaN (float64 inputs stay float64). GeLU is
+the exact (erf) one.
+
+Two implementations of the same function:
+
+- :func:`pattention_normalize_combine` (used by the models): O_i = f(A_i) V_i through ONE custom
+  autograd function, :class:`PattentionNormCombine`, that saves for backward only the scores A (input
+  dtype), the fp32 row statistics (r, or the softmax max and 1/sum) and the value tokens V, and
+  recomputes the elementwise normalisation in backward (docs/design.md, "Memory-lean Pattention").
+  The cross-rank reductions of the row statistics run inside it, forward and backward, as plain
+  collectives passed in by the caller (ops/ does not import tensor_parallel).
+- :func:`normalize_pattention_scores`: the plain autograd composition (autograd keeps the fp32 copy
+  of A, A², the scaled scores and S). The reference the tests compare the function against, and the
+  baseline of ``benchmarks/memory.py``; ``pattention_normalize_combine(..., lean=False)`` uses it.
+
+The elementwise regions are separate functions (:func:`norm_forward_elementwise`,
+:func:`norm_backward_local`, :func:`norm_backward_elementwise`) so a fused (compiled) variant can
+replace them without touching the reductions.
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +42,11 @@ Reduction = Optional[Callable[[torch.Tensor], torch.Tensor]]
 def check_normalization(normalization: str) -> None:
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown Pattention normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the statistics and elementwise math: fp32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _reduce_batched(stats: List[torch.Tensor], reduce: Reduction) -> List[torch.Tensor]:
@@ -60,7 +82,7 @@ def normalize_pattention_scores(scores: Sequence[torch.Tensor], normalization: s
     """
     check_normalization(normalization)
     dtypes = [s.dtype for s in scores]
-    a32 = [s.float() for s in scores]
+    a32 = [s.to(compute_dtype(s.dtype)) for s in scores]
     if normalization == "l2_norm_gelu":
         sq = _reduce_batched([(a * a).sum(dim=-1) for a in a32], sum_reduce)
         out = [F.gelu(a * (tau * torch.rsqrt(q + eps)).unsqueeze(-1)) for a, q, tau in zip(a32, sq, taus)]
@@ -75,3 +97,194 @@ def normalize_pattention_scores(scores: Sequence[torch.Tensor], normalization: s
         sums = _reduce_batched([e.sum(dim=-1) for e in exps], sum_reduce)
         out = [e * (float(n) / z).unsqueeze(-1) for e, z, n in zip(exps, sums, num_param_tokens)]
     return [o.to(dt) for o, dt in zip(out, dtypes)]
+
+
+# --- memory-lean path: one autograd function, elementwise recomputation in backward ---------------
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def norm_row_statistic(a: torch.Tensor, normalization: str, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """This rank's part of the row statistic that is summed over all n tokens (before the reduction).
+
+    a: [..., n_local] in the compute dtype -> [...]. l2_norm_gelu: Σ a²; gelu_l2_norm: Σ GeLU(a)²;
+    softmax: Σ exp(a - shift) (shift = the all-reduced row max, [...]).
+    """
+    if normalization == "l2_norm_gelu":
+        return torch.linalg.vecdot(a, a)
+    if normalization == "gelu_l2_norm":
+        g = F.gelu(a)
+        return torch.linalg.vecdot(g, g)
+    return torch.exp(a - shift.unsqueeze(-1)).sum(dim=-1)
+
+
+def norm_forward_elementwise(a: torch.Tensor, stats: Sequence[torch.Tensor], normalization: str, tau: float,
+                             n: int) -> torch.Tensor:
+    """S = f(A) from A and its reduced row statistics, elementwise.
+
+    a: [..., n_local] (compute dtype). stats: (r,) with r = (Σ a² + eps)^-1/2 resp. (Σ GeLU(a)² + eps)^-1/2,
+    or (m, 1/Σ exp(a - m)) for softmax, each [...] in the compute dtype. Returns S [..., n_local].
+    """
+    if normalization == "l2_norm_gelu":
+        return F.gelu(a * (tau * stats[0]).unsqueeze(-1))
+    if normalization == "gelu_l2_norm":
+        return F.gelu(a) * (tau * stats[0]).unsqueeze(-1)
+    m, inv_sum = stats
+    return torch.exp(a - m.unsqueeze(-1)) * (float(n) * inv_sum).unsqueeze(-1)
+
+
+def norm_backward_local(a: torch.Tensor, stats: Sequence[torch.Tensor], grad_s: torch.Tensor, normalization: str,
+                        tau: float, n: int):
+    """The elementwise backward before the reduction, in one pass over A (one erf, one exp).
+
+    a, grad_s: [..., n_local] (compute dtype); grad_s may be overwritten. Returns ``(S, row_dot, partial)``: S = f(A) recomputed (for
+    dV = Sᵀ dO), this rank's part of the one row sum backward needs ([...]; summed over all n tokens by
+    the caller), and what :func:`norm_backward_elementwise` needs after the reduction:
+
+    - l2_norm_gelu:  z = τ a r; row_dot = Σ dz ⊙ a with dz = dS ⊙ GeLU'(z); partial = dz
+    - gelu_l2_norm:  g = GeLU(a); row_dot = Σ dS ⊙ g; partial = (dS, g, GeLU'(a))
+    - softmax:       s = softmax(a); row_dot = Σ dS ⊙ s; partial = (dS, s)
+    """
+    if normalization == "l2_norm_gelu":  # in place where the temporaries are ours (fewer T x n allocations)
+        z = a * (tau * stats[0]).unsqueeze(-1)
+        cdf = torch.mul(z, _INV_SQRT_2).erf_().add_(1.0).mul_(0.5)
+        s = z * cdf
+        gelu_grad = torch.mul(z, z).mul_(-0.5).exp_().mul_(z).mul_(_INV_SQRT_2PI).add_(cdf)
+        del z, cdf
+        dz = grad_s.mul_(gelu_grad)
+        return s, torch.linalg.vecdot(dz, a), dz
+    if normalization == "gelu_l2_norm":
+        cdf = 0.5 * (1.0 + torch.erf(a * _INV_SQRT_2))
+        g = a * cdf
+        gelu_grad = cdf + a * torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
+        return g * (tau * stats[0]).unsqueeze(-1), (grad_s * g).sum(dim=-1), (grad_s, g, gelu_grad)
+    m, inv_sum = stats
+    prob = torch.exp(a - m.unsqueeze(-1)) * inv_sum.unsqueeze(-1)
+    return float(n) * prob, (grad_s * prob).sum(dim=-1), (grad_s, prob)
+
+
+def norm_backward_elementwise(a: torch.Tensor, stats: Sequence[torch.Tensor], partial, row_dot: torch.Tensor,
+                              normalization: str, tau: float, n: int) -> torch.Tensor:
+    """dA from the output of :func:`norm_backward_local` (may be overwritten) and the reduced row sum
+    (docs/design.md §9):
+
+    - l2_norm_gelu:  dA = τ r dz − τ r³ a Σ(dz ⊙ a)
+    - gelu_l2_norm:  dA = (τ r dS − τ r³ g Σ(dS ⊙ g)) ⊙ GeLU'(a)
+    - softmax:       dA = n s ⊙ (dS − Σ(dS ⊙ s))
+    """
+    if normalization == "l2_norm_gelu":
+        r = stats[0].unsqueeze(-1)
+        return partial.mul_(tau * r).addcmul_(a, (tau * r * r * r) * row_dot.unsqueeze(-1), value=-1.0)
+    if normalization == "gelu_l2_norm":
+        grad_s, g, gelu_grad = partial
+        r = stats[0].unsqueeze(-1)
+        return ((tau * r) * grad_s - (tau * r * r * r) * g * row_dot.unsqueeze(-1)) * gelu_grad
+    grad_s, prob = partial
+    return (float(n) * prob) * (grad_s - row_dot.unsqueeze(-1))
+
+
+def _reduced_statistics(a_list: List[torch.Tensor], normalization: str, eps: float, sum_reduce: Reduction,
+                        max_reduce: Reduction) -> List[Tuple[torch.Tensor, ...]]:
+    """Row statistics of every score tensor, reduced over the token partitions (one collective per kind)."""
+    if normalization == "softmax":
+        maxes = _reduce_batched([a.amax(dim=-1) for a in a_list], max_reduce)
+        sums = _reduce_batched([norm_row_statistic(a, normalization, m) for a, m in zip(a_list, maxes)], sum_reduce)
+        return [(m, 1.0 / z) for m, z in zip(maxes, sums)]
+    sq = _reduce_batched([norm_row_statistic(a, normalization) for a in a_list], sum_reduce)
+    return [(torch.rsqrt(q + eps),) for q in sq]
+
+
+class PattentionNormCombine(torch.autograd.Function):
+    """O_i = f(A_i) V_i for k Pattentions sharing one normalisation, saving only A_i, the row statistics and V_i.
+
+    forward(ctx, normalization, taus, ns, eps, sum_reduce, max_reduce, k, A_1..A_k, V_1..V_k):
+    A_i [..., n_i_local] scores, V_i [n_i_local, d_i] value tokens (same dtype as A_i) ->
+    O_i [..., d_i] (partial sums over this rank's tokens when the tokens are partitioned).
+    sum_reduce / max_reduce: plain (non-autograd) sum / max over the token partitions, or None.
+    Forward: 1 max reduction (softmax) + 1 sum reduction; backward: 1 sum reduction (all k batched).
+    """
+
+    @staticmethod
+    def forward(ctx, normalization, taus, ns, eps, sum_reduce, max_reduce, k, *tensors):
+        scores, values = tensors[:k], tensors[k:]
+        a_list = [a.to(compute_dtype(a.dtype)) for a in scores]
+        stats = _reduced_statistics(a_list, normalization, eps, sum_reduce, max_reduce)
+        outs = []
+        for a, a_in, st, v, tau, n in zip(a_list, scores, stats, values, taus, ns):
+            s = norm_forward_elementwise(a, st, normalization, tau, n).to(a_in.dtype)
+            outs.append(torch.matmul(s, v))
+        ctx.normalization, ctx.taus, ctx.ns, ctx.k, ctx.sum_reduce = normalization, taus, ns, k, sum_reduce
+        ctx.num_stats = len(stats[0])
+        ctx.save_for_backward(*scores, *values, *[t for st in stats for t in st])
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outs):
+        k, normalization = ctx.k, ctx.normalization
+        saved = ctx.saved_tensors
+        scores, values, flat_stats = saved[:k], saved[k:2 * k], saved[2 * k:]
+        stats = [tuple(flat_stats[i * ctx.num_stats:(i + 1) * ctx.num_stats]) for i in range(k)]
+        grad_values, partials, row_dots, a_list = [], [], [], []
+        for i, (a_in, v, st, g, tau, n) in enumerate(zip(scores, values, stats, grad_outs, ctx.taus, ctx.ns)):
+            a = a_in.to(compute_dtype(a_in.dtype))
+            a_list.append(a)
+            if g is None:
+                g = torch.zeros(a_in.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
+            grad_s = torch.matmul(g, v.t()).to(a.dtype)
+            s, row_dot, partial = norm_backward_local(a, st, grad_s, normalization, tau, n)
+            del grad_s
+            row_dots.append(row_dot)
+            partials.append(partial)
+            if ctx.needs_input_grad[7 + k + i]:
+                s = s.to(a_in.dtype)
+                grad_values.append(s.reshape(-1, s.shape[-1]).t().matmul(g.reshape(-1, g.shape[-1])))
+            else:
+                grad_values.append(None)
+            del s
+        row_dots = _reduce_batched(row_dots, ctx.sum_reduce)
+        grad_scores = [norm_backward_elementwise(a, st, pt, rd, normalization, tau, n).to(a_in.dtype)
+                       for a, a_in, st, pt, rd, tau, n in zip(a_list, scores, stats, partials, row_dots,
+                                                               ctx.taus, ctx.ns)]
+        return (None,) * 7 + tuple(grad_scores) + tuple(grad_values)
+
+
+def pattention_normalize_combine(scores: Sequence[torch.Tensor], values: Sequence[torch.Tensor], normalization: str,
+                                 taus: Sequence[float], num_param_tokens: Sequence[int], eps: float = 1e-6,
+                                 sum_reduce: Reduction = None, max_reduce: Reduction = None,
+                                 lean: bool = True) -> List[torch.Tensor]:
+    """O_i = f(A_i) V_i for one or several Pattentions; each reduction runs once for all of them.
+
+    scores: A_i [..., n_i_local]; values: V_i [n_i_local, d_i]; returns O_i [..., d_i] in A_i's dtype.
+    taus, num_param_tokens (GLOBAL n), eps: as :func:`normalize_pattention_scores`.
+    sum_reduce / max_reduce: PLAIN (non-autograd) sum / max of a row statistic over the token partitions
+    (None when all tokens are local); the backward's sum reduction uses sum_reduce too.
+    lean=False: the autograd composition (:func:`normalize_pattention_scores`, then S V) instead; its
+    sum reduction must then be autograd-aware, so it is wrapped here as sum forward AND backward.
+    """
+    check_normalization(normalization)
+    if len(scores) != len(values):
+        raise ValueError(f"pattention_normalize_combine: {len(scores)} score tensors but {len(values)} value tensors")
+    if not lean:
+        autograd_sum = None if sum_reduce is None else _autograd_sum(sum_reduce)
+        weights = normalize_pattention_scores(scores, normalization, taus, num_param_tokens, eps,
+                                              sum_reduce=autograd_sum, max_reduce=max_reduce)
+        return [torch.matmul(w, v) for w, v in zip(weights, values)]
+    return list(PattentionNormCombine.apply(normalization, tuple(float(t) for t in taus),
+                                            tuple(int(n) for n in num_param_tokens), float(eps), sum_reduce,
+                                            max_reduce, len(scores), *scores, *values))
+
+
+def _autograd_sum(reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An autograd-aware sum over partitions from a plain one: the sum forward, the sum backward."""
+
+    class _Sum(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return reduce(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return reduce(grad)
+
+    return _Sum.apply

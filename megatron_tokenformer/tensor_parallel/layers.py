@@ -15,8 +15,10 @@ from torch import nn
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                           gather_from_sequence_parallel_region,
                                                            gather_from_tensor_model_parallel_region,
                                                            reduce_from_tensor_model_parallel_region,
+                                                           reduce_scatter_to_sequence_parallel_region,
                                                            scatter_to_tensor_model_parallel_region)
 from megatron_tokenformer.tensor_parallel.random import init_partitioned_, set_tensor_model_parallel_attributes
 from megatron_tokenformer.tensor_parallel.utils import VocabUtility, divide
@@ -34,12 +36,15 @@ class VocabParallelEmbedding(nn.Module):
 
     weight: [num_embeddings/p, d], rows [r*V/p, (r+1)*V/p) on rank r.
     forward: input_ids [...] long -> [..., d] (replicated; all-reduce of the masked local lookups).
+    ``sequence_parallel``: input_ids [b, s] -> [b, s/p, d] (reduce-scatter along the sequence instead).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, vocab_size: Optional[int] = None,
                  init_std: float = 0.02, seed: int = 1234, layer_number: int = 0,
-                 tag: str = "embedding.word_embeddings", params_dtype: torch.dtype = torch.float32, device=None):
+                 tag: str = "embedding.word_embeddings", params_dtype: torch.dtype = torch.float32, device=None,
+                 sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         world = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
         self.num_embeddings = num_embeddings
@@ -62,17 +67,26 @@ class VocabParallelEmbedding(nn.Module):
             out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         else:
             out = F.embedding(input_ids, self.weight)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(out)
         return reduce_from_tensor_model_parallel_region(out)
 
 
-def parallel_lm_logits(hidden: torch.Tensor, word_embeddings: VocabParallelEmbedding) -> torch.Tensor:
+def parallel_lm_logits(hidden: torch.Tensor, word_embeddings: VocabParallelEmbedding,
+                       sequence_parallel: bool = False) -> torch.Tensor:
     """Tied output layer: [..., d] replicated -> vocab-parallel logits [..., V/p].
+
+    ``sequence_parallel``: hidden [b, s/p, d] is all-gathered along the sequence first (backward:
+    reduce-scatter, which also sums the per-vocabulary-block input gradients).
 
     The input gradient is all-reduced (each rank sees only its vocabulary block). Logits of padding
     entries (ids >= true vocab size) are set to -inf so they never take probability mass; the
     function then does not depend on the amount of padding (i.e. on TP).
     """
-    hidden = copy_to_tensor_model_parallel_region(hidden)
+    if sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden)
+    else:
+        hidden = copy_to_tensor_model_parallel_region(hidden)
     logits = F.linear(hidden, word_embeddings.weight)
     first_pad = word_embeddings.vocab_size - word_embeddings.vocab_start_index
     local = word_embeddings.vocab_end_index - word_embeddings.vocab_start_index
@@ -87,14 +101,18 @@ class ColumnParallelLinear(nn.Module):
 
     forward: x [..., in] replicated -> [..., out/p] (or [..., out] with ``gather_output``).
     ``copy_input=False`` skips the input gradient all-reduce (when the caller handles it).
+    ``sequence_parallel``: where the input would be copied it is all-gathered along the sequence
+    ([b, s/p, in] -> [b, s, in]; backward reduce-scatter).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
                  init_std: float = 0.02, seed: int = 1234, layer_number: int = 0, tag: str = "linear",
-                 copy_input: bool = True, params_dtype: torch.dtype = torch.float32, device=None):
+                 copy_input: bool = True, params_dtype: torch.dtype = torch.float32, device=None,
+                 sequence_parallel: bool = False):
         super().__init__()
         world = parallel_state.get_tensor_model_parallel_world_size()
         self.in_features, self.out_features = in_features, out_features
+        self.sequence_parallel = sequence_parallel
         self.output_size_per_partition = divide(out_features, world, f"{tag}: output size")
         self.gather_output, self.copy_input = gather_output, copy_input
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features, dtype=params_dtype,
@@ -109,7 +127,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:
-            x = copy_to_tensor_model_parallel_region(x)
+            x = gather_from_sequence_parallel_region(x) if self.sequence_parallel else \
+                copy_to_tensor_model_parallel_region(x)
         out = F.linear(x, self.weight, self.bias)
         if self.gather_output:
             out = gather_from_tensor_model_parallel_region(out)
@@ -121,14 +140,17 @@ class RowParallelLinear(nn.Module):
 
     forward: x [..., in/p] (``input_is_parallel``) or [..., in] replicated -> [..., out] replicated
     (all-reduce of the partial products, then the bias).
+    ``sequence_parallel``: reduce-scatter along the sequence instead of the all-reduce ([b, s/p, out]);
+    the replicated bias then sees this rank's rows only, so its gradient is all-reduced over the TP group.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
                  init_std: float = 0.02, seed: int = 1234, layer_number: int = 0, tag: str = "linear",
-                 params_dtype: torch.dtype = torch.float32, device=None):
+                 params_dtype: torch.dtype = torch.float32, device=None, sequence_parallel: bool = False):
         super().__init__()
         world = parallel_state.get_tensor_model_parallel_world_size()
         self.in_features, self.out_features = in_features, out_features
+        self.sequence_parallel = sequence_parallel
         self.input_size_per_partition = divide(in_features, world, f"{tag}: input size")
         self.input_is_parallel = input_is_parallel
         self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition, dtype=params_dtype,
@@ -145,6 +167,9 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
+        if self.sequence_parallel:
+            out = reduce_scatter_to_sequence_parallel_region(F.linear(x, self.weight))
+            return out if self.bias is None else out + copy_to_tensor_model_parallel_region(self.bias)
         out = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
         if self.bias is not None:
             out = out + self.bias

@@ -28,6 +28,16 @@ gloo). With ``MEGATRON_TOKENFORMER_CHECK_COLLECTIVES=1`` the training script ins
 :func:`install_collective_guard`: a tensor on another device, or a ``torch.distributed``
 collective called directly from a package module, raises instead of running.
 
+Sequence parallelism (``--sequence-parallel``; activations [b, s, d], the sequence is dim 1 and rank r
+holds positions [r*s/p, (r+1)*s/p)):
+
+- ``scatter_to_sequence_parallel_region``: forward keep own sequence chunk, backward all-gather.
+- ``gather_from_sequence_parallel_region``: forward all-gather along the sequence; backward
+  reduce-scatter (``output_grad_is_partial=True``, the default: the consumer is a tensor-parallel layer
+  whose input gradient is a per-rank partial sum; this replaces the input copy's all-reduce) or split.
+- ``reduce_scatter_to_sequence_parallel_region``: forward reduce-scatter along the sequence (replaces
+  the output all-reduce of a row-parallel layer), backward all-gather.
+
 Element counts recorded are the numel of the tensor handed to the collective on this rank (for
 all-gather: the local input; for reduce-scatter: the full input).
 """
@@ -255,6 +265,41 @@ def _reduce_scatter_last_dim(x: torch.Tensor) -> torch.Tensor:
     return out.squeeze(0)
 
 
+# --- plain (non-autograd) helpers on the sequence dimension (dim 1 of [b, s, ...]) ------------------
+SEQUENCE_DIM = 1
+
+
+def _split_seq(x: torch.Tensor) -> torch.Tensor:
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    if world == 1:
+        return x
+    seq = x.shape[SEQUENCE_DIM]
+    if seq % world != 0:
+        raise ValueError(f"sequence length {seq} is not divisible by tensor-parallel size {world}")
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return x.narrow(SEQUENCE_DIM, rank * (seq // world), seq // world).contiguous()
+
+
+def _all_gather_seq(x: torch.Tensor) -> torch.Tensor:
+    """[b, s/p, ...] on every rank -> [b, s, ...], rank r's chunk at positions [r*s/p, (r+1)*s/p)."""
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    gathered = _collective("all_gather", x.movedim(SEQUENCE_DIM, 0))  # [s, b, ...]
+    if world == 1:
+        return x
+    return gathered.movedim(0, SEQUENCE_DIM).contiguous()
+
+
+def _reduce_scatter_seq(x: torch.Tensor) -> torch.Tensor:
+    """[b, s, ...] partial sums -> [b, s/p, ...] = this rank's sequence chunk of the sum."""
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    if x.shape[SEQUENCE_DIM] % world != 0:
+        raise ValueError(f"sequence length {x.shape[SEQUENCE_DIM]} is not divisible by tensor-parallel size {world}")
+    out = _collective("reduce_scatter", x.movedim(SEQUENCE_DIM, 0))
+    if world == 1:
+        return x
+    return out.movedim(0, SEQUENCE_DIM).contiguous()
+
+
 # --- autograd functions --------------------------------------------------------------------------
 class _CopyToTensorModelParallelRegion(torch.autograd.Function):
     @staticmethod
@@ -319,6 +364,39 @@ class _AllReduceNorm(torch.autograd.Function):
         return _collective("all_reduce", grad)
 
 
+class _ScatterToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _split_seq(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad)
+
+
+class _GatherFromSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_grad_is_partial):
+        ctx.output_grad_is_partial = output_grad_is_partial
+        return _all_gather_seq(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.output_grad_is_partial:
+            return _reduce_scatter_seq(grad), None
+        return _split_seq(grad), None
+
+
+class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _reduce_scatter_seq(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad)
+
+
 def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
     """Identity forward; all-reduce of the gradient backward. x: replicated input of a parallel layer."""
     return _CopyToTensorModelParallelRegion.apply(x)
@@ -351,6 +429,25 @@ def reduce_scatter_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Ten
     return _ReduceScatterToTensorModelParallelRegion.apply(x)
 
 
+def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """[b, s, ...] replicated -> [b, s/p, ...] own sequence chunk; backward all-gather."""
+    return _ScatterToSequenceParallelRegion.apply(x)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, output_grad_is_partial: bool = True) -> torch.Tensor:
+    """[b, s/p, ...] -> [b, s, ...] (all-gather along the sequence).
+
+    Backward: reduce-scatter along the sequence when each rank holds a partial sum of the output
+    gradient (the default: the consumer is a tensor-parallel layer), else split.
+    """
+    return _GatherFromSequenceParallelRegion.apply(x, output_grad_is_partial)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """[b, s, ...] partial sums -> [b, s/p, ...] this rank's sequence chunk of the sum; backward all-gather."""
+    return _ReduceScatterToSequenceParallelRegion.apply(x)
+
+
 def all_reduce_norm(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, forward AND backward (each rank uses the sum differently)."""
     return _AllReduceNorm.apply(x)
@@ -360,3 +457,10 @@ def all_reduce_max_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Element-wise max over ranks, detached from autograd."""
     with torch.no_grad():
         return _collective("all_reduce_max", x.detach())
+
+
+def all_reduce_sum_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over the TP ranks, detached from autograd (the memory-lean Pattention function
+    does its own backward and calls this for the forward and backward row statistics)."""
+    with torch.no_grad():
+        return _collective("all_reduce", x.detach())

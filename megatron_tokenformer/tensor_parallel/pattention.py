@@ -8,9 +8,10 @@ With the input X replicated on the TP group::
     S_r = f(A_r; q)                            local
     O   = all_reduce(S_r V_r)                  or the partial sum S_r V_r for the caller to reduce
 
-This is Megatron's column-parallel (keys) + row-parallel (values) pair fused in one layer. The
-normalisation math is :func:`megatron_tokenformer.ops.pattention_norm.normalize_pattention_scores`
-(shared with the single-device module) with the all-reduces as its reductions.
+This is Megatron's column-parallel (keys) + row-parallel (values) pair fused in one layer. f(A_r) V_r
+is :func:`megatron_tokenformer.ops.pattention_norm.pattention_normalize_combine` (the memory-lean
+autograd function shared with the single-device module) with the all-reduces of the row statistics
+as its reductions, forward and backward.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_tokenformer import parallel_state
-from megatron_tokenformer.ops.pattention_norm import check_normalization, normalize_pattention_scores
+from megatron_tokenformer.ops.pattention_norm import (check_normalization, normalize_pattention_scores,
+                                                     pattention_normalize_combine)
 from megatron_tokenformer.tensor_parallel.mappings import (all_reduce_max_no_grad, all_reduce_norm,
+                                                           all_reduce_sum_no_grad,
                                                            copy_to_tensor_model_parallel_region,
+                                                           gather_from_sequence_parallel_region,
+                                                           reduce_scatter_to_sequence_parallel_region,
                                                            reduce_from_tensor_model_parallel_region)
 from megatron_tokenformer.tensor_parallel.random import init_partitioned_, set_tensor_model_parallel_attributes
 
@@ -44,6 +49,9 @@ class ParallelPattention(nn.Module):
             Set False when the caller did it once for several layers, or when the caller's
             communication turns the partial input gradient into the right thing itself.
         reduce_output: all-reduce the output (True) or return the partial sum S_r V_r (False).
+        sequence_parallel: where the input would be copied, all-gather it along the sequence instead
+            ([b, s/p, d_in] -> [b, s, d_in]; backward reduce-scatter); where the output would be
+            all-reduced, reduce-scatter it along the sequence instead (-> [b, s/p, d_out]).
         params_dtype: dtype of the parameters.
 
     Parameters: ``key_param_tokens`` [n/p, d_in], ``value_param_tokens`` [n/p, d_out], both marked
@@ -56,8 +64,10 @@ class ParallelPattention(nn.Module):
                  normalization: str = "l2_norm_gelu", tau: Optional[float] = None, eps: float = 1e-6,
                  key_init_std: float = 0.02, value_init_std: float = 0.02, seed: int = 1234,
                  layer_number: int = 0, tag: str = "pattention", copy_input: bool = True,
-                 reduce_output: bool = True, params_dtype: torch.dtype = torch.float32, device=None):
+                 reduce_output: bool = True, params_dtype: torch.dtype = torch.float32, device=None,
+                 sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         check_normalization(normalization)
         world = parallel_state.get_tensor_model_parallel_world_size()
         if num_param_tokens % world != 0:
@@ -93,11 +103,12 @@ class ParallelPattention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:
-            x = copy_to_tensor_model_parallel_region(x)
-        (weights,) = normalize_parallel_pattention_scores([self], [self.scores(x)])
-        out = self.combine(weights)
+            x = gather_from_sequence_parallel_region(x) if self.sequence_parallel else \
+                copy_to_tensor_model_parallel_region(x)
+        (out,) = parallel_pattention_partial_outputs([self], x)
         if self.reduce_output:
-            out = reduce_from_tensor_model_parallel_region(out)
+            out = reduce_scatter_to_sequence_parallel_region(out) if self.sequence_parallel else \
+                reduce_from_tensor_model_parallel_region(out)
         return out
 
     def extra_repr(self) -> str:
@@ -108,22 +119,33 @@ class ParallelPattention(nn.Module):
 
 def normalize_parallel_pattention_scores(layers: Sequence[ParallelPattention],
                                          scores: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """f(A_r) for several parallel Pattentions at once: ONE norm all-reduce (and, for softmax, one
-    max all-reduce) for all of them. The layers must share normalization and eps."""
-    norms = {(layer.normalization, layer.eps) for layer in layers}
-    if len(norms) != 1:
-        raise ValueError(f"batched Pattention normalisation needs one normalization and eps, got {sorted(norms)}")
-    normalization, eps = norms.pop()
+    """f(A_r) for several parallel Pattentions at once, by the autograd composition (the reference of the
+    memory-lean path): ONE norm all-reduce (and, for softmax, one max all-reduce) for all of them. The
+    layers must share normalization and eps."""
+    normalization, eps = _shared_normalization(layers)
     return normalize_pattention_scores(scores, normalization, [layer.tau for layer in layers],
                                        [layer.num_param_tokens for layer in layers], eps,
                                        sum_reduce=all_reduce_norm, max_reduce=all_reduce_max_no_grad)
 
 
-def parallel_pattention_partial_outputs(layers: Sequence[ParallelPattention], x: torch.Tensor) -> List[torch.Tensor]:
+def parallel_pattention_partial_outputs(layers: Sequence[ParallelPattention], x: torch.Tensor,
+                                        lean: bool = True) -> List[torch.Tensor]:
     """Partial outputs S_r V_r of several parallel Pattentions reading the same input x.
 
     x must already be wrapped by the caller (``copy_to_tensor_model_parallel_region`` once for all).
-    The norm statistics of all layers travel in one collective.
+    The norm statistics of all layers travel in one collective (forward; and the backward's row sums in
+    one). lean=False: the autograd composition instead of the memory-lean function (tests, benchmarks).
     """
-    weights = normalize_parallel_pattention_scores(layers, [layer.scores(x) for layer in layers])
-    return [layer.combine(w) for layer, w in zip(layers, weights)]
+    normalization, eps = _shared_normalization(layers)
+    return pattention_normalize_combine([layer.scores(x) for layer in layers],
+                                        [layer.value_param_tokens for layer in layers], normalization,
+                                        [layer.tau for layer in layers], [layer.num_param_tokens for layer in layers],
+                                        eps, sum_reduce=all_reduce_sum_no_grad, max_reduce=all_reduce_max_no_grad,
+                                        lean=lean)
+
+
+def _shared_normalization(layers: Sequence[ParallelPattention]):
+    norms = {(layer.normalization, layer.eps) for layer in layers}
+    if len(norms) != 1:
+        raise ValueError(f"batched Pattention normalisation needs one normalization and eps, got {sorted(norms)}")
+    return norms.pop()

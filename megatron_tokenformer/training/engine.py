@@ -96,13 +96,21 @@ def build_model(args, config, seed: Optional[int] = None) -> torch.nn.Module:
     from deepspeed.pipe import PipelineModule
     from torch.utils.checkpoint import checkpoint
 
+    from megatron_tokenformer.model.language_model import get_block_class
     from megatron_tokenformer.model.pipeline import get_layer_specs, pipeline_loss_fn
-    # With --checkpoint-activations every layer's activations are recomputed in the backward pass,
-    # with torch's non-reentrant checkpoint, as TokenformerLM does at PP = 1.
-    return PipelineModule(layers=get_layer_specs(config, seed), loss_fn=pipeline_loss_fn,
-                          topology=parallel_state.get_topology(), partition_method="parameters",
-                          activation_checkpoint_interval=1 if args.checkpoint_activations else 0,
-                          activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False))
+    from megatron_tokenformer.model.recompute import apply_block_recompute_to_pipeline
+    # --recompute-granularity full (--checkpoint-activations): uniform = chunks of --recompute-num-layers
+    # layers of the stage recomputed in the backward pass (torch's non-reentrant checkpoint); block = the
+    # first --recompute-num-layers blocks of the stage. Selective is the attention module's job.
+    full = getattr(config, "recompute_granularity", None) == "full"
+    uniform = full and config.recompute_method == "uniform"
+    module = PipelineModule(layers=get_layer_specs(config, seed), loss_fn=pipeline_loss_fn,
+                            topology=parallel_state.get_topology(), partition_method="parameters",
+                            activation_checkpoint_interval=config.recompute_num_layers if uniform else 0,
+                            activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False))
+    if full and config.recompute_method == "block":
+        apply_block_recompute_to_pipeline(module, (get_block_class(config),), config.recompute_num_layers)
+    return module
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -187,6 +195,11 @@ def build_deepspeed_config(args) -> dict:
     cfg = _merge(user, derived)
     if args.bf16:
         apply_bf16_gradient_precision(cfg)
+    if getattr(args, "sequence_parallel", False):
+        # DeepSpeed's pipeline sends 1/TP of each activation (and gradient) per TP rank and all-gathers on
+        # receipt, assuming they are replicated over the TP group; with sequence parallelism every TP rank
+        # holds a different sequence chunk [b, s/p, d], so each rank sends its own whole tensor.
+        cfg["pipeline"] = dict(cfg.get("pipeline") or {}, pipe_partitioned=False, grad_partitioned=False)
     # We print our own log lines; keep DeepSpeed's periodic prints out of the way unless asked for.
     cfg.setdefault("steps_per_print", 10 ** 9)
     cfg.setdefault("wall_clock_breakdown", False)

@@ -224,3 +224,35 @@ def error_of_argv(argv):
     with pytest.raises(ArgumentError) as info:
         validate_args(parse_args(argv), 1)
     return str(info.value)
+
+def test_recompute_flags_as_megatron():
+    # --checkpoint-activations is full / uniform / 1 layer
+    args = validated(["--checkpoint-activations"], 1)
+    assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == ("full", "uniform", 1)
+    args = validated(["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "2"], 1)
+    assert args.checkpoint_activations and (args.recompute_method, args.recompute_num_layers) == ("block", 2)
+    args = validated(["--recompute-granularity", "selective"], 1)
+    assert not args.checkpoint_activations and args.recompute_method is None
+    from megatron_tokenformer.arguments import core_config_from_args
+    config = core_config_from_args(args, 100)
+    assert config.recompute_granularity == "selective" and not config.checkpoint_activations
+
+
+@pytest.mark.parametrize("extra, world, needle", [
+    (["--checkpoint-activations", "--recompute-granularity", "selective"], 1, "--checkpoint-activations means"),
+    (["--recompute-granularity", "selective", "--recompute-method", "uniform"], 1, "need --recompute-granularity full"),
+    (["--recompute-num-layers", "2"], 1, "need --recompute-granularity full"),
+    (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "3",
+      "--pipeline-model-parallel-size", "2"], 2, "exceeds the 2 blocks of a pipeline stage"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "33",
+      "--max-position-embeddings", "64"], 2, "--sequence-parallel: --seq-length (33) is not divisible"),
+])
+def test_recompute_and_sequence_parallel_errors(extra, world, needle):
+    assert needle in error_of(extra, world)
+
+
+def test_sequence_parallel_is_ignored_at_tp1_and_reaches_the_config():
+    assert validated(["--sequence-parallel"], 1).sequence_parallel is False
+    from megatron_tokenformer.arguments import core_config_from_args
+    args = validated(["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2)
+    assert args.sequence_parallel and core_config_from_args(args, 100).sequence_parallel

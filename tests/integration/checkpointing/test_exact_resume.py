@@ -33,6 +33,21 @@ def test_exact_resume(layout, straight_runs, ckpt_workdir):
         assert got[it] == ref[it], f"iteration {it}: resumed {got[it]!r} != straight {ref[it]!r}"
 
 
+def test_sequence_parallel_resume_either_way(straight_runs, ckpt_workdir):
+    """The checkpoint does not depend on --sequence-parallel: a TP = 2 checkpoint written without it is
+    resumed with it (iterations 11-15, saving step 15), and that one is resumed without it (16-20); the
+    losses equal the straight run's (1e-5 relative: the reduction order differs, the function does not)."""
+    ref, save = straight_runs((2, 1, 1))
+    load = R.checkpoint_at(save, 10, os.path.join(ckpt_workdir, "sp_resume_src"))
+    # --train-iters 20 with --exit-interval 15 keeps the learning-rate schedule of the straight run
+    got_sp, sp_save = R.resume(ckpt_workdir, "sp_resume", (2, 1, 1), load, 20,
+                               ["--sequence-parallel", "--exit-interval", "15"])
+    got_plain, _ = R.resume(ckpt_workdir, "sp_resume_back", (2, 1, 1), sp_save, 20)
+    assert sorted(got_sp) == ITERS[10:15] and sorted(got_plain) == ITERS[15:]
+    for it, loss in {**got_sp, **got_plain}.items():
+        assert loss == pytest.approx(ref[it], rel=1e-5), f"iteration {it}: {loss!r} != straight {ref[it]!r}"
+
+
 def test_checkpoint_contents(straight_runs):
     _, save = straight_runs((1, 1, 1))
     assert open(os.path.join(save, "latest")).read().strip() == "global_step20"

@@ -1,7 +1,9 @@
 """Layout equivalence: the same tiny Tokenformer, seed and data for 10 iterations at every (TP, PP, DP)
 layout gives the (1,1,1) run's lm loss and gradient norm at every iteration (1e-4 relative, fp32),
 with ZeRO-1 everywhere, ZeRO-2 where DeepSpeed allows it (PP = 1), and once with activation
-recomputation in the pipeline. The global batch (4 samples)
+recomputation in the pipeline. Sequence parallelism and the recomputation modes (selective, full
+uniform/block) must give the same run without them (1e-5 relative) at TP 2 and 4, with PP 2 and
+ZeRO-1 (SP_LAYOUTS; they share the pool of runs). The global batch (4 samples)
 is the same in every layout; gradient accumulation absorbs the data-parallel size.
 
 The (1,1,1) run itself is checked against a plain PyTorch loop written here (same model class,
@@ -33,21 +35,30 @@ TRAIN = ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters",
 # (tp, pp, dp, zero stage, activation recomputation)
 LAYOUTS = [(1, 1, 1, 1, 0), (2, 1, 1, 1, 0), (1, 2, 1, 1, 0), (1, 1, 2, 1, 0), (2, 2, 1, 1, 0), (1, 2, 2, 1, 0),
            (2, 1, 2, 1, 0), (1, 1, 2, 2, 0), (2, 1, 2, 2, 0), (1, 2, 1, 1, 1)]
+# (tp, pp, dp, zero stage, extra flags) -> the run without those flags it must equal (in LAYOUTS, or TP 4 here)
+SP_BASE = [(4, 1, 1, 1, 0)]
+SP_LAYOUTS = {
+    (2, 1, 1, 1, ("--sequence-parallel", "--recompute-granularity", "selective")): (2, 1, 1, 1, 0),
+    (2, 2, 1, 1, ("--sequence-parallel", "--recompute-granularity", "full", "--recompute-method", "block",
+                  "--recompute-num-layers", "1")): (2, 2, 1, 1, 0),
+    (4, 1, 1, 1, ("--sequence-parallel", "--recompute-granularity", "full", "--recompute-method", "uniform",
+                  "--recompute-num-layers", "2")): (4, 1, 1, 1, 0),
+}
 CONCURRENCY = 2
 TIMEOUT = 240
 
 
 def _cmd(layout):
     tp, pp, dp, zero, recompute = layout
+    extra = list(recompute) if isinstance(recompute, tuple) else (["--checkpoint-activations"] if recompute else [])
     return train_runs.torchrun(tp * pp * dp, train_runs.TINY_MODEL + TRAIN + train_runs.layout_args(tp, pp)
-                               + ["--zero-stage", str(zero)] + (["--checkpoint-activations"] if recompute else []))
+                               + ["--zero-stage", str(zero)] + extra)
 
 
-@pytest.fixture(scope="module")
-def layout_logs():
+def _run_all(layouts, what):
     """layout -> stdout of its run; also reports the total wall time."""
     t0 = time.time()
-    pending = list(LAYOUTS)
+    pending = list(layouts)
     running, logs = [], {}
     while pending or running:
         while pending and len(running) < CONCURRENCY:
@@ -55,8 +66,20 @@ def layout_logs():
             running.append((layout, train_runs.start(_cmd(layout)), time.time()))
         layout, proc, started = running.pop(0)
         logs[layout] = train_runs.check_ok(train_runs.finish(proc, max(10.0, TIMEOUT - (time.time() - started))))
-    print(f"\n[layout equivalence] {len(LAYOUTS)} runs in {time.time() - t0:.1f} s wall", file=sys.stderr)
+    print(f"\n[{what}] {len(logs)} runs in {time.time() - t0:.1f} s wall", file=sys.stderr)
     return logs
+
+
+@pytest.fixture(scope="module")
+def layout_logs():
+    return _run_all(LAYOUTS, "layout equivalence")
+
+
+@pytest.fixture(scope="module")
+def sp_logs(layout_logs):
+    """The sequence-parallel / recomputation runs and their TP = 4 base, with the LAYOUTS runs
+    (a fixture of its own: its runs fit the per-test timeout after LAYOUTS has been built)."""
+    return {**layout_logs, **_run_all(SP_BASE + list(SP_LAYOUTS), "sequence parallel / recomputation")}
 
 
 def _rows(log):
@@ -80,6 +103,17 @@ def test_layout_matches_single_rank(layout_logs, layout):
     padding_rows = (128 * tp) - 128
     assert train_runs.parameter_count(layout_logs[layout]) == \
         train_runs.parameter_count(layout_logs[LAYOUTS[0]]) + padding_rows * 32
+
+
+@pytest.mark.parametrize("layout", list(SP_LAYOUTS), ids=lambda l: "tp%d_pp%d_dp%d_zero%d" % l[:4] + "_"
+                         + "_".join(f.strip("-").replace("-", "_") for f in l[4]))
+def test_sequence_parallel_and_recompute_match_plain_run(sp_logs, layout):
+    base = _rows(sp_logs[SP_LAYOUTS[layout]])
+    rows = _rows(sp_logs[layout])
+    for b, r in zip(base, rows):
+        assert r["lm loss"] == pytest.approx(b["lm loss"], rel=1e-5), (layout, r["iteration"])
+        assert r["grad norm"] == pytest.approx(b["grad norm"], rel=1e-5), (layout, r["iteration"])
+        assert r["number of nan iterations"] == 0 and r["number of skipped iterations"] == 0
 
 
 def _reference_losses():

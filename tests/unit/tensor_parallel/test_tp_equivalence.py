@@ -31,6 +31,7 @@ from megatron_tokenformer.tensor_parallel.layers import (ColumnParallelLinear, R
 from megatron_tokenformer.tensor_parallel.pattention import ParallelPattention
 from megatron_tokenformer.tensor_parallel.random import get_rng_tracker, model_parallel_seed
 from tests.helpers import dist_pool
+from tests.unit.ops.test_pattention_norm import check_tensor_parallel as check_lean_pattention_function
 
 TOL = 1e-5
 SEED = 4321
@@ -51,6 +52,15 @@ LM_VARIANTS = {
     "gelu_l2_norm-parametric-ckpt": {"pattention_normalization": "gelu_l2_norm", "block_layernorm": "parametric",
                                      "checkpoint_activations": True},
     "softmax": {"pattention_normalization": "softmax", "rotary_percent": 0.5},
+    # sequence parallelism and recomputation change what is kept in memory, not the function: the TP = 1
+    # reference (where both have no effect or recompute exactly) must be matched at TP = 2 and 4
+    "l2_norm_gelu-sp-selective": {"sequence_parallel": True, "recompute_granularity": "selective"},
+    "gelu_l2_norm-parametric-sp-block": {"pattention_normalization": "gelu_l2_norm", "block_layernorm": "parametric",
+                                         "sequence_parallel": True, "recompute_granularity": "full",
+                                         "recompute_method": "block", "recompute_num_layers": 1},
+    "transformer-sp-uniform2": {"model_type": "transformer", "block_layernorm": "parametric", "ffn_hidden_size": 64,
+                                "sequence_parallel": True, "recompute_granularity": "full",
+                                "recompute_method": "uniform", "recompute_num_layers": 2},
 }
 
 
@@ -347,6 +357,8 @@ def check_block(rank, world, ref_path):
 def check_lm(rank, world, ref_path, name):
     r = load_reference(ref_path)[f"lm/{name}"]
     model = TokenformerLM(lm_config(**LM_VARIANTS[name]), seed=SEED)
+    if LM_VARIANTS[name].get("sequence_parallel"):  # the residual stream really is split along the sequence
+        assert model.embedding(r["ids"]).shape == (2, 16 // world, 32)
     loss = model(r["ids"], r["labels"], r["mask"])
     loss.backward()
     assert abs(loss.item() - r["loss"].item()) <= TOL * abs(r["loss"].item()), (name, loss.item(), r["loss"].item())
@@ -385,6 +397,10 @@ def test_rng_tracker(tp_pool):
 @pytest.mark.parametrize("norm", NORMS)
 def test_pattention(tp_pool, reference, norm):
     tp_pool.run(check_pattention, reference, norm)
+
+
+def test_lean_pattention_function(tp_pool):
+    tp_pool.run(check_lean_pattention_function)
 
 
 def test_embedding_and_tied_logits(tp_pool, reference):
