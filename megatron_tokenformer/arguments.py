@@ -467,9 +467,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     for dest in family.default_4h:
         if getattr(args, dest) is None:
             setattr(args, dest, 4 * args.hidden_size)
-    _check_model_config(args)
-
-    # ---- activation memory: recomputation, sequence parallelism
+    # ---- activation memory: recomputation, sequence parallelism (CLI spellings and defaults here; the
+    # model config checks the combinations itself)
     if args.checkpoint_activations:
         _check(args.recompute_granularity in (None, "full"), "--checkpoint-activations means --recompute-granularity "
                                                              "full; it cannot be combined with selective")
@@ -482,14 +481,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             _check(args.recompute_num_layers <= args.num_layers // pp,
                    f"--recompute-num-layers ({args.recompute_num_layers}) exceeds the {args.num_layers // pp} "
                    f"blocks of a pipeline stage (--recompute-method block)")
-    else:
-        _check(args.recompute_method is None and args.recompute_num_layers is None,
-               "--recompute-method and --recompute-num-layers need --recompute-granularity full")
     if tp == 1:
         args.sequence_parallel = False  # nothing to split (as Megatron)
-    _check(not args.sequence_parallel or args.seq_length % tp == 0,
-           f"--sequence-parallel: --seq-length ({args.seq_length}) is not divisible by "
-           f"--tensor-model-parallel-size ({tp})")
+    _check_model_config(args)
 
     # ---- precision
     _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive")

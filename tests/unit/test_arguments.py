@@ -240,12 +240,12 @@ def test_recompute_flags_as_megatron():
 
 @pytest.mark.parametrize("extra, world, needle", [
     (["--checkpoint-activations", "--recompute-granularity", "selective"], 1, "--checkpoint-activations means"),
-    (["--recompute-granularity", "selective", "--recompute-method", "uniform"], 1, "need --recompute-granularity full"),
-    (["--recompute-num-layers", "2"], 1, "need --recompute-granularity full"),
+    (["--recompute-granularity", "selective", "--recompute-method", "uniform"], 1, "apply to --recompute-granularity 'full' only"),
+    (["--recompute-num-layers", "2"], 1, "apply to --recompute-granularity 'full' only"),
     (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "3",
       "--pipeline-model-parallel-size", "2"], 2, "exceeds the 2 blocks of a pipeline stage"),
     (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "33",
-      "--max-position-embeddings", "64"], 2, "--sequence-parallel: --seq-length (33) is not divisible"),
+      "--max-position-embeddings", "64"], 2, "--seq-length (33) is not divisible by --tensor-model-parallel-size (2)"),
 ])
 def test_recompute_and_sequence_parallel_errors(extra, world, needle):
     assert needle in error_of(extra, world)

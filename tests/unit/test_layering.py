@@ -18,10 +18,11 @@ LAYERS = [
     {"checkpointing"},
     {"training"},
     {"evaluation", "arguments", "testing", "__init__"},
+    {"interop"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 DOC_LINE = "config, ops < launch, parallel_state < tensor_parallel < model < data < checkpointing < training < " \
-           "evaluation, arguments, testing"
+           "evaluation, arguments, testing < interop"
 
 
 def package_modules():

@@ -88,10 +88,10 @@ def meta_communication_device(monkeypatch):
 
 
 def test_parameter_counting_communicates_on_the_communication_device(meta_communication_device):
-    from megatron_tokenformer.training.logging import count_parameters
+    from megatron_tokenformer.training.logging import count_model_parameters
     cfg = TokenformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=8, vocab_size=32,
                             qkv_num_param_tokens=4, proj_num_param_tokens=4, ffn_num_param_tokens=8)
-    count_parameters(TokenformerLM(cfg, seed=1))
+    count_model_parameters(TokenformerLM(cfg, seed=1), cfg)
     assert meta_communication_device == [("all_reduce", "world", torch.device("meta"))]
 
 
