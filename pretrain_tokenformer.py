@@ -38,10 +38,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     # ---- checkpoint arguments, then validation: all before any process group exists
+    checkpoint = None
     try:
         if args.load:
-            from megatron_tokenformer.checkpointing import io as checkpoint_io
-            args = checkpoint_io.apply_checkpoint_args(args)
+            from megatron_tokenformer.checkpoint_args import apply_checkpoint_args
+            checkpoint = apply_checkpoint_args(args)
         validate_args(args, env.world_size)
     except (ArgumentError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc), env.rank)
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     # ---- tokenizer and model config (cheap, still before the process group)
     try:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-        config = core_config_from_args(args, tokenizer.vocab_size)
+        config = core_config_from_args(args, tokenizer.vocab_size, checkpoint)
     except (ArgumentError, ValueError, OSError) as exc:
         _fail(str(exc), env.rank)
 

@@ -477,8 +477,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     return args
 
 
-def core_config_from_args(args: argparse.Namespace, vocab_size: int):
-    """The :class:`~megatron_tokenformer.config.TokenformerConfig` these (validated) flags describe."""
+def core_config_from_args(args: argparse.Namespace, vocab_size: int, checkpoint=None):
+    """The :class:`~megatron_tokenformer.config.TokenformerConfig` these (validated) flags describe.
+
+    ``checkpoint``: the :class:`~megatron_tokenformer.checkpoint_args.CheckpointArgs` the flags were
+    reconciled with (:func:`~megatron_tokenformer.checkpoint_args.apply_checkpoint_args`): the config
+    fields it fixes and no flag sets (tau) are taken from it.
+    """
     from megatron_tokenformer.config import TokenformerConfig
 
     kwargs = dict(
@@ -500,10 +505,8 @@ def core_config_from_args(args: argparse.Namespace, vocab_size: int):
     )
     if args.model_type == "transformer":  # the baseline GPT: MLP width, parametric block LayerNorms
         kwargs.update(ffn_hidden_size=args.ffn_hidden_size, block_layernorm="parametric")
-    # Values the checkpoint fixed (e.g. tau after growth) win over the defaults.
-    for name in ("qkv_tau", "proj_tau", "ffn_tau"):
-        if getattr(args, name, None) is not None:
-            kwargs[name] = getattr(args, name)
+    if checkpoint is not None:  # values the checkpoint fixed (e.g. tau after growth) win over the defaults
+        kwargs.update(checkpoint.config_overrides())
     config = TokenformerConfig(**kwargs)
     config.resolve_taus()
     try:

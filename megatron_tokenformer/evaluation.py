@@ -46,8 +46,8 @@ class EvaluationResult:
 
 def load_model(load_dir: str, iteration: Optional[int] = None):
     """(model in eval mode, its config, the step folder) from a checkpoint directory."""
-    from megatron_tokenformer.checkpointing import files
-    from megatron_tokenformer.checkpointing.reshard import CheckpointView
+    from megatron_tokenformer.checkpointing.format import files
+    from megatron_tokenformer.checkpointing.format.view import CheckpointView
     from megatron_tokenformer.model import TokenformerLM
 
     if not os.path.isdir(load_dir):
@@ -80,7 +80,7 @@ def load_model(load_dir: str, iteration: Optional[int] = None):
 
 def checkpoint_tokenizer(step_dir: str, tokenizer_model: Optional[str] = None):
     """The tokenizer stored in the checkpoint (or ``tokenizer_model`` when given)."""
-    from megatron_tokenformer.checkpointing import files
+    from megatron_tokenformer.checkpointing.format import files
     from megatron_tokenformer.data.tokenizer import build_tokenizer
 
     if tokenizer_model is not None:

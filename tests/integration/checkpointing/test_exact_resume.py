@@ -92,7 +92,7 @@ KILLER = r"""
 import os, signal, sys
 sys.path.insert(0, {root!r})
 phase, at = os.environ["KILL_PHASE"], "global_step" + os.environ["KILL_AT"]
-from megatron_tokenformer.checkpointing import files
+from megatron_tokenformer.checkpointing.format import files
 import deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine as tce
 
 def die():
@@ -162,8 +162,8 @@ def test_kill_during_save_resumes_from_previous_step(straight_runs, ckpt_workdir
 
 def _reference_loss(step_dir, samples):
     """lm loss of the checkpoint's weights on the given mock samples, computed without DeepSpeed."""
-    from megatron_tokenformer.checkpointing.io import load_module_from_view
-    from megatron_tokenformer.checkpointing.reshard import CheckpointView
+    from megatron_tokenformer.checkpointing.reshard import load_module_from_view
+    from megatron_tokenformer.checkpointing.format.view import CheckpointView
     from megatron_tokenformer.data.gpt_dataset import MockGPTDataset
     from megatron_tokenformer.model import TokenformerLM
     with CheckpointView(step_dir) as view:

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from tests.helpers import ckpt_runs as R
 from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_checkpoint
 from megatron_tokenformer.checkpointing.grow import interleaved_positions
-from megatron_tokenformer.checkpointing.reshard import CheckpointView
+from megatron_tokenformer.checkpointing.format.view import CheckpointView
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def _batch(n=4, seed=123):
 
 def _evaluate(step_dir):
     """(vocab-parallel logits [b, s, V_pad/p] of this rank, validation loss) of a checkpoint, plain model."""
-    from megatron_tokenformer.checkpointing.io import load_module_from_view
+    from megatron_tokenformer.checkpointing.reshard import load_module_from_view
     from megatron_tokenformer.model import TokenformerLM
     with CheckpointView(step_dir) as view:
         model = TokenformerLM(view.config)

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from megatron_tokenformer.checkpointing import files
-from megatron_tokenformer.checkpointing.tensor_file import TorchFile, materialize
+from megatron_tokenformer.checkpointing.format import files, metadata
+from megatron_tokenformer.checkpointing.format.tensor_file import TorchFile, materialize
 
 
 def _step(save, n, meta=True):
@@ -15,7 +15,7 @@ def _step(save, n, meta=True):
     os.makedirs(d)
     if meta:
         with open(os.path.join(d, files.META_FILE), "w") as f:
-            json.dump({"format_version": files.FORMAT_VERSION, "kind": "deepspeed"}, f)
+            json.dump({"format_version": metadata.FORMAT_VERSION, "kind": "deepspeed"}, f)
     return d
 
 
