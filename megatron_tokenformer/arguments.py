@@ -123,6 +123,14 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                    help="linear warmup iterations (default 0)")
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, use the schedule these flags describe even where the checkpoint's differs "
+                        "(its step count is kept)")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="on resume, use the checkpoint's schedule (max/min LR, warmup, decay iterations, style) "
+                        "instead of these flags'")
     g.add_argument("--weight-decay", type=float, default=0.01,
                    help="decoupled weight decay (AdamW); LayerNorm weights and biases get none")
     g.add_argument("--clip-grad", type=float, default=1.0,
@@ -425,6 +433,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
 
     # ---- optimizer / schedule
     _check(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    _check(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+           "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other: give one")
     _check(0 <= args.min_lr <= args.lr, f"--min-lr ({args.min_lr}) must lie in [0, --lr ({args.lr})]")
     _check(args.clip_grad >= 0, f"--clip-grad must be >= 0, got {args.clip_grad}")
     _check(args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}")

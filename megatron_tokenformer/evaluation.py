@@ -1,7 +1,7 @@
 """Evaluating a checkpoint: loss and perplexity on held-out text (tools/evaluate_checkpoint.py).
 
 One process, no process group: the checkpoint (any TP/PP/DP layout it was written at, or a canonical
-folder from tools/expand_checkpoint.py) is read through :class:`~.checkpointing.reshard.CheckpointView`
+folder from tools/expand_checkpoint.py) is read through :class:`~.checkpointing.format.view.CheckpointView`
 into a TP = 1 model (Tokenformer or the baseline Transformer, whatever its config says). Meant for
 models that fit one host's memory; the training loop's own validation covers the rest.
 

@@ -304,6 +304,10 @@ def load_checkpoint(engine, args, config) -> Tuple[int, int]:
         finally:
             view.close()
         how = "resharding path"
+    if engine.lr_scheduler is not None:
+        # The schedule sets the LR of the next update on both paths: DeepSpeed's ZeRO load restores the
+        # optimizer's param groups (their saved "lr") after the scheduler's state.
+        engine.lr_scheduler.apply()
     if finetune:
         iteration, consumed = 0, 0
     else:

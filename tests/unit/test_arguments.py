@@ -173,3 +173,19 @@ def test_bad_layout_under_torchrun_fails_fast_with_one_message():
     assert result.stdout.count(needle) == 1, result.stdout[-3000:]
     # no Python traceback from the ranks (torchrun adds its own failure report)
     assert 'pretrain_tokenformer.py", line' not in result.stdout
+
+
+def test_opt_param_scheduler_flags_both_spellings():
+    for spelling in ("--override-opt-param-scheduler", "--override-opt_param-scheduler"):
+        args = validated([spelling], world_size=1)
+        assert args.override_opt_param_scheduler and not args.use_checkpoint_opt_param_scheduler
+    for spelling in ("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler"):
+        args = validated([spelling], world_size=1)
+        assert args.use_checkpoint_opt_param_scheduler and not args.override_opt_param_scheduler
+    args = validated([], world_size=1)
+    assert not args.override_opt_param_scheduler and not args.use_checkpoint_opt_param_scheduler
+
+
+def test_opt_param_scheduler_flags_exclude_each_other():
+    msg = error_of(["--override-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler"], world_size=1)
+    assert "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler" in msg

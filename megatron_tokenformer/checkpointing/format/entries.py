@@ -18,11 +18,9 @@ import torch
 
 from megatron_tokenformer.checkpointing.format.tensor_file import LazyTensor
 
-__all__ = ["FP32", "DTYPES", "CheckpointFormatError", "CheckpointMismatchError", "ParamEntry", "Fragment", "LocalTensor", "CheckpointIndex"]
+__all__ = ["FP32", "CheckpointFormatError", "CheckpointMismatchError", "ParamEntry", "Fragment", "LocalTensor", "CheckpointIndex"]
 
 FP32 = "fp32"
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointFormatError(ValueError):
@@ -62,10 +60,6 @@ class ParamEntry:
 
     def numel(self) -> int:
         return int(math.prod(self.shape))
-
-    def nbytes(self, key: str = FP32) -> int:
-        esize = 4 if key != "param" else torch.empty((), dtype=DTYPES[self.dtype]).element_size()
-        return self.numel() * esize
 
 
 @dataclass

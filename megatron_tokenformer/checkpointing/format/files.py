@@ -22,7 +22,7 @@ import re
 import shutil
 from typing import List, Optional, Tuple
 
-from megatron_tokenformer.fileio import atomic_write_text, fsync_dir, fsync_file, fsync_tree  # noqa: F401
+from megatron_tokenformer.fileio import atomic_write_text, fsync_dir, fsync_tree
 
 LATEST_FILE = "latest"
 META_FILE = "tokenformer_checkpoint.json"

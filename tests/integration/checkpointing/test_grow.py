@@ -146,7 +146,9 @@ def test_training_after_growth(straight_runs, ckpt_workdir):
     expand_checkpoint(ExpandOptions(load=src, save=grown, param_token_growth_factor=2, num_layers=3),
                       log=lambda m: None)
     # no architecture flags: the grown checkpoint's config (tokens, layers, tau) is used
-    got, out = R.resume(ckpt_workdir, "gt_run", (1, 1, 1), grown, 13, arch=False)
+    # (--train-iters 13 also shortens the LR decay the source was trained with: keep the flags' schedule)
+    got, out = R.resume(ckpt_workdir, "gt_run", (1, 1, 1), grown, 13, ["--override-opt-param-scheduler"],
+                        arch=False)
     assert sorted(got) == [11, 12, 13]
     # the first iteration trained from the grown checkpoint has the source's loss on that batch
     assert got[11] == pytest.approx(ref[11], rel=1e-6)
