@@ -14,8 +14,9 @@ model-parallel rank ``m = pp_stage * tp + tp_rank``:
 
 A parameter's local tensor on TP rank r is the concatenation of its fragments over d = 0..dp-1;
 the full tensor is the local tensors of r = 0..tp-1 joined along its partition dimension.
-(With PP > 1 and ZeRO-0 DeepSpeed writes ``layer_<i>-model_<m>-model_states.pt`` files instead of
-``module``: not readable here, reported as such.) :func:`index_deepspeed_step` returns a
+With ZeRO-0 the weights are the model file's ``module`` (PP = 1) or, with PP > 1, DeepSpeed's
+``layer_<i>-model_<t>-model_states.pt`` (pipeline layer ``i``, tensor rank ``t``; the tied embedding,
+which DeepSpeed skips there, is in the client state). :func:`index_deepspeed_step` returns a
 :class:`~.entries.CheckpointIndex` of lazily-read fragments.
 """
 
@@ -31,7 +32,8 @@ from megatron_tokenformer.checkpointing.format.files import META_FILE
 from megatron_tokenformer.checkpointing.format.metadata import jsonable
 from megatron_tokenformer.checkpointing.format.tensor_file import LazyTensor, TorchFile, materialize
 
-__all__ = ["CLIENT_STATE_KEY", "model_states_file", "zero_shard_names", "zero_shard_file", "index_deepspeed_step"]
+__all__ = ["CLIENT_STATE_KEY", "model_states_file", "layer_file", "zero_shard_names", "zero_shard_file",
+           "index_deepspeed_step"]
 
 # the key of the project's entry in DeepSpeed's client state (the parameter map)
 CLIENT_STATE_KEY = "tokenformer"
@@ -40,6 +42,12 @@ CLIENT_STATE_KEY = "tokenformer"
 def model_states_file(step_dir: str, mp_rank: int) -> str:
     """DeepSpeed's model file of model-parallel rank ``mp_rank``."""
     return os.path.join(step_dir, f"mp_rank_{mp_rank:02d}_model_states.pt")
+
+
+def layer_file(step_dir: str, layer: int, tp_rank: int) -> str:
+    """DeepSpeed's file of pipeline layer ``layer`` on tensor rank ``tp_rank`` (PP > 1, ZeRO-0); the name
+    follows the topology's (pipe, data, model) axes without pipe and data."""
+    return os.path.join(step_dir, f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt")
 
 
 def zero_shard_names(step_dir: str, dp_rank: int, mp_rank: int) -> Tuple[str, str]:
@@ -119,7 +127,8 @@ def index_deepspeed_step(step_dir: str, meta: Dict[str, Any], open_file: Callabl
             keys = _index_zero_shards(step_dir, open_file, m, dp, param_list, local_by_name, steps,
                                        training_state, model_path)
         else:
-            keys = _index_stage0(lay, m, sd, cs, param_list, local_by_name, steps, model_path)
+            keys = _index_stage0(step_dir, open_file, lay, m, tp_rank, sd, cs, param_list, local_by_name, steps,
+                                 model_path)
         if state_keys is None:
             state_keys = keys
         elif keys != state_keys:
@@ -218,14 +227,38 @@ def _index_zero_shards(step_dir, open_file, m, dp, param_list, local_by_name, st
     return list(keys or [])
 
 
-def _index_stage0(layout, m, sd, cs, param_list, local_by_name, steps, model_path) -> List[str]:
-    module = sd.get("module")
-    if module is None:
-        raise CheckpointFormatError(f"{model_path}: ZeRO stage 0 with pipeline parallelism keeps weights in "
-                                    "layer files; the resharding path needs --zero-stage 1 or 2")
+def _layer_weights(step_dir, open_file, tp_rank, cs, param_list, model_path) -> Dict[str, Any]:
+    """A pipeline stage's weights with ZeRO-0: DeepSpeed's layer files (``<layer>.<name>`` is ``<name>`` in
+    :func:`layer_file` of that layer), the tied embedding from the client state (layer files skip it)."""
+    tied = cs.get("tied_weights") or {}
+    layers: Dict[str, Any] = {}
+    out = {}
+    for p in param_list:
+        name = p["name"]
+        if name.startswith("tied_modules."):
+            if name not in tied:
+                raise CheckpointFormatError(f"{model_path}: the tied weight {name} is not in the client state")
+            out[name] = tied[name]
+            continue
+        layer, _, key = name.partition(".")
+        if not layer.isdigit():
+            raise CheckpointFormatError(f"{model_path}: {name} is neither a pipeline layer's nor a tied parameter")
+        path = layer_file(step_dir, int(layer), tp_rank)
+        if path not in layers:
+            layers[path] = open_file(_existing(path)).obj
+        state = layers[path]
+        out[name] = state.get(key) if isinstance(state, dict) else None
+    return out
+
+
+def _index_stage0(step_dir, open_file, layout, m, tp_rank, sd, cs, param_list, local_by_name, steps,
+                  model_path) -> List[str]:
     if layout.get("precision", "fp32") != "fp32":
         raise CheckpointFormatError(f"{model_path}: ZeRO stage 0 with {layout.get('precision')} is not "
                                     "supported by the resharding path; train with --zero-stage 1")
+    module = sd.get("module")
+    if module is None:  # a pipeline engine: the weights are in the layer files
+        module = _layer_weights(step_dir, open_file, tp_rank, cs, param_list, model_path)
     opt = sd.get("optimizer")
     groups = cs.get("optimizer_groups")
     shapes = {p["name"]: tuple(int(s) for s in p["shape"]) for p in param_list}

@@ -100,3 +100,53 @@ def test_foreign_model_file_refused(tmp_path):
 def test_layout_missing_refused(tmp_path):
     with pytest.raises(CheckpointFormatError, match="layout lacks"):
         ds.index_deepspeed_step(str(tmp_path), {"layout": {}}, TorchFile)
+
+
+def _write_pipeline_zero0_folder(step_dir):
+    """PP = 2, TP = 1, ZeRO-0, fp32: weights in DeepSpeed's layer files (the tied embedding in the client
+    state), Adam state in the model files; returns {canonical name: {key: full tensor}}."""
+    g = torch.Generator().manual_seed(5)
+    want = {"embedding.word_embeddings.weight": (VOCAB, HIDDEN), "layers.0.mlp.key_param_tokens": (3, HIDDEN),
+            "layers.1.mlp.key_param_tokens": (3, HIDDEN)}
+    want = {n: {k: torch.randn(shape, generator=g) for k in KEYS} for n, shape in want.items()}
+    tied = "tied_modules.embed.word_embeddings.weight"
+    stages = [[(tied, "embedding.word_embeddings.weight"), ("1.mlp.key_param_tokens", "layers.0.mlp.key_param_tokens")],
+              [("2.mlp.key_param_tokens", "layers.1.mlp.key_param_tokens"), (tied, "embedding.word_embeddings.weight")]]
+    os.makedirs(step_dir)
+    for stage, params in enumerate(stages):
+        plist = [{"name": local, "canonical": canon, "shape": list(want[canon]["fp32"].shape), "dtype": "float32",
+                  "partition_dim": 0 if "word" in canon else None, "vocab": "word" in canon} for local, canon in params]
+        client = {"params": plist, "pipeline_rank": stage, "tensor_rank": 0, "iteration": 2, "consumed_samples": 8,
+                  "tied_weights": {tied: want["embedding.word_embeddings.weight"]["fp32"]},
+                  "optimizer_groups": [[local for local, _ in params]]}
+        state = {i: {"step": torch.tensor(2.0), "exp_avg": want[canon]["exp_avg"], "exp_avg_sq": want[canon]["exp_avg_sq"]}
+                 for i, (_, canon) in enumerate(params)}
+        torch.save({ds.CLIENT_STATE_KEY: client, "module": None, "optimizer": {"state": state, "param_groups": []},
+                    "global_steps": 2, "lr_scheduler": {"num_steps": 2}}, ds.model_states_file(step_dir, stage))
+        for local, canon in params:
+            if not local.startswith("tied_modules."):
+                layer, _, key = local.partition(".")
+                torch.save({key: want[canon]["fp32"]}, ds.layer_file(step_dir, int(layer), 0))
+    return want
+
+
+def test_pipeline_zero0_layer_files(tmp_path):
+    assert ds.layer_file("s", 3, 1) == os.path.join("s", "layer_03-model_01-model_states.pt")
+    step = str(tmp_path / "step")
+    want = _write_pipeline_zero0_folder(step)
+    meta = {"layout": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2, "data_parallel_size": 1,
+                       "zero_stage": 0, "precision": "fp32"}, "model_config": {"vocab_size": VOCAB}}
+    opened = []
+    index = ds.index_deepspeed_step(step, meta, lambda p: opened.append(TorchFile(p)) or opened[-1])
+    try:
+        assert sorted(index.params) == sorted(want) and index.state_keys == ["exp_avg", "exp_avg_sq"]
+        for name, per_key in want.items():
+            assert index.params[name].step == 2.0
+            for key, t in per_key.items():
+                assert torch.equal(_read(index, name, key), t), (name, key)
+    finally:
+        for f in opened:
+            f.close()
+    os.remove(ds.layer_file(step, 2, 0))
+    with pytest.raises(CheckpointFormatError, match="layer_02-model_00-model_states.pt"):
+        ds.index_deepspeed_step(step, meta, TorchFile)
