@@ -34,7 +34,7 @@ from megatron_tokenformer import parallel_state
 from megatron_tokenformer.checkpointing.format import files, metadata
 from megatron_tokenformer.checkpointing.format.deepspeed_files import CLIENT_STATE_KEY
 from megatron_tokenformer.checkpointing.format.entries import FP32, CheckpointFormatError, CheckpointMismatchError
-from megatron_tokenformer.checkpointing.format.metadata import build_meta  # noqa: F401  (old import path)
+from megatron_tokenformer.checkpointing.format.metadata import build_meta
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.checkpointing.naming import canonical_parameter_names, vocab_parameters
 from megatron_tokenformer.checkpointing.reshard import layout_tuple as _layout_tuple
