@@ -121,12 +121,15 @@ def resolve_step_dir(load_dir: str, iteration: Optional[int] = None) -> Optional
 
 
 def remove_stale_partials(save_dir: str) -> None:
-    """Delete ``*.partial`` step folders left by an interrupted save (rank 0, before a new save)."""
+    """Delete what an interrupted save left (rank 0, before a new save): ``*.partial`` / ``*.old`` step
+    folders and temporary files of an unfinished ``latest`` update (``latest.tmp*``)."""
     if not os.path.isdir(save_dir):
         return
     for name in os.listdir(save_dir):
         if name.startswith(STEP_PREFIX) and (name.endswith(PARTIAL_SUFFIX) or name.endswith(".old")):
             shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+        elif name.startswith(LATEST_FILE + ".tmp") and os.path.isfile(os.path.join(save_dir, name)):
+            os.remove(os.path.join(save_dir, name))
 
 
 def prune_checkpoints(save_dir: str, keep_last_n: int) -> List[str]:

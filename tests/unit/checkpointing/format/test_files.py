@@ -36,8 +36,13 @@ def test_publish_latest_and_prune(tmp_path):
     _step(save, 8, meta=False)
     os.replace(os.path.join(save, "global_step8"), os.path.join(save, "global_step8.partial"))
     assert [n for n, _ in files.list_step_dirs(save)] == [4, 6]
+    for torn in ("latest.tmp", "latest.tmp-123-abcd1234"):       # an interrupted update of `latest`
+        with open(os.path.join(save, torn), "w") as f:
+            f.write("glob")
     files.remove_stale_partials(save)
     assert "global_step8.partial" not in os.listdir(save)
+    assert not [n for n in os.listdir(save) if n.startswith("latest.tmp")]
+    assert files.read_latest(save) == files.step_tag(6)
 
 
 def test_resolve_errors(tmp_path):
