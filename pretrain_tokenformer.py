@@ -43,13 +43,14 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
 
     # ---- checkpoint arguments, then validation: all before any process group exists
+    checkpoint = None
     try:
         if args.load:
-            from megatron_tokenformer.checkpointing import io as checkpoint_io
-            args = checkpoint_io.apply_checkpoint_args(args)
+            from megatron_tokenformer.checkpoint_args import apply_checkpoint_args
+            checkpoint = apply_checkpoint_args(args)
         validate_args(args, env.world_size)
         from megatron_tokenformer.training.param_token_freezing import ARG_KEY, resolve_frozen_counts
-        setattr(args, ARG_KEY, resolve_frozen_counts(args))
+        setattr(args, ARG_KEY, resolve_frozen_counts(args, checkpoint.step_dir if checkpoint else None))
     except (ArgumentError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc), env.rank)
 
@@ -69,7 +70,7 @@ def _main(argv=None) -> int:
     # ---- tokenizer and model config (cheap, still before the process group)
     try:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-        config = core_config_from_args(args, tokenizer.vocab_size)
+        config = core_config_from_args(args, tokenizer.vocab_size, checkpoint)
     except (ArgumentError, ValueError, OSError) as exc:
         _fail(str(exc), env.rank)
 

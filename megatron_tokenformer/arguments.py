@@ -162,6 +162,14 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                    help="linear warmup iterations (default 0)")
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, use the schedule these flags describe even where the checkpoint's differs "
+                        "(its step count is kept)")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="on resume, use the checkpoint's schedule (max/min LR, warmup, decay iterations, style) "
+                        "instead of these flags'")
     g.add_argument("--weight-decay", type=float, default=0.01,
                    help="decoupled weight decay (AdamW); LayerNorm weights and biases get none")
     g.add_argument("--clip-grad", type=float, default=1.0,
@@ -495,6 +503,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
 
     # ---- optimizer / schedule
     _check(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    _check(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+           "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other: give one")
     _check(0 <= args.min_lr <= args.lr, f"--min-lr ({args.min_lr}) must lie in [0, --lr ({args.lr})]")
     _check(args.clip_grad >= 0, f"--clip-grad must be >= 0, got {args.clip_grad}")
     _check(args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}")
@@ -554,8 +564,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     return args
 
 
-def core_config_from_args(args: argparse.Namespace, vocab_size: int):
-    """The :class:`~megatron_tokenformer.config.TokenformerConfig` these (validated) flags describe."""
+def core_config_from_args(args: argparse.Namespace, vocab_size: int, checkpoint=None):
+    """The :class:`~megatron_tokenformer.config.TokenformerConfig` these (validated) flags describe.
+
+    ``checkpoint``: the :class:`~megatron_tokenformer.checkpoint_args.CheckpointArgs` the flags were
+    reconciled with (:func:`~megatron_tokenformer.checkpoint_args.apply_checkpoint_args`): the config
+    fields it fixes and no flag sets (tau) are taken from it.
+    """
     from megatron_tokenformer.config import TokenformerConfig
 
     kwargs = dict(
@@ -583,10 +598,11 @@ def core_config_from_args(args: argparse.Namespace, vocab_size: int):
     kwargs.update(MODEL_FAMILY_FIELDS[args.model_type].recommended)  # the baseline GPT: parametric LayerNorms
     if getattr(args, "value_init_std", None) is not None:
         kwargs["value_init"] = float(args.value_init_std)
-    # Values the checkpoint fixed (e.g. tau after growth) win over the defaults.
-    for name in ("qkv_tau", "proj_tau", "ffn_tau"):
+    for name in ("qkv_tau", "proj_tau", "ffn_tau"):  # --*-tau of a fresh run (default sqrt(n))
         if getattr(args, name, None) is not None:
-            kwargs[name] = getattr(args, name)
+            kwargs[name] = float(getattr(args, name))
+    if checkpoint is not None:  # values the checkpoint fixed (e.g. tau after growth) win over the defaults
+        kwargs.update(checkpoint.config_overrides())
     config = TokenformerConfig(**kwargs)
     config.resolve_taus()
     try:

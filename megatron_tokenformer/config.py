@@ -254,12 +254,8 @@ class TokenformerConfig:
 
     def to_json(self, path: Union[str, os.PathLike]) -> None:
         """Write atomically (temporary file + rename)."""
-        path = os.fspath(path)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        from megatron_tokenformer.fileio import atomic_write_text
+        atomic_write_text(os.fspath(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", fsync=False)
 
     @classmethod
     def from_json(cls, path: Union[str, os.PathLike]) -> "TokenformerConfig":

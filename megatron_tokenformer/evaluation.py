@@ -1,7 +1,7 @@
 """Evaluating a checkpoint: loss and perplexity on held-out text (tools/evaluate_checkpoint.py).
 
 One process, no process group: the checkpoint (any TP/PP/DP layout it was written at, or a canonical
-folder from tools/expand_checkpoint.py) is read through :class:`~.checkpointing.reshard.CheckpointView`
+folder from tools/expand_checkpoint.py) is read through :class:`~.checkpointing.format.view.CheckpointView`
 into a TP = 1 model (Tokenformer or the baseline Transformer, whatever its config says). Meant for
 models that fit one host's memory; the training loop's own validation covers the rest.
 
@@ -46,8 +46,8 @@ class EvaluationResult:
 
 def load_model(load_dir: str, iteration: Optional[int] = None):
     """(model in eval mode, its config, the step folder) from a checkpoint directory."""
-    from megatron_tokenformer.checkpointing import files
-    from megatron_tokenformer.checkpointing.reshard import CheckpointView
+    from megatron_tokenformer.checkpointing.format import files
+    from megatron_tokenformer.checkpointing.format.view import CheckpointView
     from megatron_tokenformer.model import TokenformerLM
 
     if not os.path.isdir(load_dir):
@@ -82,7 +82,7 @@ def checkpoint_tokenizer(step_dir: str, tokenizer_model: Optional[str] = None):
     """The tokenizer stored in the checkpoint (or ``tokenizer_model`` when given): a sentencepiece
     model or a Hugging Face ``tokenizer.json`` (told apart by content; a folder holding a
     ``tokenizer.json`` works too)."""
-    from megatron_tokenformer.checkpointing import files
+    from megatron_tokenformer.checkpointing.format import files
     from megatron_tokenformer.data.tokenizer import load_tokenizer_file
 
     if tokenizer_model is not None:

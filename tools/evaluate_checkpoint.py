@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_tokenformer.checkpointing.reshard import CheckpointFormatError
+    from megatron_tokenformer.checkpointing.format.entries import CheckpointFormatError
     from megatron_tokenformer.evaluation import EvaluationError, evaluate_checkpoint
 
     if args.micro_batch_size < 1:

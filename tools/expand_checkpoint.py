@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_tokenformer.checkpointing.expand import ExpandError, ExpandOptions, expand_checkpoint
-    from megatron_tokenformer.checkpointing.reshard import CheckpointFormatError
+    from megatron_tokenformer.checkpointing.format.entries import CheckpointFormatError
 
     opts = ExpandOptions(**{k: v for k, v in vars(args).items()})
     try:

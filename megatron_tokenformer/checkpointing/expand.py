@@ -2,7 +2,7 @@
 
 Runs in one process without GPUs or process groups, on any checkpoint the project writes (also one
 written by 64 ranks: the view reads their files directly). The output is a ``canonical`` step folder
-(:mod:`.reshard`): one full tensor per parameter and optimizer state, with the target layout,
+(:mod:`.format.canonical`): one full tensor per parameter and optimizer state, with the target layout,
 the (grown) model config, the training state and an ``expansion_report.json``; training loads it
 at the target layout through :func:`~.io.load_checkpoint`'s resharding path.
 
@@ -13,6 +13,10 @@ tensor are written in place (random values; zeros stay holes), and the file is f
 new random rows are ever in memory. Where bytes cannot be copied as they are (a partition
 dimension other than 0, a non-fp32 source), the full tensor is assembled with ``pread`` and saved:
 about 2x the largest full tensor. Either way memory does not grow with the model.
+
+The conversion is a pipeline of named steps (:func:`expand_checkpoint`): :func:`read_source` ->
+:func:`grow_or_widen` -> :func:`reshard_to` -> :func:`write_canonical` -> :func:`log_written`, with
+:func:`plan_tensors` / :func:`log_plan` for what a dry run prints.
 
 Crash safety: everything is written below ``<save>.partial-<pid>/``, fsynced, and renamed to
 ``<save>`` at the very end; any error before that leaves ``<save>`` untouched (nothing
@@ -28,14 +32,20 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from megatron_tokenformer.checkpointing import files
+from megatron_tokenformer.checkpointing.format import files, metadata
+from megatron_tokenformer.checkpointing.format.canonical import CanonicalWriter
+from megatron_tokenformer.checkpointing.format.entries import FP32
+from megatron_tokenformer.checkpointing.format.source import CheckpointSource
+from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.checkpointing.grow import GrownView, plan_growth
-from megatron_tokenformer.checkpointing.reshard import FP32, CanonicalWriter, CheckpointView
+from megatron_tokenformer.checkpointing.reshard import layout_tuple, target_layout
+from megatron_tokenformer.fileio import fsync_dir
 from megatron_tokenformer.model.spec import GROW_NET2NET_WIDTH, get_spec
 
-__all__ = ["ExpandError", "ExpandOptions", "expand_checkpoint", "peak_rss_bytes"]
+__all__ = ["ExpandError", "ExpandOptions", "expand_checkpoint", "peak_rss_bytes", "read_source", "grow_or_widen",
+           "reshard_to", "plan_tensors", "write_canonical"]
 
 
 class ExpandError(ValueError):
@@ -98,20 +108,7 @@ def _check_target(opts: ExpandOptions) -> None:
             raise ExpandError(f"--save {opts.save} exists and is not empty; pass --overwrite to replace it")
 
 
-def _target_layout(view: CheckpointView, opts: ExpandOptions) -> Dict[str, int]:
-    src = view.layout
-    tp = opts.target_tensor_model_parallel_size or int(src.get("tensor_model_parallel_size", 1))
-    pp = opts.target_pipeline_model_parallel_size or int(src.get("pipeline_model_parallel_size", 1))
-    dp = opts.target_data_parallel_size or int(src.get("data_parallel_size", 1))
-    for flag, value in (("--target-tensor-model-parallel-size", tp), ("--target-pipeline-model-parallel-size", pp),
-                        ("--target-data-parallel-size", dp)):
-        if value < 1:
-            raise ExpandError(f"{flag} must be >= 1, got {value}")
-    return {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "data_parallel_size": dp,
-            "world_size": tp * pp * dp}
-
-
-def _training_state(view: CheckpointView, grown: GrownView, reset_iteration: bool) -> Dict[str, object]:
+def _training_state(view: CheckpointView, grown: CheckpointSource, reset_iteration: bool) -> Dict[str, object]:
     ts = copy.deepcopy(view.training_state)
     ts.setdefault("iteration", view.iteration)
     ts.setdefault("consumed_samples", int(view.meta.get("consumed_samples", 0)))
@@ -119,12 +116,12 @@ def _training_state(view: CheckpointView, grown: GrownView, reset_iteration: boo
         ts.update(iteration=0, consumed_samples=0, global_steps=0, global_samples=0, skipped_steps=0)
         if isinstance(ts.get("lr_scheduler"), dict) and "num_steps" in ts["lr_scheduler"]:
             ts["lr_scheduler"]["num_steps"] = 0
-    if grown.plan.reset_optimizer:
+    if grown.reset_optimizer:
         ts["loss_scaler"] = None
     return ts
 
 
-def _updated_args(view: CheckpointView, grown: GrownView, layout: Dict[str, int]) -> Dict[str, object]:
+def _updated_args(view: CheckpointView, grown: CheckpointSource, layout: Dict[str, int]) -> Dict[str, object]:
     args = dict(view.meta.get("args", {}))
     cfg = grown.config
     for key in ("num_layers", "qkv_num_param_tokens", "proj_num_param_tokens", "ffn_num_param_tokens",
@@ -136,13 +133,22 @@ def _updated_args(view: CheckpointView, grown: GrownView, layout: Dict[str, int]
     return args
 
 
-def expand_checkpoint(opts: ExpandOptions, log: Callable[[str], None] = print) -> Dict[str, object]:
-    """Do (or with ``dry_run`` only plan) the conversion. Returns the expansion report.
+@dataclass
+class TensorPlan:
+    """What will be written: one row ``(name, key, old shape or None, new shape, bytes, how)`` per tensor."""
 
-    Raises :class:`ExpandError` / :class:`CheckpointFormatError` / FileNotFoundError with a message
-    naming the flag or file; nothing is written in that case.
-    """
-    t0 = time.time()
+    rows: List[Tuple[str, str, Optional[Tuple[int, ...]], Tuple[int, ...], int, str]]
+    total_in: int
+    total_out: int
+
+    @property
+    def largest(self) -> int:
+        return max((r[4] for r in self.rows), default=0)
+
+
+# --------------------------------------------------------------------------- the steps
+def read_source(opts: ExpandOptions) -> CheckpointView:
+    """Step 1: open the source step folder (``--load``, ``--iteration``); check ``--save`` first."""
     if not os.path.isdir(opts.load):
         raise ExpandError(f"--load {opts.load}: no such directory")
     step_dir = files.resolve_step_dir(opts.load, opts.iteration)
@@ -150,138 +156,198 @@ def expand_checkpoint(opts: ExpandOptions, log: Callable[[str], None] = print) -
         raise ExpandError(f"--load {opts.load} has no `latest` file; pass --iteration N")
     if not opts.dry_run:
         _check_target(opts)
-    view = CheckpointView(step_dir)
+    return CheckpointView(step_dir)
+
+
+def grow_or_widen(view: CheckpointView, opts: ExpandOptions) -> CheckpointSource:
+    """Step 2: the source as the target model: a :class:`~.net2net.WidenedView` for a baseline
+    Transformer or a width change, else a :class:`~.grow.GrownView` (token/depth growth, or none)."""
     try:
-        layout = _target_layout(view, opts)
-        net2net_plan = None
-        try:
-            if get_spec(view.config).growth_rule == GROW_NET2NET_WIDTH or opts.hidden_size is not None or \
-                    opts.ffn_hidden_size is not None:
-                from megatron_tokenformer.checkpointing import net2net
-                net2net_plan = net2net.plan_from_options(view.config, opts)
-            plan = net2net_plan or plan_growth(
-                view.config, opts.qkv_num_param_tokens, opts.proj_num_param_tokens, opts.ffn_num_param_tokens,
-                opts.param_token_growth_factor, opts.num_layers, opts.new_layer_positions, opts.new_value_std,
-                opts.seed, opts.reset_optimizer)
-        except ValueError as exc:
-            raise ExpandError(str(exc)) from None
-        try:
-            plan.new_config.validate(layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"])
-        except ValueError as exc:
-            raise ExpandError(f"the target does not fit the layout (--target-tensor-model-parallel-size "
-                              f"{layout['tensor_model_parallel_size']}, --target-pipeline-model-parallel-size "
-                              f"{layout['pipeline_model_parallel_size']}): {exc}") from None
-        grown = net2net.WidenedView(view, plan) if net2net_plan is not None else GrownView(view, plan)
-        args = view.meta.get("args", {})
-        gbs, mbs = args.get("global_batch_size"), args.get("micro_batch_size")
-        if isinstance(gbs, int) and isinstance(mbs, int) and gbs % (mbs * layout["data_parallel_size"]):
-            log(f"note: the source run's global batch {gbs} is not a multiple of micro batch {mbs} x target data "
-                f"parallel size {layout['data_parallel_size']}; pass a matching --micro-batch-size when training")
+        if get_spec(view.config).growth_rule == GROW_NET2NET_WIDTH or opts.hidden_size is not None or \
+                opts.ffn_hidden_size is not None:
+            from megatron_tokenformer.checkpointing import net2net
+            return net2net.WidenedView(view, net2net.plan_from_options(view.config, opts))
+        plan = plan_growth(
+            view.config, opts.qkv_num_param_tokens, opts.proj_num_param_tokens, opts.ffn_num_param_tokens,
+            opts.param_token_growth_factor, opts.num_layers, opts.new_layer_positions, opts.new_value_std,
+            opts.seed, opts.reset_optimizer)
+        return GrownView(view, plan)
+    except ValueError as exc:
+        raise ExpandError(str(exc)) from None
 
-        # ---- the plan
-        rows = []
-        total_in = total_out = 0
-        for name, entry in grown.params.items():
-            src = grown.source_name(name)
-            old_shape = tuple(view.params[src].shape) if src else None
-            for key in grown.keys:
-                nbytes = entry.numel() * 4
-                rows.append((name, key, old_shape, tuple(entry.shape), nbytes, grown.describe(name)))
-                total_out += nbytes
-                if src is not None and (key == FP32 or key in view.state_keys):
-                    total_in += view.params[src].numel() * 4
-        largest = max((r[4] for r in rows), default=0)
-        src_layout = tuple(view.layout.get(k, 1) for k in ("tensor_model_parallel_size",
-                                                           "pipeline_model_parallel_size", "data_parallel_size"))
-        dst_layout = (layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"],
-                      layout["data_parallel_size"])
-        log(f"source: {step_dir} ({view.kind}, iteration {view.iteration}, (tp, pp, dp) = {src_layout})")
-        log(f"target: {opts.save} (canonical, (tp, pp, dp) = {dst_layout}); {len(grown.params)} parameters x "
-            f"{len(grown.keys)} tensors ({', '.join(grown.keys)}), {_human(total_out)}; largest tensor "
-            f"{_human(largest)}")
+
+def reshard_to(view: CheckpointView, opts: ExpandOptions) -> Dict[str, int]:
+    """Step 3a: the target layout (``--target-*-size``; a size not given keeps the source's)."""
+    try:
+        return target_layout(view.layout, opts.target_tensor_model_parallel_size,
+                             opts.target_pipeline_model_parallel_size, opts.target_data_parallel_size)
+    except ValueError as exc:
+        raise ExpandError(str(exc)) from None
+
+
+def check_fits(source: CheckpointSource, view: CheckpointView, layout: Dict[str, int],
+               log: Callable[[str], None]) -> None:
+    """Step 3b: the target model must divide over the target layout; a batch-size note when it will not."""
+    try:
+        source.config.validate(layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"])
+    except ValueError as exc:
+        raise ExpandError(f"the target does not fit the layout (--target-tensor-model-parallel-size "
+                          f"{layout['tensor_model_parallel_size']}, --target-pipeline-model-parallel-size "
+                          f"{layout['pipeline_model_parallel_size']}): {exc}") from None
+    args = view.meta.get("args", {})
+    gbs, mbs = args.get("global_batch_size"), args.get("micro_batch_size")
+    if isinstance(gbs, int) and isinstance(mbs, int) and gbs % (mbs * layout["data_parallel_size"]):
+        log(f"note: the source run's global batch {gbs} is not a multiple of micro batch {mbs} x target data "
+            f"parallel size {layout['data_parallel_size']}; pass a matching --micro-batch-size when training")
+
+
+def plan_tensors(view: CheckpointView, source: CheckpointSource) -> TensorPlan:
+    """Every (parameter, key) to write, with its source shape, size and origin."""
+    rows = []
+    total_in = total_out = 0
+    for name, entry in source.params.items():
+        src = source.source_name(name)
+        old_shape = tuple(view.params[src].shape) if src else None
+        for key in source.keys:
+            nbytes = entry.numel() * 4
+            rows.append((name, key, old_shape, tuple(entry.shape), nbytes, source.describe(name)))
+            total_out += nbytes
+            if src is not None and (key == FP32 or key in view.state_keys):
+                total_in += view.params[src].numel() * 4
+    return TensorPlan(rows, total_in, total_out)
+
+
+def log_plan(view: CheckpointView, source: CheckpointSource, layout: Dict[str, int], plan: TensorPlan,
+             opts: ExpandOptions, log: Callable[[str], None]) -> None:
+    log(f"source: {view.step_dir} ({view.kind}, iteration {view.iteration}, (tp, pp, dp) = "
+        f"{layout_tuple(view.layout)})")
+    log(f"target: {opts.save} (canonical, (tp, pp, dp) = {layout_tuple(layout)}); {len(source.params)} parameters "
+        f"x {len(source.keys)} tensors ({', '.join(source.keys)}), {_human(plan.total_out)}; largest tensor "
+        f"{_human(plan.largest)}")
+    if opts.dry_run:
+        for name, key, old_shape, new_shape, nbytes, how in plan.rows:
+            old = "new" if old_shape is None else str(list(old_shape))
+            log(f"  {name} [{key}]: {old} -> {list(new_shape)}  {nbytes} bytes  ({how})")
+        log("dry run: nothing written")
+
+
+def write_canonical(view: CheckpointView, source: CheckpointSource, layout: Dict[str, int], plan: TensorPlan,
+                    opts: ExpandOptions, t0: float) -> Dict[str, Any]:
+    """Step 4: write the canonical step folder into a staging folder and swap it in as ``--save``.
+
+    Returns the expansion report. Any error removes the staging folder (``--save`` untouched).
+    """
+    save = os.path.abspath(opts.save)
+    staging = f"{save}.partial-{os.getpid()}"
+    if os.path.exists(staging):
+        shutil.rmtree(staging)
+    tag = files.step_tag(0 if opts.reset_iteration else view.iteration)
+    partial_step = os.path.join(staging, tag + files.PARTIAL_SUFFIX)
+    try:
+        os.makedirs(partial_step)
+        writer = CanonicalWriter(partial_step, fsync=not opts.no_fsync)
+        _write_tensors(source, writer)
+        ts = _training_state(view, source, opts.reset_iteration)
+        report = _report(view, source, layout, opts, save, tag, ts, writer.bytes_written, plan.largest)
+        has_tok = _copy_tokenizer(view.step_dir, partial_step)
+        meta = metadata.build_meta(metadata.KIND_CANONICAL, source.config, _updated_args(view, source, layout), layout,
+                                   ts["iteration"], ts["consumed_samples"],
+                                   view.meta.get("tokenizer", {}).get("source"), has_tok)
+        meta["params"] = [e.to_dict() for e in source.params.values()]
+        meta["optimizer_state_keys"] = list(source.state_keys)
+        meta["training_state"] = ts
+        meta["source"] = report["source"]
+        report["seconds"] = round(time.time() - t0, 3)
+        report["peak_rss_bytes"] = peak_rss_bytes()
+        metadata.write_json(os.path.join(partial_step, files.REPORT_FILE), report)
+        writer.finish(meta)
+        files.publish_step_dir(partial_step, os.path.join(staging, tag), fsync=not opts.no_fsync)
+        files.update_latest(staging, tag)
+        fsync_dir(staging)
+        _swap_in(staging, save)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def log_written(report: Dict[str, Any], log: Callable[[str], None]) -> None:
+    """Step 5: one line on what was written, how fast, at what peak memory."""
+    log(f"wrote {report['target']['dir']}/{report['target']['step']}: {_human(report['bytes_written'])} in "
+        f"{report['seconds']:.2f} s ({_human(report['bytes_written'] / max(report['seconds'], 1e-9))}/s), peak RSS "
+        f"{_human(report['peak_rss_bytes'])}")
+
+
+def expand_checkpoint(opts: ExpandOptions, log: Callable[[str], None] = print) -> Dict[str, object]:
+    """Do (or with ``dry_run`` only plan) the conversion. Returns the expansion report.
+
+    Raises :class:`ExpandError` / :class:`CheckpointFormatError` / FileNotFoundError with a message
+    naming the flag or file; nothing is written in that case.
+    """
+    t0 = time.time()
+    with read_source(opts) as view:
+        layout = reshard_to(view, opts)
+        source = grow_or_widen(view, opts)
+        check_fits(source, view, layout, log)
+        plan = plan_tensors(view, source)
+        log_plan(view, source, layout, plan, opts, log)
         if opts.dry_run:
-            for name, key, old_shape, new_shape, nbytes, how in rows:
-                old = "new" if old_shape is None else str(list(old_shape))
-                log(f"  {name} [{key}]: {old} -> {list(new_shape)}  {nbytes} bytes  ({how})")
-            log("dry run: nothing written")
-            return {"dry_run": True, "tensors": len(rows), "bytes": total_out, "largest_tensor_bytes": largest}
-
-        # ---- write
-        save = os.path.abspath(opts.save)
-        staging = f"{save}.partial-{os.getpid()}"
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
-        iteration = 0 if opts.reset_iteration else view.iteration
-        tag = files.step_tag(iteration)
-        partial_step = os.path.join(staging, tag + files.PARTIAL_SUFFIX)
-        try:
-            os.makedirs(partial_step)
-            writer = CanonicalWriter(partial_step, fsync=not opts.no_fsync)
-            done = 0
-            plan_parts = getattr(grown, "plan_parts", None)
-            for name in grown.params:
-                for key in grown.keys:
-                    parts = plan_parts(name, key) if plan_parts is not None else None
-                    if parts is not None:   # byte-for-byte copies + the new rows: nothing materialised
-                        writer.write_parts(name, key, tuple(grown.params[name].shape), *parts)
-                    else:
-                        tensor = grown.read(name, key)
-                        writer.write(name, key, tensor)
-                        del tensor
-                done += 1
-            ts = _training_state(view, grown, opts.reset_iteration)
-            report = {
-                "source": {"dir": os.path.abspath(opts.load), "step_dir": step_dir, "kind": view.kind,
-                           "iteration": view.iteration, "consumed_samples": view.training_state.get("consumed_samples"),
-                           "layout": view.layout},
-                "target": {"dir": save, "step": tag, "layout": layout, "iteration": ts["iteration"],
-                           "consumed_samples": ts["consumed_samples"]},
-                "growth": grown.report(),
-                "reset_iteration": opts.reset_iteration,
-                "parameters": {name: {"shape": list(e.shape), "from": grown.describe(name)}
-                               for name, e in grown.params.items()},
-                "bytes_written": writer.bytes_written,
-                "largest_tensor_bytes": largest,
-            }
-            has_tok = files.TOKENIZER_FILE if os.path.isfile(os.path.join(step_dir, files.TOKENIZER_FILE)) else None
-            if has_tok:
-                shutil.copyfile(os.path.join(step_dir, files.TOKENIZER_FILE),
-                                os.path.join(partial_step, files.TOKENIZER_FILE))
-            from megatron_tokenformer.checkpointing.io import build_meta
-            meta = build_meta(files.KIND_CANONICAL, grown.config, _updated_args(view, grown, layout), layout,
-                              ts["iteration"], ts["consumed_samples"],
-                              view.meta.get("tokenizer", {}).get("source"), bool(has_tok))
-            meta["params"] = [e.to_dict() for e in grown.params.values()]
-            meta["optimizer_state_keys"] = list(grown.state_keys)
-            meta["training_state"] = ts
-            meta["source"] = report["source"]
-            elapsed = time.time() - t0
-            report["seconds"] = round(elapsed, 3)
-            report["peak_rss_bytes"] = peak_rss_bytes()
-            files.write_json(os.path.join(partial_step, files.REPORT_FILE), report)
-            writer.finish(meta)
-            files.publish_step_dir(partial_step, os.path.join(staging, tag), fsync=not opts.no_fsync)
-            files.update_latest(staging, tag)
-            files.fsync_dir(staging)
-            # swap the staging folder in
-            if os.path.exists(save):
-                if os.listdir(save):
-                    old = f"{save}.old-{os.getpid()}"
-                    os.replace(save, old)
-                    os.replace(staging, save)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.rmdir(save)
-                    os.replace(staging, save)
-            else:
-                os.replace(staging, save)
-            files.fsync_dir(os.path.dirname(save))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        log(f"wrote {save}/{tag}: {_human(report['bytes_written'])} in {report['seconds']:.2f} s "
-            f"({_human(report['bytes_written'] / max(report['seconds'], 1e-9))}/s), peak RSS "
-            f"{_human(report['peak_rss_bytes'])}")
+            return {"dry_run": True, "tensors": len(plan.rows), "bytes": plan.total_out,
+                    "largest_tensor_bytes": plan.largest}
+        report = write_canonical(view, source, layout, plan, opts, t0)
+        log_written(report, log)
         return report
-    finally:
-        view.close()
+
+
+# --------------------------------------------------------------------------- writing helpers
+def _write_tensors(source: CheckpointSource, writer: CanonicalWriter) -> None:
+    """Every (parameter, key): byte copies + new rows where the source can say where its bytes lie,
+    else the tensor read whole (one at a time)."""
+    for name, entry in source.params.items():
+        for key in source.keys:
+            parts = source.plan_parts(name, key)
+            if parts is not None:
+                writer.write_parts(name, key, tuple(entry.shape), *parts)
+            else:
+                writer.write(name, key, source.read(name, key))
+
+
+def _report(view: CheckpointView, source: CheckpointSource, layout: Dict[str, int], opts: ExpandOptions, save: str,
+            tag: str, ts: Dict[str, Any], bytes_written: int, largest: int) -> Dict[str, Any]:
+    return {
+        "source": {"dir": os.path.abspath(opts.load), "step_dir": view.step_dir, "kind": view.kind,
+                   "iteration": view.iteration, "consumed_samples": view.training_state.get("consumed_samples"),
+                   "layout": view.layout},
+        "target": {"dir": save, "step": tag, "layout": layout, "iteration": ts["iteration"],
+                   "consumed_samples": ts["consumed_samples"]},
+        "growth": source.report(),
+        "reset_iteration": opts.reset_iteration,
+        "parameters": {name: {"shape": list(e.shape), "from": source.describe(name)}
+                       for name, e in source.params.items()},
+        "bytes_written": bytes_written,
+        "largest_tensor_bytes": largest,
+    }
+
+
+def _copy_tokenizer(step_dir: str, dest_dir: str) -> bool:
+    src = os.path.join(step_dir, files.TOKENIZER_FILE)
+    if not os.path.isfile(src):
+        return False
+    shutil.copyfile(src, os.path.join(dest_dir, files.TOKENIZER_FILE))
+    return True
+
+
+def _swap_in(staging: str, save: str) -> None:
+    """Replace ``save`` (absent, empty, or --overwrite) by the complete ``staging`` folder."""
+    if os.path.exists(save):
+        if os.listdir(save):
+            old = f"{save}.old-{os.getpid()}"
+            os.replace(save, old)
+            os.replace(staging, save)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rmdir(save)
+            os.replace(staging, save)
+    else:
+        os.replace(staging, save)
+    fsync_dir(os.path.dirname(save))

@@ -17,7 +17,7 @@ still trains (the zero values get gradients). Its other tensors get the model's 
 N(0, init_method_std), Q/K/V values N(0, value std), LayerNorm ones/zeros).
 
 Order of tokens does not matter to a Pattention, so growing under TP is: gather the full [n, d]
-(:class:`~.reshard.CheckpointView` does), append, and re-split for the target TP.
+(:class:`~.format.view.CheckpointView` does), append, and re-split for the target TP.
 
 :class:`GrownView` wraps a view with a :class:`GrowthPlan` and has the same read interface, one
 parameter at a time.
@@ -32,7 +32,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_tokenformer.checkpointing.reshard import FP32, CheckpointView, ParamEntry
+from megatron_tokenformer.checkpointing.format.entries import FP32, ParamEntry
+from megatron_tokenformer.checkpointing.format.source import Parts
+from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.model.spec import ModelSpec, TokenformerSpec, UnknownParameterError
 
 __all__ = ["GrowthPlan", "GrownView", "plan_growth", "interleaved_positions", "GrowthError", "TOKEN_KINDS"]
@@ -160,7 +162,8 @@ def plan_growth(config, qkv_num_param_tokens: Optional[int] = None, proj_num_par
 
 
 class GrownView:
-    """A :class:`CheckpointView` with a :class:`GrowthPlan` applied (same read interface).
+    """A :class:`CheckpointView` with a :class:`GrowthPlan` applied: a
+    :class:`~.format.source.CheckpointSource`.
 
     ``params``: the grown model's entries (canonical names of the NEW model); ``read(name, key)``
     builds one full tensor from the source (old rows) and the growth rules (new rows / blocks).
@@ -170,6 +173,7 @@ class GrownView:
         self.view = view
         self.plan = plan
         self.config = plan.new_config
+        self.reset_optimizer = plan.reset_optimizer
         self.state_keys = [] if plan.reset_optimizer else list(view.state_keys)
         self.params: Dict[str, ParamEntry] = {}
         self._source: Dict[str, Optional[str]] = {}  # new name -> old name (None: a new block's tensor)
@@ -252,9 +256,9 @@ class GrownView:
             tail.zero_()
         return out
 
-    def plan_parts(self, name: str, key: str = FP32):
+    def plan_parts(self, name: str, key: str = FP32) -> Optional[Parts]:
         """How to write ``read(name, key)`` without building it: ``(copies, fills)`` for
-        :meth:`~.reshard.CanonicalWriter.write_parts`, or None (then use :meth:`read`).
+        :meth:`~.format.canonical.CanonicalWriter.write_parts`, or None (then use :meth:`read`).
 
         Old rows are copied byte for byte from the source files; new random value rows are the
         fills; zero rows (new keys, new moments, identity blocks' values) are left as holes.

@@ -1,19 +1,21 @@
-"""Saving and loading training checkpoints (DeepSpeed's layout + the project's metadata).
+"""The DeepSpeed adapter: saving and loading training checkpoints with the engine.
 
-Training calls three functions (contract "Training <-> checkpointing"):
+The format itself (folder layout, metadata, DeepSpeed's files, canonical folders) is in
+:mod:`.format`, which does not import DeepSpeed; this module is what needs the engine. (Reconciling
+the flags with a checkpoint before the model is built is the arguments layer's:
+:mod:`megatron_tokenformer.checkpoint_args`.) Training calls two functions (contract
+"Training <-> checkpointing"):
 
-* :func:`apply_checkpoint_args` (after parsing, before building the model): architecture flags the
-  user did not pass take the checkpoint's values; tau always does; explicit flags that contradict
-  the checkpoint are refused with every differing field listed.
 * :func:`save_checkpoint` (collective): DeepSpeed's files (model states, ZeRO shards, LR schedule,
   loss scaler) written into ``global_step<N>.partial``, plus every rank's RNG states and the
-  project metadata (:mod:`.files`); the folder is fsynced and renamed, then ``latest`` replaced.
+  project metadata (:mod:`.format.metadata`); the folder is fsynced and renamed, then ``latest`` replaced.
 * :func:`load_checkpoint` (collective): resumes from the step ``latest`` names, or starts from
   scratch with a log line when there is none. A checkpoint written at the same layout is loaded by
   DeepSpeed itself (bitwise resume, RNG states included); any other layout, and the ``canonical``
   folders that tools/expand_checkpoint.py writes, go through the resharding path: every rank reads
   just its slice of every parameter and of its fp32 master weights and Adam moments from a
-  :class:`~.reshard.CheckpointView` and places them in DeepSpeed's (ZeRO-partitioned) optimizer.
+  :class:`~.format.view.CheckpointView` (:func:`~.reshard.param_slices`) and
+  :func:`load_view_into_engine` places them in DeepSpeed's (ZeRO-partitioned) optimizer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import contextlib
 import os
 import random
 import shutil
-import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -30,40 +31,23 @@ import numpy as np
 import torch
 
 from megatron_tokenformer import parallel_state
-from megatron_tokenformer.checkpointing import files
 from megatron_tokenformer.checkpointing import save_dir as save_dir_lib
+from megatron_tokenformer.checkpointing.format import files, metadata
+from megatron_tokenformer.checkpointing.format.deepspeed_files import CLIENT_STATE_KEY
+from megatron_tokenformer.checkpointing.format.entries import FP32, CheckpointFormatError, CheckpointMismatchError
+from megatron_tokenformer.checkpointing.format.metadata import build_meta
+from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.checkpointing.naming import canonical_parameter_names, vocab_parameters
 from megatron_tokenformer.checkpointing.optimizer_step import set_adam_step
-from megatron_tokenformer.checkpointing.reshard import (CLIENT_STATE_KEY, FP32, CheckpointFormatError,
-                                                        CheckpointView)
+from megatron_tokenformer.checkpointing.reshard import layout_tuple as _layout_tuple
+from megatron_tokenformer.checkpointing.reshard import load_module_from_view  # noqa: F401  (old import path)
+from megatron_tokenformer.checkpointing.reshard import param_slices as _param_slices
+from megatron_tokenformer.fileio import fsync_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "apply_checkpoint_args", "CheckpointMismatchError",
-           "ARCHITECTURE_FIELDS", "expand_command"]
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not fit the model described by the flags (fields listed in the message)."""
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointMismatchError", "expand_command",
+           "load_view_into_engine"]
 
 
-# args dest -> TokenformerConfig field. Shapes and the computed function depend on all of them.
-ARCHITECTURE_FIELDS = {
-    "num_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "qkv_num_param_tokens": "qkv_num_param_tokens",
-    "proj_num_param_tokens": "proj_num_param_tokens",
-    "ffn_num_param_tokens": "ffn_num_param_tokens",
-    "pattention_normalization": "pattention_normalization",
-    "rotary_percent": "rotary_percent",
-    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
-    "model_type": "model_type",
-    "ffn_hidden_size": "ffn_hidden_size",  # the baseline transformer's MLP width
-}
-# Filled in from the checkpoint when not given, but may be changed on purpose (no parameter depends
-# on them: rotary positions, init only).
-SOFT_FIELDS = {"seq_length": "seq_length", "max_position_embeddings": "max_position_embeddings",
-               "init_method_std": "init_method_std"}
-TAU_FIELDS = ("qkv_tau", "proj_tau", "ffn_tau")
 # Config fields compared between the built model and the checkpoint at load time.
 CONFIG_CHECK_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "qkv_num_param_tokens",
                        "proj_num_param_tokens", "ffn_num_param_tokens", "qkv_tau", "proj_tau", "ffn_tau",
@@ -110,11 +94,6 @@ def current_layout(engine=None) -> Dict[str, Any]:
         layout["zero_stage"] = int(engine.zero_optimization_stage())
         layout["precision"] = "bf16" if engine.bfloat16_enabled() else ("fp16" if engine.fp16_enabled() else "fp32")
     return layout
-
-
-def _layout_tuple(layout: Dict[str, Any]) -> Tuple[int, int, int]:
-    return (int(layout.get("tensor_model_parallel_size", 1)), int(layout.get("pipeline_model_parallel_size", 1)),
-            int(layout.get("data_parallel_size", 1)))
 
 
 def expand_command(load_dir: str, iteration: int, target: Tuple[int, int, int], save_dir: Optional[str] = None) -> str:
@@ -171,7 +150,7 @@ def _fsync_deepspeed_writes(engine):
     def save(state_dict, path, *a, **kw):
         result = original(state_dict, path, *a, **kw)
         if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
-            files.fsync_file(os.fspath(path))
+            fsync_file(os.fspath(path))
         return result
 
     ckpt_engine.save = save
@@ -185,35 +164,7 @@ def _fsync_deepspeed_writes(engine):
 
 
 def _args_dict(args) -> Dict[str, Any]:
-    return files.jsonable({k: v for k, v in vars(args).items() if not k.startswith("_")})
-
-
-def _versions() -> Dict[str, str]:
-    import megatron_tokenformer
-    out = {"torch": torch.__version__, "megatron_tokenformer": megatron_tokenformer.__version__,
-           "python": sys.version.split()[0]}
-    try:
-        from importlib.metadata import version
-        out["deepspeed"] = version("deepspeed")
-    except Exception:  # noqa: BLE001 - not installed / no metadata
-        pass
-    return out
-
-
-def build_meta(kind: str, config, args_dict: Dict[str, Any], layout: Dict[str, Any], iteration: int,
-               consumed_samples: int, tokenizer_source: Optional[str], has_tokenizer: bool) -> Dict[str, Any]:
-    return {
-        "format_version": files.FORMAT_VERSION,
-        "kind": kind,
-        "iteration": int(iteration),
-        "consumed_samples": int(consumed_samples),
-        "model_config": config.to_dict(),
-        "args": args_dict,
-        "layout": layout,
-        "tokenizer": {"file": files.TOKENIZER_FILE if has_tokenizer else None, "source": tokenizer_source},
-        "versions": _versions(),
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    return metadata.jsonable({k: v for k, v in vars(args).items() if not k.startswith("_")})
 
 
 def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
@@ -269,10 +220,10 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
             if tokenizer_model and os.path.isfile(tokenizer_model):
                 shutil.copyfile(tokenizer_model, os.path.join(partial_dir, files.TOKENIZER_FILE))
                 has_tok = True
-            meta = build_meta(files.KIND_DEEPSPEED, config, _args_dict(args), current_layout(engine), iteration,
+            meta = build_meta(metadata.KIND_DEEPSPEED, config, _args_dict(args), current_layout(engine), iteration,
                               consumed_samples, tokenizer_model, has_tok)
             meta["run_id"] = getattr(args, "_run_id", None)  # [save_dir] which run wrote the step
-            files.write_json(os.path.join(partial_dir, files.META_FILE), meta)
+            metadata.write_json(os.path.join(partial_dir, files.META_FILE), meta)
     except (OSError, RuntimeError) as exc:
         write_error = exc
     save_dir_lib.agree_on_save(write_error, partial_dir, iteration)  # [save_dir] (was: _barrier())
@@ -294,59 +245,6 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
 
 
 # --------------------------------------------------------------------------- load-time checks
-def _checkpoint_step_dir(load_dir: str) -> Optional[str]:
-    return files.resolve_step_dir(load_dir)
-
-
-def apply_checkpoint_args(args):
-    """Fill architecture flags from the checkpoint ``--load`` resumes from (see module docstring).
-
-    Returns ``args``. Raises :class:`CheckpointMismatchError` listing every explicit flag that
-    contradicts the checkpoint's model config. No-op without ``--load`` or without a checkpoint.
-    """
-    load = getattr(args, "load", None)
-    if not load:
-        return args
-    step_dir = _checkpoint_step_dir(load)
-    if step_dir is None:
-        return args
-    meta = files.read_meta(step_dir)
-    cfg = meta.get("model_config", {})
-    explicit = set(getattr(args, "_explicit", set()))
-    use_ckpt = getattr(args, "use_checkpoint_args", True)
-    mismatches = []
-    for dest, field in ARCHITECTURE_FIELDS.items():
-        if field not in cfg or not hasattr(args, dest):
-            continue
-        value = cfg[field]
-        if dest in explicit:
-            if getattr(args, dest) != value:
-                mismatches.append(f"--{dest.replace('_', '-')} {getattr(args, dest)} (checkpoint: {value})")
-        elif use_ckpt:
-            setattr(args, dest, value)
-    for dest, field in SOFT_FIELDS.items():
-        if field in cfg and hasattr(args, dest) and dest not in explicit and use_ckpt:
-            setattr(args, dest, cfg[field])
-    # The vocabulary comes from the tokenizer (NullTokenizer adds an end-of-document id to --vocab-size);
-    # load_checkpoint compares the built model's vocab_size with the checkpoint's.
-    for name in TAU_FIELDS:  # an explicit --*-tau must agree with the checkpoint's (which always wins)
-        if name in explicit and cfg.get(name) is not None and getattr(args, name, None) is not None \
-                and abs(float(getattr(args, name)) - float(cfg[name])) > 1e-12 * max(1.0, abs(float(cfg[name]))):
-            mismatches.append(f"--{name.replace('_', '-')} {getattr(args, name)} (checkpoint: {cfg[name]})")
-    if mismatches:
-        raise CheckpointMismatchError(
-            f"the checkpoint {step_dir} does not match the model the flags describe; differing: "
-            + "; ".join(mismatches)
-            + ". Drop these flags to use the checkpoint's values, or convert the checkpoint with "
-              "tools/expand_checkpoint.py (growth: --qkv-num-param-tokens/--proj-num-param-tokens/"
-              "--ffn-num-param-tokens/--num-layers).")
-    for name in TAU_FIELDS:  # always the checkpoint's (growth keeps tau while n changes)
-        if cfg.get(name) is not None:
-            setattr(args, name, float(cfg[name]))
-    args._checkpoint_step_dir = step_dir
-    return args
-
-
 def check_config_matches(config, ckpt_config: Dict[str, Any], step_dir: str) -> None:
     """Refuse a checkpoint whose model config differs from ``config`` (fields listed)."""
     diffs = []
@@ -377,14 +275,14 @@ def load_checkpoint(engine, args, config) -> Tuple[int, int]:
         _log(f"no checkpoint found in {load}, starting from scratch")
         return 0, 0
     start = time.time()
-    meta = files.read_meta(step_dir)
+    meta = metadata.read_meta(step_dir)
     check_config_matches(config, meta.get("model_config", {}), step_dir)
     finetune = bool(getattr(args, "finetune", False))
     load_optim = not finetune and not getattr(args, "no_load_optim", False)
     load_rng = not finetune and not getattr(args, "no_load_rng", False)
     here = current_layout(engine)
     saved = meta.get("layout", {})
-    same_layout = (meta.get("kind") == files.KIND_DEEPSPEED and _layout_tuple(saved) == _layout_tuple(here)
+    same_layout = (meta.get("kind") == metadata.KIND_DEEPSPEED and _layout_tuple(saved) == _layout_tuple(here)
                    and saved.get("zero_stage") == here["zero_stage"] and saved.get("precision") == here["precision"])
     tag = os.path.basename(step_dir)
     iteration = int(meta.get("iteration", 0))
@@ -398,12 +296,12 @@ def load_checkpoint(engine, args, config) -> Tuple[int, int]:
         _restore_tied_weights(engine, (client_state or {}).get(CLIENT_STATE_KEY, {}), load_optim, step_dir)
         how = "DeepSpeed files at the same layout"
     else:
-        what = (f"a {meta.get('kind')} checkpoint" if meta.get("kind") != files.KIND_DEEPSPEED else
+        what = (f"a {meta.get('kind')} checkpoint" if meta.get("kind") != metadata.KIND_DEEPSPEED else
                 f"a checkpoint written at (tp, pp, dp) = {_layout_tuple(saved)}, ZeRO {saved.get('zero_stage')}, "
                 f"{saved.get('precision')}")
         _log(f"loading {what} into (tp, pp, dp) = {_layout_tuple(here)}, ZeRO {here['zero_stage']}, "
              f"{here['precision']} through the resharding path"
-             + ("" if meta.get("kind") != files.KIND_DEEPSPEED else
+             + ("" if meta.get("kind") != metadata.KIND_DEEPSPEED else
                 "; to convert it once instead: " + expand_command(load, iteration, _layout_tuple(here))))
         ok, error = True, None
         try:
@@ -417,6 +315,10 @@ def load_checkpoint(engine, args, config) -> Tuple[int, int]:
         finally:
             view.close()
         how = "resharding path"
+    if engine.lr_scheduler is not None:
+        # The schedule sets the LR of the next update on both paths: DeepSpeed's ZeRO load restores the
+        # optimizer's param groups (their saved "lr") after the scheduler's state.
+        engine.lr_scheduler.apply()
     if finetune:
         iteration, consumed = 0, 0
     else:
@@ -454,45 +356,6 @@ def _restore_tied_weights(engine, client: Dict[str, Any], load_optim: bool, step
 def _optimizer_base(engine):
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
-
-
-def _param_slices(module: torch.nn.Module, view: CheckpointView, config):
-    """Yield (local name, param, canonical name, entry, read(key) -> this rank's slice) for ``module``."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    padded = config.padded_vocab_size(tp)
-    names = canonical_parameter_names(module)
-    missing = sorted({c for c in names.values() if c not in view.params})
-    if missing:
-        raise CheckpointMismatchError(f"{view.step_dir} lacks parameters the model has: {', '.join(missing[:10])}"
-                                      + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
-    for local_name, param in module.named_parameters():
-        cname = names[local_name]
-        entry = view.params[cname]
-        pdim = int(getattr(param, "partition_dim", 0)) if getattr(param, "tensor_model_parallel", False) else None
-        if (pdim is None) != (entry.partition_dim is None):
-            raise CheckpointMismatchError(f"{cname}: partitioned={pdim is not None} in the model but "
-                                          f"{entry.partition_dim is not None} in {view.step_dir}")
-        r, w = (tp_rank, tp) if pdim is not None else (0, 1)
-
-        def read(key, cname=cname, entry=entry, r=r, w=w, param=param):
-            value = view.read_tp_slice(cname, key, r, w, padded if entry.vocab else None)
-            if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointMismatchError(f"{cname}: the model's shard has shape {tuple(param.shape)} but the "
-                                              f"checkpoint gives {tuple(value.shape)} for tensor rank {r} of {w}")
-            return value
-
-        yield local_name, param, cname, entry, read
-
-
-def load_module_from_view(module: torch.nn.Module, view: CheckpointView, config) -> None:
-    """Set every parameter of ``module`` (this rank's TP slice) from the view's fp32 master weights.
-
-    For evaluation and export without DeepSpeed; training uses :func:`load_view_into_engine`.
-    """
-    with torch.no_grad():
-        for _, param, _, _, read in _param_slices(module, view, config):
-            param.data.copy_(read(FP32).to(param.dtype))
 
 
 def load_view_into_engine(engine, view: CheckpointView, config, load_optim: bool = True,

@@ -61,7 +61,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_tokenformer.checkpointing.reshard import FP32, CheckpointView, ParamEntry
+from megatron_tokenformer.checkpointing.format.entries import FP32, ParamEntry
+from megatron_tokenformer.checkpointing.format.source import Parts
+from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.model.spec import GROW_NET2NET_WIDTH, TransformerSpec, UnknownParameterError, get_spec
 
 __all__ = ["Net2NetError", "WideningPlan", "WidenedView", "plan_widening", "plan_from_options",
@@ -240,13 +242,14 @@ def widen_state_dict(state: Dict[str, torch.Tensor], plan: WideningPlan) -> Dict
 
 # --------------------------------------------------------------------------- checkpoint view
 class WidenedView:
-    """A :class:`CheckpointView` with a :class:`WideningPlan` applied; the read interface of
-    :class:`~.grow.GrownView` (``params``, ``keys``, ``state_keys``, ``config``, ``read``, ...)."""
+    """A :class:`CheckpointView` with a :class:`WideningPlan` applied; a
+    :class:`~.format.source.CheckpointSource` (``params``, ``keys``, ``state_keys``, ``config``, ``read``, ...)."""
 
     def __init__(self, view: CheckpointView, plan: WideningPlan):
         self.view = view
         self.plan = plan
         self.config = plan.new_config
+        self.reset_optimizer = plan.reset_optimizer
         self.state_keys = [] if plan.reset_optimizer else list(view.state_keys)
         self.params: Dict[str, ParamEntry] = {}
         for name, entry in view.params.items():
@@ -272,6 +275,12 @@ class WidenedView:
             return old
         widened = widen_tensor(name, old, self.plan)
         return _noise(name, widened, float(old.std()) if old.numel() > 1 else 0.0, self.plan)
+
+    def plan_parts(self, name: str, key: str = FP32) -> Optional[Parts]:
+        """Byte copies of the source when nothing is widened; None (read whole) otherwise."""
+        if key != FP32 and key not in self.state_keys:
+            raise KeyError(f"{name}: no optimizer state {key!r} (the optimizer is reset by width growth)")
+        return None if self.plan.widens else self.view.plan_parts(name, key)
 
     def report(self) -> Dict[str, object]:
         plan = self.plan

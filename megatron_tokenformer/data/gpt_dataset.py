@@ -29,10 +29,11 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from megatron_tokenformer.fileio import atomic_path, atomic_write_text
 
 from .blending import BlendedDataset, parse_data_prefix
 from .indexed_dataset import IndexedDataset, IndexedDatasetError
@@ -118,20 +119,8 @@ class _FileLock:
 
 
 def _atomic_save(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy"
-    try:
+    with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------
@@ -301,7 +290,7 @@ class GPTDataset:
                 logger.info("building %s sample index for %s", self.name, prefix)
                 arrays = build_sample_indices(doc_ids, split_lengths, self.seq_length,
                                               self.num_samples, self.seed)
-                _atomic_write_text(base + "-description.json", text)
+                atomic_write_text(base + "-description.json", text, fsync=False)
                 for k, a in zip(("doc_idx", "sample_idx", "shuffle_idx"), arrays):
                     _atomic_save(paths[k], a)
                 self.built_cache = True

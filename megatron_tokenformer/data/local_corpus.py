@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import sysconfig
-import uuid
 from typing import Iterator, List, Optional, Sequence, Tuple
+
+from megatron_tokenformer.fileio import atomic_path
 
 __all__ = ["default_roots", "iter_corpus_files", "build_local_corpus"]
 
@@ -77,8 +78,7 @@ def build_local_corpus(output: str, max_mb: float = 20.0, fmt: Optional[str] = N
     limit = int(max_mb * 1e6)
     written = docs = 0
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = f"{output}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_path(output) as tmp:
         with open(tmp, "w", encoding="utf-8") as out:
             for root, path in iter_corpus_files(roots, extensions):
                 try:
@@ -106,8 +106,4 @@ def build_local_corpus(output: str, max_mb: float = 20.0, fmt: Optional[str] = N
                 docs += 1
         if docs == 0:
             raise ValueError(f"no text files found under {', '.join(roots)}")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return {"documents": docs, "bytes": written, "output": output}

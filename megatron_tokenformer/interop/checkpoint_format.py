@@ -16,8 +16,11 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from megatron_tokenformer.checkpointing import files
-from megatron_tokenformer.checkpointing.reshard import FP32, CanonicalWriter, CheckpointView, ParamEntry
+from megatron_tokenformer.checkpointing.format import files, metadata
+from megatron_tokenformer.checkpointing.format.canonical import CanonicalWriter
+from megatron_tokenformer.checkpointing.format.entries import FP32, ParamEntry
+from megatron_tokenformer.checkpointing.format.view import CheckpointView
+from megatron_tokenformer.fileio import fsync_dir
 
 __all__ = ["open_step", "write_checkpoint", "parameter_layout", "FP32", "TOKENIZER_FILE"]
 
@@ -62,7 +65,7 @@ def write_checkpoint(save: str, config, tensors: Dict[str, torch.Tensor], args: 
     The tensors must be exactly the model's parameters with the model's shapes (checked; the
     ValueError names the key). No optimizer state: training continues from it with a fresh optimizer.
     """
-    from megatron_tokenformer.checkpointing.io import build_meta
+    from megatron_tokenformer.checkpointing.format.metadata import build_meta
 
     layout_map = parameter_layout(config)
     missing = sorted(set(layout_map) - set(tensors))
@@ -96,7 +99,7 @@ def write_checkpoint(save: str, config, tensors: Dict[str, torch.Tensor], args: 
         has_tok = bool(tokenizer_file) and os.path.isfile(tokenizer_file)
         if has_tok:
             shutil.copyfile(tokenizer_file, os.path.join(partial_step, files.TOKENIZER_FILE))
-        meta = build_meta(files.KIND_CANONICAL, config, dict(args), layout, iteration, 0,
+        meta = build_meta(metadata.KIND_CANONICAL, config, dict(args), layout, iteration, 0,
                           tokenizer_file if has_tok else None, has_tok)
         meta["params"] = [e.to_dict() for e in entries]
         meta["optimizer_state_keys"] = []
@@ -109,7 +112,7 @@ def write_checkpoint(save: str, config, tensors: Dict[str, torch.Tensor], args: 
         if os.path.isdir(save):
             os.rmdir(save)
         os.replace(staging, save)
-        files.fsync_dir(os.path.dirname(save))
+        fsync_dir(os.path.dirname(save))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -257,7 +257,9 @@ def setup_model_and_optimizer(args, config, device: Optional[torch.device] = Non
     optimizer = build_optimizer(args, model)
     scheduler = OptimizerParamScheduler(optimizer, max_lr=args.lr, min_lr=args.min_lr,
                                         warmup_steps=args.lr_warmup_iters, decay_steps=args.lr_decay_iters,
-                                        decay_style=args.lr_decay_style)
+                                        decay_style=args.lr_decay_style,
+                                        override_opt_param_scheduler=args.override_opt_param_scheduler,
+                                        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
     ds_config = build_deepspeed_config(args)
     if args.fp16:
         _allow_fp16_on_cpu()
@@ -273,6 +275,3 @@ def is_pipeline_engine(engine) -> bool:
     from deepspeed.runtime.pipe.engine import PipelineEngine
     return isinstance(engine, PipelineEngine)
 
-
-def unwrap_model(engine) -> torch.nn.Module:
-    return engine.module

@@ -39,20 +39,20 @@ class FreezingError(ValueError):
     """--train-only-new-param-tokens cannot be applied (message names the flag and the checkpoint)."""
 
 
-def resolve_frozen_counts(args) -> Optional[Dict[str, int]]:
+def resolve_frozen_counts(args, step_dir: Optional[str] = None) -> Optional[Dict[str, int]]:
     """The old token counts per kind (``{"qkv_num_param_tokens": n_old, ...}``) this run keeps frozen, or None.
 
     ``args.train_only_new_param_tokens``: True (the flag), False (``--no-...``: train all) or None (not
     given). With the flag: the loaded checkpoint's expansion report when it records a token growth (the
     last growth), else its saved arguments (a run that already froze). Without it: the saved arguments
     only (a resume keeps freezing), and nothing from a freshly grown checkpoint.
+    ``step_dir``: the step folder ``--load`` resumes from (None: none).
     """
     from megatron_tokenformer.checkpointing import files
 
     wanted = getattr(args, "train_only_new_param_tokens", None)
     if wanted is False:
         return None
-    step_dir = getattr(args, "_checkpoint_step_dir", None)
     growth = saved = None
     if step_dir is not None:
         report_path = os.path.join(step_dir, files.REPORT_FILE)

@@ -48,13 +48,18 @@ def run(layout, args, timeout=300, check=True) -> subprocess.CompletedProcess:
 
 def losses(tb_dir: str) -> Dict[int, float]:
     """{iteration: lm loss} from the TensorBoard event files under ``tb_dir``."""
+    return scalars(tb_dir, "lm loss")
+
+
+def scalars(tb_dir: str, tag: str) -> Dict[int, float]:
+    """{iteration: value} of the scalar ``tag`` (e.g. "learning-rate") from the event files under ``tb_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out: Dict[int, float] = {}
     for path in sorted(glob.glob(os.path.join(tb_dir, "**", "events.out.tfevents.*"), recursive=True)):
         acc = EventAccumulator(path, size_guidance={"scalars": 0})
         acc.Reload()
-        if "lm loss" in acc.Tags().get("scalars", []):
-            for ev in acc.Scalars("lm loss"):
+        if tag in acc.Tags().get("scalars", []):
+            for ev in acc.Scalars(tag):
                 out[int(ev.step)] = float(ev.value)
     return out
 
@@ -94,4 +99,4 @@ def popen(layout, args):
                             stderr=subprocess.STDOUT, text=True)
 
 
-__all__ = ["ARCH", "TRAIN", "run", "train", "resume", "losses", "checkpoint_at", "popen", "signal", "ROOT"]
+__all__ = ["ARCH", "TRAIN", "run", "train", "resume", "losses", "scalars", "checkpoint_at", "popen", "signal", "ROOT"]

@@ -202,7 +202,7 @@ def test_bf16_checkpoint(tool, source, capsys):
     assert proc.returncode == 0, proc.stderr[-3000:]
     step = os.path.join(save, "global_step2")
     assert os.path.isfile(os.path.join(step, "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"))
-    from megatron_tokenformer.checkpointing.reshard import CheckpointView
+    from megatron_tokenformer.checkpointing.format.view import CheckpointView
     module = torch.load(os.path.join(step, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
     with CheckpointView(step) as view:
         assert view.params["layers.0.mlp.key_param_tokens"].dtype == "bfloat16"

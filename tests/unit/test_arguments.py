@@ -256,3 +256,19 @@ def test_sequence_parallel_is_ignored_at_tp1_and_reaches_the_config():
     from megatron_tokenformer.arguments import core_config_from_args
     args = validated(["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2)
     assert args.sequence_parallel and core_config_from_args(args, 100).sequence_parallel
+
+
+def test_opt_param_scheduler_flags_both_spellings():
+    for spelling in ("--override-opt-param-scheduler", "--override-opt_param-scheduler"):
+        args = validated([spelling], world_size=1)
+        assert args.override_opt_param_scheduler and not args.use_checkpoint_opt_param_scheduler
+    for spelling in ("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler"):
+        args = validated([spelling], world_size=1)
+        assert args.use_checkpoint_opt_param_scheduler and not args.override_opt_param_scheduler
+    args = validated([], world_size=1)
+    assert not args.override_opt_param_scheduler and not args.use_checkpoint_opt_param_scheduler
+
+
+def test_opt_param_scheduler_flags_exclude_each_other():
+    msg = error_of(["--override-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler"], world_size=1)
+    assert "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler" in msg

@@ -10,19 +10,19 @@ PACKAGE = "megatron_tokenformer"
 
 #: lowest first; a module may import its own layer and the layers before it
 LAYERS = [
-    {"config", "ops"},
+    {"config", "ops", "fileio"},
     {"launch", "parallel_state"},
     {"tensor_parallel"},
     {"model"},
     {"data"},
     {"checkpointing"},
     {"training"},
-    {"evaluation", "arguments", "testing", "__init__"},
+    {"evaluation", "arguments", "checkpoint_args", "testing", "__init__"},
     {"interop"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
-DOC_LINE = "config, ops < launch, parallel_state < tensor_parallel < model < data < checkpointing < training < " \
-           "evaluation, arguments, testing < interop"
+DOC_LINE = "config, ops, fileio < launch, parallel_state < tensor_parallel < model < data < checkpointing < training < " \
+           "evaluation, arguments, checkpoint_args, testing < interop"
 
 
 def package_modules():

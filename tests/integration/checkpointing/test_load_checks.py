@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from tests.helpers import ckpt_runs as R
-from megatron_tokenformer.arguments import parse_args
+from megatron_tokenformer.arguments import core_config_from_args, parse_args
+from megatron_tokenformer.checkpoint_args import apply_checkpoint_args
 from megatron_tokenformer.checkpointing import io
 from megatron_tokenformer.config import TokenformerConfig
 
@@ -17,23 +18,28 @@ pytestmark = pytest.mark.slow
 
 def test_flags_filled_from_checkpoint(straight_runs):
     _, save = straight_runs((1, 1, 1))
-    args = io.apply_checkpoint_args(parse_args(["--load", save, "--micro-batch-size", "1"]))
+    args = parse_args(["--load", save, "--micro-batch-size", "1"])
+    ckpt = apply_checkpoint_args(args)
     assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (2, 32, 4)
     assert (args.qkv_num_param_tokens, args.proj_num_param_tokens, args.ffn_num_param_tokens) == (16, 16, 32)
-    assert (args.qkv_tau, args.proj_tau, args.ffn_tau) == (4.0, 4.0, 32 ** 0.5)
+    # tau reaches the model config through the checkpoint's config, not through args
+    config = core_config_from_args(args, 101, ckpt)
+    assert (config.qkv_tau, config.proj_tau, config.ffn_tau) == (4.0, 4.0, 32 ** 0.5)
     assert args.seq_length == 16
     # explicit flags that agree are fine; without --use-checkpoint-args nothing is filled in
-    args = io.apply_checkpoint_args(parse_args(["--load", save, "--num-layers", "2", "--no-use-checkpoint-args"]))
-    assert args.num_layers == 2 and args.hidden_size is None and args.qkv_tau == 4.0
+    args = parse_args(["--load", save, "--num-layers", "2", "--no-use-checkpoint-args"])
+    ckpt = apply_checkpoint_args(args)
+    assert args.num_layers == 2 and args.hidden_size is None and ckpt.config_overrides()["qkv_tau"] == 4.0
     # no checkpoint yet: nothing happens (the run starts from scratch)
-    args = io.apply_checkpoint_args(parse_args(["--load", os.path.join(save, "no_such_dir")]))
+    args = parse_args(["--load", os.path.join(save, "no_such_dir")])
+    assert apply_checkpoint_args(args) is None
     assert args.num_layers is None
 
 
 def test_mismatching_flags_refused_with_all_fields(straight_runs):
     _, save = straight_runs((1, 1, 1))
     with pytest.raises(io.CheckpointMismatchError) as err:
-        io.apply_checkpoint_args(parse_args(["--load", save, "--hidden-size", "64", "--ffn-num-param-tokens", "64",
+        apply_checkpoint_args(parse_args(["--load", save, "--hidden-size", "64", "--ffn-num-param-tokens", "64",
                                              "--num-layers", "2", "--pattention-normalization", "softmax"]))
     msg = str(err.value)
     assert "--hidden-size 64 (checkpoint: 32)" in msg and "--ffn-num-param-tokens 64 (checkpoint: 32)" in msg
@@ -43,7 +49,7 @@ def test_mismatching_flags_refused_with_all_fields(straight_runs):
 def test_built_model_checked_against_checkpoint(straight_runs):
     _, save = straight_runs((1, 1, 1))
     step = os.path.join(save, "global_step10")
-    from megatron_tokenformer.checkpointing.files import read_meta
+    from megatron_tokenformer.checkpointing.format.metadata import read_meta
     cfg = read_meta(step)["model_config"]
     config = TokenformerConfig.from_dict(dict(cfg, vocab_size=120, qkv_tau=3.0))
     with pytest.raises(io.CheckpointMismatchError) as err:

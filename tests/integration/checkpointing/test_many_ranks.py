@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_checkpoint
-from megatron_tokenformer.checkpointing.reshard import CheckpointView
+from megatron_tokenformer.checkpointing.format.view import CheckpointView
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from tests.helpers import ckpt_runs as R
 from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_checkpoint
-from megatron_tokenformer.checkpointing.reshard import CheckpointView
+from megatron_tokenformer.checkpointing.format.view import CheckpointView
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,10 @@ def _engine_worker(rank, world, port, layout, load_dir, save_dir, mode, result_d
     argv = R.ARCH + R.TRAIN + ["--train-iters", "20", "--tensor-model-parallel-size", str(tp),
                                "--pipeline-model-parallel-size", str(pp), "--load", load_dir, "--save", save_dir]
     args = parse_args(argv)
-    args = io.apply_checkpoint_args(args)
+    from megatron_tokenformer.checkpoint_args import apply_checkpoint_args
+    ckpt = apply_checkpoint_args(args)
     validate_args(args, world)
-    config = core_config_from_args(args, 101)
+    config = core_config_from_args(args, 101, ckpt)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     parallel_state.initialize_model_parallel(tp, pp)
     tp_random.model_parallel_seed(args.seed)

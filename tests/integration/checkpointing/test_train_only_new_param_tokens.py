@@ -15,7 +15,8 @@ from tests.helpers import ckpt_runs as R
 from megatron_tokenformer.checkpointing import files
 from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_checkpoint
 from megatron_tokenformer.checkpointing.grow import pattention_kind
-from megatron_tokenformer.checkpointing.reshard import FP32, CheckpointView
+from megatron_tokenformer.checkpointing.format.entries import FP32
+from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.training.param_token_freezing import ARG_KEY
 
 pytestmark = pytest.mark.slow

@@ -26,8 +26,12 @@ def step_dir(tmp_path, growth=None, record=None):
 
 
 def args_for(path, flag):
-    return types.SimpleNamespace(train_only_new_param_tokens=flag, _checkpoint_step_dir=path, load="ckpt",
+    return types.SimpleNamespace(train_only_new_param_tokens=flag, load="ckpt",
                                  model_type="tokenformer", **GROWN)
+
+
+def _resolve(path, flag):
+    return resolve_frozen_counts(args_for(path, flag), path)
 
 
 X4 = {"qkv_num_param_tokens": {"old": 16, "new": 64}, "proj_num_param_tokens": {"old": 16, "new": 64},
@@ -36,37 +40,37 @@ OLD = {"qkv_num_param_tokens": 16, "proj_num_param_tokens": 16, "ffn_num_param_t
 
 
 def test_the_flag_takes_the_last_growths_old_counts(tmp_path):
-    assert resolve_frozen_counts(args_for(step_dir(tmp_path, growth=X4), True)) == OLD
+    assert _resolve(step_dir(tmp_path, growth=X4), True) == OLD
 
 
 def test_a_kind_the_growth_left_alone_is_all_old(tmp_path):
     growth = {"ffn_num_param_tokens": {"old": 64, "new": 256}}
-    assert resolve_frozen_counts(args_for(step_dir(tmp_path, growth=growth), True)) == {
+    assert _resolve(step_dir(tmp_path, growth=growth), True) == {
         "qkv_num_param_tokens": 64, "proj_num_param_tokens": 64, "ffn_num_param_tokens": 64}
 
 
 def test_a_grown_checkpoint_without_the_flag_trains_everything(tmp_path):
-    assert resolve_frozen_counts(args_for(step_dir(tmp_path, growth=X4), None)) is None
+    assert _resolve(step_dir(tmp_path, growth=X4), None) is None
 
 
 def test_a_resume_keeps_the_record_without_the_flag(tmp_path):
-    assert resolve_frozen_counts(args_for(step_dir(tmp_path, record=OLD), None)) == OLD
+    assert _resolve(step_dir(tmp_path, record=OLD), None) == OLD
 
 
 def test_a_new_growth_of_a_frozen_run_starts_over(tmp_path):
     path = step_dir(tmp_path, growth=X4, record={"qkv_num_param_tokens": 8, "proj_num_param_tokens": 8,
                                                   "ffn_num_param_tokens": 32})
-    assert resolve_frozen_counts(args_for(path, None)) is None
-    assert resolve_frozen_counts(args_for(path, True)) == OLD
+    assert _resolve(path, None) is None
+    assert _resolve(path, True) == OLD
 
 
 def test_no_flag_form_trains_everything(tmp_path):
-    assert resolve_frozen_counts(args_for(step_dir(tmp_path, record=OLD), False)) is None
+    assert _resolve(step_dir(tmp_path, record=OLD), False) is None
 
 
 def test_the_flag_without_a_growth_is_one_clear_error(tmp_path):
     with pytest.raises(FreezingError, match="--train-only-new-param-tokens needs a checkpoint grown by"):
-        resolve_frozen_counts(args_for(step_dir(tmp_path), True))
+        _resolve(step_dir(tmp_path), True)
 
 
 def test_old_rows_of_each_tensor_rank():

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from megatron_tokenformer.checkpointing import files
-from megatron_tokenformer.checkpointing.tensor_file import TorchFile, materialize
+from megatron_tokenformer.checkpointing.format import files, metadata
+from megatron_tokenformer.checkpointing.format.tensor_file import TorchFile, materialize
 
 
 def _step(save, n, meta=True):
@@ -15,7 +15,7 @@ def _step(save, n, meta=True):
     os.makedirs(d)
     if meta:
         with open(os.path.join(d, files.META_FILE), "w") as f:
-            json.dump({"format_version": files.FORMAT_VERSION, "kind": "deepspeed"}, f)
+            json.dump({"format_version": metadata.FORMAT_VERSION, "kind": "deepspeed"}, f)
     return d
 
 
@@ -36,8 +36,13 @@ def test_publish_latest_and_prune(tmp_path):
     _step(save, 8, meta=False)
     os.replace(os.path.join(save, "global_step8"), os.path.join(save, "global_step8.partial"))
     assert [n for n, _ in files.list_step_dirs(save)] == [4, 6]
+    for torn in ("latest.tmp", "latest.tmp-123-abcd1234"):       # an interrupted update of `latest`
+        with open(os.path.join(save, torn), "w") as f:
+            f.write("glob")
     files.remove_stale_partials(save)
     assert "global_step8.partial" not in os.listdir(save)
+    assert not [n for n in os.listdir(save) if n.startswith("latest.tmp")]
+    assert files.read_latest(save) == files.step_tag(6)
 
 
 def test_resolve_errors(tmp_path):
