@@ -9,9 +9,15 @@ has not seen.
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator, List
 
-__all__ = ["MegatronPretrainingSampler", "build_pretraining_data_loader"]
+__all__ = ["MegatronPretrainingSampler", "build_pretraining_data_loader", "loader_worker_init"]
+
+# Signals a launcher or Slurm sends to the whole process group (SIGTERM from torchrun/srun/scancel,
+# SIGINT from Ctrl-C, SIGUSR1 from --signal=USR1@T): the training process acts on them (save, exit);
+# a loader worker must not, or the rank dies with "DataLoader worker ... killed by signal" before saving.
+_RANK_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class MegatronPretrainingSampler:
@@ -98,5 +104,12 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_si
     )
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, worker_init_fn=loader_worker_init if num_workers > 0 else None,
     )
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """In each loader worker: leave the launcher's signals to the training process (which saves and
+    exits; the workers end with it -- torch's workers also stop when their parent is gone)."""
+    for sig in _RANK_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -63,20 +63,22 @@ def grown(straight_runs, ckpt_workdir):
 def test_tp1_five_steps_then_resume_without_the_flag(grown, ckpt_workdir):
     before = _tensors(grown[1])
     _, save = R.resume(ckpt_workdir, "freeze_tp1", (1, 1, 1), os.path.dirname(grown[1]), 15, arch=False,
-                       extra=["--train-only-new-param-tokens"])
+                       extra=["--train-only-new-param-tokens", "--override-opt-param-scheduler"])
     step15 = os.path.join(save, "global_step15")
     assert files.read_meta(step15)["args"][ARG_KEY] == {
         "qkv_num_param_tokens": 16, "proj_num_param_tokens": 16, "ffn_num_param_tokens": 32}
     _check_only_new_rows_moved(before, _tensors(step15), 2)
+    # (--override-opt-param-scheduler: these runs shorten the source's schedule on purpose)
     # resume from step 15 without the flag: the checkpoint's record keeps the old rows frozen
-    _, save2 = R.resume(ckpt_workdir, "freeze_tp1_resumed", (1, 1, 1), save, 18, arch=False)
+    _, save2 = R.resume(ckpt_workdir, "freeze_tp1_resumed", (1, 1, 1), save, 18, arch=False,
+                        extra=["--override-opt-param-scheduler"])
     _check_only_new_rows_moved(before, _tensors(os.path.join(save2, "global_step18")), 2)
 
 
 def test_tp2_five_steps(grown, ckpt_workdir):
     before = _tensors(grown[2])
     _, save = R.resume(ckpt_workdir, "freeze_tp2", (2, 1, 1), os.path.dirname(grown[2]), 15, arch=False,
-                       extra=["--train-only-new-param-tokens"])
+                       extra=["--train-only-new-param-tokens", "--override-opt-param-scheduler"])
     _check_only_new_rows_moved(before, _tensors(os.path.join(save, "global_step15")), 4)
 
 

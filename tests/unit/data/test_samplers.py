@@ -67,3 +67,29 @@ def test_data_loader_batches():
     want = np.stack([ds[i]["text"] for i in (15, 16, 17)])
     assert np.array_equal(first.numpy(), want)
     assert build_pretraining_data_loader(None, 0, 1, 0, 1) is None
+
+
+def test_loader_workers_ignore_the_launchers_signals():
+    """A SIGTERM/SIGINT/SIGUSR1 sent to the whole process group reaches the loader workers too; they must
+    leave it to the training process (which saves and exits), not die and take the rank with them."""
+    import os
+    import signal
+
+    import torch
+
+    from megatron_tokenformer.data.samplers import build_pretraining_data_loader
+
+    class Pids(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"pid": torch.tensor(os.getpid()),
+                    "handlers": torch.tensor([int(signal.getsignal(s) == signal.SIG_IGN)
+                                              for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)])}
+
+    loader = build_pretraining_data_loader(Pids(), 0, 2, 0, 1, num_workers=1)
+    batch = next(iter(loader))
+    assert int(batch["pid"][0]) != os.getpid()  # really a worker process
+    assert batch["handlers"].tolist() == [[1, 1, 1], [1, 1, 1]]
+    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # the training process keeps its own handling
