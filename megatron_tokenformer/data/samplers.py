@@ -9,6 +9,7 @@ has not seen.
 
 from __future__ import annotations
 
+import atexit
 import signal
 from typing import Iterator, List
 
@@ -102,10 +103,34 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_si
         data_parallel_size=data_parallel_size,
         drop_last=drop_last,
     )
+    if num_workers > 0:
+        _register_worker_reaper()
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=num_workers > 0, worker_init_fn=loader_worker_init if num_workers > 0 else None,
     )
+
+
+_REAPER_REGISTERED = False
+
+
+def _register_worker_reaper() -> None:
+    """At interpreter exit, multiprocessing stops daemonic children with SIGTERM -- which loader workers
+    ignore (:func:`loader_worker_init`) -- and then waits for them. Registered after multiprocessing's own
+    exit hook, this one runs first and ends them with SIGKILL (they hold no state; a persistent iterator
+    still alive at exit would otherwise keep the rank waiting forever)."""
+    global _REAPER_REGISTERED
+    if not _REAPER_REGISTERED:
+        import multiprocessing.util  # noqa: F401  (its exit hook is registered first, so it runs after ours)
+        atexit.register(_kill_daemonic_children)
+        _REAPER_REGISTERED = True
+
+
+def _kill_daemonic_children() -> None:
+    import multiprocessing
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def loader_worker_init(worker_id: int) -> None:

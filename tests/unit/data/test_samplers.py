@@ -93,3 +93,32 @@ def test_loader_workers_ignore_the_launchers_signals():
     assert int(batch["pid"][0]) != os.getpid()  # really a worker process
     assert batch["handlers"].tolist() == [[1, 1, 1], [1, 1, 1]]
     assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # the training process keeps its own handling
+
+
+def test_a_process_with_live_loader_workers_still_exits(tmp_path):
+    """The workers ignore SIGTERM, which is how multiprocessing stops daemonic children at exit: a rank
+    that ends with a persistent loader iterator still referenced must not wait for them forever."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "exit_with_workers.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from megatron_tokenformer.data.samplers import build_pretraining_data_loader
+
+        class Items(torch.utils.data.Dataset):
+            def __len__(self):
+                return 64
+
+            def __getitem__(self, i):
+                return {"text": torch.tensor([i])}
+
+        loader = build_pretraining_data_loader(Items(), 0, 2, 0, 1, num_workers=2)
+        it = iter(loader)
+        next(it)
+        KEEP = it  # still referenced when the interpreter exits
+        print("ok", flush=True)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
