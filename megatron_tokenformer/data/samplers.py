@@ -128,9 +128,15 @@ def _register_worker_reaper() -> None:
 
 def _kill_daemonic_children() -> None:
     import multiprocessing
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if not children:
+        return
+    # torch's SIGCHLD handler would report the killed workers as a failure (a traceback at exit)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=10)
 
 
 def loader_worker_init(worker_id: int) -> None:

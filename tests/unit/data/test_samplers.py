@@ -122,3 +122,4 @@ def test_a_process_with_live_loader_workers_still_exits(tmp_path):
     """))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "killed by signal" not in result.stderr, result.stderr[-2000:]
