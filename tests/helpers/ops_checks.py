@@ -79,6 +79,14 @@ def wait_gone(pids: Iterable[int], timeout: float) -> float:
     raise AssertionError(f"processes still running after {timeout} s: {alive}")
 
 
+def is_rank_process(p: psutil.Process) -> bool:
+    """A pretrain_tokenformer.py process that is not a data-loader worker of one (those are forked
+    children of a rank, with the same command line and environment)."""
+    cmdline = p.cmdline()
+    parent = p.parent()  # a forked worker has exactly its rank's command line; a launcher's differs
+    return "pretrain_tokenformer.py" in " ".join(cmdline) and not (parent is not None and parent.cmdline() == cmdline)
+
+
 def rank_processes(launcher_pid: int, n: int, timeout: float = 180) -> List[psutil.Process]:
     """The ``n`` pretrain_tokenformer.py processes below ``launcher_pid``, sorted by RANK."""
     launcher = psutil.Process(launcher_pid)
@@ -87,7 +95,7 @@ def rank_processes(launcher_pid: int, n: int, timeout: float = 180) -> List[psut
     while time.time() < deadline:
         try:
             ranks = [p for p in launcher.children(recursive=True)
-                     if "pretrain_tokenformer.py" in " ".join(p.cmdline()) and "RANK" in p.environ()]
+                     if is_rank_process(p) and "RANK" in p.environ()]
         except psutil.Error:
             ranks = []
         if len(ranks) == n:

@@ -4,13 +4,13 @@ ONE rank only. Every rank must agree, finish the iteration, save the checkpoint 
 
 import os
 import signal
-import sys
 import time
 
 import psutil
 import pytest
 
 from tests.helpers import train_runs
+from tests.helpers.ops_checks import is_rank_process
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_sigusr1_to_one_rank_stops_all_ranks_cleanly(tmp_path):
         deadline = time.time() + 120
         ranks = []
         while time.time() < deadline and len(ranks) < 2:
-            ranks = [p for p in launcher.children(recursive=True) if "pretrain_tokenformer.py" in " ".join(p.cmdline())]
+            ranks = [p for p in launcher.children(recursive=True) if is_rank_process(p)]  # not loader workers
             time.sleep(0.5)
         assert len(ranks) == 2, "ranks did not start"
         # wait until training runs, then pre-empt rank 1 only (Slurm would signal every task)
