@@ -143,6 +143,10 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                         "pipeline stage (default uniform)")
     g.add_argument("--recompute-num-layers", type=_positive_int, default=None,
                    help="blocks per recomputed chunk (uniform) or recomputed blocks per stage (block); default 1")
+    g.add_argument("--fused-pattention-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the Pattention normalisation's elementwise steps with torch.compile (one kernel "
+                        "per step, reading the scores in their own dtype; the same function). Default: on when "
+                        "CUDA is available, off on CPU (the first iterations then include compilation)")
     g.add_argument("--seed", type=int, default=1234, help="random seed (model init, data order)")
     g.add_argument("--exit-interval", type=_positive_int, default=None,
                    help="save (if --save) and exit after the iteration that is a multiple of this")
@@ -373,6 +377,17 @@ def load_deepspeed_json(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- validation
 
 
+def resolve_fused_pattention_norm(flag: Optional[bool], cuda_available: bool) -> bool:
+    """``--fused-pattention-norm`` / ``--no-fused-pattention-norm`` as given, else on exactly when CUDA is
+    available (compilation pays off on GPUs; on CPU it only adds start-up time)."""
+    return bool(cuda_available) if flag is None else bool(flag)
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ArgumentError(message)
@@ -491,6 +506,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
                    f"blocks of a pipeline stage (--recompute-method block)")
     if tp == 1:
         args.sequence_parallel = False  # nothing to split (as Megatron)
+    args.fused_pattention_norm = resolve_fused_pattention_norm(args.fused_pattention_norm, _cuda_available())
     _check_model_config(args)
 
     # ---- precision
@@ -592,6 +608,7 @@ def core_config_from_args(args: argparse.Namespace, vocab_size: int, checkpoint=
         recompute_method=getattr(args, "recompute_method", None),
         recompute_num_layers=getattr(args, "recompute_num_layers", None),
         sequence_parallel=getattr(args, "sequence_parallel", False),
+        fused_pattention_norm=bool(getattr(args, "fused_pattention_norm", False)),
         model_type=args.model_type,
     )
     kwargs.update(ffn_hidden_size=args.ffn_hidden_size)

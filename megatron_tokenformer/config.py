@@ -80,7 +80,8 @@ class TokenformerConfig:
     the sequence over the TP group; no effect at TP = 1), ``recompute_granularity`` ("full": recompute
     whole blocks, "selective": only the attention core; None: nothing), ``recompute_method``
     ("uniform": chunks of ``recompute_num_layers`` blocks, "block": the first ``recompute_num_layers``
-    blocks of each pipeline stage; full only), ``recompute_num_layers``. ``checkpoint_activations=True``
+    blocks of each pipeline stage; full only), ``recompute_num_layers``, ``fused_pattention_norm`` (the
+    Pattention normalisation's elementwise steps compiled by ``torch.compile``; same function). ``checkpoint_activations=True``
     is the old spelling of ``recompute_granularity="full"`` (uniform, 1 layer); the two are kept in step.
     """
 
@@ -113,6 +114,7 @@ class TokenformerConfig:
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
+    fused_pattention_norm: bool = False
 
     def __post_init__(self):
         if self.checkpoint_activations and self.recompute_granularity is None:

@@ -107,7 +107,8 @@ class TokenformerAttention(ParallelAttention):
         dtype = config.torch_dtype
         common = dict(normalization=config.pattention_normalization, eps=config.norm_epsilon_pattention,
                       key_init_std=config.init_method_std, value_init_std=config.value_init_std(), seed=seed,
-                      layer_number=layer_number, params_dtype=dtype)
+                      layer_number=layer_number, params_dtype=dtype,
+                      fused_norm=config.fused_pattention_norm)
         for name in ("query", "key", "value"):
             setattr(self, name, ParallelPattention(d, d, config.qkv_num_param_tokens, tau=config.qkv_tau,
                                                    tag=f"attention.{name}", copy_input=False,

@@ -38,7 +38,8 @@ class TokenformerBlock(nn.Module):
                                       tau=config.ffn_tau, eps=config.norm_epsilon_pattention,
                                       key_init_std=config.init_method_std, value_init_std=config.value_init_std(),
                                       seed=seed, layer_number=layer_number, tag="mlp", copy_input=True,
-                                      reduce_output=True, params_dtype=dtype, sequence_parallel=sp)
+                                      reduce_output=True, params_dtype=dtype, sequence_parallel=sp,
+                                      fused_norm=config.fused_pattention_norm)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states + self.attention(self.input_layernorm(hidden_states))

@@ -33,6 +33,7 @@ class Pattention(nn.Module):
         tau: scale; defaults to sqrt(n) at construction and is then kept (also by :meth:`grow`).
         eps: added under the square root of the fp32 row norm.
         key_init_std / value_init_std: N(0, std^2) init of the key / value tokens.
+        fused_norm: compile the normalisation's elementwise steps (``torch.compile``; same function).
 
     Parameters: ``key_param_tokens`` [n, d_in], ``value_param_tokens`` [n, d_out].
     forward: x [..., d_in] -> [..., d_out] (x must have the parameters' dtype, as nn.Linear).
@@ -40,7 +41,8 @@ class Pattention(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, num_param_tokens: int,
                  normalization: str = "l2_norm_gelu", tau: Optional[float] = None, eps: float = 1e-6,
-                 key_init_std: float = 0.02, value_init_std: float = 0.02, device=None, dtype=None):
+                 key_init_std: float = 0.02, value_init_std: float = 0.02, device=None, dtype=None,
+                 fused_norm: bool = False):
         super().__init__()
         check_normalization(normalization)
         for name, value in (("in_features", in_features), ("out_features", out_features),
@@ -53,6 +55,7 @@ class Pattention(nn.Module):
         self.normalization = normalization
         self.tau = float(math.sqrt(num_param_tokens) if tau is None else tau)
         self.eps = float(eps)
+        self.fused_norm = bool(fused_norm)
         self.key_init_std = float(key_init_std)
         self.value_init_std = float(value_init_std)
         factory = {"device": device, "dtype": dtype}
@@ -69,7 +72,8 @@ class Pattention(nn.Module):
             raise ValueError(f"Pattention expects last dimension {self.in_features}, got input shape {tuple(x.shape)}")
         scores = F.linear(x, self.key_param_tokens)
         (out,) = pattention_normalize_combine([scores], [self.value_param_tokens], self.normalization, [self.tau],
-                                              [self.num_param_tokens], self.eps)
+                                              [self.num_param_tokens], self.eps,
+                                              fused=self.fused_norm)
         return out
 
     @torch.no_grad()

@@ -29,6 +29,7 @@ replace them without touching the reductions.
 
 from __future__ import annotations
 
+import types
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -183,21 +184,150 @@ def norm_backward_elementwise(a: torch.Tensor, stats: Sequence[torch.Tensor], pa
     return (float(n) * prob) * (grad_s - row_dot.unsqueeze(-1))
 
 
-def _reduced_statistics(a_list: List[torch.Tensor], normalization: str, eps: float, sum_reduce: Reduction,
-                        max_reduce: Reduction) -> List[Tuple[torch.Tensor, ...]]:
+class ElementwiseKernels:
+    """The elementwise steps of the lean function, each over one score tensor in its INPUT dtype.
+
+    The row statistics, f(A) and the two backward halves, upcasting to the compute dtype inside.
+    Plain (eager) kernels keep the backward's fp32 partial result between the two halves; the fused
+    kernels (``torch.compile`` of the same math, :func:`fused_kernels`) keep only dS and recompute the
+    rest in the second half, so each step is one pass that reads A in the input dtype.
+
+    - ``row_max(a_in)`` -> [...]; ``row_statistic(a_in, shift)`` -> [...]: before the reductions.
+    - ``forward(a_in, stats, tau, n)`` -> S [..., n_local] in the input dtype.
+    - ``backward_local(a_in, stats, grad_s, tau, n)`` -> (S, row_dot, state).
+    - ``backward_finish(a_in, stats, state, row_dot, tau, n)`` -> dA in the input dtype.
+    """
+
+    fused = False
+
+    def __init__(self, normalization: str):
+        self.normalization = normalization
+
+    def row_max(self, a_in):
+        return a_in.to(compute_dtype(a_in.dtype)).amax(dim=-1)
+
+    def row_statistic(self, a_in, shift=None):
+        return norm_row_statistic(a_in.to(compute_dtype(a_in.dtype)), self.normalization, shift)
+
+    def forward(self, a_in, stats, tau, n):
+        a = a_in.to(compute_dtype(a_in.dtype))
+        return norm_forward_elementwise(a, stats, self.normalization, tau, n).to(a_in.dtype)
+
+    def backward_local(self, a_in, stats, grad_s, tau, n):
+        a = a_in.to(compute_dtype(a_in.dtype))
+        s, row_dot, partial = norm_backward_local(a, stats, grad_s.to(a.dtype), self.normalization, tau, n)
+        return s.to(a_in.dtype), row_dot, (a, partial)
+
+    def backward_finish(self, a_in, stats, state, row_dot, tau, n):
+        a, partial = state
+        return norm_backward_elementwise(a, stats, partial, row_dot, self.normalization, tau, n).to(a_in.dtype)
+
+
+def _fused_row_max(a_in, *, normalization: str):
+    return a_in.to(compute_dtype(a_in.dtype)).amax(dim=-1)
+
+
+def _fused_row_statistic(a_in, shift, *, normalization: str):
+    return norm_row_statistic(a_in.to(compute_dtype(a_in.dtype)), normalization, shift)
+
+
+def _fused_forward(a_in, stats, *, normalization: str, tau, n):
+    a = a_in.to(compute_dtype(a_in.dtype))
+    return norm_forward_elementwise(a, stats, normalization, tau, n).to(a_in.dtype)
+
+
+def _fused_backward_local(a_in, stats, grad_s, *, normalization: str, tau, n):
+    a = a_in.to(compute_dtype(a_in.dtype))
+    s, row_dot, _ = norm_backward_local(a, stats, grad_s.to(a.dtype).clone(), normalization, tau, n)
+    return s.to(a_in.dtype), row_dot
+
+
+def _fused_backward_finish(a_in, stats, grad_s, row_dot, *, normalization: str, tau, n):
+    a = a_in.to(compute_dtype(a_in.dtype))
+    _, _, partial = norm_backward_local(a, stats, grad_s.to(a.dtype).clone(), normalization, tau, n)
+    return norm_backward_elementwise(a, stats, partial, row_dot, normalization, tau, n).to(a_in.dtype)
+
+
+_COMPILED = {}
+
+
+def _compiled(fn, normalization: str):
+    """``torch.compile`` of one elementwise step for one normalisation, once per process.
+
+    Shapes are dynamic (every layer, micro-batch and sequence length shares the kernels; tau and n are
+    arguments, not constants). Dynamo keeps its compiled variants (and its recompile limit) per code
+    object, so each normalisation gets its own copy of the step's code object: the variants of one
+    normalisation (dtypes, size-1 specialisations) do not crowd out another's.
+    """
+    key = (fn, normalization)
+    if key not in _COMPILED:
+        name = f"{fn.__name__}_{normalization}"
+        code = fn.__code__.replace(co_name=name, co_qualname=name)
+        step = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+        step.__kwdefaults__ = {"normalization": normalization}
+        _COMPILED[key] = torch.compile(step, dynamic=True, fullgraph=True)
+    return _COMPILED[key]
+
+
+class FusedElementwiseKernels(ElementwiseKernels):
+    """The same steps, each compiled into one kernel (``--fused-pattention-norm``).
+
+    Scores are flattened to [rows, n_local] (one compiled graph per step whatever the leading dims).
+    The backward keeps dS (input dtype) between its halves instead of the fp32 partial result, and the
+    second half recomputes the elementwise terms: one more pass over A, no fp32 T x n temporaries.
+    """
+
+    fused = True
+
+    @staticmethod
+    def _rows(t):
+        return t.reshape(-1, t.shape[-1])
+
+    def row_max(self, a_in):
+        return _compiled(_fused_row_max, self.normalization)(self._rows(a_in)).view(a_in.shape[:-1])
+
+    def row_statistic(self, a_in, shift=None):
+        shift = None if shift is None else shift.reshape(-1)
+        return _compiled(_fused_row_statistic, self.normalization)(self._rows(a_in), shift).view(a_in.shape[:-1])
+
+    def forward(self, a_in, stats, tau, n):
+        stats = tuple(t.reshape(-1) for t in stats)
+        return _compiled(_fused_forward, self.normalization)(self._rows(a_in), stats, tau=tau, n=n).view(a_in.shape)
+
+    def backward_local(self, a_in, stats, grad_s, tau, n):
+        stats = tuple(t.reshape(-1) for t in stats)
+        s, row_dot = _compiled(_fused_backward_local, self.normalization)(self._rows(a_in), stats,
+                                                                           self._rows(grad_s), tau=tau, n=n)
+        return s.view(a_in.shape), row_dot.view(a_in.shape[:-1]), grad_s
+
+    def backward_finish(self, a_in, stats, state, row_dot, tau, n):
+        stats = tuple(t.reshape(-1) for t in stats)
+        grad = _compiled(_fused_backward_finish, self.normalization)(self._rows(a_in), stats, self._rows(state),
+                                                                     row_dot.reshape(-1), tau=tau, n=n)
+        return grad.view(a_in.shape)
+
+
+def elementwise_kernels(normalization: str, fused: bool = False) -> ElementwiseKernels:
+    check_normalization(normalization)
+    return FusedElementwiseKernels(normalization) if fused else ElementwiseKernels(normalization)
+
+
+def _reduced_statistics(scores: Sequence[torch.Tensor], kernels: ElementwiseKernels, eps: float,
+                        sum_reduce: Reduction, max_reduce: Reduction) -> List[Tuple[torch.Tensor, ...]]:
     """Row statistics of every score tensor, reduced over the token partitions (one collective per kind)."""
-    if normalization == "softmax":
-        maxes = _reduce_batched([a.amax(dim=-1) for a in a_list], max_reduce)
-        sums = _reduce_batched([norm_row_statistic(a, normalization, m) for a, m in zip(a_list, maxes)], sum_reduce)
+    if kernels.normalization == "softmax":
+        maxes = _reduce_batched([kernels.row_max(a) for a in scores], max_reduce)
+        sums = _reduce_batched([kernels.row_statistic(a, m) for a, m in zip(scores, maxes)], sum_reduce)
         return [(m, 1.0 / z) for m, z in zip(maxes, sums)]
-    sq = _reduce_batched([norm_row_statistic(a, normalization) for a in a_list], sum_reduce)
+    sq = _reduce_batched([kernels.row_statistic(a) for a in scores], sum_reduce)
     return [(torch.rsqrt(q + eps),) for q in sq]
 
 
 class PattentionNormCombine(torch.autograd.Function):
     """O_i = f(A_i) V_i for k Pattentions sharing one normalisation, saving only A_i, the row statistics and V_i.
 
-    forward(ctx, normalization, taus, ns, eps, sum_reduce, max_reduce, k, A_1..A_k, V_1..V_k):
+    forward(ctx, kernels, taus, ns, eps, sum_reduce, max_reduce, k, A_1..A_k, V_1..V_k):
+    kernels: the :class:`ElementwiseKernels` of the normalisation (plain or fused);
     A_i [..., n_i_local] scores, V_i [n_i_local, d_i] value tokens (same dtype as A_i) ->
     O_i [..., d_i] (partial sums over this rank's tokens when the tokens are partitioned).
     sum_reduce / max_reduce: plain (non-autograd) sum / max over the token partitions, or None.
@@ -205,15 +335,12 @@ class PattentionNormCombine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, normalization, taus, ns, eps, sum_reduce, max_reduce, k, *tensors):
+    def forward(ctx, kernels, taus, ns, eps, sum_reduce, max_reduce, k, *tensors):
         scores, values = tensors[:k], tensors[k:]
-        a_list = [a.to(compute_dtype(a.dtype)) for a in scores]
-        stats = _reduced_statistics(a_list, normalization, eps, sum_reduce, max_reduce)
-        outs = []
-        for a, a_in, st, v, tau, n in zip(a_list, scores, stats, values, taus, ns):
-            s = norm_forward_elementwise(a, st, normalization, tau, n).to(a_in.dtype)
-            outs.append(torch.matmul(s, v))
-        ctx.normalization, ctx.taus, ctx.ns, ctx.k, ctx.sum_reduce = normalization, taus, ns, k, sum_reduce
+        stats = _reduced_statistics(scores, kernels, eps, sum_reduce, max_reduce)
+        outs = [torch.matmul(kernels.forward(a_in, st, tau, n), v)
+                for a_in, st, v, tau, n in zip(scores, stats, values, taus, ns)]
+        ctx.kernels, ctx.taus, ctx.ns, ctx.k, ctx.sum_reduce = kernels, taus, ns, k, sum_reduce
         ctx.num_stats = len(stats[0])
         ctx.save_for_backward(*scores, *values, *[t for st in stats for t in st])
         return tuple(outs)
@@ -221,38 +348,32 @@ class PattentionNormCombine(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outs):
-        k, normalization = ctx.k, ctx.normalization
+        k, kernels = ctx.k, ctx.kernels
         saved = ctx.saved_tensors
         scores, values, flat_stats = saved[:k], saved[k:2 * k], saved[2 * k:]
         stats = [tuple(flat_stats[i * ctx.num_stats:(i + 1) * ctx.num_stats]) for i in range(k)]
-        grad_values, partials, row_dots, a_list = [], [], [], []
+        grad_values, states, row_dots = [], [], []
         for i, (a_in, v, st, g, tau, n) in enumerate(zip(scores, values, stats, grad_outs, ctx.taus, ctx.ns)):
-            a = a_in.to(compute_dtype(a_in.dtype))
-            a_list.append(a)
             if g is None:
                 g = torch.zeros(a_in.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
-            grad_s = torch.matmul(g, v.t()).to(a.dtype)
-            s, row_dot, partial = norm_backward_local(a, st, grad_s, normalization, tau, n)
-            del grad_s
+            s, row_dot, state = kernels.backward_local(a_in, st, torch.matmul(g, v.t()), tau, n)
             row_dots.append(row_dot)
-            partials.append(partial)
+            states.append(state)
             if ctx.needs_input_grad[7 + k + i]:
-                s = s.to(a_in.dtype)
                 grad_values.append(s.reshape(-1, s.shape[-1]).t().matmul(g.reshape(-1, g.shape[-1])))
             else:
                 grad_values.append(None)
             del s
         row_dots = _reduce_batched(row_dots, ctx.sum_reduce)
-        grad_scores = [norm_backward_elementwise(a, st, pt, rd, normalization, tau, n).to(a_in.dtype)
-                       for a, a_in, st, pt, rd, tau, n in zip(a_list, scores, stats, partials, row_dots,
-                                                               ctx.taus, ctx.ns)]
+        grad_scores = [kernels.backward_finish(a_in, st, state, rd, tau, n)
+                       for a_in, st, state, rd, tau, n in zip(scores, stats, states, row_dots, ctx.taus, ctx.ns)]
         return (None,) * 7 + tuple(grad_scores) + tuple(grad_values)
 
 
 def pattention_normalize_combine(scores: Sequence[torch.Tensor], values: Sequence[torch.Tensor], normalization: str,
                                  taus: Sequence[float], num_param_tokens: Sequence[int], eps: float = 1e-6,
                                  sum_reduce: Reduction = None, max_reduce: Reduction = None,
-                                 lean: bool = True) -> List[torch.Tensor]:
+                                 lean: bool = True, fused: bool = False) -> List[torch.Tensor]:
     """O_i = f(A_i) V_i for one or several Pattentions; each reduction runs once for all of them.
 
     scores: A_i [..., n_i_local]; values: V_i [n_i_local, d_i]; returns O_i [..., d_i] in A_i's dtype.
@@ -261,16 +382,20 @@ def pattention_normalize_combine(scores: Sequence[torch.Tensor], values: Sequenc
     (None when all tokens are local); the backward's sum reduction uses sum_reduce too.
     lean=False: the autograd composition (:func:`normalize_pattention_scores`, then S V) instead; its
     sum reduction must then be autograd-aware, so it is wrapped here as sum forward AND backward.
+    fused=True: the elementwise steps compiled (:class:`FusedElementwiseKernels`; lean only).
     """
     check_normalization(normalization)
     if len(scores) != len(values):
         raise ValueError(f"pattention_normalize_combine: {len(scores)} score tensors but {len(values)} value tensors")
     if not lean:
+        if fused:
+            raise ValueError("pattention_normalize_combine: fused=True needs the memory-lean function (lean=True)")
         autograd_sum = None if sum_reduce is None else _autograd_sum(sum_reduce)
         weights = normalize_pattention_scores(scores, normalization, taus, num_param_tokens, eps,
                                               sum_reduce=autograd_sum, max_reduce=max_reduce)
         return [torch.matmul(w, v) for w, v in zip(weights, values)]
-    return list(PattentionNormCombine.apply(normalization, tuple(float(t) for t in taus),
+    return list(PattentionNormCombine.apply(elementwise_kernels(normalization, fused),
+                                            tuple(float(t) for t in taus),
                                             tuple(int(n) for n in num_param_tokens), float(eps), sum_reduce,
                                             max_reduce, len(scores), *scores, *values))
 

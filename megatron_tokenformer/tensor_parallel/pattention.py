@@ -53,6 +53,7 @@ class ParallelPattention(nn.Module):
             ([b, s/p, d_in] -> [b, s, d_in]; backward reduce-scatter); where the output would be
             all-reduced, reduce-scatter it along the sequence instead (-> [b, s/p, d_out]).
         params_dtype: dtype of the parameters.
+        fused_norm: compile the normalisation's elementwise steps (``torch.compile``; same function).
 
     Parameters: ``key_param_tokens`` [n/p, d_in], ``value_param_tokens`` [n/p, d_out], both marked
     ``tensor_model_parallel=True, partition_dim=0``. Attributes: ``tau`` (float), ``num_param_tokens``
@@ -65,9 +66,10 @@ class ParallelPattention(nn.Module):
                  key_init_std: float = 0.02, value_init_std: float = 0.02, seed: int = 1234,
                  layer_number: int = 0, tag: str = "pattention", copy_input: bool = True,
                  reduce_output: bool = True, params_dtype: torch.dtype = torch.float32, device=None,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, fused_norm: bool = False):
         super().__init__()
         self.sequence_parallel = sequence_parallel
+        self.fused_norm = bool(fused_norm)
         check_normalization(normalization)
         world = parallel_state.get_tensor_model_parallel_world_size()
         if num_param_tokens % world != 0:
@@ -122,7 +124,7 @@ def normalize_parallel_pattention_scores(layers: Sequence[ParallelPattention],
     """f(A_r) for several parallel Pattentions at once, by the autograd composition (the reference of the
     memory-lean path): ONE norm all-reduce (and, for softmax, one max all-reduce) for all of them. The
     layers must share normalization and eps."""
-    normalization, eps = _shared_normalization(layers)
+    normalization, eps, _ = _shared_normalization(layers)
     return normalize_pattention_scores(scores, normalization, [layer.tau for layer in layers],
                                        [layer.num_param_tokens for layer in layers], eps,
                                        sum_reduce=all_reduce_norm, max_reduce=all_reduce_max_no_grad)
@@ -136,16 +138,17 @@ def parallel_pattention_partial_outputs(layers: Sequence[ParallelPattention], x:
     The norm statistics of all layers travel in one collective (forward; and the backward's row sums in
     one). lean=False: the autograd composition instead of the memory-lean function (tests, benchmarks).
     """
-    normalization, eps = _shared_normalization(layers)
+    normalization, eps, fused = _shared_normalization(layers)
     return pattention_normalize_combine([layer.scores(x) for layer in layers],
                                         [layer.value_param_tokens for layer in layers], normalization,
                                         [layer.tau for layer in layers], [layer.num_param_tokens for layer in layers],
                                         eps, sum_reduce=all_reduce_sum_no_grad, max_reduce=all_reduce_max_no_grad,
-                                        lean=lean)
+                                        lean=lean, fused=fused and lean)
 
 
 def _shared_normalization(layers: Sequence[ParallelPattention]):
-    norms = {(layer.normalization, layer.eps) for layer in layers}
+    norms = {(layer.normalization, layer.eps, getattr(layer, "fused_norm", False)) for layer in layers}
     if len(norms) != 1:
-        raise ValueError(f"batched Pattention normalisation needs one normalization and eps, got {sorted(norms)}")
+        raise ValueError(f"batched Pattention normalisation needs one normalization and eps (and one fused_norm), "
+                         f"got {sorted(norms)}")
     return norms.pop()

@@ -52,6 +52,21 @@ def test_explicit_flags_are_recorded():
     assert "zero_stage" not in args._explicit
 
 
+def test_fused_pattention_norm_defaults_to_cuda_availability(monkeypatch):
+    from megatron_tokenformer import arguments
+    from megatron_tokenformer.arguments import core_config_from_args, resolve_fused_pattention_norm
+    assert [resolve_fused_pattention_norm(flag, cuda) for flag in (None, True, False) for cuda in (False, True)] \
+        == [False, True, True, True, False, False]
+    for cuda in (False, True):
+        monkeypatch.setattr(arguments, "_cuda_available", lambda cuda=cuda: cuda)
+        assert validated([], world_size=1).fused_pattention_norm is cuda
+        assert validated(["--fused-pattention-norm"], world_size=1).fused_pattention_norm is True
+        args = validated(["--no-fused-pattention-norm"], world_size=1)
+        assert args.fused_pattention_norm is False
+        assert core_config_from_args(args, 100).fused_pattention_norm is False
+    assert core_config_from_args(validated(["--fused-pattention-norm"], 1), 100).fused_pattention_norm is True
+
+
 # ----------------------------------------------------------------------------- one clear error each
 
 

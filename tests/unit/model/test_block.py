@@ -64,7 +64,25 @@ def check_layer_number_seeds_the_init(rank, world):
         assert not torch.equal(a, c), name
 
 
+def check_fused_norm_equals_plain(rank, world):
+    """config.fused_pattention_norm reaches every Pattention of the block and keeps the function: the same
+    block (same seed) with the compiled normalisation gives the plain block's output and gradients."""
+    gen = torch.Generator().manual_seed(7)
+    x, g = torch.randn(B, S, D, generator=gen), torch.randn(B, S, D, generator=gen)
+    results = []
+    for fused in (False, True):
+        block = TokenformerBlock(prepare_config(config(fused_pattention_norm=fused)), layer_number=1, seed=11)
+        assert {m.fused_norm for m in block.modules() if hasattr(m, "fused_norm")} == {fused}
+        xp = x.clone().requires_grad_()
+        out = block(xp)
+        out.backward(g)
+        results.append([out.detach(), xp.grad] + [p.grad for _, p in block.named_parameters()])
+    for plain, fused in zip(*results):  # max |difference| relative to the tensor's max |value| (fp32 rounding)
+        assert (fused - plain).abs().max() <= 1e-5 * plain.abs().max(), (fused - plain).abs().max()
+
+
 tp_pool = dist_pool.pool_fixture(1, 2)
+tp2_pool = dist_pool.pool_fixture(2)  # the same TP = 2 ranks
 
 
 @pytest.mark.parametrize("normalization,block_layernorm", [("l2_norm_gelu", "nonparametric"),
@@ -76,3 +94,9 @@ def test_matches_plain_block(tp_pool, normalization, block_layernorm):
 
 def test_layer_number_seeds_the_init(tp_pool):
     tp_pool.run(check_layer_number_seeds_the_init)
+
+
+def test_fused_norm_equals_plain(tp2_pool):
+    """At TP 2 (the reductions inside the compiled path); TP 1 is the op-level test of
+    tests/unit/ops/test_pattention_norm_fused.py."""
+    tp2_pool.run(check_fused_norm_equals_plain)
