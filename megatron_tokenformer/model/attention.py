@@ -36,7 +36,6 @@ from megatron_tokenformer.model.recompute import checkpointed
 from megatron_tokenformer.model.rotary import RotaryEmbedding, apply_rotary_pos_emb
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
 from megatron_tokenformer.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                           gather_from_sequence_parallel_region,
                                                            gather_from_tensor_model_parallel_region,
                                                            reduce_scatter_to_tensor_model_parallel_region)
 from megatron_tokenformer.tensor_parallel.pattention import ParallelPattention, parallel_pattention_partial_outputs
@@ -61,11 +60,10 @@ class ParallelAttention(nn.Module):
         self.selective_recompute = getattr(config, "recompute_granularity", None) == "selective"
 
     def replicate_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input of the Q/K/V projections, once for the three: [b, s, d] replicated, its gradient
-        all-reduced (copy); sequence parallel: [b, s/p, d] all-gathered along the sequence (gradient
-        reduce-scattered)."""
-        if self.sequence_parallel:
-            return gather_from_sequence_parallel_region(x)
+        """The input of the Q/K/V projections without sequence parallelism, once for the three: [b, s, d]
+        replicated, its gradient all-reduced (copy). With sequence parallelism the projections gather
+        [b, s/p, d] along the sequence themselves (``linear_from_sequence_parallel_region``: only the
+        local chunk is kept for backward)."""
         return copy_to_tensor_model_parallel_region(x)
 
     def project_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,8 +117,11 @@ class TokenformerAttention(ParallelAttention):
 
     def project_qkv(self, x):
         world = parallel_state.get_tensor_model_parallel_world_size()
-        x = self.replicate_input(x)
-        partials = parallel_pattention_partial_outputs([self.query, self.key, self.value], x)
+        layers = [self.query, self.key, self.value]
+        if self.sequence_parallel:  # gathered inside, only the local chunk kept for backward
+            partials = parallel_pattention_partial_outputs(layers, x, sequence_parallel_input=True)
+        else:
+            partials = parallel_pattention_partial_outputs(layers, self.replicate_input(x))
         b, s, d = partials[0].shape
         # [b, s, 3, p, d/p] -> [b, s, p, 3, d/p]: block r of the last dim = (Q_r, K_r, V_r)
         stacked = torch.stack(partials, dim=2).reshape(b, s, 3, world, d // world).transpose(2, 3)

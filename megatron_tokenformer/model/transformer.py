@@ -44,7 +44,8 @@ from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model.attention import ParallelAttention
 from megatron_tokenformer.model.layernorm import LayerNorm
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
-from megatron_tokenformer.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_tokenformer.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                         linear_from_sequence_parallel_region)
 
 __all__ = ["TransformerAttention", "ParallelMLP", "TransformerBlock", "transformer_config"]
 
@@ -83,11 +84,14 @@ class TransformerAttention(ParallelAttention):
 
     def project_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [b, s, d] -> q, k, v [b, s, d/p] each (this rank's heads, head-major channels)."""
-        x = self.replicate_input(x)  # one input-gradient all-reduce (or sequence all-gather) for Q, K and V
         layers = (self.query, self.key, self.value)
         weight = torch.cat([layer.weight for layer in layers], dim=0)
         bias = torch.cat([layer.bias for layer in layers], dim=0)
-        q, k, v = F.linear(x, weight, bias).split(self.hidden_size_per_partition, dim=-1)
+        if self.sequence_parallel:  # gathered inside, only the local chunk kept for backward
+            (qkv,) = linear_from_sequence_parallel_region(x, [weight], [bias])
+        else:  # one input-gradient all-reduce for Q, K and V
+            qkv = F.linear(self.replicate_input(x), weight, bias)
+        q, k, v = qkv.split(self.hidden_size_per_partition, dim=-1)
         return q, k, v
 
     def project_output(self, context: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Tensor-parallel layers: vocab-parallel embedding and logits, column/row-parallel linear.
+"""Tensor-parallel layers: vocab-parallel embedding and logits, column/row-parallel linear, and the
+sequence-parallel input linear (:func:`linear_from_sequence_parallel_region`).
 
 All weights are initialised as slices of a full master tensor drawn from a per-parameter generator
 (see :mod:`megatron_tokenformer.tensor_parallel.random`), so the TP=p shards equal the matching
@@ -7,13 +8,14 @@ slices of the TP=1 weights for the same seed.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_tokenformer import parallel_state
+from megatron_tokenformer.tensor_parallel.mappings import _all_gather_seq, _reduce_scatter_seq
 from megatron_tokenformer.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                            gather_from_sequence_parallel_region,
                                                            gather_from_tensor_model_parallel_region,
@@ -96,6 +98,63 @@ def parallel_lm_logits(hidden: torch.Tensor, word_embeddings: VocabParallelEmbed
     return logits
 
 
+class _LinearFromSequenceParallelRegion(torch.autograd.Function):
+    """Y_i = all_gather_seq(X) W_iᵀ (+ b_i), keeping only this rank's sequence chunk of X for backward.
+
+    Backward all-gathers X again for the weight gradients and reduce-scatters the input gradient along
+    the sequence (Megatron's sequence-parallel linear): the saved input is [b, s/p, d], not [b, s, d],
+    for one more all-gather per backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, num_weights, *params):
+        weights, biases = params[:num_weights], params[num_weights:]
+        full = _all_gather_seq(x)
+        outs = [F.linear(full, w, b if biases else None) for w, b in zip(weights, biases or [None] * num_weights)]
+        ctx.num_weights, ctx.has_bias = num_weights, bool(biases)
+        ctx.save_for_backward(x, *weights)
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors  # once: recomputation (torch.utils.checkpoint) allows one unpack
+        x, weights = saved[0], saved[1:]
+        full = _all_gather_seq(x)
+        flat_input = full.reshape(-1, full.shape[-1])
+        grad_input, grad_weights, grad_biases = None, [], []
+        for i, (w, g) in enumerate(zip(weights, grads)):
+            if g is None:
+                grad_weights.append(None)
+                grad_biases.append(None)
+                continue
+            term = g.matmul(w)
+            grad_input = term if grad_input is None else grad_input.add_(term)
+            flat_grad = g.reshape(-1, g.shape[-1])
+            grad_weights.append(flat_grad.t().matmul(flat_input) if ctx.needs_input_grad[2 + i] else None)
+            grad_biases.append(flat_grad.sum(dim=0) if ctx.has_bias else None)
+        if grad_input is None:
+            grad_input = torch.zeros_like(full)
+        grad_x = _reduce_scatter_seq(grad_input)
+        return (grad_x, None, *grad_weights, *(grad_biases if ctx.has_bias else ()))
+
+
+def linear_from_sequence_parallel_region(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                                         biases: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """Several linear maps of the sequence-gathered input, as ``F.linear(gather_from_sequence_parallel_region(x),
+    W_i, b_i)`` but saving only the local chunk of x (all-gathered again in backward).
+
+    x: [b, s/p, d_in] (this rank's sequence chunk); weights: W_i [out_i, d_in]; biases: b_i [out_i] or None
+    -> Y_i [b, s, out_i]. Backward: the input gradient is reduce-scattered along the sequence (the sum of
+    every rank's partial, as gather_from_sequence_parallel_region's backward).
+    """
+    weights = list(weights)
+    biases = list(biases) if biases is not None else []
+    if biases and len(biases) != len(weights):
+        raise ValueError(f"linear_from_sequence_parallel_region: {len(weights)} weights but {len(biases)} biases")
+    return list(_LinearFromSequenceParallelRegion.apply(x, len(weights), *weights, *biases))
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X Aᵀ + b with A's output rows split over the TP group (weight [out/p, in], bias [out/p]).
 
@@ -126,10 +185,12 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.copy_input:
-            x = gather_from_sequence_parallel_region(x) if self.sequence_parallel else \
-                copy_to_tensor_model_parallel_region(x)
-        out = F.linear(x, self.weight, self.bias)
+        if self.copy_input and self.sequence_parallel:
+            (out,) = linear_from_sequence_parallel_region(x, [self.weight], None if self.bias is None else [self.bias])
+        else:
+            if self.copy_input:
+                x = copy_to_tensor_model_parallel_region(x)
+            out = F.linear(x, self.weight, self.bias)
         if self.gather_output:
             out = gather_from_tensor_model_parallel_region(out)
         return out

@@ -29,9 +29,9 @@ from megatron_tokenformer.ops.pattention_norm import (check_normalization, norma
 from megatron_tokenformer.tensor_parallel.mappings import (all_reduce_max_no_grad, all_reduce_norm,
                                                            all_reduce_sum_no_grad,
                                                            copy_to_tensor_model_parallel_region,
-                                                           gather_from_sequence_parallel_region,
                                                            reduce_scatter_to_sequence_parallel_region,
                                                            reduce_from_tensor_model_parallel_region)
+from megatron_tokenformer.tensor_parallel.layers import linear_from_sequence_parallel_region
 from megatron_tokenformer.tensor_parallel.random import init_partitioned_, set_tensor_model_parallel_attributes
 
 
@@ -104,10 +104,10 @@ class ParallelPattention(nn.Module):
         return torch.matmul(weights, self.value_param_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.copy_input:
-            x = gather_from_sequence_parallel_region(x) if self.sequence_parallel else \
-                copy_to_tensor_model_parallel_region(x)
-        (out,) = parallel_pattention_partial_outputs([self], x)
+        gather = self.copy_input and self.sequence_parallel
+        if self.copy_input and not self.sequence_parallel:
+            x = copy_to_tensor_model_parallel_region(x)
+        (out,) = parallel_pattention_partial_outputs([self], x, sequence_parallel_input=gather)
         if self.reduce_output:
             out = reduce_scatter_to_sequence_parallel_region(out) if self.sequence_parallel else \
                 reduce_from_tensor_model_parallel_region(out)
@@ -131,15 +131,22 @@ def normalize_parallel_pattention_scores(layers: Sequence[ParallelPattention],
 
 
 def parallel_pattention_partial_outputs(layers: Sequence[ParallelPattention], x: torch.Tensor,
-                                        lean: bool = True) -> List[torch.Tensor]:
+                                        lean: bool = True, sequence_parallel_input: bool = False) -> List[torch.Tensor]:
     """Partial outputs S_r V_r of several parallel Pattentions reading the same input x.
 
-    x must already be wrapped by the caller (``copy_to_tensor_model_parallel_region`` once for all).
+    x must already be wrapped by the caller (``copy_to_tensor_model_parallel_region`` once for all), or,
+    with ``sequence_parallel_input``, be this rank's sequence chunk [b, s/p, d_in]: the scores of all
+    layers are then computed from it by :func:`linear_from_sequence_parallel_region` (all-gathered along the
+    sequence, only the chunk kept for backward; the input gradient is reduce-scattered).
     The norm statistics of all layers travel in one collective (forward; and the backward's row sums in
     one). lean=False: the autograd composition instead of the memory-lean function (tests, benchmarks).
     """
     normalization, eps, fused = _shared_normalization(layers)
-    return pattention_normalize_combine([layer.scores(x) for layer in layers],
+    if sequence_parallel_input:
+        scores = linear_from_sequence_parallel_region(x, [layer.key_param_tokens for layer in layers])
+    else:
+        scores = [layer.scores(x) for layer in layers]
+    return pattention_normalize_combine(scores,
                                         [layer.value_param_tokens for layer in layers], normalization,
                                         [layer.tau for layer in layers], [layer.num_param_tokens for layer in layers],
                                         eps, sum_reduce=all_reduce_sum_no_grad, max_reduce=all_reduce_max_no_grad,

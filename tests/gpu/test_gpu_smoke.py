@@ -5,7 +5,9 @@ refuses two ranks on one device); with two or more they use NCCL.
 * TP 2 equals TP 1 (fp32, same seed and batches);
 * a save at iteration 3 resumed to 6 equals the straight run (same layout);
 * a checkpoint saved at TP 1 loads at TP 2 through the resharding path (bf16, BF16_Optimizer) and
-  follows the straight run.
+  follows the straight run;
+* the fused Pattention normalisation (the default on CUDA) equals the plain kernels, in a run and
+  op by op (every normalisation, fp32 and bf16).
 
 About six short training runs; a few minutes on one H200 with bench start-up included.
 """
@@ -68,3 +70,29 @@ def test_resharded_load_bf16(tmp_path):
     resumed = _losses(2, ["--train-iters", "6", "--bf16", "--load", load] + train_runs.layout_args(2, 1)
                       + _two_rank_backend(), 3)
     assert resumed == pytest.approx(whole[3:], rel=2e-2)
+
+
+def test_fused_norm_equals_unfused(straight):
+    """The straight run used the default on CUDA (--fused-pattention-norm); the plain kernels follow it."""
+    unfused = _losses(1, ["--train-iters", "6", "--no-fused-pattention-norm"], 6)
+    assert unfused == pytest.approx(straight, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_on_cuda(dtype):
+    """The compiled (Triton) kernels against the autograd composition on the GPU, every normalisation."""
+    from megatron_tokenformer.ops.pattention_norm import NORMALIZATIONS, pattention_normalize_combine
+    g = torch.Generator().manual_seed(0)
+    a0 = (torch.randn(4, 256, 512, generator=g) * 2).to("cuda", dtype)
+    v0 = (torch.randn(512, 64, generator=g) * 0.1).to("cuda", dtype)
+    w = torch.randn(4, 256, 64, generator=g).to("cuda")
+    for normalization in NORMALIZATIONS:
+        results = []
+        for fused, lean in ((True, True), (False, False)):
+            a, v = a0.clone().requires_grad_(), v0.clone().requires_grad_()
+            (out,) = pattention_normalize_combine([a], [v], normalization, [3.0], [512], lean=lean, fused=fused)
+            (out.float() * w).sum().backward()
+            results.append((out.detach(), a.grad, v.grad))
+        for got, ref in zip(*results):
+            rel = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert rel < (1e-5 if dtype == torch.float32 else 2e-2), (normalization, rel)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_tokenformer.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                                         VocabParallelEmbedding, parallel_lm_logits)
+                                                         VocabParallelEmbedding, linear_from_sequence_parallel_region,
+                                                         parallel_lm_logits)
 from tests.helpers import dist_pool
 from tests.helpers.tp_gather import full_tensor
 
@@ -135,6 +136,36 @@ def check_errors(rank, world):
         VocabParallelEmbedding(7, 4)
 
 
+def check_sequence_parallel_linear(rank, world):
+    """linear_from_sequence_parallel_region against F.linear on the whole sequence: outputs equal, the input
+    gradient is this rank's chunk of the sum of every rank's input gradient (each rank holds a different
+    upstream gradient), weight/bias gradients are this rank's own; and what autograd keeps is the local
+    chunk, not the gathered sequence."""
+    b, s, d = 2, 8, 6
+    x_full = randn(b, s, d, seed=1)
+    weights = [randn(5, d, seed=2).requires_grad_(), randn(4, d, seed=3).requires_grad_()]
+    biases = [randn(5, seed=4).requires_grad_(), randn(4, seed=5).requires_grad_()]
+    upstream = [[randn(b, s, w.shape[0], seed=10 + 2 * r + i) for i, w in enumerate(weights)] for r in range(world)]
+    x = x_full.chunk(world, dim=1)[rank].clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        outs = linear_from_sequence_parallel_region(x, weights, biases)
+    assert {t.data_ptr() for t in saved} == {x.data_ptr()} | {w.data_ptr() for w in weights}
+    sum((o * g).sum() for o, g in zip(outs, upstream[rank])).backward()
+    ref_x = x_full.clone().requires_grad_()
+    for r in range(world):
+        ref_w = [w.detach().clone().requires_grad_() for w in weights]
+        ref_b = [bb.detach().clone().requires_grad_() for bb in biases]
+        ref = [F.linear(ref_x, w, bb) for w, bb in zip(ref_w, ref_b)]
+        sum((o * g).sum() for o, g in zip(ref, upstream[r])).backward()
+        if r == rank:
+            for o, want in zip(outs, ref):
+                torch.testing.assert_close(o, want.detach(), **TOL)
+            for got, want in zip(weights + biases, ref_w + ref_b):
+                torch.testing.assert_close(got.grad, want.grad, **TOL)
+    torch.testing.assert_close(x.grad, ref_x.grad.chunk(world, dim=1)[rank], **TOL)
+
+
 tp_pool = dist_pool.pool_fixture(1, 2)
 
 
@@ -146,6 +177,10 @@ def test_column_parallel_linear_matches_nn_linear(tp_pool, gather_output):
 @pytest.mark.parametrize("input_is_parallel", [True, False], ids=["parallel-input", "replicated-input"])
 def test_row_parallel_linear_matches_nn_linear(tp_pool, input_is_parallel):
     tp_pool.run(check_row, input_is_parallel)
+
+
+def test_sequence_parallel_linear_keeps_the_local_chunk(tp_pool):
+    tp_pool.run(check_sequence_parallel_linear)
 
 
 def test_vocab_parallel_embedding_matches_nn_embedding(tp_pool):
