@@ -196,6 +196,10 @@ class ElementwiseKernels:
     - ``forward(a_in, stats, tau, n)`` -> S [..., n_local] in the input dtype.
     - ``backward_local(a_in, stats, grad_s, tau, n)`` -> (S, row_dot, state).
     - ``backward_finish(a_in, stats, state, row_dot, tau, n)`` -> dA in the input dtype.
+
+    When all n tokens are local (no reductions) the steps around each reduction meet:
+    ``forward_local(a_in, eps, tau, n)`` -> (S, stats) and ``backward_whole(a_in, stats, grad_s, tau, n)``
+    -> (S, dA); the fused kernels compile each into one kernel (a row reduction and its consumer).
     """
 
     fused = False
@@ -222,6 +226,14 @@ class ElementwiseKernels:
         a, partial = state
         return norm_backward_elementwise(a, stats, partial, row_dot, self.normalization, tau, n).to(a_in.dtype)
 
+    def forward_local(self, a_in, eps, tau, n):
+        stats = _reduced_statistics([a_in], self, eps, None, None)[0]
+        return self.forward(a_in, stats, tau, n), stats
+
+    def backward_whole(self, a_in, stats, grad_s, tau, n):
+        s, row_dot, state = self.backward_local(a_in, stats, grad_s, tau, n)
+        return s, self.backward_finish(a_in, stats, state, row_dot, tau, n)
+
 
 def _fused_row_max(a_in, *, normalization: str):
     return a_in.to(compute_dtype(a_in.dtype)).amax(dim=-1)
@@ -246,6 +258,17 @@ def _fused_backward_finish(a_in, stats, grad_s, row_dot, *, normalization: str, 
     a = a_in.to(compute_dtype(a_in.dtype))
     _, _, partial = norm_backward_local(a, stats, grad_s.to(a.dtype).clone(), normalization, tau, n)
     return norm_backward_elementwise(a, stats, partial, row_dot, normalization, tau, n).to(a_in.dtype)
+
+
+def _fused_forward_local(a_in, eps, *, normalization: str, tau, n):
+    stats = _reduced_statistics([a_in], ElementwiseKernels(normalization), eps, None, None)[0]
+    return _fused_forward(a_in, stats, normalization=normalization, tau=tau, n=n), stats
+
+
+def _fused_backward_whole(a_in, stats, grad_s, *, normalization: str, tau, n):
+    a = a_in.to(compute_dtype(a_in.dtype))
+    s, row_dot, partial = norm_backward_local(a, stats, grad_s.to(a.dtype).clone(), normalization, tau, n)
+    return s.to(a_in.dtype), norm_backward_elementwise(a, stats, partial, row_dot, normalization, tau, n).to(a_in.dtype)
 
 
 _COMPILED = {}
@@ -306,6 +329,16 @@ class FusedElementwiseKernels(ElementwiseKernels):
                                                                      row_dot.reshape(-1), tau=tau, n=n)
         return grad.view(a_in.shape)
 
+    def forward_local(self, a_in, eps, tau, n):
+        s, stats = _compiled(_fused_forward_local, self.normalization)(self._rows(a_in), eps, tau=tau, n=n)
+        return s.view(a_in.shape), tuple(t.view(a_in.shape[:-1]) for t in stats)
+
+    def backward_whole(self, a_in, stats, grad_s, tau, n):
+        stats = tuple(t.reshape(-1) for t in stats)
+        s, grad = _compiled(_fused_backward_whole, self.normalization)(self._rows(a_in), stats, self._rows(grad_s),
+                                                                       tau=tau, n=n)
+        return s.view(a_in.shape), grad.view(a_in.shape)
+
 
 def elementwise_kernels(normalization: str, fused: bool = False) -> ElementwiseKernels:
     check_normalization(normalization)
@@ -337,9 +370,13 @@ class PattentionNormCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, taus, ns, eps, sum_reduce, max_reduce, k, *tensors):
         scores, values = tensors[:k], tensors[k:]
-        stats = _reduced_statistics(scores, kernels, eps, sum_reduce, max_reduce)
-        outs = [torch.matmul(kernels.forward(a_in, st, tau, n), v)
-                for a_in, st, v, tau, n in zip(scores, stats, values, taus, ns)]
+        if sum_reduce is None and max_reduce is None:  # all tokens local: statistics and S in one step
+            weights, stats = zip(*[kernels.forward_local(a_in, eps, tau, n) for a_in, tau, n in zip(scores, taus, ns)])
+        else:
+            stats = _reduced_statistics(scores, kernels, eps, sum_reduce, max_reduce)
+            weights = [kernels.forward(a_in, st, tau, n) for a_in, st, tau, n in zip(scores, stats, taus, ns)]
+        outs = [torch.matmul(s, v) for s, v in zip(weights, values)]
+        del weights
         ctx.kernels, ctx.taus, ctx.ns, ctx.k, ctx.sum_reduce = kernels, taus, ns, k, sum_reduce
         ctx.num_stats = len(stats[0])
         ctx.save_for_backward(*scores, *values, *[t for st in stats for t in st])
@@ -352,21 +389,27 @@ class PattentionNormCombine(torch.autograd.Function):
         saved = ctx.saved_tensors
         scores, values, flat_stats = saved[:k], saved[k:2 * k], saved[2 * k:]
         stats = [tuple(flat_stats[i * ctx.num_stats:(i + 1) * ctx.num_stats]) for i in range(k)]
-        grad_values, states, row_dots = [], [], []
+        grad_values, states, row_dots, grad_scores = [], [], [], []
+        whole = ctx.sum_reduce is None  # all tokens local: the backward in one step per tensor
         for i, (a_in, v, st, g, tau, n) in enumerate(zip(scores, values, stats, grad_outs, ctx.taus, ctx.ns)):
             if g is None:
                 g = torch.zeros(a_in.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
-            s, row_dot, state = kernels.backward_local(a_in, st, torch.matmul(g, v.t()), tau, n)
-            row_dots.append(row_dot)
-            states.append(state)
+            if whole:
+                s, grad = kernels.backward_whole(a_in, st, torch.matmul(g, v.t()), tau, n)
+                grad_scores.append(grad)
+            else:
+                s, row_dot, state = kernels.backward_local(a_in, st, torch.matmul(g, v.t()), tau, n)
+                row_dots.append(row_dot)
+                states.append(state)
             if ctx.needs_input_grad[7 + k + i]:
                 grad_values.append(s.reshape(-1, s.shape[-1]).t().matmul(g.reshape(-1, g.shape[-1])))
             else:
                 grad_values.append(None)
             del s
-        row_dots = _reduce_batched(row_dots, ctx.sum_reduce)
-        grad_scores = [kernels.backward_finish(a_in, st, state, rd, tau, n)
-                       for a_in, st, state, rd, tau, n in zip(scores, stats, states, row_dots, ctx.taus, ctx.ns)]
+        if not whole:
+            row_dots = _reduce_batched(row_dots, ctx.sum_reduce)
+            grad_scores = [kernels.backward_finish(a_in, st, state, rd, tau, n)
+                           for a_in, st, state, rd, tau, n in zip(scores, stats, states, row_dots, ctx.taus, ctx.ns)]
         return (None,) * 7 + tuple(grad_scores) + tuple(grad_values)
 
 
