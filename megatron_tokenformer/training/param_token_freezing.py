@@ -185,5 +185,9 @@ def setup_param_token_freezing(args, model: torch.nn.Module) -> Optional[ParamTo
     setattr(args, ARG_KEY, counts)
     if counts is None:
         return None
-    return ParamTokenFreezer(model, counts, parallel_state.get_tensor_model_parallel_rank(),
-                             parallel_state.get_tensor_model_parallel_world_size())
+    from megatron_tokenformer.training.logging import print_rank_0
+    freezer = ParamTokenFreezer(model, counts, parallel_state.get_tensor_model_parallel_rank(),
+                                parallel_state.get_tensor_model_parallel_world_size())
+    print_rank_0(f"> --train-only-new-param-tokens: {freezer.trainable_numel:,} of {freezer.total_numel:,} parameters "
+                 f"trained on rank 0 (old token counts {counts})")
+    return freezer
