@@ -247,6 +247,9 @@ def setup_model_and_optimizer(args, config, device: Optional[torch.device] = Non
     """
     import deepspeed
 
+    from megatron_tokenformer.training.deferred_imports import defer_deepspeed_muon_modules
+    defer_deepspeed_muon_modules()  # DeepSpeed's Muon modules compile kernels on import; no Muon here
+
     from megatron_tokenformer.training.lr_schedules import OptimizerParamScheduler
 
     model = build_model(args, config)
