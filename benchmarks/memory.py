@@ -91,8 +91,9 @@ def pattention_vs_mlp(T=2048, d=512, n=2048, repeats=5):
         def mlp():
             return F.linear(F.gelu(F.linear(x, w1)), w2)
 
-        sizes = {"lean": retained_bytes(patt(True)), "autograd": retained_bytes(patt(False)), "mlp": retained_bytes(mlp),
-                 "fused": retained_bytes(patt(True, True))}
+        # (the fused kernels keep the same tensors -- tests/unit/ops/test_pattention_norm_fused.py -- and
+        # torch.compile does not run under the recording dispatch mode, so they are timed, not measured)
+        sizes = {"lean": retained_bytes(patt(True)), "autograd": retained_bytes(patt(False)), "mlp": retained_bytes(mlp)}
         rows.append((str(dtype).replace("torch.", ""), sizes))
         if dtype == torch.float32:
             times = {"lean": [], "fused": [], "autograd": [], "mlp": []}
@@ -193,10 +194,10 @@ def block_table():
 
 
 def _goals(rows, best) -> str:
-    mem = max(max(sz["lean"], sz["fused"]) / sz["mlp"] for _, sz in rows)
+    mem = max(sz["lean"] / sz["mlp"] for _, sz in rows)
     t, tf = best["lean"] / best["mlp"], best["fused"] / best["mlp"]
     return (f"Goals of issue 10: saved bytes <= 1.0x the MLP in fp32 and bf16: {'met' if mem <= 1.0 else 'NOT met'} "
-            f"({mem:.2f}x at most, plain and fused kernels); fwd+bwd time <= 1.10x the MLP: with the fused "
+            f"({mem:.2f}x at most; the fused kernels keep the same tensors); fwd+bwd time <= 1.10x the MLP: with the fused "
             f"kernels (`--fused-pattention-norm`) {'met' if tf <= 1.10 else 'NOT met'} ({tf:.2f}x), with the plain "
             f"eager kernels (the CPU default) {'met' if t <= 1.10 else 'NOT met'} ({t:.2f}x: the backward recomputes "
             "the normalisation in several eager passes over T x n). The matmuls are the same as the MLP's. Timings "
@@ -211,12 +212,11 @@ def render(rows, best, blocks) -> str:
            "a checkpoint's inputs), each storage once, the output and the parameters excluded.", "",
            "**One Pattention vs the equal-shape MLP** (T = 2048, d = 512, n = 2048, l2_norm_gelu; MLP = Linear",
            "d -> n, exact GeLU, Linear n -> d, no biases):", "",
-           "| dtype | lean function (MiB) | lean, fused kernels (MiB) | autograd composition (MiB) | MLP (MiB) | "
-           "lean / MLP | autograd / MLP |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| dtype | lean function (MiB) | autograd composition (MiB) | MLP (MiB) | lean / MLP | autograd / MLP |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for dtype, sz in rows:
-        out.append(f"| {dtype} | {sz['lean'] / mib:.2f} | {sz['fused'] / mib:.2f} | {sz['autograd'] / mib:.2f} | "
-                   f"{sz['mlp'] / mib:.2f} | {sz['lean'] / sz['mlp']:.2f} | {sz['autograd'] / sz['mlp']:.2f} |")
+        out.append(f"| {dtype} | {sz['lean'] / mib:.2f} | {sz['autograd'] / mib:.2f} | {sz['mlp'] / mib:.2f} | "
+                   f"{sz['lean'] / sz['mlp']:.2f} | {sz['autograd'] / sz['mlp']:.2f} |")
     out += ["", f"Forward + backward, CPU fp32, best of interleaved repeats (compilation excluded): lean "
                 f"{best['lean'] * 1e3:.0f} ms, lean with fused kernels {best['fused'] * 1e3:.0f} ms, autograd "
                 f"composition {best['autograd'] * 1e3:.0f} ms, MLP {best['mlp'] * 1e3:.0f} ms: fused / MLP = "
