@@ -377,15 +377,32 @@ def load_deepspeed_json(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- validation
 
 
-def resolve_fused_pattention_norm(flag: Optional[bool], cuda_available: bool) -> bool:
+def resolve_fused_pattention_norm(flag: Optional[bool], cuda_available: bool, compiler_available: bool = True) -> bool:
     """``--fused-pattention-norm`` / ``--no-fused-pattention-norm`` as given, else on exactly when CUDA is
-    available (compilation pays off on GPUs; on CPU it only adds start-up time)."""
-    return bool(cuda_available) if flag is None else bool(flag)
+    available (compilation pays off on GPUs; on CPU it only adds start-up time) and torch.compile can build
+    kernels there (``compiler_available``: Triton on CUDA, a C++ compiler on CPU). An explicit flag without
+    a compiler is refused (it would fail at the first forward instead)."""
+    if flag is None:
+        return bool(cuda_available and compiler_available)
+    _check(not flag or compiler_available,
+           f"--fused-pattention-norm compiles kernels with torch.compile, which needs "
+           f"{'Triton (the triton package)' if cuda_available else 'a C++ compiler (g++ or c++ on PATH)'} here; "
+           f"install it or run with --no-fused-pattention-norm")
+    return bool(flag)
 
 
 def _cuda_available() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def _kernel_compiler_available(cuda_available: bool) -> bool:
+    """What torch.compile's inductor needs to build kernels: Triton for CUDA, a C++ compiler for CPU."""
+    import importlib.util
+    import shutil
+    if cuda_available:
+        return importlib.util.find_spec("triton") is not None
+    return any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
 
 
 def _check(condition: bool, message: str) -> None:
@@ -506,7 +523,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
                    f"blocks of a pipeline stage (--recompute-method block)")
     if tp == 1:
         args.sequence_parallel = False  # nothing to split (as Megatron)
-    args.fused_pattention_norm = resolve_fused_pattention_norm(args.fused_pattention_norm, _cuda_available())
+    cuda = _cuda_available()
+    args.fused_pattention_norm = resolve_fused_pattention_norm(args.fused_pattention_norm, cuda,
+                                                               _kernel_compiler_available(cuda))
     _check_model_config(args)
 
     # ---- precision

@@ -3,6 +3,7 @@ raised before any process group exists (so no rank waits for another)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,14 @@ def test_fused_pattention_norm_defaults_to_cuda_availability(monkeypatch):
     from megatron_tokenformer.arguments import core_config_from_args, resolve_fused_pattention_norm
     assert [resolve_fused_pattention_norm(flag, cuda) for flag in (None, True, False) for cuda in (False, True)] \
         == [False, True, True, True, False, False]
+    # no kernel compiler: the default is off, an explicit request is refused naming the flag and the need
+    assert resolve_fused_pattention_norm(None, True, compiler_available=False) is False
+    assert resolve_fused_pattention_norm(False, True, compiler_available=False) is False
+    for cuda, need in ((True, "Triton"), (False, "a C++ compiler")):
+        with pytest.raises(ArgumentError, match=f"--fused-pattention-norm compiles kernels with torch.compile, which "
+                                                f"needs {re.escape(need)}.*--no-fused-pattention-norm"):
+            resolve_fused_pattention_norm(True, cuda, compiler_available=False)
+    monkeypatch.setattr(arguments, "_kernel_compiler_available", lambda cuda: True)
     for cuda in (False, True):
         monkeypatch.setattr(arguments, "_cuda_available", lambda cuda=cuda: cuda)
         assert validated([], world_size=1).fused_pattention_norm is cuda
