@@ -58,6 +58,10 @@ MODEL_FAMILY_FIELDS: Dict[str, FamilyFields] = {
 MODEL_TYPES = tuple(MODEL_FAMILY_FIELDS)
 
 
+#: Config fields that are not written by :meth:`TokenformerConfig.to_dict` (chosen per run, per machine).
+NOT_STORED = ("fused_pattention_norm",)
+
+
 @dataclasses.dataclass
 class TokenformerConfig:
     """Hyper-parameters of the language model (docs/design.md §2), of every family.
@@ -239,7 +243,13 @@ class TokenformerConfig:
 
     # --- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field but those of :data:`NOT_STORED` (how this run computes, not what the model is): what
+        checkpoints, exports and JSON files record, so a checkpoint written on a GPU with the fused
+        normalisation loads on a CPU without it (and in code that predates the field)."""
+        data = dataclasses.asdict(self)
+        for name in NOT_STORED:
+            data.pop(name)
+        return data
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "TokenformerConfig":

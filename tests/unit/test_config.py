@@ -83,3 +83,14 @@ def test_bad_json(tmp_path):
     del data["hiden_size"], data["vocab_size"]
     with pytest.raises(ValueError, match="missing TokenformerConfig field\\(s\\): vocab_size"):
         TokenformerConfig.from_dict(data)
+
+
+def test_fused_norm_is_not_stored():
+    """A run's kernel choice is not part of the model: a checkpoint written with the fused normalisation
+    has the same model_config as one written without it, and loads with it off (and in older readers)."""
+    from megatron_tokenformer.config import TokenformerConfig
+    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=100,
+                qkv_num_param_tokens=8, proj_num_param_tokens=8, ffn_num_param_tokens=16)
+    fused, plain = TokenformerConfig(**base, fused_pattention_norm=True), TokenformerConfig(**base)
+    assert "fused_pattention_norm" not in fused.to_dict() and fused.to_dict() == plain.to_dict()
+    assert TokenformerConfig.from_dict(fused.to_dict()) == plain
