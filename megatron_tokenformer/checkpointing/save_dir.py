@@ -240,16 +240,7 @@ def prune_own_checkpoints(save_dir: str, keep_last_n: Optional[int], run_id: Opt
     latest = files.read_latest(save_dir)
     own = [name for _, name in files.list_step_dirs(save_dir)
            if _run_id_of(os.path.join(save_dir, name)) == run_id]
-    doomed = [name for name in own[:-keep_last_n] if name != latest]
-    for name in doomed:
-        # Rename first so a crash mid-delete never leaves a half-deleted folder that looks complete.
-        path = os.path.join(save_dir, name)
-        trash = path + ".old"
-        os.replace(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    if doomed:
-        files.fsync_dir(save_dir)
-    return doomed
+    return files.remove_step_dirs(save_dir, [name for name in own[:-keep_last_n] if name != latest])
 
 
 # --------------------------------------------------------------------------- write access, space

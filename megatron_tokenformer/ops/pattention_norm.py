@@ -29,6 +29,7 @@ replace them without touching the reductions.
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -184,88 +185,41 @@ def norm_backward_elementwise(a: torch.Tensor, stats: Sequence[torch.Tensor], pa
     return (float(n) * prob) * (grad_s - row_dot.unsqueeze(-1))
 
 
-class ElementwiseKernels:
-    """The elementwise steps of the lean function, each over one score tensor in its INPUT dtype.
-
-    The row statistics, f(A) and the two backward halves, upcasting to the compute dtype inside.
-    Plain (eager) kernels keep the backward's fp32 partial result between the two halves; the fused
-    kernels (``torch.compile`` of the same math, :func:`fused_kernels`) keep only dS and recompute the
-    rest in the second half, so each step is one pass that reads A in the input dtype.
-
-    - ``row_max(a_in)`` -> [...]; ``row_statistic(a_in, shift)`` -> [...]: before the reductions.
-    - ``forward(a_in, stats, tau, n)`` -> S [..., n_local] in the input dtype.
-    - ``backward_local(a_in, stats, grad_s, tau, n)`` -> (S, row_dot, state).
-    - ``backward_finish(a_in, stats, state, row_dot, tau, n)`` -> dA in the input dtype.
-
-    When all n tokens are local (no reductions) the steps around each reduction meet:
-    ``forward_local(a_in, eps, tau, n)`` -> (S, stats) and ``backward_whole(a_in, stats, grad_s, tau, n)``
-    -> (S, dA); the fused kernels compile each into one kernel (a row reduction and its consumer).
-    """
-
-    fused = False
-
-    def __init__(self, normalization: str):
-        self.normalization = normalization
-
-    def row_max(self, a_in):
-        return a_in.to(compute_dtype(a_in.dtype)).amax(dim=-1)
-
-    def row_statistic(self, a_in, shift=None):
-        return norm_row_statistic(a_in.to(compute_dtype(a_in.dtype)), self.normalization, shift)
-
-    def forward(self, a_in, stats, tau, n):
-        a = a_in.to(compute_dtype(a_in.dtype))
-        return norm_forward_elementwise(a, stats, self.normalization, tau, n).to(a_in.dtype)
-
-    def backward_local(self, a_in, stats, grad_s, tau, n):
-        a = a_in.to(compute_dtype(a_in.dtype))
-        s, row_dot, partial = norm_backward_local(a, stats, grad_s.to(a.dtype), self.normalization, tau, n)
-        return s.to(a_in.dtype), row_dot, (a, partial)
-
-    def backward_finish(self, a_in, stats, state, row_dot, tau, n):
-        a, partial = state
-        return norm_backward_elementwise(a, stats, partial, row_dot, self.normalization, tau, n).to(a_in.dtype)
-
-    def forward_local(self, a_in, eps, tau, n):
-        stats = _reduced_statistics([a_in], self, eps, None, None)[0]
-        return self.forward(a_in, stats, tau, n), stats
-
-    def backward_whole(self, a_in, stats, grad_s, tau, n):
-        s, row_dot, state = self.backward_local(a_in, stats, grad_s, tau, n)
-        return s, self.backward_finish(a_in, stats, state, row_dot, tau, n)
-
-
-def _fused_row_max(a_in, *, normalization: str):
+# The elementwise steps, each over one score tensor flattened to rows [rows, n_local] in its INPUT dtype
+# (upcast inside). Plain kernels call them; the fused kernels compile each into one kernel.
+def _row_max(a_in, *, normalization: str):
     return a_in.to(compute_dtype(a_in.dtype)).amax(dim=-1)
 
 
-def _fused_row_statistic(a_in, shift, *, normalization: str):
+def _row_statistic(a_in, shift, *, normalization: str):
     return norm_row_statistic(a_in.to(compute_dtype(a_in.dtype)), normalization, shift)
 
 
-def _fused_forward(a_in, stats, *, normalization: str, tau, n):
+def _forward(a_in, stats, *, normalization: str, tau, n):
     a = a_in.to(compute_dtype(a_in.dtype))
     return norm_forward_elementwise(a, stats, normalization, tau, n).to(a_in.dtype)
 
 
-def _fused_backward_local(a_in, stats, grad_s, *, normalization: str, tau, n):
+def _forward_local(a_in, eps, *, normalization: str, tau, n):
+    kernels = ElementwiseKernels(normalization)
+    stats = _reduced_statistics([a_in], kernels, eps, None, None)[0]
+    return _forward(a_in, stats, normalization=normalization, tau=tau, n=n), stats
+
+
+def _backward_local_recompute(a_in, stats, grad_s, *, normalization: str, tau, n):
+    """(S, row sum) from A and dS; the partial result is recomputed by :func:`_backward_finish_recompute`."""
     a = a_in.to(compute_dtype(a_in.dtype))
     s, row_dot, _ = norm_backward_local(a, stats, grad_s.to(a.dtype).clone(), normalization, tau, n)
     return s.to(a_in.dtype), row_dot
 
 
-def _fused_backward_finish(a_in, stats, grad_s, row_dot, *, normalization: str, tau, n):
+def _backward_finish_recompute(a_in, stats, grad_s, row_dot, *, normalization: str, tau, n):
     a = a_in.to(compute_dtype(a_in.dtype))
     _, _, partial = norm_backward_local(a, stats, grad_s.to(a.dtype).clone(), normalization, tau, n)
     return norm_backward_elementwise(a, stats, partial, row_dot, normalization, tau, n).to(a_in.dtype)
 
 
-def _fused_forward_local(a_in, eps, *, normalization: str, tau, n):
-    stats = _reduced_statistics([a_in], ElementwiseKernels(normalization), eps, None, None)[0]
-    return _fused_forward(a_in, stats, normalization=normalization, tau=tau, n=n), stats
-
-
-def _fused_backward_whole(a_in, stats, grad_s, *, normalization: str, tau, n):
+def _backward_whole(a_in, stats, grad_s, *, normalization: str, tau, n):
     a = a_in.to(compute_dtype(a_in.dtype))
     s, row_dot, partial = norm_backward_local(a, stats, grad_s.to(a.dtype).clone(), normalization, tau, n)
     return s.to(a_in.dtype), norm_backward_elementwise(a, stats, partial, row_dot, normalization, tau, n).to(a_in.dtype)
@@ -292,51 +246,91 @@ def _compiled(fn, normalization: str):
     return _COMPILED[key]
 
 
+def _rows(t):
+    return t.reshape(-1, t.shape[-1])
+
+
+def _flat(stats):
+    return tuple(t.reshape(-1) for t in stats)
+
+
+class ElementwiseKernels:
+    """The elementwise steps of the lean function over one score tensor in its INPUT dtype (upcast inside):
+    the row statistics, f(A) and the two backward halves around the row-sum reduction.
+
+    - ``row_max(a_in)`` -> [...]; ``row_statistic(a_in, shift)`` -> [...]: before the reductions.
+    - ``forward(a_in, stats, tau, n)`` -> S [..., n_local] in the input dtype.
+    - ``backward_local(a_in, stats, grad_s, tau, n)`` -> (S, row_dot, state).
+    - ``backward_finish(a_in, stats, state, row_dot, tau, n)`` -> dA in the input dtype.
+
+    When all n tokens are local (no reductions) the steps around each reduction meet:
+    ``forward_local(a_in, eps, tau, n)`` -> (S, stats) and ``backward_whole(a_in, stats, grad_s, tau, n)``
+    -> (S, dA).
+
+    These plain kernels run the steps eagerly and keep the backward's fp32 partial result between its
+    halves; :class:`FusedElementwiseKernels` compiles the same steps.
+    """
+
+    fused = False
+
+    def __init__(self, normalization: str):
+        self.normalization = normalization
+
+    def _step(self, fn):
+        return functools.partial(fn, normalization=self.normalization)
+
+    def row_max(self, a_in):
+        return self._step(_row_max)(_rows(a_in)).view(a_in.shape[:-1])
+
+    def row_statistic(self, a_in, shift=None):
+        shift = None if shift is None else shift.reshape(-1)
+        return self._step(_row_statistic)(_rows(a_in), shift).view(a_in.shape[:-1])
+
+    def forward(self, a_in, stats, tau, n):
+        return self._step(_forward)(_rows(a_in), _flat(stats), tau=tau, n=n).view(a_in.shape)
+
+    def forward_local(self, a_in, eps, tau, n):
+        s, stats = self._step(_forward_local)(_rows(a_in), eps, tau=tau, n=n)
+        return s.view(a_in.shape), tuple(t.view(a_in.shape[:-1]) for t in stats)
+
+    def backward_local(self, a_in, stats, grad_s, tau, n):
+        a = a_in.to(compute_dtype(a_in.dtype))
+        s, row_dot, partial = norm_backward_local(a, stats, grad_s.to(a.dtype), self.normalization, tau, n)
+        return s.to(a_in.dtype), row_dot, (a, partial)
+
+    def backward_finish(self, a_in, stats, state, row_dot, tau, n):
+        a, partial = state
+        return norm_backward_elementwise(a, stats, partial, row_dot, self.normalization, tau, n).to(a_in.dtype)
+
+    def backward_whole(self, a_in, stats, grad_s, tau, n):
+        s, row_dot, state = self.backward_local(a_in, stats, grad_s, tau, n)
+        return s, self.backward_finish(a_in, stats, state, row_dot, tau, n)
+
+
 class FusedElementwiseKernels(ElementwiseKernels):
     """The same steps, each compiled into one kernel (``--fused-pattention-norm``).
 
-    Scores are flattened to [rows, n_local] (one compiled graph per step whatever the leading dims).
     The backward keeps dS (input dtype) between its halves instead of the fp32 partial result, and the
-    second half recomputes the elementwise terms: one more pass over A, no fp32 T x n temporaries.
+    second half recomputes the elementwise terms: one more pass over A, no fp32 T x n temporaries. At
+    TP 1 each of forward and backward is one kernel (a row reduction and its consumer).
     """
 
     fused = True
 
-    @staticmethod
-    def _rows(t):
-        return t.reshape(-1, t.shape[-1])
-
-    def row_max(self, a_in):
-        return _compiled(_fused_row_max, self.normalization)(self._rows(a_in)).view(a_in.shape[:-1])
-
-    def row_statistic(self, a_in, shift=None):
-        shift = None if shift is None else shift.reshape(-1)
-        return _compiled(_fused_row_statistic, self.normalization)(self._rows(a_in), shift).view(a_in.shape[:-1])
-
-    def forward(self, a_in, stats, tau, n):
-        stats = tuple(t.reshape(-1) for t in stats)
-        return _compiled(_fused_forward, self.normalization)(self._rows(a_in), stats, tau=tau, n=n).view(a_in.shape)
+    def _step(self, fn):
+        return _compiled(fn, self.normalization)
 
     def backward_local(self, a_in, stats, grad_s, tau, n):
-        stats = tuple(t.reshape(-1) for t in stats)
-        s, row_dot = _compiled(_fused_backward_local, self.normalization)(self._rows(a_in), stats,
-                                                                           self._rows(grad_s), tau=tau, n=n)
+        s, row_dot = self._step(_backward_local_recompute)(_rows(a_in), _flat(stats), _rows(grad_s), tau=tau, n=n)
         return s.view(a_in.shape), row_dot.view(a_in.shape[:-1]), grad_s
 
     def backward_finish(self, a_in, stats, state, row_dot, tau, n):
-        stats = tuple(t.reshape(-1) for t in stats)
-        grad = _compiled(_fused_backward_finish, self.normalization)(self._rows(a_in), stats, self._rows(state),
-                                                                     row_dot.reshape(-1), tau=tau, n=n)
+        grad = self._step(_backward_finish_recompute)(_rows(a_in), _flat(stats), _rows(state), row_dot.reshape(-1),
+                                                      tau=tau, n=n)
         return grad.view(a_in.shape)
 
-    def forward_local(self, a_in, eps, tau, n):
-        s, stats = _compiled(_fused_forward_local, self.normalization)(self._rows(a_in), eps, tau=tau, n=n)
-        return s.view(a_in.shape), tuple(t.view(a_in.shape[:-1]) for t in stats)
-
     def backward_whole(self, a_in, stats, grad_s, tau, n):
-        stats = tuple(t.reshape(-1) for t in stats)
-        s, grad = _compiled(_fused_backward_whole, self.normalization)(self._rows(a_in), stats, self._rows(grad_s),
-                                                                       tau=tau, n=n)
+        s, grad = self._step(_backward_whole)(_rows(a_in), _flat(stats), _rows(grad_s), tau=tau, n=n)
         return s.view(a_in.shape), grad.view(a_in.shape)
 
 

@@ -141,13 +141,17 @@ def prune_checkpoints(save_dir: str, keep_last_n: int) -> List[str]:
         return []
     latest = read_latest(save_dir)
     steps = list_step_dirs(save_dir)
-    doomed = [name for _, name in steps[:-keep_last_n] if name != latest]
-    for name in doomed:
-        # Rename first so a crash mid-delete never leaves a half-deleted folder that looks complete.
+    return remove_step_dirs(save_dir, [name for _, name in steps[:-keep_last_n] if name != latest])
+
+
+def remove_step_dirs(save_dir: str, names: List[str]) -> List[str]:
+    """Delete the step folders ``names`` of ``save_dir`` (each renamed to ``.old`` first, so a crash
+    mid-delete never leaves a half-deleted folder that looks complete); returns ``names``."""
+    for name in names:
         path = os.path.join(save_dir, name)
         trash = path + ".old"
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
-    if doomed:
+    if names:
         fsync_dir(save_dir)
-    return doomed
+    return names
