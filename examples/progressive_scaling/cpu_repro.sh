@@ -34,6 +34,7 @@
 # CORPUS_MB [20]; VOCAB [2048]; D [128] LAYERS [4] HEADS [4]; N_SMALL [64] (attention tokens, FFN 4x);
 # TRANSFORMER_FFN [192]; WIDE_D [256] WIDE_FFN [384]; NET2NET_NOISE [0.05]; TRANSFORMER_SCRATCH [1] (0 drops
 # transformer-scratch from ARMS);
+# CHECK_ONLY [0] (1: check the settings, exit 0 if they are valid, touch nothing);
 # REUSE [0] (1: keep WORK and skip every run whose log says it stopped where planned and every growth whose
 # log says it wrote its checkpoint: continue an interrupted experiment with the same settings);
 # DATA_DIR [] (a folder with tok.model and data_text_document.bin/.idx from an earlier run: reused, no
@@ -112,6 +113,7 @@ case "$(realpath -m "$WORK")" in
   /|"$HOME"|"$REPO") echo "cpu_repro.sh: error: WORK=$WORK would delete a folder it does not own" >&2; exit 2 ;;
 esac
 if [ "$G" -lt 1 ] || [ "$S" -lt 1 ]; then echo "cpu_repro.sh: error: S and G must be >= 1" >&2; exit 2; fi
+[ "${CHECK_ONLY:-0}" = 1 ] && exit 0  # the settings are valid; nothing was built or deleted
 [ "${REUSE:-0}" = 1 ] || rm -rf "$WORK"
 mkdir -p "$WORK/logs" "$(dirname "$REPORT")" "$(dirname "$PLOT")"
 START=$(date +%s)
