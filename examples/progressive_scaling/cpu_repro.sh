@@ -42,9 +42,10 @@
 # WORK [runs/progressive_scaling] (everything but the report goes here; deleted and rebuilt);
 # REPORT [docs/progressive_scaling.md]; PLOT [docs/progressive_scaling.png]; PYTHON [python3]; THREADS [2].
 #
-# The default is one LR, one seed, one growth stage (about 25 minutes). The sweep of the page:
-#   LRS="3e-4 1e-3 3e-3" SEEDS="1234 1235 1236" GROWTHS="2 4" examples/progressive_scaling/cpu_repro.sh
-# (docs/progressive_scaling.md states the sizes and the time of the run it shows).
+# The default is one LR, one seed, one growth stage (about 25 minutes). A sweep in one stream:
+#   LRS="1e-3 3e-3 1e-2" SEEDS="1234 1235 1236" GROWTHS="2 4" examples/progressive_scaling/cpu_repro.sh
+# examples/progressive_scaling/parallel_sweep.sh runs the same as parallel streams (the page's run;
+# docs/progressive_scaling.md states the sizes and the time of the run it shows).
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
