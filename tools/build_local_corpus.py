@@ -26,13 +26,17 @@ def get_args(argv=None):
     p.add_argument("--roots", nargs="*", default=None,
                    help="folders to collect from (default: stdlib, purelib, platlib)")
     p.add_argument("--extensions", nargs="*", default=list(DEFAULT_EXTENSIONS))
+    p.add_argument("--shuffle-seed", type=int, default=None,
+                   help="write the chosen files in this seed's random order (default: sorted); a contiguous "
+                        "--split of the corpus then samples all of it, not the last packages")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = get_args(argv)
     try:
-        res = build_local_corpus(args.output, args.max_mb, args.format, args.roots, args.extensions)
+        res = build_local_corpus(args.output, args.max_mb, args.format, args.roots, args.extensions,
+                                 shuffle_seed=args.shuffle_seed)
     except (ValueError, OSError) as e:
         print(f"build_local_corpus.py: error: {e}", file=sys.stderr)
         return 1

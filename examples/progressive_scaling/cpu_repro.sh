@@ -31,7 +31,8 @@
 # GROWTHS [4] (cumulative token factors of the growth stages, e.g. "2 4"; GROWTH [4] is the default single
 # one); ARMS [tokenformer-grown tokenformer-scratch transformer-net2net transformer-scratch];
 # GROWN_TP [2] (tensor-parallel size after the first growth); EVAL_INTERVAL [100] EVAL_ITERS [10];
-# CORPUS_MB [20]; VOCAB [2048]; D [128] LAYERS [4] HEADS [4]; N_SMALL [64] (attention tokens, FFN 4x);
+# CORPUS_MB [20]; CORPUS_SHUFFLE_SEED [1] (the local corpus's files in this seed's order, so the 5% validation
+# split samples the whole corpus; empty: sorted, which validates on the last packages only); VOCAB [2048]; D [128] LAYERS [4] HEADS [4]; N_SMALL [64] (attention tokens, FFN 4x);
 # TRANSFORMER_FFN [192]; WIDE_D [256] WIDE_FFN [384]; NET2NET_NOISE [0.05]; TRANSFORMER_SCRATCH [1] (0 drops
 # transformer-scratch from ARMS);
 # CHECK_ONLY [0] (1: check the settings, exit 0 if they are valid, touch nothing);
@@ -66,7 +67,7 @@ PYTHON=${PYTHON:-python3}
 S=${S:-800}; G=${G:-400}; SEQ=${SEQ:-128}; GLOBAL_BATCH=${GLOBAL_BATCH:-16}
 LR=${LR:-1e-3}; LRS=${LRS:-$LR}; MIN_LR_RATIO=${MIN_LR_RATIO:-0.1}; WARMUP=${WARMUP:-50}; SEEDS=${SEEDS:-1234}
 EVAL_INTERVAL=${EVAL_INTERVAL:-100}; EVAL_ITERS=${EVAL_ITERS:-10}
-CORPUS_MB=${CORPUS_MB:-20}; VOCAB=${VOCAB:-2048}
+CORPUS_MB=${CORPUS_MB:-20}; VOCAB=${VOCAB:-2048}; CORPUS_SHUFFLE_SEED=${CORPUS_SHUFFLE_SEED-1}
 D=${D:-128}; LAYERS=${LAYERS:-4}; HEADS=${HEADS:-4}; N_SMALL=${N_SMALL:-64}; GROWTH=${GROWTH:-4}; GROWTHS=${GROWTHS:-$GROWTH}
 TRANSFORMER_FFN=${TRANSFORMER_FFN:-192}; WIDE_D=${WIDE_D:-256}; WIDE_FFN=${WIDE_FFN:-384}
 NET2NET_NOISE=${NET2NET_NOISE:-0.05}; THREADS=${THREADS:-2}; TRANSFORMER_SCRATCH=${TRANSFORMER_SCRATCH:-1}
@@ -81,7 +82,7 @@ TOTAL=$((S + G * ${#GROWTH_LIST[@]}))
 LAST_GROWTH=${GROWTH_LIST[${#GROWTH_LIST[@]}-1]}
 WIDE_HEADS=$((HEADS * WIDE_D / D))
 COMMAND="$0${TEXT:+ --text $TEXT}"
-SETTINGS="S=$S G=$G SEQ=$SEQ GLOBAL_BATCH=$GLOBAL_BATCH LRS=\"$LRS\" MIN_LR_RATIO=$MIN_LR_RATIO WARMUP=$WARMUP SEEDS=\"$SEEDS\" GROWTHS=\"$GROWTHS\" GROWN_TP=$GROWN_TP EVAL_INTERVAL=$EVAL_INTERVAL EVAL_ITERS=$EVAL_ITERS CORPUS_MB=$CORPUS_MB VOCAB=$VOCAB D=$D LAYERS=$LAYERS HEADS=$HEADS N_SMALL=$N_SMALL TRANSFORMER_FFN=$TRANSFORMER_FFN WIDE_D=$WIDE_D WIDE_FFN=$WIDE_FFN NET2NET_NOISE=$NET2NET_NOISE ARMS=\"${ARM_LIST[*]}\""
+SETTINGS="S=$S G=$G SEQ=$SEQ GLOBAL_BATCH=$GLOBAL_BATCH LRS=\"$LRS\" MIN_LR_RATIO=$MIN_LR_RATIO WARMUP=$WARMUP SEEDS=\"$SEEDS\" GROWTHS=\"$GROWTHS\" GROWN_TP=$GROWN_TP EVAL_INTERVAL=$EVAL_INTERVAL EVAL_ITERS=$EVAL_ITERS CORPUS_MB=$CORPUS_MB CORPUS_SHUFFLE_SEED=$CORPUS_SHUFFLE_SEED VOCAB=$VOCAB D=$D LAYERS=$LAYERS HEADS=$HEADS N_SMALL=$N_SMALL TRANSFORMER_FFN=$TRANSFORMER_FFN WIDE_D=$WIDE_D WIDE_FFN=$WIDE_FFN NET2NET_NOISE=$NET2NET_NOISE ARMS=\"${ARM_LIST[*]}\""
 
 usage_error() { echo "cpu_repro.sh: error: $*" >&2; exit 2; }
 [ ${#LR_LIST[@]} -ge 1 ] || usage_error "LRS is empty"
@@ -128,7 +129,8 @@ if [ -n "$DATA_DIR" ]; then
 else
   if [ -z "$TEXT" ]; then
     say "building a ${CORPUS_MB} MB corpus from this machine's Python sources"
-    "$PYTHON" "$REPO/tools/build_local_corpus.py" --output "$WORK/corpus.jsonl" --max-mb "$CORPUS_MB" > "$WORK/logs/data.log"
+    "$PYTHON" "$REPO/tools/build_local_corpus.py" --output "$WORK/corpus.jsonl" --max-mb "$CORPUS_MB" \
+      ${CORPUS_SHUFFLE_SEED:+--shuffle-seed "$CORPUS_SHUFFLE_SEED"} > "$WORK/logs/data.log"
     INPUT="$WORK/corpus.jsonl"
   else
     INPUT="$TEXT"

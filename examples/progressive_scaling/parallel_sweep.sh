@@ -19,7 +19,7 @@
 # Settings (environment, defaults in brackets): LRS [1e-3 3e-3 1e-2] for the models trained from scratch
 # at full size; SMALL_LRS [$LRS] for the small models the growth arms start from (a growth stage keeps
 # the small model's best LR, so its sweep decides the grown arms); SEEDS [1234 1235 1236]; GROWTHS [2 4];
-# S [600] G [300]; THREADS [1] (cores per stream; all streams run at once); ROOT
+# S [600] G [300]; CORPUS_SHUFFLE_SEED [1] (as cpu_repro.sh); THREADS [1] (cores per stream; all streams run at once); ROOT
 # [runs/progressive_scaling_sweep] (deleted and rebuilt unless REUSE=1, which continues every stream);
 # REPORT [docs/progressive_scaling.md]; PLOT [docs/progressive_scaling.png]; PYTHON [python3]; every
 # other cpu_repro.sh setting (D, LAYERS, SEQ, GROWN_TP, ...) is passed through (cpu_repro.sh --help).
@@ -46,6 +46,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 PYTHON=${PYTHON:-python3}
 LRS=${LRS:-1e-3 3e-3 1e-2}; SMALL_LRS=${SMALL_LRS:-$LRS}; SEEDS=${SEEDS:-1234 1235 1236}
 GROWTHS=${GROWTHS:-2 4}; S=${S:-600}; G=${G:-300}; THREADS=${THREADS:-1}; GROWN_TP=${GROWN_TP:-2}
+CORPUS_SHUFFLE_SEED=${CORPUS_SHUFFLE_SEED-1}  # as cpu_repro.sh: the local corpus in a seeded file order
 ROOT=${ROOT:-$REPO/runs/progressive_scaling_sweep}
 REPORT=${REPORT:-$REPO/docs/progressive_scaling.md}; PLOT=${PLOT:-$REPO/docs/progressive_scaling.png}
 read -r -a GROWTH_LIST <<< "$GROWTHS"
@@ -101,7 +102,7 @@ else
   if [ -z "$INPUT" ]; then
     say "building a ${CORPUS_MB:-20} MB corpus from this machine's Python sources"
     "$PYTHON" "$REPO/tools/build_local_corpus.py" --output "$DATA_DIR/corpus.jsonl" --max-mb "${CORPUS_MB:-20}" \
-      > "$DATA_DIR/data.log"
+      ${CORPUS_SHUFFLE_SEED:+--shuffle-seed "$CORPUS_SHUFFLE_SEED"} > "$DATA_DIR/data.log"
     INPUT=$DATA_DIR/corpus.jsonl
   fi
   say "training a ${VOCAB:-2048}-token tokenizer and tokenizing $INPUT"
@@ -139,7 +140,7 @@ ARGS+=(--compare "Transformer Net2Net-widened=Transformer wide from scratch"
        --sweep-only "Tokenformer small" --sweep-only "Transformer small")
 SETTINGS="S=$S G=$G GROWTHS=\"$GROWTHS\" LRS=\"$LRS\" SMALL_LRS=\"$SMALL_LRS\" SEEDS=\"$SEEDS\" GROWN_TP=$GROWN_TP THREADS=$THREADS"
 for k in SEQ GLOBAL_BATCH WARMUP MIN_LR_RATIO EVAL_INTERVAL EVAL_ITERS D LAYERS HEADS N_SMALL TRANSFORMER_FFN \
-         WIDE_D WIDE_FFN NET2NET_NOISE CORPUS_MB VOCAB; do
+         WIDE_D WIDE_FFN NET2NET_NOISE CORPUS_MB CORPUS_SHUFFLE_SEED VOCAB; do
   [ -z "${!k:-}" ] || SETTINGS="$SETTINGS $k=${!k}"
 done
 say "writing $REPORT and $PLOT"

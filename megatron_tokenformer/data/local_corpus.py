@@ -4,12 +4,17 @@ Collects the ``.py``, ``.txt``, ``.rst`` and ``.md`` files of the standard libra
 installed packages (``sysconfig`` paths ``stdlib``, ``purelib``, ``platlib``), in sorted
 path order, each file one document, until ``max_mb`` megabytes. Deterministic for a given
 installation. Used by the quick start to train a tokenizer and a model offline.
+
+Sorted order puts related files next to each other, so a Megatron ``--split`` (contiguous document
+ranges) gives a validation set from other packages than the training set. ``shuffle_seed`` writes the
+same selection of files in a seeded random order instead: every split then samples the whole corpus.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import sysconfig
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -59,10 +64,13 @@ def iter_corpus_files(roots: Sequence[str], extensions: Sequence[str] = DEFAULT_
 
 def build_local_corpus(output: str, max_mb: float = 20.0, fmt: Optional[str] = None,
                        roots: Optional[Sequence[str]] = None,
-                       extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> dict:
+                       extensions: Sequence[str] = DEFAULT_EXTENSIONS,
+                       shuffle_seed: Optional[int] = None) -> dict:
     """Write the corpus to ``output`` (``jsonl``: one {"text", "source"} object per file;
     ``text``: files separated by a blank line... files are joined with "\\n\\n").
 
+    The files are chosen in sorted order up to ``max_mb``; with ``shuffle_seed`` the chosen files are
+    written in the order of ``random.Random(shuffle_seed).shuffle`` (same files, same bytes).
     Returns ``{"documents", "bytes", "output"}``. The file appears atomically.
     """
     if max_mb <= 0:
@@ -76,7 +84,8 @@ def build_local_corpus(output: str, max_mb: float = 20.0, fmt: Optional[str] = N
         if not os.path.isdir(r):
             raise ValueError(f"--roots {r}: no such folder")
     limit = int(max_mb * 1e6)
-    written = docs = 0
+    written = 0
+    chosen: List[str] = []
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with atomic_path(output) as tmp:
         with open(tmp, "w", encoding="utf-8") as out:
@@ -98,12 +107,14 @@ def build_local_corpus(output: str, max_mb: float = 20.0, fmt: Optional[str] = N
                     line = text + "\n\n"
                 n = len(line.encode("utf-8"))
                 if written + n > limit:
-                    if docs == 0:
+                    if not chosen:
                         continue
                     break
-                out.write(line)
+                chosen.append(line)
                 written += n
-                docs += 1
-        if docs == 0:
-            raise ValueError(f"no text files found under {', '.join(roots)}")
-    return {"documents": docs, "bytes": written, "output": output}
+            if not chosen:
+                raise ValueError(f"no text files found under {', '.join(roots)}")
+            if shuffle_seed is not None:
+                random.Random(shuffle_seed).shuffle(chosen)
+            out.writelines(chosen)
+    return {"documents": len(chosen), "bytes": written, "output": output}

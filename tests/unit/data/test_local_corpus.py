@@ -70,3 +70,26 @@ def test_no_text_files_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="no text files found under"):
         build_local_corpus(str(out), roots=[str(tmp_path / "empty")])
     assert os.listdir(out.parent) == []
+
+
+def test_shuffle_seed_writes_the_same_files_in_a_seeded_order(tmp_path):
+    import random
+
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(20):
+        (root / f"m{i:02d}.py").write_text(f"# file {i}\n" + BODY)
+    sorted_out, shuffled_out, again_out = (str(tmp_path / f"{n}.jsonl") for n in ("sorted", "shuffled", "again"))
+    limit = 15.5 * len(json.dumps({"text": "# file 00\n" + BODY.strip("\n"), "source": "m00.py"}) + "\n") / 1e6
+    plain = build_local_corpus(sorted_out, max_mb=limit, roots=[str(root)])
+    shuffled = build_local_corpus(shuffled_out, max_mb=limit, roots=[str(root)], shuffle_seed=7)
+    build_local_corpus(again_out, max_mb=limit, roots=[str(root)], shuffle_seed=7)
+    lines = {n: open(p).read().splitlines(keepends=True) for n, p in
+             (("sorted", sorted_out), ("shuffled", shuffled_out), ("again", again_out))}
+    # the size limit picks the first 15 files in sorted order either way; only their order changes
+    assert [json.loads(x)["source"] for x in lines["sorted"]] == [f"m{i:02d}.py" for i in range(15)]
+    expected = list(lines["sorted"])
+    random.Random(7).shuffle(expected)
+    assert lines["shuffled"] == expected != lines["sorted"]
+    assert lines["again"] == lines["shuffled"]
+    assert shuffled == dict(plain, output=shuffled_out)
