@@ -16,16 +16,18 @@
 #   net2net     Transformer small (SMALL_LRS), Net2Net-widened, trained the remaining iterations
 #   tscratch    the wide Transformer from scratch (LRS)
 #
-# Settings (environment, defaults in brackets): LRS [1e-3 3e-3 1e-2] for the models trained from scratch
+# Settings (environment, defaults in brackets; the defaults are the run docs/progressive_scaling.md shows):
+# LRS [3e-4 1e-3 3e-3 1e-2] for the models trained from scratch
 # at full size; SMALL_LRS [$LRS] for the small models the growth arms start from (a growth stage keeps
 # the small model's best LR, so its sweep decides the grown arms); SEEDS [1234 1235 1236]; GROWTHS [2 4];
-# S [600] G [300]; CORPUS_SHUFFLE_SEED [1] (as cpu_repro.sh); THREADS [1] (cores per stream; all streams run at once); ROOT
+# S [300] G [150]; EVAL_INTERVAL [50]; GROWN_TP [1] (cpu_repro.sh's default is 2: a 2-rank stage);
+# CORPUS_SHUFFLE_SEED [1] (as cpu_repro.sh); THREADS [1] (cores per stream; all streams run at once); ROOT
 # [runs/progressive_scaling_sweep] (deleted and rebuilt unless REUSE=1, which continues every stream);
 # REPORT [docs/progressive_scaling.md]; PLOT [docs/progressive_scaling.png]; PYTHON [python3]; every
 # other cpu_repro.sh setting (D, LAYERS, SEQ, GROWN_TP, ...) is passed through (cpu_repro.sh --help).
 #
-# Time on 2 quiet cores with the defaults (4 layers, d = 128, 1200 iterations per arm, 3 seeds; 38
-# training runs): about 80 minutes (docs/progressive_scaling.md states the run it shows).
+# Time on 2 quiet cores with the defaults (cpu_repro.sh's model sizes: 4 layers, d = 128; 600 iterations
+# per arm, 4 learning rates, 3 seeds; 39 training runs and 9 growth conversions): 79.5 minutes.
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
@@ -44,8 +46,9 @@ usage_error() { echo "parallel_sweep.sh: error: $*" >&2; exit 2; }
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 PYTHON=${PYTHON:-python3}
-LRS=${LRS:-1e-3 3e-3 1e-2}; SMALL_LRS=${SMALL_LRS:-$LRS}; SEEDS=${SEEDS:-1234 1235 1236}
-GROWTHS=${GROWTHS:-2 4}; S=${S:-600}; G=${G:-300}; THREADS=${THREADS:-1}; GROWN_TP=${GROWN_TP:-2}
+LRS=${LRS:-3e-4 1e-3 3e-3 1e-2}; SMALL_LRS=${SMALL_LRS:-$LRS}; SEEDS=${SEEDS:-1234 1235 1236}
+GROWTHS=${GROWTHS:-2 4}; S=${S:-300}; G=${G:-150}; THREADS=${THREADS:-1}; GROWN_TP=${GROWN_TP:-1}
+export EVAL_INTERVAL=${EVAL_INTERVAL:-50}
 CORPUS_SHUFFLE_SEED=${CORPUS_SHUFFLE_SEED-1}  # as cpu_repro.sh: the local corpus in a seeded file order
 ROOT=${ROOT:-$REPO/runs/progressive_scaling_sweep}
 REPORT=${REPORT:-$REPO/docs/progressive_scaling.md}; PLOT=${PLOT:-$REPO/docs/progressive_scaling.png}
