@@ -1,0 +1,50 @@
+"""training/failures.run: an exit through SystemExit tears the process group down before the interpreter
+does (left to teardown, gloo sometimes aborted the process after its error line: exit -6)."""
+
+import pytest
+import torch.distributed as dist
+
+from megatron_tokenformer.checkpointing.save_dir import SaveDirError
+from megatron_tokenformer.training import failures
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    sub = dist.new_group([0])
+    yield sub
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_refused_start_destroys_the_process_group(gloo_group, capsys):
+    def main(argv):
+        raise SaveDirError("--save /x is in use by another run")
+
+    with pytest.raises(SystemExit) as exc:
+        failures.run(main, [])
+    assert exc.value.code == failures.EXIT_BAD_INPUT
+    assert not dist.is_initialized()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "pretrain_tokenformer.py: error: --save /x is in use by another run"]
+
+
+def test_a_plain_exit_from_main_destroys_it_too(gloo_group):
+    def main(argv):
+        raise SystemExit(2)  # pretrain_tokenformer._fail after the group exists (e.g. bad data files)
+
+    with pytest.raises(SystemExit):
+        failures.run(main, [])
+    assert not dist.is_initialized()
+
+
+def test_a_normal_return_is_left_alone(gloo_group):
+    assert failures.run(lambda argv: 0, []) == 0
+    assert dist.is_initialized()  # main destroys it itself after its last barrier
+
+
+def test_without_a_group_nothing_happens():
+    assert not dist.is_initialized()
+    failures.destroy_process_group_quietly()
+    with pytest.raises(SystemExit):
+        failures.run(lambda argv: (_ for _ in ()).throw(SystemExit(2)), [])
