@@ -31,8 +31,9 @@
 # GROWTHS [4] (cumulative token factors of the growth stages, e.g. "2 4"; GROWTH [4] is the default single
 # one); ARMS [tokenformer-grown tokenformer-scratch transformer-net2net transformer-scratch];
 # GROWN_TP [2] (tensor-parallel size after the first growth); EVAL_INTERVAL [100] EVAL_ITERS [10];
-# CORPUS_MB [20]; CORPUS_SHUFFLE_SEED [1] (the local corpus's files in this seed's order, so the 5% validation
-# split samples the whole corpus; empty: sorted, which validates on the last packages only); VOCAB [2048]; D [128] LAYERS [4] HEADS [4]; N_SMALL [64] (attention tokens, FFN 4x);
+# CORPUS_MB [20]; CORPUS_SHUFFLE_SEED [1] (the local corpus's files in this seed's order, so the 5%
+# validation split samples the whole corpus; empty: sorted, which validates on the last packages only);
+# VOCAB [2048]; D [128] LAYERS [4] HEADS [4]; N_SMALL [64] (attention tokens, FFN 4x);
 # TRANSFORMER_FFN [192]; WIDE_D [256] WIDE_FFN [384]; NET2NET_NOISE [0.05]; TRANSFORMER_SCRATCH [1] (0 drops
 # transformer-scratch from ARMS);
 # CHECK_ONLY [0] (1: check the settings, exit 0 if they are valid, touch nothing);

@@ -55,7 +55,6 @@ REPORT=${REPORT:-$REPO/docs/progressive_scaling.md}; PLOT=${PLOT:-$REPO/docs/pro
 read -r -a GROWTH_LIST <<< "$GROWTHS"
 [ ${#GROWTH_LIST[@]} -ge 1 ] || usage_error "GROWTHS is empty"
 [[ "$S" =~ ^[0-9]+$ && "$G" =~ ^[0-9]+$ && "$S" -ge 1 && "$G" -ge 1 ]] || usage_error "S and G must be integers >= 1"
-[ -n "$LRS" ] && [ -n "$SMALL_LRS" ] && [ -n "$SEEDS" ] || usage_error "LRS, SMALL_LRS and SEEDS must not be empty"
 case "$(realpath -m "$ROOT")" in
   /|"$HOME"|"$REPO") usage_error "ROOT=$ROOT would delete a folder it does not own" ;;
 esac
