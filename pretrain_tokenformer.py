@@ -55,6 +55,9 @@ def _main(argv=None) -> int:
         _fail(str(exc), env.rank)
 
     launch.configure_cpu_threads(env)
+    from megatron_tokenformer import deepspeed_boundary  # [versions] outside the tested range: one line
+    if env.rank == 0:
+        deepspeed_boundary.check_versions(lambda line: print(line, flush=True))
     import torch
     import deepspeed
 

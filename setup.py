@@ -13,12 +13,13 @@ setup(
     description="Megatron-style 3D-parallel pretraining and progressive scaling for Tokenformer",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # torch 2.13's own floor (deepspeed_boundary.TESTED_PYTHON),
     packages=find_packages(include=["megatron_tokenformer", "megatron_tokenformer.*"]),
     py_modules=["pretrain_tokenformer"],
     install_requires=[
-        "torch>=2.1",
-        "deepspeed>=0.14",
+        # the tested range: megatron_tokenformer/deepspeed_boundary.py (checked again at start)
+        "torch>=2.13,<2.14",
+        "deepspeed>=0.19,<0.20",
         "sentencepiece>=0.1.99",
         "numpy>=1.23",
         "mpi4py>=3.1",

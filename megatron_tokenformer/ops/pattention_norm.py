@@ -239,11 +239,18 @@ def _compiled(fn, normalization: str):
     key = (fn, normalization)
     if key not in _COMPILED:
         name = f"{fn.__name__}_{normalization}"
-        code = fn.__code__.replace(co_name=name, co_qualname=name)
+        code = _renamed_code(fn.__code__, name)
         step = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
         step.__kwdefaults__ = {"normalization": normalization}
         _COMPILED[key] = torch.compile(step, dynamic=True, fullgraph=True)
     return _COMPILED[key]
+
+
+def _renamed_code(code, name: str):
+    """A copy of ``code`` named ``name`` (``co_qualname`` too where it exists: Python >= 3.11)."""
+    if hasattr(code, "co_qualname"):
+        return code.replace(co_name=name, co_qualname=name)
+    return code.replace(co_name=name)
 
 
 def _rows(t):

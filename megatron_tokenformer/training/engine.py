@@ -203,6 +203,20 @@ def build_deepspeed_config(args) -> dict:
     # We print our own log lines; keep DeepSpeed's periodic prints out of the way unless asked for.
     cfg.setdefault("steps_per_print", 10 ** 9)
     cfg.setdefault("wall_clock_breakdown", False)
+    disable_throughput_timer(cfg)
+    return cfg
+
+
+def disable_throughput_timer(cfg: dict) -> dict:
+    """Turn DeepSpeed's throughput timer off unless the user's JSON sets ``timers.throughput.enabled``.
+
+    DeepSpeed 0.19 enables it by default with ``synchronized: true``: at PP = 1 the engine starts and
+    stops it around every micro-batch's forward and step, and each start/stop synchronises the device
+    (two host-device syncs per micro-batch, stalling the CPU's run-ahead on GPUs). It only feeds
+    DeepSpeed's own ``steps_per_print`` lines; the training loop measures tokens/s itself.
+    """
+    throughput = cfg.setdefault("timers", {}).setdefault("throughput", {})
+    throughput.setdefault("enabled", False)
     return cfg
 
 

@@ -11,7 +11,7 @@ PACKAGE = "megatron_tokenformer"
 #: lowest first; a module may import its own layer and the layers before it
 LAYERS = [
     {"config", "ops", "fileio"},
-    {"launch", "parallel_state"},
+    {"launch", "parallel_state", "deepspeed_boundary"},
     {"tensor_parallel"},
     {"model"},
     {"data"},
@@ -21,7 +21,7 @@ LAYERS = [
     {"interop"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
-DOC_LINE = "config, ops, fileio < launch, parallel_state < tensor_parallel < model < data < checkpointing < training < " \
+DOC_LINE = "config, ops, fileio < launch, parallel_state, deepspeed_boundary < tensor_parallel < model < data < checkpointing < training < " \
            "evaluation, arguments, checkpoint_args, testing < interop"
 
 

@@ -88,3 +88,29 @@ def test_deepspeed_reads_the_bf16_gradient_precision():
     import torch
     assert ds.grad_accum_dtype == "fp32" and ds.communication_data_type == torch.float32
     assert ds.bfloat16_config.enabled and ds.zero_optimization_stage == 1
+
+
+# --------------------------------------------------------------------------- DeepSpeed config: throughput timer
+
+
+def test_throughput_timer_is_off_as_deepspeed_reads_it():
+    """DeepSpeed's default (enabled, synchronized) syncs the device twice per micro-batch; the generated
+    config turns it off, read back by DeepSpeed's own parser and by the throughput timer it builds."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils.config import get_timers_config
+    from deepspeed.utils.timer import ThroughputTimer
+    assert get_timers_config({}).enabled  # DeepSpeed's default: the reason for the setting
+    for precision in ({}, {"bf16": True}):
+        cfg = engine_lib.build_deepspeed_config(_config_args(**precision))
+        assert cfg["timers"] == {"throughput": {"enabled": False}}
+        ds = DeepSpeedConfig(cfg)
+        assert ds.timers_config.enabled is False
+        timer = ThroughputTimer(ds.timers_config, batch_size=1)
+        timer.start()
+        assert not timer.started  # a disabled timer never starts (so never synchronises)
+
+
+def test_users_throughput_timer_wins():
+    user = {"timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    cfg = engine_lib.build_deepspeed_config(_config_args(deepspeed_json=user))
+    assert cfg["timers"] == {"throughput": {"enabled": True, "synchronized": False}}
