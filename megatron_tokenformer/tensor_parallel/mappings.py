@@ -153,10 +153,17 @@ def all_reduce_over(tensor: torch.Tensor, group: str = "world", op: str = "sum")
 
 
 def barrier(group: str = "world") -> None:
-    """Wait for every rank of ``group`` (a one-element all-reduce on the communication device)."""
+    """Wait, on the host, for every rank of ``group``: a one-element all-reduce on the communication
+    device whose result is then read on the host.
+
+    Reading the result is what makes it a barrier on every backend: gloo's all-reduce returns when done,
+    but NCCL's only enqueues the kernel (the call returns at once and the current stream waits), so a
+    barrier before exit or around a save would otherwise let the host run on. ``.item()`` synchronises
+    with the stream, i.e. returns only once every rank has contributed.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    all_reduce_over(torch.zeros(1, device=parallel_state.get_communication_device()), group)
+    all_reduce_over(torch.zeros(1, device=parallel_state.get_communication_device()), group).item()
 
 
 def all_gather_objects(obj, group=None) -> list:

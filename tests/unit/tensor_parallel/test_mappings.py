@@ -8,6 +8,7 @@ inputs (no collective) and differentiates with autograd. Inputs are integer-valu
 sums are exact and everything is compared with torch.equal.
 """
 
+import os
 import pytest
 import torch
 
@@ -229,3 +230,39 @@ def test_counter_refuses_nesting():
     with mappings.count_collectives() as log:  # the failed nesting left the counter usable
         mappings.reduce_from_tensor_model_parallel_region(torch.ones(3))
     assert log == [("all_reduce", 3)]
+
+
+# --- barrier: a host-side wait on every backend ----------------------------------------------------
+def check_barrier_blocks(rank, world, folder):
+    """Ranks other than 0 arrive late (a sleep), leaving a file before the barrier; rank 0 must find
+    every file once its barrier returns."""
+    import time
+    if rank != 0:
+        time.sleep(0.3 * rank)
+        with open(os.path.join(folder, f"arrived{rank}"), "w"):
+            pass
+    mappings.barrier()
+    return sorted(os.listdir(folder))
+
+
+def test_barrier_blocks_on_gloo(tp_pool, tmp_path):
+    results = tp_pool.run(check_barrier_blocks, str(tmp_path))
+    world = len(results)
+    assert results[0] == [f"arrived{r}" for r in range(1, world)]
+
+
+def test_barrier_waits_for_the_result_on_the_host(monkeypatch):
+    """Under NCCL an all-reduce only enqueues work: the barrier must read its result on the host (what
+    synchronises with the stream). A stand-in result records whether the host waited for it."""
+    waited = []
+
+    class EnqueuedResult:  # what NCCL's all-reduce hands back: a device tensor not yet computed
+        def item(self):
+            waited.append(True)
+            return 0.0
+
+    monkeypatch.setattr(mappings.dist, "is_available", lambda: True)
+    monkeypatch.setattr(mappings.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(mappings, "all_reduce_over", lambda tensor, group="world", op="sum": EnqueuedResult())
+    mappings.barrier("data")
+    assert waited == [True]
