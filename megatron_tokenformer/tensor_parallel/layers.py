@@ -94,7 +94,9 @@ def parallel_lm_logits(hidden: torch.Tensor, word_embeddings: VocabParallelEmbed
     local = word_embeddings.vocab_end_index - word_embeddings.vocab_start_index
     if first_pad < local:
         pad = torch.arange(local, device=logits.device) >= max(first_pad, 0)
-        logits = logits.masked_fill(pad, float("-inf"))
+        # in place: the logits are F.linear's fresh output, which its backward does not need (an
+        # out-of-place masked_fill would hold a second [..., V/p] copy)
+        logits.masked_fill_(pad, float("-inf"))
     return logits
 
 

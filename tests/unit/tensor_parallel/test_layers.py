@@ -198,3 +198,31 @@ def test_indivisible_sizes_are_refused(tp_pool):
 def test_vocab_larger_than_padded_is_refused():
     with pytest.raises(ValueError, match=r"vocab_size \(13\) exceeds the padded size \(12\)"):
         VocabParallelEmbedding(12, 4, vocab_size=13)
+
+
+def test_padding_mask_does_not_copy_the_logits():
+    """The -inf mask on the vocabulary padding is applied in place: the forward allocates one logits-sized
+    tensor (F.linear's output), and that is the tensor returned; numerics as check_lm_logits (run at TP 1
+    here and in the pool)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    vocab, padded = 11, 12
+    emb = VocabParallelEmbedding(padded, 4, vocab_size=vocab, init_std=0.5, seed=3, tag="e", params_dtype=F64)
+    h = randn(2, 3, 4, seed=6).requires_grad_()
+    storages = set()
+
+    class LogitAllocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.numel() == 2 * 3 * padded:
+                    storages.add(t.untyped_storage().data_ptr())
+            return out
+
+    with LogitAllocations():
+        logits = parallel_lm_logits(h, emb)
+    assert storages == {logits.untyped_storage().data_ptr()}, f"{len(storages)} logits-sized tensors"
+    want = h.detach() @ emb.weight.detach().T
+    want[..., vocab:] = float("-inf")
+    torch.testing.assert_close(logits, want, **TOL)
+    logits.backward(torch.ones_like(logits).masked_fill(torch.isinf(logits), 0.0))
+    torch.testing.assert_close(h.grad, torch.ones(2, 3, vocab, dtype=F64) @ emb.weight.detach()[:vocab], **TOL)
