@@ -54,6 +54,13 @@ PEAK_TFLOPS = {
     "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},  # SXM and PCIe, 40 and 80 GB
     "L40S": {"fp32": 91.6, "tf32": 183.0, "bf16": 362.1, "fp16": 362.1},
     "A10": {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0},
+    # export variants and other cluster cards (the data sheets' sparse figures halved where only those are given)
+    "H800 SXM": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},  # H100 SXM's tensor cores
+    "H800 PCIe": {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0},
+    "H20": {"fp32": 44.0, "tf32": 74.0, "bf16": 148.0, "fp16": 148.0},
+    "A800": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},  # A100's tensor cores
+    "A40": {"fp32": 37.4, "tf32": 74.8, "bf16": 149.7, "fp16": 149.7},
+    "L4": {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0},
 }
 
 #: ``torch.cuda.get_device_name()`` -> row of :data:`PEAK_TFLOPS`. Matched exactly: a substring match
@@ -74,6 +81,16 @@ DEVICE_NAMES = {
     "NVIDIA A100 80GB PCIe": "A100",
     "NVIDIA L40S": "L40S",
     "NVIDIA A10": "A10",
+    "NVIDIA H800": "H800 SXM",
+    "NVIDIA H800 80GB HBM3": "H800 SXM",
+    "NVIDIA H800 PCIe": "H800 PCIe",
+    "NVIDIA H20": "H20",
+    "NVIDIA A800-SXM4-80GB": "A800",
+    "NVIDIA A800-SXM4-40GB": "A800",
+    "NVIDIA A800 80GB PCIe": "A800",
+    "NVIDIA A800-PCIE-40GB": "A800",
+    "NVIDIA A40": "A40",
+    "NVIDIA L4": "L4",
 }
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")

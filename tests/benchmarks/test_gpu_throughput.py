@@ -32,3 +32,41 @@ def test_parses_the_last_log_interval():
     row = bench.parse_last_interval(log)
     assert row["tokens/s"] == 81234.5 and row["TFLOP/s per GPU"] == 312.5 and row["MFU"] == 31.59
     assert row["peak memory (GiB)"] == 41.25
+
+
+def _bench():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_throughput", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    """A run past the limit loses every process it started (a launcher's ranks included), not just the
+    launcher: the stand-in starts a child that records its pid and outlives a plain kill of its parent."""
+    import time
+    pid_file = tmp_path / "child.pid"
+    cmd = ["bash", "-c", f"sleep 300 & echo $! > {pid_file}; echo started; wait"]
+    returncode, stdout, _ = _bench().run_bounded(cmd, timeout=3)
+    assert returncode is None and "started" in stdout
+    child = int(pid_file.read_text())
+    for _ in range(100):  # the kill is delivered at once; reaping by init may take a moment
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):  # killed, not yet reaped
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, 9)
+        raise AssertionError("the run's child outlived the timeout")
+
+
+def test_bounded_run_returns_the_exit_status():
+    assert _bench().run_bounded([sys.executable, "-c", "print('x'); raise SystemExit(3)"], timeout=60)[:2] == (3, "x\n")

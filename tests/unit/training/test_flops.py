@@ -58,6 +58,11 @@ DATASHEET = [
     ("NVIDIA H200", "bf16", 989.4), ("NVIDIA H200", "fp32", 67.0),
     ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA A100-SXM4-40GB", "tf32", 156.0),
     ("NVIDIA A100-PCIE-40GB", "bf16", 312.0), ("NVIDIA A100 80GB PCIe", "fp32", 19.5),
+    # H800 / A800 data sheets (same tensor-core peaks as H100 SXM / A100), H800 PCIe (1,513 TFLOPS bf16 with
+    # sparsity), H20 (148 TFLOPS bf16 dense), L40S (733 sparse), A40 (299.4 sparse), L4 (242 sparse)
+    ("NVIDIA H800", "bf16", 989.4), ("NVIDIA H800 80GB HBM3", "tf32", 494.7), ("NVIDIA H800 PCIe", "bf16", 756.0),
+    ("NVIDIA H20", "bf16", 148.0), ("NVIDIA A800-SXM4-80GB", "bf16", 312.0), ("NVIDIA A800 80GB PCIe", "tf32", 156.0),
+    ("NVIDIA L40S", "bf16", 362.1), ("NVIDIA A40", "bf16", 149.7), ("NVIDIA L4", "fp16", 121.0),
 ]
 
 
