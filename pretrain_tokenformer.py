@@ -88,6 +88,18 @@ def _main(argv=None) -> int:
     except ValueError as exc:
         _fail(str(exc), env.rank)
     device = engine_lib.get_device(device_index)
+    # [fused norm] on CUDA, compile one tiny kernel first: a broken Triton toolchain falls back (one warning)
+    from megatron_tokenformer.arguments import fused_norm_after_probe
+    from megatron_tokenformer.ops.pattention_norm import probe_fused_kernels
+    try:
+        fused, warning = fused_norm_after_probe(getattr(args, "_fused_pattention_norm_explicit", False),
+                                                config.fused_pattention_norm, device.type,
+                                                lambda: probe_fused_kernels(device))
+    except ArgumentError as exc:
+        _fail(str(exc), 0)  # (before any process group: each failing rank says it)
+    if warning and env.local_rank == 0:  # once per node (the toolchain is a node's)
+        print(f"rank {env.rank}: {warning}", flush=True)
+    args.fused_pattention_norm = config.fused_pattention_norm = fused
     parallel_state.set_communication_device(device)
     if device.type == "cpu":
         engine_lib.skip_cpu_shm_comm_build()

@@ -24,7 +24,7 @@ import math
 import os
 import re
 import sys
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, MODEL_TYPES, PATTENTION_NORMALIZATIONS
 from megatron_tokenformer.data.blending import parse_data_prefix
@@ -391,6 +391,28 @@ def resolve_fused_pattention_norm(flag: Optional[bool], cuda_available: bool, co
     return bool(flag)
 
 
+def fused_norm_after_probe(explicit: bool, resolved: bool, device_type: str,
+                           probe: Callable[[], Optional[str]]) -> Tuple[bool, Optional[str]]:
+    """The fused Pattention kernels after trying to compile one (:func:`ops.pattention_norm.probe_fused_kernels`).
+
+    Only on CUDA and only when they were going to be used: ``probe()`` returns None (works) or why not. A
+    failure falls back to the plain kernels with one warning line (returned), or, when the user asked for
+    them (``explicit``), is refused in one line: never a crash at the first forward. On CPU the compiler check
+    of :func:`resolve_fused_pattention_norm` stands (a probe would add a compile to every start).
+    Returns ``(use_fused, warning or None)``.
+    """
+    if not resolved or device_type != "cuda":
+        return resolved, None
+    error = probe()
+    if error is None:
+        return True, None
+    _check(not explicit, f"--fused-pattention-norm: torch.compile cannot build a kernel on this GPU ({error}); "
+                         f"Triton needs a C compiler and the Python headers; install them or run with "
+                         f"--no-fused-pattention-norm")
+    return False, (f"warning: the fused Pattention kernels cannot be compiled here ({error}); using the plain "
+                   f"kernels (--no-fused-pattention-norm skips this check)")
+
+
 def _cuda_available() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -524,6 +546,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if tp == 1:
         args.sequence_parallel = False  # nothing to split (as Megatron)
     cuda = _cuda_available()
+    args._fused_pattention_norm_explicit = args.fused_pattention_norm is not None  # (for fused_norm_after_probe)
     args.fused_pattention_norm = resolve_fused_pattention_norm(args.fused_pattention_norm, cuda,
                                                                _kernel_compiler_available(cuda))
     _check_model_config(args)

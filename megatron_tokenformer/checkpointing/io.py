@@ -38,7 +38,8 @@ from megatron_tokenformer.checkpointing.format.entries import FP32, CheckpointFo
 from megatron_tokenformer.checkpointing.format.metadata import build_meta
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.checkpointing.naming import canonical_parameter_names, vocab_parameters
-from megatron_tokenformer.checkpointing.optimizer_step import set_adam_step
+from megatron_tokenformer.checkpointing.optimizer_step import (adam_step_conversion, describe_optimizer,
+                                                               saved_step_layout, set_adam_step)
 from megatron_tokenformer.checkpointing.reshard import layout_tuple as _layout_tuple
 from megatron_tokenformer.checkpointing.reshard import load_module_from_view  # noqa: F401  (old import path)
 from megatron_tokenformer.checkpointing.reshard import param_slices as _param_slices
@@ -223,6 +224,7 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
             meta = build_meta(metadata.KIND_DEEPSPEED, config, _args_dict(args), current_layout(engine), iteration,
                               consumed_samples, tokenizer_model, has_tok)
             meta["run_id"] = getattr(args, "_run_id", None)  # [save_dir] which run wrote the step
+            meta["optimizer"] = describe_optimizer(_optimizer_base(engine))  # where it keeps Adam's step
             metadata.write_json(os.path.join(partial_dir, files.META_FILE), meta)
     except (OSError, RuntimeError) as exc:
         write_error = exc
@@ -287,10 +289,12 @@ def load_checkpoint(engine, args, config) -> Tuple[int, int]:
     tag = os.path.basename(step_dir)
     iteration = int(meta.get("iteration", 0))
     if same_layout:
-        load_path, client_state = engine.load_checkpoint(load, tag=tag, load_module_strict=True,
-                                              load_optimizer_states=load_optim,
-                                              load_lr_scheduler_states=not finetune,
-                                              load_module_only=finetune)
+        # apex FusedAdam <-> torch AdamW: the step converted to where this optimizer reads it
+        with adam_step_conversion(_optimizer_base(engine), saved_step_layout(meta)):
+            load_path, client_state = engine.load_checkpoint(load, tag=tag, load_module_strict=True,
+                                                             load_optimizer_states=load_optim,
+                                                             load_lr_scheduler_states=not finetune,
+                                                             load_module_only=finetune)
         if load_path is None:
             raise CheckpointFormatError(f"DeepSpeed could not load {step_dir}")
         _restore_tied_weights(engine, (client_state or {}).get(CLIENT_STATE_KEY, {}), load_optim, step_dir)

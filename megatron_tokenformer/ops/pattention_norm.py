@@ -341,6 +341,27 @@ class FusedElementwiseKernels(ElementwiseKernels):
         return s.view(a_in.shape), grad.view(a_in.shape)
 
 
+def probe_fused_kernels(device, compile_fn: Optional[Callable] = None) -> Optional[str]:
+    """Compile and run one tiny elementwise kernel with ``torch.compile`` on ``device`` (a torch.device),
+    as the fused kernels will. Returns None when it works, else one line saying why not.
+
+    ``find_spec("triton")`` is not enough on CUDA: Triton builds a C launcher for each kernel at run time
+    (it needs a C compiler and Python.h), so an installed Triton can still fail at the first forward.
+    """
+    try:
+        x = torch.linspace(-2.0, 2.0, 16, device=device)
+        compile_fn = torch.compile if compile_fn is None else compile_fn  # (tests inject a failing one)
+        step = compile_fn(lambda t: F.gelu(t) * t.square(), dynamic=False, fullgraph=True)
+        got = step(x)
+        want = F.gelu(x) * x.square()
+        if not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+            return "the compiled probe kernel computed a wrong result"
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure of the toolchain means: use the plain kernels
+        text = " ".join(str(exc).split())
+        return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
 def elementwise_kernels(normalization: str, fused: bool = False) -> ElementwiseKernels:
     check_normalization(normalization)
     return FusedElementwiseKernels(normalization) if fused else ElementwiseKernels(normalization)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_tokenformer.arguments import ArgumentError, build_parser, parse_args, validate_args
 
@@ -74,6 +75,49 @@ def test_fused_pattention_norm_defaults_to_cuda_availability(monkeypatch):
         assert args.fused_pattention_norm is False
         assert core_config_from_args(args, 100).fused_pattention_norm is False
     assert core_config_from_args(validated(["--fused-pattention-norm"], 1), 100).fused_pattention_norm is True
+
+
+def test_fused_norm_falls_back_when_the_probe_kernel_does_not_compile(monkeypatch):
+    """Triton installed (find_spec passes) but its run-time C build fails: the default falls back to the
+    plain kernels with one warning line; an explicit --fused-pattention-norm is refused in one line; CPU
+    runs and runs that do not use the kernels never probe. The probe itself reports a failing compile."""
+    from megatron_tokenformer import arguments
+    from megatron_tokenformer.arguments import fused_norm_after_probe
+    from megatron_tokenformer.ops.pattention_norm import probe_fused_kernels
+
+    def broken_compile(fn, **kwargs):
+        def run(*a):
+            raise RuntimeError("Failed to compile launcher: fatal error: Python.h: No such file or directory\n...")
+        return run
+
+    error = probe_fused_kernels(torch.device("cpu"), compile_fn=broken_compile)
+    assert error.startswith("RuntimeError: Failed to compile launcher: fatal error: Python.h") and "\n" not in error
+    assert probe_fused_kernels(torch.device("cpu"), compile_fn=lambda fn, **kw: fn) is None  # a working compile
+    assert probe_fused_kernels(torch.device("cpu"), compile_fn=lambda fn, **kw: (lambda t: fn(t) + 1)) \
+        == "the compiled probe kernel computed a wrong result"
+
+    calls = []
+
+    def failing():
+        calls.append(1)
+        return error
+    use, warning = fused_norm_after_probe(False, True, "cuda", failing)
+    assert use is False and calls == [1]
+    assert warning.startswith("warning: the fused Pattention kernels cannot be compiled here (RuntimeError: ")
+    assert "plain kernels" in warning and "\n" not in warning
+    with pytest.raises(ArgumentError, match=r"^--fused-pattention-norm: torch.compile cannot build a kernel on this "
+                                            r"GPU \(RuntimeError: .*--no-fused-pattention-norm$"):
+        fused_norm_after_probe(True, True, "cuda", failing)
+    calls.clear()
+    assert fused_norm_after_probe(False, False, "cuda", failing) == (False, None)  # not used: no probe
+    assert fused_norm_after_probe(True, True, "cpu", failing) == (True, None)  # CPU: the compiler check stands
+    assert calls == []
+    assert fused_norm_after_probe(False, True, "cuda", lambda: None) == (True, None)
+    # validate_args records whether the flag was given (the explicit case above)
+    monkeypatch.setattr(arguments, "_kernel_compiler_available", lambda cuda: True)
+    monkeypatch.setattr(arguments, "_cuda_available", lambda: True)
+    assert validated([], world_size=1)._fused_pattention_norm_explicit is False
+    assert validated(["--fused-pattention-norm"], world_size=1)._fused_pattention_norm_explicit is True
 
 
 # ----------------------------------------------------------------------------- one clear error each

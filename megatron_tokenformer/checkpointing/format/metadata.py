@@ -13,6 +13,10 @@ Every step folder has one, whatever stores its tensors::
     tokenizer           {"file": "tokenizer.model" or null, "source": path it was copied from}
     versions            torch, megatron_tokenformer, python (+ deepspeed when installed)
     saved_at            local time, ISO 8601
+    optimizer           (training, since this field exists) {"class": the optimizer's class, "adam_step":
+                        "param_group" (apex/DeepSpeed FusedAdam) or "parameter" (torch AdamW)}; absent in
+                        older folders and canonical ones: the step is then wherever the saved state holds it
+                        (checkpointing/optimizer_step.py)
 
 ``canonical`` folders add ``params`` (:class:`~.entries.ParamEntry` dicts), ``optimizer_state_keys``,
 ``training_state`` (iteration, samples, LR schedule state, loss scaler) and ``source``.

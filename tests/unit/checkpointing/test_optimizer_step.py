@@ -116,3 +116,117 @@ def test_get_adam_step_reads_either_place():
     assert get_adam_step({"step": 5}, {"exp_avg": 0}) == 5  # apex checkpoint
     assert get_adam_step({"lr": 1}, {"step": 4}) == 4  # torch checkpoint
     assert get_adam_step(None, {}) is None
+
+
+# --- a whole optimizer state loaded by the other implementation (DeepSpeed's same-layout load) ----------
+from megatron_tokenformer.checkpointing.optimizer_step import (STEP_IN_PARAM_GROUP, STEP_PER_PARAMETER,  # noqa: E402
+                                                               adam_step_conversion, convert_loaded_adam_step,
+                                                               convert_state_dict_step, describe_optimizer,
+                                                               saved_step_layout, step_layout)
+
+
+def _two_params():
+    return [torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0])), torch.nn.Parameter(torch.tensor([-1.0, 0.5, 0.25]))]
+
+
+def _train(opt_cls, grads, params=None):
+    params = params or _two_params()
+    opt = opt_cls([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95))
+    for g in grads:
+        for i, p in enumerate(params):
+            p.grad = g.clone() * (i + 1)
+        opt.step()
+    return params, opt
+
+
+def _load_into(opt_cls, params, state_dict, saved):
+    """A fresh ``opt_cls`` on copies of ``params`` given ``state_dict`` through ``load_state_dict`` (what
+    DeepSpeed's load calls) inside the conversion. Returns the copies and the optimizer."""
+    import copy
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    _, opt = _train(opt_cls, [], copies)
+    given = copy.deepcopy(state_dict)
+    with adam_step_conversion(opt, saved):
+        opt.load_state_dict(given)
+    assert "load_state_dict" not in vars(opt)  # the class method again
+    assert given["param_groups"] == state_dict["param_groups"]  # the caller's dict is not modified
+    return copies, opt
+
+
+@pytest.mark.parametrize("writer, reader", [(GroupStepAdamW, torch.optim.AdamW), (torch.optim.AdamW, GroupStepAdamW),
+                                            (GroupStepAdamW, GroupStepAdamW),
+                                            (torch.optim.AdamW, torch.optim.AdamW)])
+@pytest.mark.parametrize("recorded", [True, False])  # False: a checkpoint from before the metadata field
+def test_resume_by_the_other_implementation_continues_the_bias_correction(writer, reader, recorded):
+    reference, _ = _train(writer, GRADS)  # four steps without interruption
+    params, opt = _train(writer, GRADS[:3])
+    saved = describe_optimizer(opt)["adam_step"] if recorded else None
+    copies, resumed = _load_into(reader, params, opt.state_dict(), saved)
+    where_here = step_layout(reader([torch.nn.Parameter(torch.zeros(1))]))
+    for group in resumed.param_groups:
+        states = [resumed.state[p] for p in group["params"]]
+        if where_here == STEP_IN_PARAM_GROUP:
+            assert group["step"] == 3 and all("step" not in st for st in states)
+        else:
+            assert "step" not in group and all(st["step"].item() == 3.0 for st in states)
+    for i, p in enumerate(copies):
+        p.grad = GRADS[3].clone() * (i + 1)
+    resumed.step()
+    for got, want in zip(copies, reference):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=1e-6)
+
+
+def test_without_the_conversion_each_direction_fails():
+    """What the conversion prevents: torch's AdamW refuses an apex-layout state (KeyError 'step', in
+    torch 2.13 already in load_state_dict); the apex layout on a torch state restarts the bias correction."""
+    import copy
+    params, opt = _train(GroupStepAdamW, GRADS[:3])
+    _, torch_opt = _train(torch.optim.AdamW, [], [torch.nn.Parameter(p.detach().clone()) for p in params])
+    with pytest.raises(KeyError, match="step"):
+        torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for p in (q for g in torch_opt.param_groups for q in g["params"]):
+            p.grad = torch.ones_like(p)
+        torch_opt.step()
+    params, opt = _train(torch.optim.AdamW, GRADS[:3])
+    _, group_opt = _train(GroupStepAdamW, [], [torch.nn.Parameter(p.detach().clone()) for p in params])
+    group_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all("step" not in g for g in group_opt.param_groups)  # would count from 1 again
+
+
+def test_recorded_layout_decides_when_both_copies_exist():
+    """DeepSpeed's elastic ZeRO load writes a group "step" whatever the optimizer: the recorded writer's
+    layout says which copy is the real one."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p])
+    opt.state[p] = {"step": torch.tensor(5.0), "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+    opt.param_groups[0]["step"] = 9
+    convert_loaded_adam_step(opt, STEP_PER_PARAMETER, STEP_IN_PARAM_GROUP)
+    assert opt.state[p]["step"].item() == 9.0 and "step" not in opt.param_groups[0]
+    opt.param_groups[0]["step"] = 9
+    convert_loaded_adam_step(opt, STEP_PER_PARAMETER, None)  # not recorded: the parameter state first
+    assert opt.state[p]["step"].item() == 9.0  # (the state said 9 after the first conversion)
+    opt.state[p]["step"] = torch.tensor(4.0)
+    opt.param_groups[0]["step"] = 9
+    convert_loaded_adam_step(opt, STEP_PER_PARAMETER, None)
+    assert opt.state[p]["step"].item() == 4.0
+
+
+def test_state_dict_conversion_moves_the_step_both_ways():
+    params, opt = _train(GroupStepAdamW, GRADS[:2])
+    sd = opt.state_dict()
+    per_param = convert_state_dict_step(sd, STEP_PER_PARAMETER, STEP_IN_PARAM_GROUP)
+    assert all("step" not in g for g in per_param["param_groups"])
+    assert [st["step"].item() for st in per_param["state"].values()] == [2.0, 2.0]
+    back = convert_state_dict_step(per_param, STEP_IN_PARAM_GROUP, STEP_PER_PARAMETER)
+    assert [g["step"] for g in back["param_groups"]] == [2, 2]
+    assert all("step" not in st for st in back["state"].values())
+    assert [g["step"] for g in sd["param_groups"]] == [2, 2]  # input untouched
+
+
+def test_metadata_record_and_old_checkpoints():
+    p = torch.nn.Parameter(torch.zeros(2))
+    assert describe_optimizer(torch.optim.AdamW([p])) == {"class": "torch.optim.adamw.AdamW",
+                                                          "adam_step": STEP_PER_PARAMETER}
+    assert describe_optimizer(GroupStepAdamW([p]))["adam_step"] == STEP_IN_PARAM_GROUP
+    assert saved_step_layout({"optimizer": {"adam_step": "param_group"}}) == STEP_IN_PARAM_GROUP
+    assert saved_step_layout({"iteration": 10}) is None  # written before the field: found where it is
