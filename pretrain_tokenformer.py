@@ -105,6 +105,8 @@ def _main(argv=None) -> int:
         engine_lib.skip_cpu_shm_comm_build()
     from megatron_tokenformer.training import collective_timeout  # [timeout] bounds every collective
     timeout = collective_timeout.set_default_timeout(args.distributed_timeout_minutes)
+    # [timeout] under NCCL: errors reach Python (our line), flight-recorder dumps into the --save folder
+    collective_timeout.apply_nccl_environment(backend, args.save)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     collective_timeout.create_diagnosis_group()

@@ -11,6 +11,25 @@ fails -- a timeout because a rank stopped (``kill -STOP``, a hung device), or a 
 because a peer process died -- :func:`describe_failure` runs ``monitored_barrier`` on that spare
 group (the failed group's connections may be broken) with a short timeout; gloo's answer names the
 ranks that did not reach it, and the result is one line such as ``rank 1 stopped answering: ...``.
+
+What the diagnosis can and cannot tell (:func:`blame`): gloo's monitored barrier is led by rank 0, which
+learns every rank that did not arrive; any other rank learns only about rank 0. A rank whose collective
+failed alone (the others are healthy, elsewhere) would see *every* other rank missing: then the line
+says so instead of naming them all. Ranks are named where the answer can be right: a strict subset of
+the others missing, or the one other rank of a two-rank run.
+
+The diagnosis group is created with gloo's lazy connections (``TORCH_GLOO_LAZY_INIT``): no
+connection is made at start-up (a full mesh is O(N^2) connections, slow at 1,000+ ranks); the
+monitored barrier then opens rank 0's N - 1 connections (one per other rank) only when a failure is
+diagnosed.
+
+Under NCCL, :func:`nccl_environment` sets torch's NCCL variables (unless the user set them) before the
+process group exists: ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` (on a timeout the watchdog aborts the
+communicators and the error reaches Python, where this module's line is printed; torch's default tears
+the process down from the watchdog thread first), and the flight recorder (``TORCH_NCCL_TRACE_BUFFER_SIZE``,
+``TORCH_NCCL_DUMP_ON_TIMEOUT``, ``TORCH_NCCL_ENABLE_MONITORING``) dumping each rank's last collectives to
+``<run folder>/nccl_flight_recorder/rank_<N>`` (``TORCH_NCCL_DEBUG_INFO_TEMP_FILE`` and its newer name
+``TORCH_FR_DUMP_TEMP_FILE``). Names as in torch 2.13's ProcessGroupNCCL.hpp / FlightRecorder.hpp.
 """
 
 from __future__ import annotations
@@ -20,15 +39,29 @@ import os
 import re
 import sys
 from datetime import timedelta
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
-__all__ = ["set_default_timeout", "create_diagnosis_group", "is_collective_failure", "describe_failure"]
+__all__ = ["set_default_timeout", "create_diagnosis_group", "is_collective_failure", "describe_failure",
+           "nccl_environment", "apply_nccl_environment", "blame", "diagnosis_wait_seconds", "FLIGHT_RECORDER_DIR"]
 
 _DIAGNOSIS_GROUP = None
 _TIMEOUT: Optional[timedelta] = None
 
-_FAILURE_TEXT = re.compile(r"timed out|timeout|connection closed|connection reset|broken pipe|"
-                           r"socket|gloo|nccl|peer", re.IGNORECASE)
+#: what a failed collective says (gloo, NCCL's watchdog, the c10d store), phrase by phrase; never a bare
+#: "nccl" or "socket" (a CUDA/NCCL set-up error or an unrelated socket error is not a collective failure)
+_FAILURE_TEXT = re.compile("|".join([
+    r"timed out waiting \d+ ?ms for (recv|send) operation",          # gloo
+    r"connection (closed|reset) by peer", r"broken pipe",              # a peer process died
+    r"application timeout caused pair closure",                        # gloo
+    r"failed to pass monitoredBarrier",
+    r"watchdog caught collective operation timeout",                   # NCCL's watchdog
+    r"NCCL communicator was aborted", r"ncclRemoteError", r"ncclSystemError",
+    r"^\[[^\]]*gloo/[^\]]*\.(cc|h):\d+\]",                            # an error raised inside gloo
+    r"socket timeout", r"failed to recv, got 0 bytes",                 # the c10d store lost its peer
+]), re.IGNORECASE)
+
+#: under the run folder: NCCL's flight-recorder dumps (one file per rank)
+FLIGHT_RECORDER_DIR = "nccl_flight_recorder"
 
 
 def set_default_timeout(minutes: float) -> timedelta:
@@ -43,12 +76,64 @@ def set_default_timeout(minutes: float) -> timedelta:
     return timeout
 
 
+def nccl_environment(backend: str, run_dir: Optional[str], environ: Dict[str, str]) -> Dict[str, str]:
+    """The torch NCCL variables to add to ``environ`` for a run on ``backend`` (nothing unless "nccl";
+    a variable the user set is kept). ``run_dir``: where the flight recorder dumps (None: torch's default
+    place, /tmp)."""
+    if backend != "nccl":
+        return {}
+    wanted = {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",   # CleanUpOnly: abort the communicators, raise in Python
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",   # flight recorder on (entries per rank)
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_NCCL_ENABLE_MONITORING": "1",      # (the dump needs the monitoring thread)
+    }
+    if run_dir:
+        prefix = os.path.join(os.path.abspath(run_dir), FLIGHT_RECORDER_DIR, "rank_")
+        wanted["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = prefix
+        wanted["TORCH_FR_DUMP_TEMP_FILE"] = prefix
+    if "NCCL_ASYNC_ERROR_HANDLING" in environ:  # torch's older name, still read: the user's setting wins
+        wanted.pop("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    return {k: v for k, v in wanted.items() if k not in environ}
+
+
+def apply_nccl_environment(backend: str, run_dir: Optional[str], environ=None) -> Dict[str, str]:
+    """Set :func:`nccl_environment` in ``environ`` (default ``os.environ``; before the process group
+    exists) and create the dump folder. Returns what was set."""
+    environ = os.environ if environ is None else environ
+    added = nccl_environment(backend, run_dir, environ)
+    dump = added.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+    if dump:
+        try:
+            os.makedirs(os.path.dirname(dump), exist_ok=True)
+        except OSError:  # no dump folder: torch's default place instead
+            for key in ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE"):
+                added.pop(key, None)
+    environ.update(added)
+    return added
+
+
+@contextlib.contextmanager
+def _gloo_lazy_connections():
+    saved = os.environ.get("TORCH_GLOO_LAZY_INIT")
+    os.environ["TORCH_GLOO_LAZY_INIT"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_GLOO_LAZY_INIT", None)
+        else:
+            os.environ["TORCH_GLOO_LAZY_INIT"] = saved
+
+
 def create_diagnosis_group():
-    """A gloo group over all ranks kept for :func:`describe_failure` (every rank calls this)."""
+    """A gloo group over all ranks kept for :func:`describe_failure` (every rank calls this). Its
+    connections are lazy: none at start-up (module docstring)."""
     global _DIAGNOSIS_GROUP
     import torch.distributed as dist
     if dist.is_initialized() and dist.get_world_size() > 1:
-        _DIAGNOSIS_GROUP = dist.new_group(backend="gloo")
+        with _gloo_lazy_connections():
+            _DIAGNOSIS_GROUP = dist.new_group(backend="gloo")
     return _DIAGNOSIS_GROUP
 
 
@@ -86,6 +171,29 @@ def _quiet_stderr():
         os.close(devnull)
 
 
+def diagnosis_wait_seconds(timeout: Optional[timedelta]) -> float:
+    """How long the diagnosis barrier waits for the other ranks: half the collective timeout, at least
+    5 s (ranks notice one failure at slightly different times), at most 30 s. A stopped rank therefore
+    ends the run within ``T + min(30, max(5, T / 2))`` seconds plus the launcher's grace (docs/training.md)."""
+    if timeout is None:
+        return 30.0
+    return min(30.0, max(5.0, timeout.total_seconds() / 2))
+
+
+def blame(silent: Sequence[int], me: int, world: int, waited: float) -> str:
+    """The words for the ranks the diagnosis barrier says did not arrive (``silent``, ``me`` excluded):
+    named where that can be right (module docstring), else said as what it is."""
+    silent = sorted(r for r in set(silent) if r != me)
+    if not silent:
+        return "another rank stopped answering or ended"
+    others = world - 1
+    if len(silent) < others or world == 2:
+        who = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent))
+        return f"{who} stopped answering or ended"
+    return (f"none of the other {others} ranks answered within {waited:g} s (they all stopped, or this rank "
+            f"alone is out of step with them)")
+
+
 def describe_failure(exc: BaseException) -> str:
     """One line for a failed collective, naming the rank(s) that stopped answering where gloo can tell."""
     import torch.distributed as dist
@@ -95,15 +203,14 @@ def describe_failure(exc: BaseException) -> str:
     first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[file.cc:123] " prefix
     bound = f"--distributed-timeout-minutes {_TIMEOUT.total_seconds() / 60:g}" if _TIMEOUT else "the timeout"
     me = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     silent = []
+    seconds = diagnosis_wait_seconds(_TIMEOUT)
     if _DIAGNOSIS_GROUP is not None:
-        seconds = 30.0 if _TIMEOUT is None else min(30.0, max(2.0, _TIMEOUT.total_seconds()))
         try:
             with _quiet_stderr():  # gloo also logs the answer (two C++ lines): the one line below says it
                 monitored_barrier(_DIAGNOSIS_GROUP, timedelta(seconds=seconds), wait_all_ranks=True)
         except RuntimeError as diag:
             silent = [r for r in _silent_ranks(str(diag)) if r != me]
-    who = ("rank " + ", ".join(map(str, silent)) if len(silent) == 1 else
-           "ranks " + ", ".join(map(str, silent))) if silent else "another rank"
-    return (f"rank {me}: a collective failed ({first}); {who} stopped answering or ended "
+    return (f"rank {me}: a collective failed ({first}); {blame(silent, me, world, seconds)} "
             f"(collectives are bounded by {bound})")

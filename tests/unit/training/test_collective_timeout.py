@@ -70,3 +70,145 @@ def test_stopped_rank_is_named_within_the_timeout(tmp_path):
                 p.kill()
                 p.wait()
     assert not any(psutil.pid_exists(p.pid) for p in procs)
+
+
+# --- what counts as a failed collective ------------------------------------------------------------
+COLLECTIVE_FAILURES = [
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 6000ms for recv operation to complete",
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:41523",
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Application timeout caused pair closure",
+    "Connection reset by peer",
+    "[Rank 0]: Ranks 1 failed to pass monitoredBarrier in 5000 ms",
+    "[PG ID 0 PG GUID 0(default_pg) Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, "
+    "OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=30000) ran for 30002 milliseconds before timing out.",
+    "NCCL communicator was aborted on rank 3.",
+    "NCCL error in: ../torch/csrc/distributed/c10d/NCCLUtils.cpp:77, remote process exited or there was a network "
+    "error, NCCL version 2.27.3\nncclRemoteError: A call failed possibly due to a network error or a remote process "
+    "exiting prematurely.",
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:446] some new gloo wording",
+    "Socket Timeout",
+]
+NOT_COLLECTIVE_FAILURES = [
+    "NCCL is not available in this build of torch",
+    "CUDA error: an illegal memory access was encountered (the NCCL kernels may also report it)",
+    "Distributed package doesn't have NCCL built in",
+    "socket.gaierror while reading the dataset URL",
+    "cannot open tokenizer file: the peer review folder is missing",
+    "the gloo-style config key 'timeout' is not supported",
+]
+
+
+@pytest.mark.parametrize("text", COLLECTIVE_FAILURES)
+def test_collective_failure_texts(text):
+    assert collective_timeout.is_collective_failure(RuntimeError(text))
+
+
+@pytest.mark.parametrize("text", NOT_COLLECTIVE_FAILURES)
+def test_errors_that_only_mention_nccl_or_sockets_are_not_collective_failures(text):
+    assert not collective_timeout.is_collective_failure(RuntimeError(text))
+
+
+def test_torch_distributed_errors_are_collective_failures():
+    import torch.distributed as dist
+    assert collective_timeout.is_collective_failure(dist.DistBackendError("anything"))
+
+
+# --- who is blamed ---------------------------------------------------------------------------------
+def test_blame_names_ranks_only_where_it_can_be_right():
+    # rank 0 of 8 sees ranks 3 and 5 missing: named
+    assert collective_timeout.blame([3, 5], 0, 8, 15) == "ranks 3, 5 stopped answering or ended"
+    assert collective_timeout.blame([1], 0, 2, 15) == "rank 1 stopped answering or ended"  # two ranks: the other
+    # a lone failing rank leading the barrier sees every other rank missing: not blamed on all of them
+    line = collective_timeout.blame(list(range(1, 8)), 0, 8, 15)
+    assert line == ("none of the other 7 ranks answered within 15 s (they all stopped, or this rank alone is out "
+                    "of step with them)")
+    assert collective_timeout.blame([], 4, 8, 15) == "another rank stopped answering or ended"
+    assert collective_timeout.blame([0], 4, 8, 15) == "rank 0 stopped answering or ended"  # (a non-leader's view)
+    assert collective_timeout.blame([4], 4, 8, 15) == "another rank stopped answering or ended"  # never itself
+
+
+def test_diagnosis_wait_bound():
+    from datetime import timedelta
+    assert collective_timeout.diagnosis_wait_seconds(timedelta(minutes=0.5)) == 15.0
+    assert collective_timeout.diagnosis_wait_seconds(timedelta(minutes=0.1)) == 5.0
+    assert collective_timeout.diagnosis_wait_seconds(timedelta(minutes=10)) == 30.0
+    assert collective_timeout.diagnosis_wait_seconds(None) == 30.0
+
+
+# --- the NCCL environment --------------------------------------------------------------------------
+TORCH_NCCL_HEADER = "include/torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp"
+
+
+def test_nccl_environment_names_exist_in_the_installed_torch(tmp_path):
+    """Every variable we set is one the installed torch reads (its C++ headers ship with the wheel)."""
+    import os
+    import torch
+    root = os.path.dirname(torch.__file__)
+    texts = ""
+    for rel in (TORCH_NCCL_HEADER, "include/torch/csrc/distributed/c10d/FlightRecorder.hpp",
+                "include/torch/csrc/distributed/c10d/ProcessGroupGloo.hpp"):
+        with open(os.path.join(root, rel)) as f:
+            texts += f.read()
+    with open(os.path.join(root, "lib", "libtorch_cpu.so"), "rb") as f:
+        library = f.read()
+    env = collective_timeout.nccl_environment("nccl", str(tmp_path), {})
+    assert set(env) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT",
+                        "TORCH_NCCL_ENABLE_MONITORING", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE"}
+    for name in env:
+        assert f'"{name}"' in texts or name.encode() in library, name
+    assert "TORCH_GLOO_LAZY_INIT" in texts
+    # CleanUpOnly (2) is the mode that aborts the communicators without tearing the process down
+    assert "CleanUpOnly = 2" in texts and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+    assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(tmp_path / "nccl_flight_recorder" / "rank_")
+
+
+def test_nccl_environment_keeps_the_users_settings_and_leaves_gloo_alone(tmp_path):
+    assert collective_timeout.nccl_environment("gloo", str(tmp_path), {}) == {}
+    user = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_TRACE_BUFFER_SIZE": "0"}
+    env = collective_timeout.nccl_environment("nccl", None, user)
+    assert env == {"TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_ENABLE_MONITORING": "1"}
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in collective_timeout.nccl_environment(
+        "nccl", None, {"NCCL_ASYNC_ERROR_HANDLING": "1"})  # the older name counts as the user's choice
+    environ = {}
+    added = collective_timeout.apply_nccl_environment("nccl", str(tmp_path / "run"), environ)
+    assert environ == added and (tmp_path / "run" / "nccl_flight_recorder").is_dir()
+
+
+# --- the diagnosis group connects lazily -----------------------------------------------------------
+from tests.helpers import dist_pool  # noqa: E402
+
+pool4 = dist_pool.pool_fixture(4)
+
+
+def _tcp_connections():
+    return len([c for c in psutil.Process().net_connections(kind="tcp") if c.status == psutil.CONN_ESTABLISHED])
+
+
+def check_diagnosis_group_is_lazy(rank, world):
+    """Creating the diagnosis group opens no connection (a full-mesh gloo group, created the same way
+    otherwise, opens world - 1 per rank); its monitored barrier still works, opening rank 0's."""
+    import time
+    from datetime import timedelta
+    import torch.distributed as dist
+    from megatron_tokenformer.tensor_parallel.mappings import monitored_barrier
+    before = _tcp_connections()
+    group = collective_timeout.create_diagnosis_group()
+    dist.barrier()
+    time.sleep(0.5)
+    lazy = _tcp_connections() - before
+    before = _tcp_connections()
+    full = dist.new_group(backend="gloo")  # the reference: what the group cost before
+    dist.barrier()
+    time.sleep(0.5)
+    mesh = _tcp_connections() - before
+    monitored_barrier(group, timedelta(seconds=60), wait_all_ranks=True)
+    dist.destroy_process_group(full)
+    return lazy, mesh
+
+
+def test_diagnosis_group_makes_no_connections_at_start(pool4):
+    results = pool4.run(check_diagnosis_group_is_lazy)
+    world = len(results)
+    for rank, (lazy, mesh) in enumerate(results):
+        assert lazy == 0, results
+        assert mesh >= world - 1, results  # (each pair: one connection seen from each end)
