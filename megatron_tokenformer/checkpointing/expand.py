@@ -41,7 +41,7 @@ from megatron_tokenformer.checkpointing.format.source import CheckpointSource
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.checkpointing.grow import GrownView, plan_growth
 from megatron_tokenformer.checkpointing.reshard import layout_tuple, target_layout
-from megatron_tokenformer.fileio import fsync_dir
+from megatron_tokenformer.fileio import OverlapError, check_outputs_apart, fsync_dir
 from megatron_tokenformer.model.spec import GROW_NET2NET_WIDTH, get_spec
 
 __all__ = ["ExpandError", "ExpandOptions", "expand_checkpoint", "peak_rss_bytes", "read_source", "grow_or_widen",
@@ -92,15 +92,11 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _is_within(path: str, parent: str) -> bool:
-    path, parent = os.path.realpath(path), os.path.realpath(parent)
-    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
-
-
 def _check_target(opts: ExpandOptions) -> None:
-    if _is_within(opts.save, opts.load) or _is_within(opts.load, opts.save):
-        raise ExpandError(f"--save {opts.save} overlaps the source --load {opts.load}; the source is never written to, "
-                          "choose a separate directory")
+    try:
+        check_outputs_apart([("--save", opts.save)], [("--load", opts.load)])
+    except OverlapError as exc:
+        raise ExpandError(str(exc)) from None
     if os.path.exists(opts.save):
         if not os.path.isdir(opts.save):
             raise ExpandError(f"--save {opts.save} exists and is not a directory")
