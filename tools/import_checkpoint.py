@@ -47,13 +47,6 @@ def main(argv=None) -> int:
                         ("--target-data-parallel-size", args.target_data_parallel_size)):
         if value < 1:
             return fail(prog, ValueError(f"{flag} must be >= 1, got {value}"))
-    from megatron_tokenformer.fileio import OverlapError, check_outputs_apart
-    try:  # never write where it reads, whatever --save holds
-        check_outputs_apart([("--save", args.save)], [("--input", args.input), ("--config", args.config),
-                                                      ("--vocab-file", args.vocab_file),
-                                                      ("--tokenizer-model", args.tokenizer_model)])
-    except OverlapError as exc:
-        return fail(prog, exc)
     layout = {"tensor_model_parallel_size": args.target_tensor_model_parallel_size,
               "pipeline_model_parallel_size": args.target_pipeline_model_parallel_size,
               "data_parallel_size": args.target_data_parallel_size}

@@ -216,3 +216,19 @@ def test_bf16_checkpoint(tool, source, capsys):
     with CheckpointView(os.path.join(dst, "global_step2")) as grown:
         assert grown.params["layers.1.mlp.key_param_tokens"].shape == (256, 32)
         assert grown.params["layers.1.mlp.key_param_tokens"].dtype == "bfloat16"
+
+
+def test_refuses_any_overlap_with_overwrite_too(tool, source, capsys):
+    """Issue 20 item 1: --overwrite never lets --save be the source, a parent of it, or it through a symlink."""
+    work, src = source
+    before = _tree(src)
+    link = os.path.join(work, "src_link")
+    os.symlink(src, link)
+    try:
+        for save in (src, work, link):
+            code, _, err = _run(tool, capsys, "--load", src, "--save", save, "--overwrite")
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and "overlaps the source --load" in lines[0], err
+            assert _tree(src) == before
+    finally:
+        os.remove(link)
