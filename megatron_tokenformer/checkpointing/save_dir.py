@@ -205,7 +205,11 @@ class SaveDirLock:
 
     def acquire(self) -> "SaveDirLock":
         for _ in range(5):  # the lock file may be replaced between open and flock (expand_checkpoint moves it)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise SaveDirError(f"cannot lock --save {self.save_dir}: {os_error_text(exc)} creating "
+                                   f"{self.path}") from None
             try:
                 _flock(fd)
             except BlockingIOError:
@@ -231,10 +235,15 @@ class SaveDirLock:
                 os.close(fd)
                 continue
             self._check_no_exclusive_holder(fd)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
-            os.fsync(fd)
             self._fd = fd
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+                os.fsync(fd)
+            except OSError as exc:
+                self.release()
+                raise SaveDirError(f"cannot lock --save {self.save_dir}: {os_error_text(exc)} writing the holder "
+                                   f"record into {self.path}") from None
             return self
         raise SaveDirError(f"--save {self.save_dir}: its lock file {self.path} keeps being replaced; is another tool "
                            "writing this folder?")
@@ -263,12 +272,19 @@ class SaveDirLock:
             except FileExistsError:
                 self._take_over_if_dead()
                 continue
+            except OSError as exc:
+                raise SaveDirError(f"cannot lock --save {self.save_dir}: {os_error_text(exc)} creating "
+                                   f"{self.exclusive_path}") from None
             try:
+                self._exclusive_ino = os.fstat(fd).st_ino
                 os.write(fd, (json.dumps(holder_info()) + "\n").encode())
                 os.fsync(fd)
-                self._exclusive_ino = os.fstat(fd).st_ino
-            finally:
+            except OSError as exc:
                 os.close(fd)
+                self.release()
+                raise SaveDirError(f"cannot lock --save {self.save_dir}: {os_error_text(exc)} writing the holder "
+                                   f"record into {self.exclusive_path}") from None
+            os.close(fd)
             atexit.register(self.release)
             return self
         raise SaveDirError(f"--save {self.save_dir}: cannot create the lock file {self.exclusive_path} (it keeps "
@@ -321,6 +337,16 @@ class SaveDirLock:
         """The lock's files inside the folder (tools that replace the folder carry them over)."""
         return [p for p, held in ((self.path, self._fd is not None),
                                   (self.exclusive_path, self._exclusive_ino is not None)) if held]
+
+    def remove_lock_file(self) -> None:
+        """Unlink the flock file while still holding it (a tool that leaves no trace; a process that
+        opened the old file sees it replaced after the release and opens the new one)."""
+        if self._fd is not None:
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                    os.remove(self.path)
+            except OSError:
+                pass
 
     def release(self) -> None:
         if self._fd is not None:
