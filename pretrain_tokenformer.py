@@ -51,6 +51,11 @@ def _main(argv=None) -> int:
         validate_args(args, env.world_size)
         from megatron_tokenformer.training.param_token_freezing import ARG_KEY, resolve_frozen_counts
         setattr(args, ARG_KEY, resolve_frozen_counts(args, checkpoint.step_dir if checkpoint else None))
+        if checkpoint is not None:  # [checkpoint_args] the same tokenizer (content) and data as the checkpoint's
+            from megatron_tokenformer.checkpoint_args import check_resume_inputs
+            for line in check_resume_inputs(args, checkpoint):
+                if env.rank == 0:
+                    print(line, flush=True)
     except (ArgumentError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc), env.rank)
 

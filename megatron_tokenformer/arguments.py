@@ -260,6 +260,12 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
     g.add_argument("--use-checkpoint-args", dest="use_checkpoint_args", action="store_true", default=True,
                    help="take architecture flags not given on the command line from the checkpoint")
     g.add_argument("--no-use-checkpoint-args", dest="use_checkpoint_args", action="store_false")
+    g.add_argument("--override-checkpoint-tokenizer", action="store_true",
+                   help="resume --load with another tokenizer than the checkpoint's (compared by content; refused "
+                        "without this flag)")
+    g.add_argument("--override-checkpoint-split", action="store_true",
+                   help="resume --load on the same --data-path with another --split (refused without this flag: "
+                        "held-out documents would move into training)")
 
     g = parser.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=_positive_int, default=100, help="iterations between log lines")

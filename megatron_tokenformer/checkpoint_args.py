@@ -10,15 +10,17 @@ reaches the model config through the config, never through ``args``.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from megatron_tokenformer.checkpointing.format.entries import CheckpointMismatchError
-from megatron_tokenformer.checkpointing.format.files import resolve_step_dir
+from megatron_tokenformer.checkpointing.format.files import TOKENIZER_FILE, resolve_step_dir
 from megatron_tokenformer.checkpointing.format.metadata import read_meta
 
 __all__ = ["CheckpointArgs", "apply_checkpoint_args", "CheckpointMismatchError", "ARCHITECTURE_FIELDS",
-           "SOFT_FIELDS", "CHECKPOINT_ONLY_FIELDS"]
+           "SOFT_FIELDS", "CHECKPOINT_ONLY_FIELDS", "check_resume_inputs", "file_digest"]
 
 # args dest -> TokenformerConfig field. Shapes and the computed function depend on all of them.
 ARCHITECTURE_FIELDS = {
@@ -99,3 +101,98 @@ def apply_checkpoint_args(args) -> Optional[CheckpointArgs]:
               "tools/expand_checkpoint.py (growth: --qkv-num-param-tokens/--proj-num-param-tokens/"
               "--ffn-num-param-tokens/--num-layers).")
     return CheckpointArgs(step_dir, dict(cfg))
+
+
+# --------------------------------------------------------------------------- what the run feeds the model
+def file_digest(path: str) -> str:
+    """sha256 of a file's content (tokenizer files: a few MB at most)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _data_plan(args_like) -> Optional[tuple]:
+    """(prefixes resolved, weights or None) of a ``--data-path``, or None for mock data / none."""
+    from megatron_tokenformer.data.blending import parse_data_prefix
+    data_path = args_like.get("data_path") if isinstance(args_like, dict) else getattr(args_like, "data_path", None)
+    if not data_path:
+        return None
+    try:
+        prefixes, weights = parse_data_prefix(data_path)
+    except ValueError:
+        return ("unparsable", tuple(map(str, data_path)))
+    resolved = tuple(os.path.realpath(os.path.abspath(p)) for p in prefixes)
+    if len(resolved) == 1:
+        return resolved, None
+    return resolved, None if weights is None else tuple(round(float(w), 9) for w in weights)
+
+
+def _split(text) -> Optional[tuple]:
+    from megatron_tokenformer.data.gpt_dataset import parse_split
+    try:
+        return tuple(round(f, 9) for f in parse_split(text))
+    except (ValueError, TypeError):
+        return None
+
+
+def check_resume_inputs(args, checkpoint: Optional[CheckpointArgs]) -> List[str]:
+    """What the resumed run feeds the model, against what the checkpoint was trained on.
+
+    * **Tokenizer** (also with ``--finetune``): the checkpoint's copy (``tokenizer.model`` in the step)
+      and the run's ``--tokenizer-model`` / ``--vocab-file`` are compared by content (sha256). Another
+      tokenizer (same vocabulary size or not: the embedding rows belong to the old ids, and the next
+      step would ship the new file) is refused unless ``--override-checkpoint-tokenizer``.
+    * **Data** (a resume, not ``--finetune``, after at least one consumed sample): another
+      ``--data-path`` (other files or weights; compared after resolving paths) is a new corpus: one
+      note line, the consumed-sample count continues as a position in the new data's order. The same
+      ``--data-path`` with another ``--split`` is refused unless ``--override-checkpoint-split``: the
+      documents of the validation and test ranges would move into training and the training
+      documents would be re-shuffled (samples seen twice or never) -- the guarantees of docs/data.md.
+
+    Returns the note lines; raises :class:`CheckpointMismatchError` (one line) on a refusal.
+    """
+    if checkpoint is None:
+        return []
+    notes: List[str] = []
+    step_dir = checkpoint.step_dir
+    meta = read_meta(step_dir)
+    stored = os.path.join(step_dir, TOKENIZER_FILE)
+    run_tok = getattr(args, "tokenizer_model", None) or getattr(args, "vocab_file", None)
+    if os.path.isfile(stored):
+        if run_tok and os.path.isfile(run_tok):
+            if file_digest(run_tok) != file_digest(stored):
+                if not getattr(args, "override_checkpoint_tokenizer", False):
+                    raise CheckpointMismatchError(
+                        f"the tokenizer {run_tok} differs from the one {step_dir} was trained with ({stored}, "
+                        f"from {meta.get('tokenizer', {}).get('source') or 'unknown'}): token ids would mean other "
+                        "text and the next checkpoint would carry the new tokenizer; pass that file as "
+                        "--tokenizer-model/--vocab-file, or --override-checkpoint-tokenizer to change it on purpose")
+                notes.append(f"note: --override-checkpoint-tokenizer: training {step_dir} on the tokenizer {run_tok} "
+                             "(another one than it was trained with)")
+        else:
+            notes.append(f"note: {step_dir} was trained with the tokenizer {stored}; this run uses none "
+                         f"({getattr(args, 'tokenizer_type', None)}), and its checkpoints will carry none")
+    if getattr(args, "finetune", False) or int(meta.get("consumed_samples", 0) or 0) == 0:
+        return notes
+    consumed = int(meta["consumed_samples"])
+    old_args = meta.get("args", {}) or {}
+    old_plan, new_plan = _data_plan(old_args), _data_plan(args)
+    old_desc = " ".join(map(str, old_args.get("data_path") or [])) or "--mock-data"
+    if old_plan != new_plan:
+        new_desc = " ".join(map(str, getattr(args, "data_path", None) or [])) or "--mock-data"
+        notes.append(f"note: --data-path {new_desc} is not the data {step_dir} was trained on ({old_desc}): its "
+                     f"{consumed} consumed samples count as positions in the new data's order (the first {consumed} "
+                     "samples of the new data are skipped, nothing of the old data is resumed)")
+    elif new_plan is not None and _split(old_args.get("split")) != _split(getattr(args, "split", None)):
+        if not getattr(args, "override_checkpoint_split", False):
+            raise CheckpointMismatchError(
+                f"--split {args.split} differs from the split {step_dir} was trained with ({old_args.get('split')}) "
+                f"on the same --data-path: validation and test documents would move into training and the "
+                f"{consumed} consumed samples would no longer be the ones seen (see docs/data.md); pass --split "
+                f"{old_args.get('split')}, or --override-checkpoint-split to change it on purpose")
+        notes.append(f"note: --override-checkpoint-split: --split {args.split} instead of {old_args.get('split')} "
+                     "on the same data; samples may be seen twice or never, held-out documents may be trained on")
+    return notes
+

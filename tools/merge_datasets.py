@@ -17,9 +17,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_tokenformer.data.indexed_dataset import (  # noqa: E402
     IndexedDatasetError,
+    data_file_path,
     dataset_exists,
+    index_file_path,
     merge_datasets,
 )
+from megatron_tokenformer.fileio import OverlapError, check_outputs_apart  # noqa: E402
 
 
 def get_args(argv=None):
@@ -53,8 +56,18 @@ def resolve_inputs(inputs):
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    try:
+    outputs = [("--output-prefix", f(args.output_prefix)) for f in (data_file_path, index_file_path)]
+    try:  # never write where it reads (a folder --input included), with or without an existing output
+        check_outputs_apart(outputs, [("--input", spec) for spec in args.input if os.path.isdir(spec)])
         prefixes = resolve_inputs(args.input)
+        check_outputs_apart(outputs, [("--input", f(p)) for p in prefixes for f in (data_file_path, index_file_path)])
+    except OverlapError as e:
+        print(f"merge_datasets.py: error: {e}", file=sys.stderr)
+        return 2
+    except (IndexedDatasetError, ValueError, OSError) as e:
+        print(f"merge_datasets.py: error: {e}", file=sys.stderr)
+        return 1
+    try:
         out = merge_datasets(prefixes, args.output_prefix)
     except (IndexedDatasetError, ValueError, OSError) as e:
         print(f"merge_datasets.py: error: {e}", file=sys.stderr)

@@ -17,7 +17,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_tokenformer.data.indexed_dataset import IndexedDatasetError  # noqa: E402
-from megatron_tokenformer.data.preprocess import existing_outputs, preprocess  # noqa: E402
+from megatron_tokenformer.data.preprocess import check_preprocess_outputs_apart, existing_outputs, preprocess  # noqa: E402,E501
+from megatron_tokenformer.fileio import OverlapError  # noqa: E402
 from megatron_tokenformer.data.text_inputs import BadInputError  # noqa: E402
 from megatron_tokenformer.data.hf_tokenizer import resolve_hf_tokenizer_file  # noqa: E402
 from megatron_tokenformer.data.tokenizer import HF_TOKENIZER_TYPES, TOKENIZER_TYPES, TokenizerError  # noqa: E402
@@ -58,6 +59,12 @@ def get_args(argv=None):
 
 def main(argv=None) -> int:
     args = get_args(argv)
+    try:  # never write where it reads, with --overwrite or without
+        check_preprocess_outputs_apart(args.input, args.output_prefix, args.json_keys,
+                                       args.tokenizer_model or args.vocab_file)
+    except OverlapError as e:
+        print(f"preprocess_data.py: error: {e}", file=sys.stderr)
+        return 2
     existing = existing_outputs(args.output_prefix, args.json_keys)
     if existing and not args.overwrite:
         print(f"preprocess_data.py: error: --output-prefix {args.output_prefix} already holds a dataset "

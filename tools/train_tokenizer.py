@@ -19,8 +19,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_tokenformer.data.text_inputs import BadInputError, iter_documents  # noqa: E402
+from megatron_tokenformer.data.text_inputs import BadInputError, input_paths, iter_documents  # noqa: E402
 from megatron_tokenformer.data.tokenizer import train_sentencepiece  # noqa: E402
+from megatron_tokenformer.fileio import OverlapError, check_outputs_apart  # noqa: E402
 
 
 def get_args(argv=None):
@@ -62,6 +63,13 @@ def _lines(args, counter):
 def main(argv=None) -> int:
     args = get_args(argv)
     counter = {"lines": 0}
+    outputs = [args.output_prefix + ".json"] if args.tokenizer_type == "HFTokenizer" else \
+        [args.output_prefix + ".model", args.output_prefix + ".vocab"]
+    try:  # never write where it reads, whatever exists already
+        check_outputs_apart([("--output-prefix", p) for p in outputs], [("--input", p) for p in input_paths(args.input)])
+    except OverlapError as e:
+        print(f"train_tokenizer.py: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.vocab_size < 8:
             raise ValueError(f"--vocab-size {args.vocab_size} is too small")

@@ -26,14 +26,16 @@ the tool returns can then lose data the rename already published).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import resource
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from megatron_tokenformer.checkpointing import save_dir
 from megatron_tokenformer.checkpointing.format import files, metadata
 from megatron_tokenformer.checkpointing.format.canonical import CanonicalWriter
 from megatron_tokenformer.checkpointing.format.entries import FP32
@@ -41,7 +43,7 @@ from megatron_tokenformer.checkpointing.format.source import CheckpointSource
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.checkpointing.grow import GrownView, plan_growth
 from megatron_tokenformer.checkpointing.reshard import layout_tuple, target_layout
-from megatron_tokenformer.fileio import fsync_dir
+from megatron_tokenformer.fileio import OverlapError, check_outputs_apart, fsync_dir
 from megatron_tokenformer.model.spec import GROW_NET2NET_WIDTH, get_spec
 
 __all__ = ["ExpandError", "ExpandOptions", "expand_checkpoint", "peak_rss_bytes", "read_source", "grow_or_widen",
@@ -92,20 +94,68 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _is_within(path: str, parent: str) -> bool:
-    path, parent = os.path.realpath(path), os.path.realpath(parent)
-    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+def _check_apart(opts: ExpandOptions) -> None:
+    try:
+        check_outputs_apart([("--save", opts.save)], [("--load", opts.load)])
+    except OverlapError as exc:
+        raise ExpandError(str(exc)) from None
+
+
+def _content(folder: str) -> List[str]:
+    """The entries of ``folder`` other than the --save lock's files."""
+    return [n for n in os.listdir(folder) if not n.startswith(save_dir.LOCK_FILE)]
 
 
 def _check_target(opts: ExpandOptions) -> None:
-    if _is_within(opts.save, opts.load) or _is_within(opts.load, opts.save):
-        raise ExpandError(f"--save {opts.save} overlaps the source --load {opts.load}; the source is never written to, "
-                          "choose a separate directory")
+    _check_apart(opts)
     if os.path.exists(opts.save):
         if not os.path.isdir(opts.save):
             raise ExpandError(f"--save {opts.save} exists and is not a directory")
-        if os.listdir(opts.save) and not opts.overwrite:
+        if _content(opts.save) and not opts.overwrite:
             raise ExpandError(f"--save {opts.save} exists and is not empty; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def save_lock(opts: ExpandOptions, log: Callable[[str], None]) -> Iterator[save_dir.SaveDirLock]:
+    """Hold the --save lock of training (:class:`~.save_dir.SaveDirLock`) while writing: a second
+    expand_checkpoint.py, or a training run, on the same --save is refused naming the holder.
+
+    Creates ``--save`` for the lock file; a ``--save`` created here is removed again when nothing was
+    written. The lock file travels into the published folder (:func:`_swap_in`), still held.
+    """
+    _check_apart(opts)  # before creating anything
+    save = os.path.abspath(opts.save)
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise ExpandError(f"--save {opts.save} exists and is not a directory")
+    created = not os.path.exists(save)
+    try:
+        os.makedirs(save, exist_ok=True)
+    except OSError as exc:
+        raise ExpandError(f"--save {opts.save} cannot be created: {save_dir.os_error_text(exc)}") from None
+    lock = save_dir.SaveDirLock(save, log=log)
+    had_lock_file = os.path.exists(lock.path)
+    try:
+        lock.acquire()
+    except save_dir.SaveDirError as exc:
+        if created:
+            try:
+                os.rmdir(save)
+            except OSError:
+                pass
+        raise ExpandError(str(exc)) from None
+    done = False
+    try:
+        yield lock
+        done = True
+    finally:
+        if not had_lock_file:  # leave no lock file behind (held until the release below)
+            lock.remove_lock_file()
+        lock.release()
+        if not done and created:
+            try:
+                os.rmdir(save)
+            except OSError:
+                pass
 
 
 def _training_state(view: CheckpointView, grown: CheckpointSource, reset_iteration: bool) -> Dict[str, object]:
@@ -232,10 +282,11 @@ def log_plan(view: CheckpointView, source: CheckpointSource, layout: Dict[str, i
 
 
 def write_canonical(view: CheckpointView, source: CheckpointSource, layout: Dict[str, int], plan: TensorPlan,
-                    opts: ExpandOptions, t0: float) -> Dict[str, Any]:
+                    opts: ExpandOptions, t0: float, lock: Optional[save_dir.SaveDirLock] = None) -> Dict[str, Any]:
     """Step 4: write the canonical step folder into a staging folder and swap it in as ``--save``.
 
-    Returns the expansion report. Any error removes the staging folder (``--save`` untouched).
+    Returns the expansion report. Any error removes the staging folder (``--save`` untouched); an
+    OS error (a full disk: ENOSPC) becomes one :class:`ExpandError` line naming the file.
     """
     save = os.path.abspath(opts.save)
     staging = f"{save}.partial-{os.getpid()}"
@@ -264,7 +315,12 @@ def write_canonical(view: CheckpointView, source: CheckpointSource, layout: Dict
         files.publish_step_dir(partial_step, os.path.join(staging, tag), fsync=not opts.no_fsync)
         files.update_latest(staging, tag)
         fsync_dir(staging)
-        _swap_in(staging, save)
+        _swap_in(staging, save, lock)
+    except (OSError, RuntimeError) as exc:  # torch's writer reports a full disk as a RuntimeError
+        cause = save_dir.describe_save_error(exc, staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExpandError(f"writing --save {save} failed: {cause}; nothing was written (the partial output "
+                          f"{staging} was removed)") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -285,7 +341,9 @@ def expand_checkpoint(opts: ExpandOptions, log: Callable[[str], None] = print) -
     naming the flag or file; nothing is written in that case.
     """
     t0 = time.time()
-    with read_source(opts) as view:
+    with contextlib.ExitStack() as stack:
+        lock = None if opts.dry_run else stack.enter_context(save_lock(opts, log))  # [save_dir] one writer
+        view = stack.enter_context(read_source(opts))
         layout = reshard_to(view, opts)
         source = grow_or_widen(view, opts)
         check_fits(source, view, layout, log)
@@ -294,7 +352,7 @@ def expand_checkpoint(opts: ExpandOptions, log: Callable[[str], None] = print) -
         if opts.dry_run:
             return {"dry_run": True, "tensors": len(plan.rows), "bytes": plan.total_out,
                     "largest_tensor_bytes": plan.largest}
-        report = write_canonical(view, source, layout, plan, opts, t0)
+        report = write_canonical(view, source, layout, plan, opts, t0, lock)
         log_written(report, log)
         return report
 
@@ -337,8 +395,21 @@ def _copy_tokenizer(step_dir: str, dest_dir: str) -> bool:
     return True
 
 
-def _swap_in(staging: str, save: str) -> None:
-    """Replace ``save`` (absent, empty, or --overwrite) by the complete ``staging`` folder."""
+def _swap_in(staging: str, save: str, lock: Optional[save_dir.SaveDirLock] = None) -> None:
+    """Replace ``save`` (absent, empty, or --overwrite) by the complete ``staging`` folder.
+
+    The held lock's files move into ``staging`` first (a lock follows its inode), so the published
+    folder is still locked by this process until it releases.
+    """
+    if lock is not None:
+        for path in lock.files:
+            os.rename(path, os.path.join(staging, os.path.basename(path)))
+        old = f"{save}.old-{os.getpid()}"
+        os.replace(save, old)
+        os.replace(staging, save)
+        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(os.path.dirname(save))
+        return
     if os.path.exists(save):
         if os.listdir(save):
             old = f"{save}.old-{os.getpid()}"

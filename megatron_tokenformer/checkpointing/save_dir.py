@@ -2,10 +2,12 @@
 
 At start (:func:`prepare_save_dir`, collective, before the first iteration):
 
-* **Lock.** Rank 0 takes an exclusive ``flock`` on ``<save>/tokenformer_save.lock`` and keeps the
-  descriptor open for the life of the process; the kernel releases it when the process ends,
-  however it ends. The file holds the holder's host, pid, Slurm job id and start time, so a second
-  job on the same folder ends with one line naming the folder and the holder.
+* **Lock** (:class:`SaveDirLock`). Rank 0 takes an exclusive ``flock`` on
+  ``<save>/tokenformer_save.lock`` and keeps the descriptor open for the life of the process; the
+  kernel releases it when the process ends, however it ends. The file holds the holder's host, pid,
+  Slurm job id and start time, so a second job on the same folder ends with one line naming the
+  folder and the holder. Where the file system refuses ``flock`` (ENOSYS, EOPNOTSUPP, ENOLCK) one
+  line says so and an exclusive lock file (``O_CREAT | O_EXCL``) with the same record takes over.
 * **Ownership.** A run that does not resume from ``--save`` itself (``--load`` elsewhere, a ``--load``
   that found nothing, ``--finetune``, or no ``--load``) is refused when the folder already holds step
   folders, naming them, unless ``--overwrite-checkpoints``. Every step folder records the id of the
@@ -41,7 +43,7 @@ from typing import List, Optional
 
 from megatron_tokenformer.checkpointing import files
 
-__all__ = ["LOCK_FILE", "SaveDirError", "SaveFailedError", "SaveDirLock", "step_folders", "check_ownership",
+__all__ = ["LOCK_FILE", "EXCLUSIVE_LOCK_FILE", "FLOCK_UNSUPPORTED", "holder_is_dead", "SaveDirError", "SaveFailedError", "SaveDirLock", "step_folders", "check_ownership",
            "probe_writable", "os_error_text", "describe_save_error", "free_space_warning", "checkpoint_bytes",
            "prune_own_checkpoints", "resumes_from_save", "prepare_save_dir", "agree_on_save", "holder_info"]
 
@@ -101,12 +103,60 @@ def describe_save_error(exc: BaseException, folder: str) -> str:
 
 
 # --------------------------------------------------------------------------- the lock
+# flock refused by the file system (Lustre mounted without -o flock: ENOSYS; some NFS set-ups:
+# ENOLCK / EOPNOTSUPP): the exclusive lock file takes over.
+FLOCK_UNSUPPORTED = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK, errno.EINVAL)
+EXCLUSIVE_LOCK_FILE = LOCK_FILE + ".exclusive"
+
+
+def _boot_id() -> Optional[str]:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _pid_start(pid: int) -> Optional[int]:
+    """The start time of process ``pid`` (clock ticks since boot; None where /proc is missing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def holder_info() -> dict:
-    """Who this process is (written into the lock file)."""
+    """Who this process is (written into the lock file): host, pid, Slurm job, start time, and what
+    tells a dead holder on this host from a live one (boot id, the pid's start time)."""
     info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if os.environ.get("SLURM_JOB_ID"):
         info["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    boot, start = _boot_id(), _pid_start(os.getpid())
+    if boot is not None:
+        info["boot_id"] = boot
+    if start is not None:
+        info["pid_start"] = start
     return info
+
+
+def holder_is_dead(info: dict) -> bool:
+    """True only when the holder provably no longer runs: it ran on this host and this host rebooted
+    since, or its pid is gone, or the pid now belongs to a process started at another time. A holder
+    on another host is never judged dead (its pids cannot be seen from here)."""
+    from megatron_tokenformer.fileio import pid_alive
+    if not isinstance(info, dict) or info.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(info.get("pid"))
+    except (TypeError, ValueError):
+        return False
+    if info.get("boot_id") and _boot_id() and info["boot_id"] != _boot_id():
+        return True
+    if not pid_alive(pid):
+        return True
+    start = _pid_start(pid)
+    return info.get("pid_start") is not None and start is not None and start != info["pid_start"]
 
 
 def _describe_holder(text: str) -> str:
@@ -124,47 +174,196 @@ def _describe_holder(text: str) -> str:
     return ", ".join(parts)
 
 
-class SaveDirLock:
-    """An exclusive ``flock`` on ``<save_dir>/tokenformer_save.lock`` (released by the kernel on exit)."""
+def _flock(fd: int) -> None:
+    """``fcntl.flock(fd, LOCK_EX | LOCK_NB)`` (one place, so tests can inject the file system's errno)."""
+    import fcntl
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
-    def __init__(self, save_dir: str):
+
+class SaveDirLock:
+    """The one-run-per-folder lock of ``<save_dir>`` (module docstring; docs/checkpoints.md).
+
+    An exclusive ``flock`` on ``tokenformer_save.lock`` (released by the kernel however the process
+    ends). Where the file system refuses ``flock`` (ENOSYS, EOPNOTSUPP, ENOLCK, ...) one line says so
+    and the lock is the file ``tokenformer_save.lock.exclusive`` created with ``O_CREAT | O_EXCL``,
+    holding the same holder record, removed on release and at exit. A lock file left by a holder
+    that provably died on this host (:func:`holder_is_dead`) is taken over with one line; one of a
+    holder on another host refuses the run, naming the file to delete once that job has ended.
+    """
+
+    def __init__(self, save_dir: str, log=None):
         self.save_dir = os.path.abspath(save_dir)
         self.path = os.path.join(self.save_dir, LOCK_FILE)
+        self.exclusive_path = os.path.join(self.save_dir, EXCLUSIVE_LOCK_FILE)
         self._fd: Optional[int] = None
+        self._exclusive_ino: Optional[int] = None
+        self._log = log or (lambda line: print(line, flush=True))
+
+    def _in_use(self, holder: str, extra: str = "") -> SaveDirError:
+        return SaveDirError(f"--save {self.save_dir} is in use by another run ({holder}){extra}; wait for it to end "
+                            f"or choose another --save")
 
     def acquire(self) -> "SaveDirLock":
-        import fcntl
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for _ in range(5):  # the lock file may be replaced between open and flock (expand_checkpoint moves it)
             try:
-                holder = _describe_holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
-            finally:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise SaveDirError(f"cannot lock --save {self.save_dir}: {os_error_text(exc)} creating "
+                                   f"{self.path}") from None
+            try:
+                _flock(fd)
+            except BlockingIOError:
+                try:
+                    holder = _describe_holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+                finally:
+                    os.close(fd)
+                raise self._in_use(holder) from None
+            except OSError as exc:
                 os.close(fd)
-            raise SaveDirError(f"--save {self.save_dir} is in use by another run ({holder}); wait for it to end "
-                               f"or choose another --save") from None
-        except OSError as exc:  # a file system without flock: go on unlocked, say so
-            os.close(fd)
-            print(f"warning: cannot lock --save {self.save_dir} ({os_error_text(exc)}); two jobs on this folder "
-                  "would not be stopped", flush=True)
+                if exc.errno not in FLOCK_UNSUPPORTED:
+                    raise SaveDirError(f"cannot lock --save {self.save_dir}: {os_error_text(exc)} locking "
+                                       f"{self.path}") from None
+                # the file system refuses flock: an exclusive lock file instead
+                self._log(f"note: the file system of --save {self.save_dir} refuses flock: {os_error_text(exc)}; "
+                          f"locking it with the exclusive lock file {self.exclusive_path} instead")
+                return self._acquire_exclusive()
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            self._check_no_exclusive_holder(fd)
+            self._fd = fd
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+                os.fsync(fd)
+            except OSError as exc:
+                self.release()
+                raise SaveDirError(f"cannot lock --save {self.save_dir}: {os_error_text(exc)} writing the holder "
+                                   f"record into {self.path}") from None
             return self
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
-        os.fsync(fd)
-        self._fd = fd
-        return self
+        raise SaveDirError(f"--save {self.save_dir}: its lock file {self.path} keeps being replaced; is another tool "
+                           "writing this folder?")
+
+    def _check_no_exclusive_holder(self, fd: int) -> None:
+        """A run on a host whose mount refuses flock holds the exclusive file: respect it."""
+        try:
+            with open(self.exclusive_path) as f:
+                text = f.read()
+        except OSError:
+            return
+        try:
+            info = json.loads(text)
+        except ValueError:
+            info = None
+        if holder_is_dead(info):
+            return
+        os.close(fd)
+        raise self._in_use(_describe_holder(text), f"; lock file {self.exclusive_path}")
+
+    def _acquire_exclusive(self) -> "SaveDirLock":
+        import atexit
+        for _ in range(5):
+            try:
+                fd = os.open(self.exclusive_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._take_over_if_dead()
+                continue
+            except OSError as exc:
+                raise SaveDirError(f"cannot lock --save {self.save_dir}: {os_error_text(exc)} creating "
+                                   f"{self.exclusive_path}") from None
+            try:
+                self._exclusive_ino = os.fstat(fd).st_ino
+                os.write(fd, (json.dumps(holder_info()) + "\n").encode())
+                os.fsync(fd)
+            except OSError as exc:
+                os.close(fd)
+                self.release()
+                raise SaveDirError(f"cannot lock --save {self.save_dir}: {os_error_text(exc)} writing the holder "
+                                   f"record into {self.exclusive_path}") from None
+            os.close(fd)
+            atexit.register(self.release)
+            return self
+        raise SaveDirError(f"--save {self.save_dir}: cannot create the lock file {self.exclusive_path} (it keeps "
+                           "reappearing); is another run starting on this folder?")
+
+    def _take_over_if_dead(self) -> None:
+        """Remove the exclusive lock file of a dead holder (or raise SaveDirError naming a live or
+        unknown one). The file is first renamed to a name of ours, so two runs taking over together
+        cannot remove each other's new lock: what was renamed must be the file judged dead."""
+        try:
+            fd = os.open(self.exclusive_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        try:
+            text = os.read(fd, 4096).decode("utf-8", "replace")
+            ino = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        try:
+            info = json.loads(text)
+        except ValueError:
+            info = None
+        holder = _describe_holder(text)
+        if not holder_is_dead(info):
+            extra = f"; lock file {self.exclusive_path}"
+            if isinstance(info, dict) and info.get("host") != socket.gethostname():
+                extra += " (held from another host: delete it once that run has ended)"
+            raise self._in_use(holder, extra)
+        aside = f"{self.exclusive_path}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.exclusive_path, aside)
+        except FileNotFoundError:
+            return
+        if os.stat(aside).st_ino != ino:  # another run took over first and this moved its live lock: restore it
+            try:
+                os.link(aside, self.exclusive_path)
+            except FileExistsError:
+                pass
+            os.remove(aside)
+            return
+        os.remove(aside)
+        self._log(f"note: removed the lock file {self.exclusive_path} of a run that no longer runs ({holder})")
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._fd is not None or self._exclusive_ino is not None
+
+    @property
+    def files(self) -> List[str]:
+        """The lock's files inside the folder (tools that replace the folder carry them over)."""
+        return [p for p, held in ((self.path, self._fd is not None),
+                                  (self.exclusive_path, self._exclusive_ino is not None)) if held]
+
+    def remove_lock_file(self) -> None:
+        """Unlink the flock file while still holding it (a tool that leaves no trace; a process that
+        opened the old file sees it replaced after the release and opens the new one)."""
+        if self._fd is not None:
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                    os.remove(self.path)
+            except OSError:
+                pass
 
     def release(self) -> None:
         if self._fd is not None:
             import fcntl
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
             os.close(self._fd)
             self._fd = None
+        if self._exclusive_ino is not None:
+            try:
+                if os.stat(self.exclusive_path).st_ino == self._exclusive_ino:
+                    os.remove(self.exclusive_path)
+            except OSError:
+                pass
+            self._exclusive_ino = None
 
 
 # --------------------------------------------------------------------------- ownership

@@ -33,12 +33,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import functools
 import struct
-import uuid
 from enum import Enum
 from typing import Optional, Sequence
 
 import numpy as np
+
+from megatron_tokenformer.fileio import check_outputs_apart, remove_stale_temporaries, tmp_name
 
 __all__ = [
     "DType",
@@ -110,7 +112,21 @@ def dataset_exists(prefix: str) -> bool:
 
 
 def _tmp_name(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return tmp_name(path)
+
+
+def _names_the_file(method):
+    """An OSError without a file name (a buffered write on a full disk: ``[Errno 28] No space left on
+    device``) is re-raised naming the dataset file being written."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            if exc.errno is None or exc.filename:
+                raise
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), self._final["bin"]) from None
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------
@@ -379,6 +395,9 @@ class IndexedDatasetBuilder:
             "idx": index_file_path(path_prefix),
             "meta": meta_file_path(path_prefix),
         }
+        # temporaries a killed earlier run into this prefix left (their pid is dead): removed
+        self.removed_stale = remove_stale_temporaries(
+            list(self._final.values()) + [path_prefix + ".lengths", path_prefix + ".docs"])
         self._tmp = {k: _tmp_name(v) for k, v in self._final.items()}
         self._tmp["len"] = _tmp_name(path_prefix + ".lengths")
         self._tmp["doc"] = _tmp_name(path_prefix + ".docs")
@@ -393,6 +412,7 @@ class IndexedDatasetBuilder:
         self._closed = False
 
     # -- adding data ----------------------------------------------------------------
+    @_names_the_file
     def add_item(self, tokens) -> None:
         """Append one sequence (not closing the document)."""
         arr = np.asarray(tokens)
@@ -400,6 +420,7 @@ class IndexedDatasetBuilder:
         self._len.write(np.int32(arr.size).tobytes())
         self.num_sequences += 1
 
+    @_names_the_file
     def end_document(self) -> None:
         self._doc.write(np.int64(self.num_sequences).tobytes())
         self.num_documents += 1
@@ -409,6 +430,7 @@ class IndexedDatasetBuilder:
         self.add_item(tokens)
         self.end_document()
 
+    @_names_the_file
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append ``len(lengths)`` one-sequence documents stored back to back in ``tokens``.
 
@@ -443,6 +465,7 @@ class IndexedDatasetBuilder:
         self._bin.write(np.ascontiguousarray(arr).tobytes())
         self.num_tokens += int(arr.size)
 
+    @_names_the_file
     def add_index(self, other_prefix: str) -> None:
         """Append every document of another dataset (the merge operation)."""
         other = IndexedDataset(other_prefix)
@@ -474,6 +497,7 @@ class IndexedDatasetBuilder:
         del other
 
     # -- finishing ------------------------------------------------------------------
+    @_names_the_file
     def finalize(self) -> None:
         """Write the .idx and move the pair into place (the .idx last)."""
         if self._closed:
@@ -577,6 +601,8 @@ def merge_datasets(input_prefixes: Sequence[str], output_prefix: str, dtype=None
     for p in input_prefixes:
         if os.path.abspath(p) == out_abs:
             raise ValueError(f"merge_datasets: output prefix {output_prefix} is also an input")
+    outputs = [("--output-prefix", data_file_path(output_prefix)), ("--output-prefix", index_file_path(output_prefix))]
+    check_outputs_apart(outputs, [("--input", f(p)) for p in input_prefixes for f in (data_file_path, index_file_path)])
     del opened
     with IndexedDatasetBuilder(output_prefix, dtype=dtype) as builder:
         for p in input_prefixes:

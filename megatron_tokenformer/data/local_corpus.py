@@ -18,7 +18,7 @@ import random
 import sysconfig
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-from megatron_tokenformer.fileio import atomic_path
+from megatron_tokenformer.fileio import atomic_path, check_outputs_apart
 
 __all__ = ["default_roots", "iter_corpus_files", "build_local_corpus"]
 
@@ -83,6 +83,7 @@ def build_local_corpus(output: str, max_mb: float = 20.0, fmt: Optional[str] = N
     for r in roots:
         if not os.path.isdir(r):
             raise ValueError(f"--roots {r}: no such folder")
+    check_outputs_apart([("--output", output)], [("--roots", r) for r in roots])  # never written where read
     limit = int(max_mb * 1e6)
     written = 0
     chosen: List[str] = []

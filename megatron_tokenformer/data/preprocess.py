@@ -24,11 +24,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from megatron_tokenformer.fileio import check_outputs_apart
+
 from .indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype, data_file_path, index_file_path
-from .text_inputs import BadInputError, Chunk, expand_inputs, file_format, iter_chunks, parse_chunk
+from .text_inputs import BadInputError, Chunk, expand_inputs, file_format, input_paths, iter_chunks, parse_chunk
 from .tokenizer import build_tokenizer
 
-__all__ = ["preprocess", "output_prefix_for_key", "encode_chunk", "existing_outputs"]
+__all__ = ["preprocess", "output_prefix_for_key", "encode_chunk", "existing_outputs",
+           "check_preprocess_outputs_apart"]
 
 _worker_state: dict = {}
 
@@ -45,6 +48,18 @@ def existing_outputs(output_prefix: str, json_keys: Sequence[str]) -> List[str]:
         prefix = output_prefix_for_key(output_prefix, key)
         out += [p for p in (data_file_path(prefix), index_file_path(prefix)) if os.path.exists(p)]
     return sorted(out)
+
+
+def check_preprocess_outputs_apart(inputs: Sequence[str], output_prefix: str, json_keys: Sequence[str],
+                                   tokenizer_model: Optional[str] = None) -> None:
+    """OverlapError (one line) when a ``.bin``/``.idx`` this run writes is, or lies inside, or holds an
+    ``--input`` (or the ``--tokenizer-model``); with ``--overwrite`` too."""
+    outputs = []
+    for key in json_keys:
+        prefix = output_prefix_for_key(output_prefix, key)
+        outputs += [("--output-prefix", data_file_path(prefix)), ("--output-prefix", index_file_path(prefix))]
+    check_outputs_apart(outputs, [("--input", p) for p in input_paths(inputs)]
+                        + [("--tokenizer-model", tokenizer_model)])
 
 
 def _init_worker(tokenizer_args: dict, json_keys, append_eod, skip_bad_lines, dtype_str):
@@ -110,6 +125,7 @@ def preprocess(
     if not json_keys:
         raise ValueError("--json-keys needs at least one key")
     files = expand_inputs(inputs)
+    check_preprocess_outputs_apart(inputs, output_prefix, json_keys, tokenizer_model)
     if len(json_keys) > 1:
         for f in files:
             if file_format(f, input_format) == "text":
@@ -133,6 +149,10 @@ def preprocess(
                                  extra_meta=dict(meta, json_key=k))
         for k in keys
     }
+    for b in builders.values():  # temporaries of a killed earlier run into this prefix (dead pid)
+        if b.removed_stale:
+            log(f"removed {len(b.removed_stale)} temporary files a killed earlier run into {b.path_prefix} left: "
+                + ", ".join(os.path.basename(p) for p in b.removed_stale))
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "bad_lines": [], "empty_documents": 0}
     t0 = time.perf_counter()
     next_log = [log_interval]

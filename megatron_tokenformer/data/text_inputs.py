@@ -31,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 __all__ = [
     "BadInputError",
+    "input_paths",
     "Chunk",
     "ParsedChunk",
     "expand_inputs",
@@ -109,6 +110,18 @@ def expand_inputs(inputs: Sequence[str], flag: str = "--input") -> List[str]:
     if not files:
         raise BadInputError(f"{flag}: no input files given")
     return files
+
+
+def input_paths(inputs: Sequence[str]) -> List[str]:
+    """The files and folders ``--input`` names (globs expanded; a name that matches nothing is skipped:
+    :func:`~.text_inputs.expand_inputs` reports it)."""
+    found = []
+    for spec in ([inputs] if isinstance(inputs, str) else inputs):
+        if os.path.exists(spec):
+            found.append(spec)
+        elif any(c in spec for c in "*?["):
+            found.extend(sorted(glob.glob(spec, recursive=True)))
+    return found
 
 
 def file_format(path: str, fmt: str = "auto") -> str:

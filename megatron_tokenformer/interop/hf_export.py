@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megatron_tokenformer.fileio import check_outputs_apart
 from megatron_tokenformer.interop.checkpoint_format import TOKENIZER_FILE, open_step
 from megatron_tokenformer.interop.hf import HF_DIR, REMOTE_CODE_FILES
 
@@ -138,6 +139,7 @@ def export_hf(load: str, save: str, iteration: Optional[int] = None, dtype: str 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
+    check_outputs_apart([("--save", save)], [("--load", load)])  # never delete or write into what is read
     save = os.path.abspath(save)
     if os.path.exists(save) and (not os.path.isdir(save) or (os.listdir(save) and not overwrite)):
         raise ExportError(f"--save {save} exists and is not empty (pass --overwrite to replace it)")

@@ -11,6 +11,7 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_tokenformer.fileio import check_outputs_apart
 from megatron_tokenformer.interop.hf_export import HF_PREFIX, SAFETENSORS_FILE, SAFETENSORS_INDEX
 
 __all__ = ["HFImportError", "read_hf_folder", "import_hf"]
@@ -85,6 +86,7 @@ def import_hf(input_path: str, save: str, layout: Optional[Dict[str, int]] = Non
         config.validate(tp, pp)
     except ValueError as exc:
         raise HFImportError(f"the target layout cannot hold this model: {exc}") from None
+    check_outputs_apart([("--save", save)], [("--input", input_path)])  # never written where read
     try:
         step = write_checkpoint(save, config, tensors, {"tokenizer_type": "HuggingFaceTokenizer" if os.path.isfile(tok)
                                                         else "NullTokenizer", "seq_length": config.seq_length},

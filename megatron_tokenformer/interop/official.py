@@ -39,6 +39,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from megatron_tokenformer.fileio import check_outputs_apart
+
 __all__ = ["OfficialImportError", "read_official_config", "official_model_config", "read_official_state_dict",
            "convert_official_state_dict", "import_official"]
 
@@ -266,6 +268,9 @@ def import_official(input_path: str, config_path: str, save: str, tokenizer_type
     from megatron_tokenformer.data.tokenizer import build_tokenizer
     from megatron_tokenformer.interop.checkpoint_format import write_checkpoint
 
+    # never written where read (an input inside --save, --save inside the input folder, ...)
+    check_outputs_apart([("--save", save)], [("--input", input_path), ("--config", config_path),
+                                             ("--vocab-file", vocab_file), ("--tokenizer-model", tokenizer_model)])
     neox = read_official_config(config_path)
     tokenizer, tok_file = None, None
     if tokenizer_type is not None:

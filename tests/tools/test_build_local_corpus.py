@@ -28,3 +28,20 @@ def test_deterministic_and_bounded(tmp_path):
     (root / "a.txt").write_text("hello world\n" * 30)
     assert build_local_corpus.main(["--output", str(out3), "--roots", str(root)]) == 0
     assert out3.read_text() == ("hello world\n" * 30).strip("\n") + "\n\n" + ("x = 1\n" * 50).strip("\n") + "\n\n"
+
+
+def test_output_inside_a_root_is_refused(tmp_path, capsys):
+    """Issue 20 item 1: the corpus file inside a --roots folder (directly or through a symlink) is refused in
+    one line; the root stays byte-identical."""
+    from tests.helpers.ops_checks import tree_hashes
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "a.txt").write_text("hello world\n" * 30)
+    (tmp_path / "link").symlink_to(root)
+    before = tree_hashes(str(tmp_path))
+    for out in (root / "corpus.txt", tmp_path / "link" / "corpus.jsonl"):
+        assert build_local_corpus.main(["--output", str(out), "--roots", str(root)]) == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith(f"build_local_corpus.py: error: --output {out}")
+        assert f"overlaps the source --roots {root}" in err[0]
+        assert tree_hashes(str(tmp_path)) == before

@@ -216,3 +216,83 @@ def test_bf16_checkpoint(tool, source, capsys):
     with CheckpointView(os.path.join(dst, "global_step2")) as grown:
         assert grown.params["layers.1.mlp.key_param_tokens"].shape == (256, 32)
         assert grown.params["layers.1.mlp.key_param_tokens"].dtype == "bfloat16"
+
+
+def test_refuses_any_overlap_with_overwrite_too(tool, source, capsys):
+    """Issue 20 item 1: --overwrite never lets --save be the source, a parent of it, or it through a symlink."""
+    work, src = source
+    before = _tree(src)
+    link = os.path.join(work, "src_link")
+    os.symlink(src, link)
+    try:
+        for save in (src, work, link):
+            code, _, err = _run(tool, capsys, "--load", src, "--save", save, "--overwrite")
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and "overlaps the source --load" in lines[0], err
+            assert _tree(src) == before
+    finally:
+        os.remove(link)
+
+
+# A stand-in for a training run holding --save: an flock on its lock file with the holder record
+# (plain Python: the record format of save_dir.holder_info, written independently of it).
+HOLD = ("import fcntl, json, os, socket, sys, time; fd = os.open(os.path.join(sys.argv[1], 'tokenformer_save.lock'), "
+        "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, json.dumps({'host': "
+        "socket.gethostname(), 'pid': os.getpid(), 'slurm_job_id': '31'}).encode()); print('held', flush=True); "
+        "time.sleep(600)")
+
+
+def test_takes_the_save_lock_of_training(tool, source, capsys, monkeypatch):
+    """Issue 20 item 6: a --save held by another writer (a training run, another expand_checkpoint.py) is
+    refused naming the holder, with --overwrite too (before: two runs into one --save both reported
+    success and one result silently replaced the other)."""
+    import signal
+    import socket
+    from megatron_tokenformer.checkpointing import expand
+    work, src = source
+    dst = os.path.join(work, "locked")
+    os.makedirs(dst)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, dst], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = _run(tool, capsys, "--load", src, "--save", dst, "--overwrite")
+        assert code == 2 and err.count("\n") == 1, err
+        assert err == (f"expand_checkpoint.py: error: --save {dst} is in use by another run (host "
+                       f"{socket.gethostname()}, pid {holder.pid}, Slurm job 31); wait for it to end or choose "
+                       "another --save\n")
+        assert os.listdir(dst) == ["tokenformer_save.lock"]           # the holder's file only
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+    # a second run starting while the first writes its tensors: refused naming the first (this process)
+    second = {}
+    real_write = expand._write_tensors
+
+    def write_and_start_a_second_run(source_, writer):
+        second["result"] = _run(tool, capsys, "--load", src, "--save", dst, "--num-layers", "4", "--overwrite")
+        return real_write(source_, writer)
+    monkeypatch.setattr(expand, "_write_tensors", write_and_start_a_second_run)
+    code, _, err = _run(tool, capsys, "--load", src, "--save", dst, "--num-layers", "3")
+    assert code == 0, err
+    code2, _, err2 = second["result"]
+    assert code2 == 2 and f"--save {dst} is in use by another run (host {socket.gethostname()}, pid {os.getpid()}" \
+        in err2, err2
+    meta = json.load(open(os.path.join(dst, "global_step2", "tokenformer_checkpoint.json")))
+    assert meta["model_config"]["num_layers"] == 3                      # the first run's result, intact
+    assert sorted(os.listdir(dst)) == ["global_step2", "latest", "tokenformer_save.lock"]   # the holder's old file
+    assert [n for n in os.listdir(work) if ".partial" in n or ".old-" in n] == []
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tool, source, capsys, tmp_path):
+    """Issue 20 item 8: ENOSPC while writing printed a traceback; now one line naming the file, and the
+    --save this run created is gone again."""
+    from tests.helpers.small_fs import small_tmpfs
+    work, src = source
+    with small_tmpfs(tmp_path / "mnt", "64k") as mnt:
+        dst = os.path.join(mnt, "grown")
+        code, _, err = _run(tool, capsys, "--load", src, "--save", dst, "--param-token-growth-factor", "2")
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"expand_checkpoint.py: error: writing --save {dst} failed: ENOSPC "
+                              "(No space left on device) writing "), err
+        assert "nothing was written" in err and os.listdir(mnt) == []

@@ -51,3 +51,23 @@ def test_bad_inputs_subprocess(tmp_path):
     r = subprocess.run([sys.executable, SCRIPT, "--input", str(tmp_path / "nope"),
                         "--output-prefix", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "nope" in r.stderr
+
+
+def test_output_overlapping_an_input_is_refused(tmp_path, capsys):
+    """Issue 20 item 1: an output inside an --input folder, or an input reached through a symlink, is
+    refused in one line (exit 2); the inputs stay byte-identical and nothing is written."""
+    from tests.helpers.ops_checks import tree_hashes
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write(shards / "s0", [[1, 2, 3]])
+    _write(shards / "s1", [[4, 5]])
+    (tmp_path / "link").symlink_to(shards)
+    before = tree_hashes(str(tmp_path))
+    for argv in (["--input", str(shards), "--output-prefix", str(shards / "all")],
+                 ["--input", str(shards / "s0"), str(shards / "s1"), "--output-prefix", str(tmp_path / "link" / "s0")],
+                 ["--input", str(tmp_path / "link"), "--output-prefix", str(shards / "s1")]):
+        assert merge_datasets.main(argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("merge_datasets.py: error: --output-prefix ")
+        assert "overlaps the source --input" in err[0]
+        assert tree_hashes(str(tmp_path)) == before

@@ -121,3 +121,89 @@ def test_existing_output_prefix_refused_unless_overwrite(tmp_path, model, capsys
                                "--overwrite"])
     assert rc == 0
     assert IndexedDataset(prefix + "_text_document").num_documents == 1
+
+
+def _one_error_line(err, tool="preprocess_data.py"):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{tool}: error: "), lines
+    return lines[0]
+
+
+def test_output_overlapping_an_input_is_refused_with_overwrite_too(tmp_path, model, capsys):
+    """Issue 20 item 1: an output inside an --input folder, or a .bin/.idx that is itself an --input (by
+    name or through a symlink), is refused in one line; the inputs stay byte-identical."""
+    from tests.helpers.ops_checks import tree_hashes
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:3]))
+    assert preprocess_data.main(["--input", str(corpus), "--output-prefix", str(tmp_path / "ds"),
+                                 "--tokenizer-model", model]) == 0
+    (tmp_path / "link").symlink_to(corpus)
+    capsys.readouterr()
+    before = tree_hashes(str(tmp_path))
+    for inputs, prefix, flag in (([str(corpus)], str(corpus / "ds"), "--input"),
+                                 ([str(tmp_path / "link")], str(corpus / "ds"), "--input"),
+                                 ([str(corpus)], str(tmp_path / "link" / "ds"), "--input"),
+                                 ([str(tmp_path / "ds_text_document.idx")], str(tmp_path / "ds"), "--input"),
+                                 ([str(corpus / "*.jsonl")], str(tmp_path / "x"), None),
+                                 ([str(corpus)], str(tmp_path / "tokprefix"), None)):
+        rc = preprocess_data.main(["--input", *inputs, "--output-prefix", prefix, "--tokenizer-model", model,
+                                   "--overwrite"])
+        err = capsys.readouterr().err
+        if flag is None:           # no overlap: accepted (and cleaned away so the tree compares)
+            assert rc == 0, err
+            for p in tmp_path.glob(os.path.basename(prefix) + "_text_document*"):
+                p.unlink()
+            continue
+        line = _one_error_line(err)
+        assert rc == 2 and "overlaps the source --input" in line and "with --overwrite or without" in line, line
+        assert tree_hashes(str(tmp_path)) == before
+    model_copy = tmp_path / "m_text_document.bin"      # the tokenizer model is an input too
+    model_copy.write_bytes(open(model, "rb").read())
+    rc = preprocess_data.main(["--input", str(corpus), "--output-prefix", str(tmp_path / "m"), "--tokenizer-model",
+                               str(model_copy), "--overwrite"])
+    assert rc == 2 and "overlaps the source --tokenizer-model" in _one_error_line(capsys.readouterr().err)
+    assert model_copy.read_bytes() == open(model, "rb").read()
+
+
+def test_full_disk_names_the_output_file(tmp_path, model, capsys):
+    """Issue 20 item 8: ENOSPC while writing the .bin names the file (it said only 'No space left on
+    device'); nothing is left on the full file system."""
+    from tests.helpers.small_fs import small_tmpfs
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS * 40))     # ~40 k tokens: > 64 KiB
+    with small_tmpfs(tmp_path / "mnt", "64k") as mnt:
+        prefix = os.path.join(mnt, "ds")
+        rc = preprocess_data.main(["--input", str(src), "--output-prefix", prefix, "--tokenizer-model", model])
+        line = _one_error_line(capsys.readouterr().err)
+        assert rc == 1 and "No space left on device" in line and f"{prefix}_text_document.bin" in line, line
+        assert os.listdir(mnt) == []
+
+
+def test_killed_run_leaves_temporaries_that_the_next_run_removes(tmp_path, model):
+    """Issue 20 item 8: a SIGKILLed preprocess_data.py leaves PREFIX_text_document.*.tmp-PID-* files; the
+    next run into that prefix removes those of dead pids (named in one line), keeps a live writer's."""
+    import signal
+    import time
+    src = tmp_path / "big.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS * 2000))
+    prefix = str(tmp_path / "ds")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--input", str(src), "--output-prefix", prefix,
+                             "--tokenizer-model", model, "--chunk-mb", "0.01"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)       # the tool and its pool workers (this test's own processes)
+    proc.wait()
+    left = sorted(n for n in os.listdir(tmp_path) if ".tmp-" in n)
+    assert left and all(f".tmp-{proc.pid}-" in n for n in left) and not os.path.exists(prefix + "_text_document.idx")
+    live = tmp_path / f"ds_text_document.bin.tmp-{os.getpid()}-0123abcd"      # a writer that still runs: kept
+    live.write_bytes(b"x")
+    r = subprocess.run([sys.executable, SCRIPT, "--input", str(src), "--output-prefix", prefix,
+                        "--tokenizer-model", model], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    note = [line for line in r.stderr.splitlines() if line.startswith("removed ")]
+    assert len(note) == 1 and f"{len(left)} temporary files" in note[0] and all(n in note[0] for n in left)
+    assert sorted(n for n in os.listdir(tmp_path) if ".tmp-" in n) == [live.name]
+    assert IndexedDataset(prefix + "_text_document").num_documents == len(DOCS) * 2000

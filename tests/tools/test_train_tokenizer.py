@@ -100,3 +100,28 @@ def test_bad_line_in_the_middle_of_training_stops_cleanly(tmp_path):
     rc = train_tokenizer.main(["--input", str(src), "--output-prefix", str(tmp_path / "t"),
                                "--vocab-size", "300", "--num-threads", "1", "--skip-bad-lines"])
     assert rc == 0 and (tmp_path / "t.model").exists()
+
+
+def test_output_overlapping_an_input_is_refused(tmp_path, capsys):
+    """Issue 20 item 1: tok.model/.vocab/.json inside an --input folder, or equal to an --input file
+    (also through a symlink), is refused in one line (exit 2); the inputs stay byte-identical."""
+    from tests.helpers.ops_checks import tree_hashes
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("\n\n".join(_text(1)) + "\n")
+    (tmp_path / "link").symlink_to(folder)
+    before = tree_hashes(str(tmp_path))
+    for argv in (["--input", str(folder), "--output-prefix", str(folder / "tok")],
+                 ["--input", str(tmp_path / "link"), "--output-prefix", str(folder / "tok")],
+                 ["--input", str(tmp_path / "link" / "tok.json"), "--output-prefix", str(folder / "tok"),
+                  "--tokenizer-type", "HFTokenizer"]):           # the output file is the input file
+        if argv[1].endswith("tok.json"):
+            (folder / "tok.json").write_text("{}")
+        rc = train_tokenizer.main(argv + ["--vocab-size", "300", "--num-threads", "1"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert rc == 2 and len(err) == 1 and err[0].startswith("train_tokenizer.py: error: --output-prefix ")
+        assert "overlaps the source --input" in err[0], err
+        if (folder / "tok.json").exists():
+            assert (folder / "tok.json").read_text() == "{}"
+            (folder / "tok.json").unlink()
+        assert tree_hashes(str(tmp_path)) == before

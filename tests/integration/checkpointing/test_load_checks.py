@@ -77,3 +77,51 @@ def test_pretrain_refuses_other_vocabulary_cleanly(straight_runs):
     proc = subprocess.run(cmd, cwd=R.ROOT, env=R.env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "vocab_size: model 121 vs checkpoint 101" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_checks_the_tokenizer_content_and_the_data(tmp_path):
+    """Issue 20 item 6, through pretrain_tokenformer.py: a run on SentencePiece tokenizer A and dataset X;
+    resuming with tokenizer B of the same vocabulary size is refused (before: accepted, and the next step
+    shipped B), another --split of X is refused, another --data-path trains with one note line."""
+    import json
+    import numpy as np
+    from megatron_tokenformer.data.preprocess import preprocess
+    from megatron_tokenformer.data.tokenizer import train_sentencepiece
+    rng = np.random.default_rng(0)
+    words = [["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"],
+             ["red", "green", "blue", "cyan", "pink", "white", "black", "brown"]]
+    toks = []
+    for i, vocab in enumerate(words):                  # two tokenizers of one size trained on other text
+        lines = [" ".join(rng.choice(vocab, 12)) for _ in range(300)]
+        toks.append(train_sentencepiece(iter(lines), str(tmp_path / f"tok{i}"), 290, num_threads=1))
+        with open(tmp_path / f"text{i}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": line}) + "\n" for line in lines)
+    for i in (0, 1):
+        preprocess([str(tmp_path / f"text{i}.jsonl")], str(tmp_path / f"data{i}"), tokenizer_model=toks[0],
+                   append_eod=True, log=lambda msg: None)
+    data = [str(tmp_path / f"data{i}_text_document") for i in (0, 1)]
+    train = [f for f in R.TRAIN if f not in ("--mock-data",)]
+    train = train[:train.index("--vocab-size")] + train[train.index("--vocab-size") + 2:]
+    save = str(tmp_path / "run")
+    common = R.ARCH + train + ["--tokenizer-model", toks[0], "--split", "90,10,0", "--data-path", data[0],
+                               "--lr-decay-iters", "10"]
+    R.run((1, 1, 1), common + ["--train-iters", "2", "--save", save])
+    resumes = {"tokenizer": ["--tokenizer-model", toks[1]], "split": ["--split", "80,20,0"],
+               "data": ["--data-path", data[1]]}
+    procs = {k: R.start(R.command((1, 1, 1), common + ["--train-iters", "3", "--load", save, "--save",
+                                                       str(tmp_path / f"resumed_{k}")] + v), merge_stderr=False)
+             for k, v in resumes.items()}
+    out = {k: (p, *R.communicate_or_kill(p, 300)) for k, p in procs.items()}
+    p, stdout, stderr = out["tokenizer"]
+    assert p.returncode == 2 and stderr.strip().count("\n") == 0, stderr
+    assert stderr.startswith(f"pretrain_tokenformer.py: error: the tokenizer {toks[1]} differs from the one "
+                             f"{save}/global_step2 was trained with") and "--override-checkpoint-tokenizer" in stderr
+    p, stdout, stderr = out["split"]
+    assert p.returncode == 2 and stderr.startswith("pretrain_tokenformer.py: error: --split 80,20,0 differs "), stderr
+    p, stdout, stderr = out["data"]
+    assert p.returncode == 0, stderr[-3000:]
+    notes = [line for line in stdout.splitlines() if line.startswith("note: --data-path")]
+    assert len(notes) == 1 and "its 8 consumed samples" in notes[0] and data[0] in notes[0], stdout[-3000:]
+    assert os.path.isdir(str(tmp_path / "resumed_data" / "global_step3"))
+    assert not os.path.exists(str(tmp_path / "resumed_tokenizer")) or \
+        not [n for n in os.listdir(str(tmp_path / "resumed_tokenizer")) if n.startswith("global_step")]

@@ -228,3 +228,50 @@ def test_sentencepiece_checkpoint_exports_an_equivalent_tokenizer(tmp_path, caps
         assert ids == sp.tokenize(text), text
         assert tok.decode(ids) == sp.detokenize(ids)
     assert tok.eos_token_id == sp.eod
+
+
+def _overlap_refused(main, argv, capsys, protected):
+    """The tool ends with one line naming the overlap; every protected folder is byte-identical."""
+    from tests.helpers.ops_checks import tree_hashes
+    before = {p: tree_hashes(p) for p in protected}
+    rc = _call(main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "overlaps the source" in err[0] and "--overwrite or without" in err[0], err
+    assert {p: tree_hashes(p) for p in protected} == before
+    return err[0]
+
+
+def test_export_never_deletes_or_writes_into_its_checkpoint(random_ckpt, tmp_path, capsys):
+    """Issue 20 item 1: --save RUN --overwrite (or a parent of RUN, or RUN through a symlink) deleted the
+    checkpoint it read and exited 0; now refused, the checkpoint byte-identical, nothing beside it."""
+    import shutil
+    runs = tmp_path / "runs"
+    run = runs / "run"
+    shutil.copytree(random_ckpt, run)
+    (tmp_path / "link").symlink_to(run)
+    for save in (run, runs, tmp_path / "link", run / "hf"):
+        line = _overlap_refused(export_hf.main, ["--load", str(run), "--save", str(save), "--overwrite"], capsys,
+                                [str(run)])
+        assert f"--save {save}" in line and f"--load {run}" in line
+    _overlap_refused(export_hf.main, ["--load", str(tmp_path / "link"), "--save", str(runs), "--overwrite"], capsys,
+                     [str(run)])                                         # --load through the symlink
+    assert sorted(os.listdir(runs)) == ["run"] and sorted(os.listdir(tmp_path)) == ["link", "runs"]
+
+
+def test_import_never_writes_where_it_reads(random_ckpt, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    assert export_hf.main(["--load", random_ckpt, "--save", str(hf)]) == 0
+    capsys.readouterr()
+    for save in (hf / "ckpt", tmp_path):            # --save inside --input; --input inside --save
+        _overlap_refused(import_checkpoint.main, ["--format", "hf", "--input", str(hf), "--save", str(save)],
+                         capsys, [str(hf)])
+    official = tmp_path / "official"
+    official.mkdir()
+    (official / "pytorch_model.bin").write_bytes(b"not read")
+    (official / "150M.yml").write_text("{}")
+    line = _overlap_refused(import_checkpoint.main, ["--format", "tokenformer-official", "--input",
+                                                     str(official / "pytorch_model.bin"), "--config",
+                                                     str(official / "150M.yml"), "--save", str(official)],
+                            capsys, [str(official)])
+    assert line.startswith(f"import_checkpoint.py: error: --save {official} overlaps the source --input")
+    assert sorted(os.listdir(tmp_path)) == ["hf", "official"]
