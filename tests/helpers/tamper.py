@@ -52,3 +52,25 @@ def flip_tensor_byte(path: str) -> int:
         f.write(bytes([byte[0] ^ 0x40]))
     assert zipfile.is_zipfile(path)  # the archive's structure is intact: only the checksum can tell
     return offset
+
+
+def record_checksums(step_dir: str) -> None:
+    """Re-record the checksums of every file of ``step_dir`` (one manifest, rank 0), as a writer of the
+    folder's present content would: for tests that build a consistent checkpoint by editing a real one."""
+    import json
+
+    from megatron_tokenformer.checkpointing.format import checksums
+    from megatron_tokenformer.checkpointing.format.files import META_FILE
+    for name in checksums.manifest_names(step_dir):
+        os.remove(os.path.join(step_dir, name))
+    meta_path = os.path.join(step_dir, META_FILE)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["checksums"] = checksums.metadata_entry(1)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    recorder = checksums.ChecksumRecorder(step_dir)
+    for root, _, names in os.walk(step_dir):
+        for n in names:
+            recorder.record_file(os.path.join(root, n))
+    recorder.write_manifest(0, fsync=False)
