@@ -18,6 +18,7 @@ written before checksums existed: it loads unverified); :func:`verify_file` comp
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -29,7 +30,6 @@ __all__ = ["ALGORITHM", "MANIFEST_PREFIX", "ChecksumError", "HashingWriter", "Ch
 
 ALGORITHM = "xxh3_64"
 MANIFEST_PREFIX = "tokenformer_checksums_rank_"
-_CHUNK = 8 << 20
 
 
 class ChecksumError(CheckpointFormatError):
@@ -80,18 +80,15 @@ class HashingWriter:
 
 
 def hash_file(path: str) -> Tuple[int, str]:
-    """(size, xxh3-64 hex digest) of a file, read in 8 MiB chunks."""
+    """(size, xxh3-64 hex digest) of a file, hashed through a read-only memory map (no copy of the bytes
+    into the process: half the CPU time of reading them in chunks, measured in benchmarks/checksums.py)."""
     hasher = new_hasher()
-    size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            hasher.update(view[:n])
-            size += n
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                hasher.update(m)
+                size = len(m)
     return size, hasher.hexdigest()
 
 
