@@ -25,6 +25,7 @@ setup(
         "mpi4py>=3.1",
         "tensorboard>=2.10",
         "psutil",
+        "xxhash>=3",  # checkpoint checksums (megatron_tokenformer/checkpointing/format/checksums.py)
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.5"],

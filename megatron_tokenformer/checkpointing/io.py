@@ -32,10 +32,11 @@ import torch
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.checkpointing import save_dir as save_dir_lib
-from megatron_tokenformer.checkpointing.format import files, metadata
+from megatron_tokenformer.checkpointing.format import checksums, files, metadata
 from megatron_tokenformer.checkpointing.format.deepspeed_files import CLIENT_STATE_KEY
 from megatron_tokenformer.checkpointing.format.entries import FP32, CheckpointFormatError, CheckpointMismatchError
 from megatron_tokenformer.checkpointing.format.metadata import build_meta
+from megatron_tokenformer.checkpointing.format.tensor_file import TorchFile, materialize
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.checkpointing.naming import canonical_parameter_names, vocab_parameters
 from megatron_tokenformer.checkpointing.optimizer_step import (adam_step_conversion, describe_optimizer,
@@ -140,8 +141,10 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- save
 @contextlib.contextmanager
-def _fsync_deepspeed_writes(engine):
-    """Make DeepSpeed's checkpoint engine fsync every file it writes (this rank's files only)."""
+def _fsync_deepspeed_writes(engine, recorder: Optional[checksums.ChecksumRecorder] = None):
+    """Make DeepSpeed's checkpoint engine fsync every file it writes (this rank's files only) and, with
+    ``recorder``, record each file's checksum as it is written (torch.save streams into a
+    :class:`~.format.checksums.HashingWriter`)."""
     ckpt_engine = getattr(engine, "checkpoint_engine", None)
     original = getattr(ckpt_engine, "save", None)
     if original is None:
@@ -149,6 +152,14 @@ def _fsync_deepspeed_writes(engine):
         return
 
     def save(state_dict, path, *a, **kw):
+        if recorder is not None and isinstance(path, (str, os.PathLike)):
+            with open(path, "wb") as f:
+                writer = checksums.HashingWriter(f)
+                result = original(state_dict, writer, *a, **kw)
+                f.flush()
+                os.fsync(f.fileno())
+            recorder.record_writer(os.fspath(path), writer)
+            return result
         result = original(state_dict, path, *a, **kw)
         if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
             fsync_file(os.fspath(path))
@@ -206,26 +217,33 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
         client["optimizer_groups"] = [[names[id(p)] for p in g["params"] if id(p) in names]
                                       for g in getattr(base, "param_groups", [])]
     write_error = None  # [save_dir] a failed write ends the run with one line on every rank
+    recorder = checksums.ChecksumRecorder(partial_dir)  # [checksums] every file this rank writes
     try:
-        with _fsync_deepspeed_writes(engine):
+        with _fsync_deepspeed_writes(engine, recorder):
             engine.save_checkpoint(save_dir, tag=partial_tag, client_state={CLIENT_STATE_KEY: client},
                                    save_latest=False)
         # every rank's RNG states (DeepSpeed keeps only data-parallel rank 0's model file)
         rng_path = os.path.join(partial_dir, files.rng_file_name(rank))
         with open(rng_path, "wb") as f:
-            torch.save(_rng_state(), f)
+            writer = checksums.HashingWriter(f)
+            torch.save(_rng_state(), writer)
             f.flush()
             os.fsync(f.fileno())
+        recorder.record_writer(rng_path, writer)
         if rank == 0:
             has_tok = False
             if tokenizer_model and os.path.isfile(tokenizer_model):
                 shutil.copyfile(tokenizer_model, os.path.join(partial_dir, files.TOKENIZER_FILE))
+                recorder.record_file(os.path.join(partial_dir, files.TOKENIZER_FILE))
                 has_tok = True
             meta = build_meta(metadata.KIND_DEEPSPEED, config, _args_dict(args), current_layout(engine), iteration,
                               consumed_samples, tokenizer_model, has_tok)
             meta["run_id"] = getattr(args, "_run_id", None)  # [save_dir] which run wrote the step
             meta["optimizer"] = describe_optimizer(_optimizer_base(engine))  # where it keeps Adam's step
+            meta["checksums"] = checksums.metadata_entry(_world())
             metadata.write_json(os.path.join(partial_dir, files.META_FILE), meta)
+            recorder.record_file(os.path.join(partial_dir, files.META_FILE))
+        recorder.write_manifest(rank)
     except (OSError, RuntimeError) as exc:
         write_error = exc
     save_dir_lib.agree_on_save(write_error, partial_dir, iteration)  # [save_dir] (was: _barrier())
@@ -309,7 +327,7 @@ def load_checkpoint(engine, args, config) -> Tuple[int, int]:
                 "; to convert it once instead: " + expand_command(load, iteration, _layout_tuple(here))))
         ok, error = True, None
         try:
-            view = CheckpointView(step_dir)
+            view = CheckpointView(step_dir, verify=False)  # verified by file_checks.verify_step_files
         except (CheckpointFormatError, OSError, KeyError, ValueError) as exc:
             ok, error, view = False, exc, None
         if not _agree(ok):
@@ -330,7 +348,7 @@ def load_checkpoint(engine, args, config) -> Tuple[int, int]:
     if load_rng:
         rng_path = os.path.join(step_dir, files.rng_file_name(_rank()))
         if same_layout and os.path.isfile(rng_path):
-            _set_rng_state(torch.load(rng_path, weights_only=False))
+            _set_rng_state(materialize(TorchFile(rng_path).obj))  # [safe_pickle] the allowlist, not torch.load
         else:
             _log("RNG states not restored (the checkpoint was written at another layout); "
                  "the run continues with freshly seeded generators")

@@ -3,6 +3,8 @@ can move without touching importers/exporters).
 
 * :func:`open_step` -> a layout-independent view of any checkpoint (``CheckpointView``: full fp32
   tensors under canonical names, vocabulary padding trimmed, ``.config``, ``.meta``).
+* :func:`check_torch_file` -> the checkpoint files' check (structure, allowed pickle globals) for a
+  file read with ``torch.load``.
 * :func:`write_checkpoint` -> a normal ``canonical`` checkpoint of this system (loadable at any
   TP/PP/DP by ``pretrain_tokenformer.py --load``, ``evaluate_checkpoint.py``, ``expand_checkpoint.py``),
   written into a staging folder and renamed into place: nothing half-written on error.
@@ -22,7 +24,7 @@ from megatron_tokenformer.checkpointing.format.entries import FP32, ParamEntry
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.fileio import fsync_dir
 
-__all__ = ["open_step", "write_checkpoint", "parameter_layout", "FP32", "TOKENIZER_FILE"]
+__all__ = ["open_step", "write_checkpoint", "parameter_layout", "check_torch_file", "FP32", "TOKENIZER_FILE"]
 
 TOKENIZER_FILE = files.TOKENIZER_FILE
 
@@ -35,6 +37,14 @@ def open_step(load_dir: str, iteration: Optional[int] = None) -> CheckpointView:
     if step_dir is None:
         raise FileNotFoundError(f"--load {load_dir} has no `latest` file (nothing saved there); pass --iteration N")
     return CheckpointView(step_dir)
+
+
+def check_torch_file(path: str) -> Optional[str]:
+    """None when ``path`` (a torch.save file) is complete and its pickle names only the globals a
+    checkpoint holds; else the problem, one line naming the file (and the refused global). Run it before
+    any ``torch.load(weights_only=False)``: the check runs nothing of the file."""
+    from megatron_tokenformer.checkpointing.file_checks import check_file
+    return check_file(path)
 
 
 def parameter_layout(config) -> Dict[str, Tuple[Tuple[int, ...], Optional[int], bool]]:

@@ -162,6 +162,11 @@ def official_model_config(neox: Dict[str, Any], vocab_size: int):
 
 
 def _torch_load(path: str, weights_only: bool):
+    if not weights_only:  # a DeepSpeed folder's file: its pickle through the allowlist before torch.load runs it
+        from megatron_tokenformer.interop.checkpoint_format import check_torch_file
+        problem = check_torch_file(path)
+        if problem:
+            raise OfficialImportError(f"--input {problem}")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file: one line

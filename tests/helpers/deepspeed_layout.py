@@ -2,7 +2,6 @@
 DeepSpeed's layout from full tensors the tests keep as the reference (:func:`full`)."""
 
 import os
-from types import SimpleNamespace
 
 import torch
 
@@ -29,6 +28,7 @@ def local(name, key, r):
 
 
 def write_folder(step_dir, bf16_names=False, wrong_rank=False):
+    from deepspeed.utils.tensor_fragment import fragment_address  # the class DeepSpeed's shards pickle
     os.makedirs(step_dir, exist_ok=True)
     for r in range(TP):
         plist = [{"name": f"local.{i}", "canonical": name, "shape": list(local(name, "fp32", r).shape),
@@ -48,7 +48,7 @@ def write_folder(step_dir, bf16_names=False, wrong_rank=False):
                 n = local(name, "fp32", r).numel()
                 a, b = max(lo, pos), min(hi, pos + n)
                 if a < b:
-                    mapping[f"local.{i}"] = SimpleNamespace(start=a - lo, numel=b - a)
+                    mapping[f"local.{i}"] = fragment_address(numel=b - a, start=a - lo)
                 pos += n
             osd = {"single_partition_of_fp32_groups": [flats["fp32"][lo:hi].clone()],
                    "base_optimizer_state": {"state": {0: {"step": torch.tensor(7.0),

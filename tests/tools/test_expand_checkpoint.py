@@ -148,6 +148,8 @@ def test_refuses_softmax_token_growth(tool, source, capsys):
     meta = json.load(open(meta_path))
     meta["model_config"]["pattention_normalization"] = "softmax"
     json.dump(meta, open(meta_path, "w"))
+    from tests.helpers.tamper import record_checksums
+    record_checksums(os.path.dirname(meta_path))  # a consistent softmax checkpoint
     _assert_refused(tool, capsys, work, ["--load", soft, "--param-token-growth-factor", "2"], "softmax")
     # depth growth stays exact for softmax (new blocks output zero whatever the normalisation)
     code, _, err = _run(tool, capsys, "--load", soft, "--save", os.path.join(work, "softmax_deeper"),
@@ -169,6 +171,8 @@ def test_refuses_missing_shard_and_inconsistent_shapes(tool, source, capsys):
     entry = next(p for p in sd["tokenformer"]["params"] if p["name"] == "layers.0.mlp.value_param_tokens")
     entry["shape"] = [40, 32]
     torch.save(sd, path)
+    from tests.helpers.tamper import record_checksums
+    record_checksums(os.path.dirname(path))  # consistent files, inconsistent shapes: the indexer's check
     _assert_refused(tool, capsys, work, ["--load", bad], "layers.0.mlp.value_param_tokens", "shape")
 
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
+from megatron_tokenformer.checkpointing.format.checksums import (MANIFEST_PREFIX, ChecksumRecorder, HashingWriter,
+                                                                 metadata_entry)
 from megatron_tokenformer.checkpointing.format.entries import (FP32, CheckpointFormatError, CheckpointIndex, Fragment,
                                                                LocalTensor, ParamEntry)
 from megatron_tokenformer.checkpointing.format.files import CANONICAL_DIR, META_FILE
@@ -76,16 +78,19 @@ class CanonicalWriter:
         self.fsync = fsync
         os.makedirs(os.path.join(step_dir, CANONICAL_DIR), exist_ok=True)
         self.bytes_written = 0
+        self.checksums = ChecksumRecorder(step_dir)
 
     def write(self, name: str, key: str, tensor: torch.Tensor) -> None:
         path = tensor_file(self.step_dir, name, key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tensor = tensor.detach().contiguous()
         with open(path, "wb") as f, _no_zip_crc():
-            torch.save(tensor, f)
+            writer = HashingWriter(f)  # the checksum of what is written, as it is written
+            torch.save(tensor, writer)
             if self.fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        self.checksums.record_writer(path, writer)
         self.bytes_written += tensor.numel() * tensor.element_size()
 
     def write_parts(self, name: str, key: str, shape: Tuple[int, ...], copies: List[Copy],
@@ -119,10 +124,22 @@ class CanonicalWriter:
             os.close(fd)
             for src in sources.values():
                 os.close(src)
+        # the bytes were copied in the kernel, never through this process: one read of the (page-cached)
+        # file gives its checksum
+        self.checksums.record_file(path)
         self.bytes_written += int(math.prod(shape)) * 4
 
     def finish(self, meta: Dict[str, Any]) -> None:
+        """Write the metadata and the checksum manifest (every file of the folder: those written
+        here, and the small ones the caller added -- tokenizer, report -- read once)."""
+        meta = dict(meta, checksums=metadata_entry(1))
         write_json(os.path.join(self.step_dir, META_FILE), meta)
+        for root, _, names in os.walk(self.step_dir):
+            for n in names:
+                path = os.path.join(root, n)
+                if not self.checksums.has(path) and not n.startswith(MANIFEST_PREFIX):
+                    self.checksums.record_file(path)
+        self.checksums.write_manifest(0, fsync=self.fsync)
 
 
 def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_tokenformer.checkpointing.format.tensor_file import LazyTensor
+if TYPE_CHECKING:  # (tensor_file imports this module's errors)
+    from megatron_tokenformer.checkpointing.format.tensor_file import LazyTensor
 
 __all__ = ["FP32", "CheckpointFormatError", "CheckpointMismatchError", "ParamEntry", "Fragment", "LocalTensor", "CheckpointIndex"]
 

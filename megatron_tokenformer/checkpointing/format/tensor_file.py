@@ -9,19 +9,20 @@ keeps (``torch.load(mmap=True)`` would leave every touched page of the file mapp
 the process' RSS).
 
 Only contiguous, little-endian CPU tensors are supported (what DeepSpeed and this project write);
-anything else is reported with the file name.
+anything else is reported with the file name. The pickle is read through the allowlist of
+:mod:`.safe_pickle`: a file naming any other global is refused before it runs anything.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 import sys
 import warnings
 from typing import Any, Dict, Optional
 
 import torch
+
+from megatron_tokenformer.checkpointing.format.safe_pickle import RestrictedUnpickler
 
 __all__ = ["TorchFile", "LazyTensor", "materialize"]
 
@@ -143,29 +144,27 @@ class _Opaque:
 _OPAQUE_CLASSES: Dict[tuple, type] = {}
 
 
-class _LazyUnpickler(pickle.Unpickler):
+class _LazyUnpickler(RestrictedUnpickler):
+    """The allowlist (:mod:`.safe_pickle`) with tensors as :class:`LazyTensor` and DeepSpeed's records as
+    attribute holders (unless DeepSpeed is imported)."""
+
     def __init__(self, data: bytes, file: "TorchFile", opaque_modules=("deepspeed",)):
-        super().__init__(io.BytesIO(data))
+        super().__init__(data, file.path)
         self._file = file
         self._storages: Dict[str, _LazyStorage] = {}
         self._opaque = tuple(opaque_modules)
 
-    def find_class(self, module, name):
+    def resolve(self, module, name):
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return _rebuild_tensor_v2
-        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+        if module == "torch._utils" and name == "_rebuild_parameter":
             return _rebuild_parameter
-        if module == "torch._utils" and name.startswith("_rebuild"):
-            def unsupported(*args, **kwargs):
-                raise ValueError(f"{self._file.path}: tensors rebuilt with torch._utils.{name} "
-                                 "(sparse/quantized/subclass tensors) are not supported")
-            return unsupported
         if module.split(".")[0] in self._opaque and module not in sys.modules:
             key = (module, name)
             if key not in _OPAQUE_CLASSES:
                 _OPAQUE_CLASSES[key] = type(name, (_Opaque,), {"__module__": f"opaque:{module}"})
             return _OPAQUE_CLASSES[key]
-        return super().find_class(module, name)
+        return super().resolve(module, name)
 
     def persistent_load(self, saved_id):
         typename = saved_id[0].decode("ascii") if isinstance(saved_id[0], bytes) else saved_id[0]

@@ -46,10 +46,16 @@ class CheckpointView:
     (``['fp32'] + state_keys``), ``reset_optimizer`` (False), ``training_state``, ``iteration``.
     """
 
-    def __init__(self, step_dir: str):
+    def __init__(self, step_dir: str, verify: bool = True):
+        """``verify``: check every file first (structure, allowed pickle globals, checksums:
+        :func:`~megatron_tokenformer.checkpointing.file_checks.verify_step`); False only where the caller
+        has (training's collective check)."""
         from megatron_tokenformer.config import TokenformerConfig
 
         self.step_dir = os.path.abspath(step_dir)
+        if verify:
+            from megatron_tokenformer.checkpointing import file_checks
+            file_checks.verify_step(self.step_dir)
         self.meta = read_meta(self.step_dir)
         self.kind = self.meta.get("kind")
         try:

@@ -17,18 +17,13 @@ import torch
 
 from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_checkpoint
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
+from tests.helpers.tamper import record_checksums
 
 pytestmark = pytest.mark.slow
 
 
-class _Address:
-    """Stands for DeepSpeed's fragment_address (numel, start)."""
-
-    def __init__(self, numel, start):
-        self.numel, self.start = numel, start
-
-
 def _repartition(step_dir, out_dir, dp):
+    from deepspeed.utils.tensor_fragment import fragment_address  # what DeepSpeed's shards pickle
     shutil.copytree(step_dir, out_dir)
     meta = json.load(open(os.path.join(out_dir, "tokenformer_checkpoint.json")))
     tp = meta["layout"]["tensor_model_parallel_size"]
@@ -55,7 +50,7 @@ def _repartition(step_dir, out_dir, dp):
                 for name, a, b in spans:
                     s, e = max(a, lo), min(b, hi)
                     if s < e:
-                        mapping[name] = _Address(e - s, s - lo)
+                        mapping[name] = fragment_address(numel=e - s, start=s - lo)
                 new[r]["param_slice_mappings"].append(mapping)
                 keep = max(0, min(hi, flat.numel()) - lo)   # DeepSpeed saves the fp32 partition unpadded
                 new[r]["single_partition_of_fp32_groups"].append(padded["fp32"][lo:lo + keep].clone())
@@ -68,6 +63,7 @@ def _repartition(step_dir, out_dir, dp):
     meta["layout"]["data_parallel_size"] = dp
     meta["layout"]["world_size"] = tp * dp
     json.dump(meta, open(os.path.join(out_dir, "tokenformer_checkpoint.json"), "w"))
+    record_checksums(out_dir)  # the checksums a 64-rank save would have recorded for these files
 
 
 def test_checkpoint_of_64_ranks(straight_runs, ckpt_workdir):

@@ -308,3 +308,23 @@ def test_other_bad_inputs(tmp_path, capsys):
         assert not os.path.exists(tmp_path / "out")
     assert (tmp_path / "full" / "x").read_text() == "keep"
     assert not [n for n in os.listdir(tmp_path) if ".partial" in n]
+
+
+@pytest.mark.parametrize("form, victim", [("layers", "layer_02-model_00-model_states.pt"),
+                                          ("mp_rank", "mp_rank_00_model_states.pt")])
+def test_deepspeed_folder_with_pickled_code_refused(form, victim, tmp_path, capsys):
+    """An official DeepSpeed folder is loaded with torch.load (DeepSpeed's files hold more than tensors):
+    its pickle goes through the allowlist first; a payload is refused naming the file and the global, and
+    does not run."""
+    from tests.helpers.tamper import PAYLOAD_GLOBAL, plant_payload
+    root = write_deepspeed_folder(tmp_path, official_state_dict(), form)
+    path = os.path.join(root, "global_step5", victim)
+    marker = str(tmp_path / "marker")
+    plant_payload(path, marker)
+    save = tmp_path / "ours"
+    rc = import_checkpoint.main(["--format", "tokenformer-official", "--input", root, "--config",
+                                 write_config(tmp_path), "--save", str(save)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"import_checkpoint.py: error: --input {path}: refused: its pickle names {PAYLOAD_GLOBAL},")
+    assert not os.path.exists(marker) and not save.exists()
