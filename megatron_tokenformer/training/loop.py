@@ -4,6 +4,9 @@ Exits: after ``--train-iters``; after an iteration that is a multiple of ``--exi
 ``--exit-duration-in-mins`` have passed; on SIGTERM or SIGUSR1 (Slurm's pre-emption warning, see
 ``#SBATCH --signal``). All ranks agree on the decision (one all-reduce of a flag per iteration),
 finish the iteration, save a checkpoint when ``--save`` is given, and return normally.
+
+Every micro-batch's token ids are checked on the host before use (:mod:`.data_checks`); a bad one
+ends every rank at the next iteration where the ranks agree (before it is logged or saved).
 """
 
 from __future__ import annotations
