@@ -166,7 +166,7 @@ def _main(argv=None) -> int:
               f"raise --train-iters", env.rank)
     pipelined = engine_lib.is_pipeline_engine(engine)
     train_iter, valid_iter = loop.build_data_iterators(args, train_ds, valid_ds, consumed_samples, iteration,
-                                                       device, pipelined)
+                                                       device, pipelined, vocab_size=config.vocab_size)
 
     tensorboard = TensorBoardLogger(args.tensorboard_dir)
     tensorboard.add_text("arguments", describe(args).replace("\n", "  \n"))

@@ -140,39 +140,88 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- save
-@contextlib.contextmanager
-def _fsync_deepspeed_writes(engine, recorder: Optional[checksums.ChecksumRecorder] = None):
-    """Make DeepSpeed's checkpoint engine fsync every file it writes (this rank's files only) and, with
-    ``recorder``, record each file's checksum as it is written (torch.save streams into a
-    :class:`~.format.checksums.HashingWriter`)."""
-    ckpt_engine = getattr(engine, "checkpoint_engine", None)
-    original = getattr(ckpt_engine, "save", None)
-    if original is None:
-        yield
-        return
+class _SaveWrites:
+    """This rank's writes inside DeepSpeed's ``save_checkpoint``: the first failure is kept, not raised.
 
-    def save(state_dict, path, *a, **kw):
-        if recorder is not None and isinstance(path, (str, os.PathLike)):
-            with open(path, "wb") as f:
-                writer = checksums.HashingWriter(f)
-                result = original(state_dict, writer, *a, **kw)
-                f.flush()
-                os.fsync(f.fileno())
-            recorder.record_writer(os.fspath(path), writer)
-            return result
-        result = original(state_dict, path, *a, **kw)
-        if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
-            fsync_file(os.fspath(path))
-        return result
+    DeepSpeed's ``save_checkpoint`` holds collectives between its writes (a barrier before and after,
+    the tag check): a rank whose write raised out of it would skip them, the other ranks would wait
+    in them for the whole collective timeout, and the save could only end in a generic "collective
+    failed". Instead a failed write is recorded (its half-written file removed), this rank's later
+    writes are skipped, DeepSpeed goes on through its collectives on every rank, and the recorded
+    error goes into the agreement on the save's outcome (:func:`~.save_dir.agree_on_save`).
+    """
 
-    ckpt_engine.save = save
-    try:
-        yield
-    finally:
+    def __init__(self):
+        self.error: Optional[BaseException] = None
+
+    def run(self, write, *args, path=None, **kwargs):
+        """``write(*args, **kwargs)`` unless this rank's save already failed; a failure is recorded and
+        the file ``path`` it left half-written removed. Returns what ``write`` returned, or None."""
+        if self.error is not None:
+            return None  # the save has failed on this rank: nothing more is written
         try:
-            del ckpt_engine.save  # back to the class method
-        except AttributeError:
-            ckpt_engine.save = original
+            return write(*args, **kwargs)
+        except (OSError, RuntimeError) as exc:
+            self.error = exc
+            if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+                try:
+                    os.remove(path)  # no truncated file is left behind (the folder goes anyway)
+                except OSError:
+                    pass
+            return None
+
+
+@contextlib.contextmanager
+def _guarded_deepspeed_writes(engine, recorder: Optional[checksums.ChecksumRecorder] = None):
+    """DeepSpeed's checkpoint writes on this rank, each file fsynced and a failure recorded, not raised
+    (:class:`_SaveWrites`, yielded). Wraps the checkpoint engine's ``save`` and ``makedirs`` and the
+    engine's copy of its recovery scripts: the writes DeepSpeed makes between its collectives. With
+    ``recorder``, each file's checksum is recorded as it is written (torch.save streams into a
+    :class:`~.format.checksums.HashingWriter`)."""
+    writes = _SaveWrites()
+    patched = []
+
+    def patch(obj, name, make):
+        original = getattr(obj, name, None)
+        if obj is None or original is None:
+            return
+        patched.append((obj, name, original, name in vars(obj)))
+        setattr(obj, name, make(original))
+
+    def save_fsynced(original):
+        def write(state_dict, path, *a, **kw):
+            if recorder is not None and isinstance(path, (str, os.PathLike)):
+                with open(path, "wb") as f:
+                    writer = checksums.HashingWriter(f)
+                    result = original(state_dict, writer, *a, **kw)
+                    f.flush()
+                    os.fsync(f.fileno())
+                recorder.record_writer(os.fspath(path), writer)
+                return result
+            result = original(state_dict, path, *a, **kw)
+            if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+                fsync_file(os.fspath(path))
+            return result
+
+        def save(state_dict, path, *a, **kw):
+            return writes.run(write, state_dict, path, *a, path=path, **kw)
+        return save
+
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    patch(ckpt_engine, "save", save_fsynced)
+    patch(ckpt_engine, "makedirs", lambda original: lambda *a, **kw: writes.run(original, *a, **kw))
+    patch(engine, "_copy_recovery_script", lambda original: lambda *a, **kw: writes.run(original, *a, **kw))
+    try:
+        yield writes
+    finally:
+        for obj, name, original, own in reversed(patched):
+            if own:
+                setattr(obj, name, original)
+            else:
+                try:
+                    delattr(obj, name)  # back to the class method
+                except AttributeError:
+                    setattr(obj, name, original)
 
 
 def _args_dict(args) -> Dict[str, Any]:
@@ -192,10 +241,14 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
     final_dir = os.path.join(save_dir, tag)
     rank = _rank()
     start = time.time()
+    prepare_error = None
     if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        files.remove_stale_partials(save_dir)
-    _barrier()
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            files.remove_stale_partials(save_dir)
+        except OSError as exc:
+            prepare_error = exc
+    save_dir_lib.agree_on_save(prepare_error, partial_dir, iteration)  # [save_dir] (was: _barrier())
 
     module = engine.module
     client = {
@@ -219,9 +272,12 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
     write_error = None  # [save_dir] a failed write ends the run with one line on every rank
     recorder = checksums.ChecksumRecorder(partial_dir)  # [checksums] every file this rank writes
     try:
-        with _fsync_deepspeed_writes(engine, recorder):
+        # a failed write does not raise out of DeepSpeed's save (whose collectives every rank must reach)
+        with _guarded_deepspeed_writes(engine, recorder) as writes:
             engine.save_checkpoint(save_dir, tag=partial_tag, client_state={CLIENT_STATE_KEY: client},
                                    save_latest=False)
+        if writes.error is not None:
+            raise writes.error
         # every rank's RNG states (DeepSpeed keeps only data-parallel rank 0's model file)
         rng_path = os.path.join(partial_dir, files.rng_file_name(rank))
         with open(rng_path, "wb") as f:

@@ -121,7 +121,19 @@ class BlendedDataset:
         if not 0 <= idx < self.size:
             raise IndexError(f"blended sample {idx} out of range [0, {self.size})")
         k = int(self.dataset_index[idx])
-        return self.datasets[k][int(self.dataset_sample_index[idx])]
+        item = self.datasets[k][int(self.dataset_sample_index[idx])]
+        if isinstance(item, dict) and "index" in item:
+            item = dict(item, index=idx)  # the blended index: locate() maps it back
+        return item
+
+    def locate(self, idx: int, position: int):
+        """Where token ``position`` of blended sample ``idx`` comes from (the member dataset's ``locate``)."""
+        if idx < 0:
+            idx += self.size
+        if not 0 <= idx < self.size:
+            raise IndexError(f"blended sample {idx} out of range [0, {self.size})")
+        k = int(self.dataset_index[idx])
+        return self.datasets[k].locate(int(self.dataset_sample_index[idx]), position)
 
     def __repr__(self) -> str:
         return f"BlendedDataset(size={self.size}, weights={self.weights.round(4).tolist()}, {self.datasets})"

@@ -35,6 +35,7 @@ import numpy as np
 
 from megatron_tokenformer.fileio import atomic_path, atomic_write_text
 
+from .batch_check import locate_in_documents
 from .blending import BlendedDataset, parse_data_prefix
 from .indexed_dataset import IndexedDataset, IndexedDatasetError
 
@@ -175,7 +176,7 @@ class GPTDataset:
     """Packed ``seq_length + 1`` token samples of documents ``[doc_begin, doc_end)``.
 
     ``len(ds)`` is the number of samples in all the epochs needed to provide
-    ``num_samples`` (>= num_samples); ``ds[i] -> {"text": int64 array [seq_length + 1]}``.
+    ``num_samples`` (>= num_samples); ``ds[i] -> {"text": int64 array [seq_length + 1], "index": i}``.
     """
 
     def __init__(self, indexed_dataset: IndexedDataset, name: str, document_range: Tuple[int, int],
@@ -352,7 +353,20 @@ class GPTDataset:
         return toks[index].astype(np.int64)
 
     def __getitem__(self, idx: int) -> dict:
-        return {"text": self.get_text(idx)}
+        """``{"text": int64 [seq_length + 1], "index": idx}`` (the index lets a batch check name the document)."""
+        return {"text": self.get_text(idx), "index": idx}
+
+    def locate(self, idx: int, position: int) -> Tuple[str, int, int]:
+        """``(.bin path, document, token offset in the document)`` of token ``position`` of sample ``idx``."""
+        n = self._n
+        if idx < 0:
+            idx += n
+        if not 0 <= idx < n or not 0 <= position <= self.seq_length:
+            raise IndexError(f"{self.name} sample {idx}, position {position}: out of range")
+        i = int(self._shuffle_idx_a[idx])
+        j0, o0 = (int(v) for v in self._sample_idx_a[i])
+        document, offset = locate_in_documents(self._doc_idx_a, self._doc_lengths, j0, o0, position)
+        return self.indexed_dataset.bin_path, document, offset
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise naming the .bin file if a token id is >= ``vocab_size``."""
@@ -388,7 +402,7 @@ class MockGPTDataset:
         if not 0 <= idx < self.num_samples:
             raise IndexError(f"mock sample {idx} out of range [0, {self.num_samples})")
         rng = np.random.default_rng([self.seed, int(idx)])
-        return {"text": rng.integers(0, self.vocab_size, self.seq_length + 1, dtype=np.int64)}
+        return {"text": rng.integers(0, self.vocab_size, self.seq_length + 1, dtype=np.int64), "index": idx}
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.vocab_size > vocab_size:

@@ -16,6 +16,7 @@ import torch
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.tensor_parallel.mappings import _collective
+from megatron_tokenformer.tensor_parallel.utils import check_token_ids
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -56,7 +57,11 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
     """Per-token loss, fp32.
 
     vocab_parallel_logits: [..., V/p] (this rank's vocabulary block, any float dtype; -inf allowed
-    for padding entries). target: [...] long, global ids. Returns [...] fp32, identical on all TP ranks.
+    for padding entries). target: [...] long, global ids in [0, V) (else refused: utils.check_token_ids).
+    Returns [...] fp32, identical on all TP ranks.
     The gradient w.r.t. the logits is fp32 (autograd casts it back to the logits' dtype).
     """
+    # a target no rank owns would give a loss without its target logit (TP > 1): refused
+    check_token_ids(target, vocab_parallel_logits.shape[-1] * parallel_state.get_tensor_model_parallel_world_size(),
+                    "the cross-entropy target")
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target)

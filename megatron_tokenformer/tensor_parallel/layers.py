@@ -23,7 +23,7 @@ from megatron_tokenformer.tensor_parallel.mappings import (copy_to_tensor_model_
                                                            reduce_scatter_to_sequence_parallel_region,
                                                            scatter_to_tensor_model_parallel_region)
 from megatron_tokenformer.tensor_parallel.random import init_partitioned_, set_tensor_model_parallel_attributes
-from megatron_tokenformer.tensor_parallel.utils import VocabUtility, divide
+from megatron_tokenformer.tensor_parallel.utils import VocabUtility, check_token_ids, divide
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -37,7 +37,8 @@ class VocabParallelEmbedding(nn.Module):
         init_std, seed, layer_number, tag: deterministic init (master tensor ``<tag>.weight``).
 
     weight: [num_embeddings/p, d], rows [r*V/p, (r+1)*V/p) on rank r.
-    forward: input_ids [...] long -> [..., d] (replicated; all-reduce of the masked local lookups).
+    forward: input_ids [...] long -> [..., d] (replicated; all-reduce of the masked local lookups). An id
+    outside ``[0, vocab_size)`` is refused (:func:`~.utils.check_token_ids`), at every TP size.
     ``sequence_parallel``: input_ids [b, s] -> [b, s/p, d] (reduce-scatter along the sequence instead).
     """
 
@@ -63,6 +64,8 @@ class VocabParallelEmbedding(nn.Module):
                           f"{tag}.weight", valid_rows=self.vocab_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # an id outside the vocabulary would be a zero embedding at TP > 1 (no rank owns it): refused
+        check_token_ids(input_ids, self.vocab_size, "the embedding")
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
             local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)

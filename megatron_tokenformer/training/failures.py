@@ -5,7 +5,8 @@ failure                                exit  who prints the line
 =====================================  ====  ==============================================
 ``--save`` locked / owned / unwritable  2    rank 0 (every rank agreed on it)
 truncated or unreadable checkpoint      2    rank 0 (every rank agreed on it)
-a save failed (full disk, ...)          1    rank 0 (every rank agreed on it)
+a batch id outside the vocabulary       2    every rank, the same line (agreed)
+a save failed (full disk, ...)          1    every rank, the same line (agreed)
 NaN/Inf loss or gradient, fp16 skips    1    rank 0 (every rank sees the same values)
 fp16 overflow at --min-loss-scale       1    rank 0 (DeepSpeed's error, as one line)
 a collective timed out / a peer died    1    every surviving rank, naming the silent rank
@@ -76,6 +77,7 @@ def destroy_process_group_quietly() -> None:
 def _run(main, argv, prog: str) -> int:
     from megatron_tokenformer.checkpointing.file_checks import CheckpointFileError
     from megatron_tokenformer.checkpointing.save_dir import SaveDirError, SaveFailedError
+    from megatron_tokenformer.data.batch_check import TokenIdError
     from megatron_tokenformer.training.numerics import NumericalFailure
     try:
         return main(argv)
@@ -83,7 +85,13 @@ def _run(main, argv, prog: str) -> int:
         if _rank() == 0:
             print_error(prog, str(exc))
         raise SystemExit(EXIT_BAD_INPUT)
-    except (SaveFailedError, NumericalFailure) as exc:
+    except TokenIdError as exc:  # every rank: the same agreed line naming the file and document
+        print_error(prog, str(exc))
+        raise SystemExit(EXIT_BAD_INPUT)
+    except SaveFailedError as exc:  # every rank: each holds the same agreed line (a rank's log may be all one sees)
+        print_error(prog, str(exc))
+        raise SystemExit(EXIT_FAILED)
+    except NumericalFailure as exc:
         if _rank() == 0:
             print_error(prog, str(exc))
         raise SystemExit(EXIT_FAILED)

@@ -4,6 +4,9 @@ Exits: after ``--train-iters``; after an iteration that is a multiple of ``--exi
 ``--exit-duration-in-mins`` have passed; on SIGTERM or SIGUSR1 (Slurm's pre-emption warning, see
 ``#SBATCH --signal``). All ranks agree on the decision (one all-reduce of a flag per iteration),
 finish the iteration, save a checkpoint when ``--save`` is given, and return normally.
+
+Every micro-batch's token ids are checked on the host before use (:mod:`.data_checks`); a bad one
+ends every rank at the next iteration where the ranks agree (before it is logged or saved).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.training import flops as flops_lib
-from megatron_tokenformer.training import launcher_watch
+from megatron_tokenformer.training import data_checks, launcher_watch
 from megatron_tokenformer.training.numerics import NumericsCheck
 from megatron_tokenformer.training.logging import (TensorBoardLogger, format_eval_line, format_train_line,
                                                    is_logging_rank, print_rank_0, print_rank_last)
@@ -41,8 +44,10 @@ def get_batch(batch: dict, device: torch.device) -> Tuple[torch.Tensor, torch.Te
     return tokens, labels, loss_mask
 
 
-def _batches(loader, device, pipelined: bool) -> Iterator:
+def _batches(loader, device, pipelined: bool, vocab_size: Optional[int] = None, split: str = "training") -> Iterator:
     for batch in loader:
+        # [data_checks] ids outside the vocabulary: found on the host, replaced, agreed at the next agree()
+        batch = dict(batch, text=data_checks.check_batch(batch, loader.dataset, vocab_size, split))
         tokens, labels, loss_mask = get_batch(batch, device)
         if pipelined:
             yield (tokens,), (labels, loss_mask)
@@ -70,8 +75,11 @@ def build_datasets(args, tokenizer):
 
 
 def build_data_iterators(args, train_ds, valid_ds, consumed_samples: int, iteration: int, device,
-                         pipelined: bool):
-    """Iterators over this rank's micro-batches (Megatron's sampler order; resumable)."""
+                         pipelined: bool, vocab_size: Optional[int] = None):
+    """Iterators over this rank's micro-batches (Megatron's sampler order; resumable).
+
+    ``vocab_size``: every batch's ids are checked against ``[0, vocab_size)`` (:mod:`.data_checks`).
+    """
     from megatron_tokenformer.data.samplers import build_pretraining_data_loader
     # pinned host memory makes the host-to-device copy of a batch asynchronous (CUDA only)
     pin = torch.device(device).type == "cuda"
@@ -79,14 +87,14 @@ def build_data_iterators(args, train_ds, valid_ds, consumed_samples: int, iterat
     dp = parallel_state.get_data_parallel_world_size()
     train_loader = build_pretraining_data_loader(train_ds, consumed_samples, args.micro_batch_size, dp_rank, dp,
                                                  num_workers=args.num_workers, pin_memory=pin)
-    train_iter = _batches(train_loader, device, pipelined)
+    train_iter = _batches(train_loader, device, pipelined, vocab_size, "training")
     valid_iter = None
     if valid_ds is not None and args.eval_iters > 0:
         consumed_valid = (iteration // args.eval_interval) * args.eval_iters * args.global_batch_size
         consumed_valid = consumed_valid % len(valid_ds)
         valid_loader = build_pretraining_data_loader(valid_ds, consumed_valid, args.micro_batch_size, dp_rank, dp,
                                                      num_workers=args.num_workers, pin_memory=pin)
-        valid_iter = _batches(valid_loader, device, pipelined)
+        valid_iter = _batches(valid_loader, device, pipelined, vocab_size, "validation")
     return train_iter, valid_iter
 
 
@@ -137,6 +145,7 @@ def evaluate(engine, valid_iter, args, pipelined: bool) -> float:
         for _ in range(args.eval_iters):
             losses.append(engine.eval_batch(data_iter=valid_iter).detach().float())
         engine.module.train()
+        data_checks.agree()  # [data_checks] no loss of a bad batch is reported
         return float(torch.stack(losses).mean())
     engine.eval()
     for _ in range(args.eval_iters):
@@ -144,6 +153,7 @@ def evaluate(engine, valid_iter, args, pipelined: bool) -> float:
             tokens, labels, loss_mask = next(valid_iter)
             losses.append(engine(tokens, labels, loss_mask).detach().float())
     engine.train()
+    data_checks.agree()  # [data_checks] no loss of a bad batch is reported
     return float(_dp_average(torch.stack(losses).mean()))
 
 
@@ -284,6 +294,8 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
             numerics.after_step(engine.skipped_steps, iteration)
             interval_losses.append(loss)
             interval_iters += 1
+            if exit_check_due(iteration, args):  # before this iteration is logged or saved
+                data_checks.agree()  # [data_checks] a batch with ids outside the vocabulary ends the run
 
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
                 losses = torch.stack(interval_losses)

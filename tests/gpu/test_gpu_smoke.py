@@ -7,7 +7,8 @@ refuses two ranks on one device); with two or more they use NCCL.
 * a checkpoint saved at TP 1 loads at TP 2 through the resharding path (bf16, BF16_Optimizer) and
   follows the straight run;
 * the fused Pattention normalisation (the default on CUDA) equals the plain kernels, in a run and
-  op by op (every normalisation, fp32 and bf16).
+  op by op (every normalisation, fp32 and bf16);
+* the embedding's id check on CUDA (torch._assert_async: a device-side assert, never a silent zero).
 
 About six short training runs; a few minutes on one H200 with bench start-up included.
 """
@@ -96,3 +97,27 @@ def test_fused_kernels_on_cuda(dtype):
         for got, ref in zip(*results):
             rel = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
             assert rel < (1e-5 if dtype == torch.float32 else 2e-2), (normalization, rel)
+
+
+_EMBED_BAD_ID = """
+import torch
+from megatron_tokenformer.tensor_parallel.layers import VocabParallelEmbedding
+emb = VocabParallelEmbedding(12, 4, vocab_size=11, device="cuda")
+out = emb(torch.tensor([[0, 5, 10]], device="cuda"))      # in range: no host sync, no error
+torch.cuda.synchronize()
+print("in-range ok", flush=True)
+out = emb(torch.tensor([[0, 11, 3]], device="cuda"))      # the padding id: outside the vocabulary
+torch.cuda.synchronize()                                   # the queued assertion fires here at the latest
+print("NOT REFUSED", flush=True)
+"""
+
+
+def test_embedding_refuses_an_out_of_vocabulary_id_on_cuda():
+    """On CUDA the embedding's check is torch._assert_async: the process ends with a device-side assert
+    (loud, never a silent zero embedding); an in-range batch passes."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _EMBED_BAD_ID], capture_output=True, text=True, timeout=120,
+                       env=train_runs.env())
+    assert "in-range ok" in r.stdout and "NOT REFUSED" not in r.stdout, r.stdout + r.stderr[-3000:]
+    assert r.returncode != 0 and "assert" in r.stderr.lower(), r.stderr[-3000:]

@@ -2,6 +2,8 @@
 line, a non-zero exit, no checkpoint lost or half-written (one rank, tiny model)."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -95,3 +97,76 @@ def test_truncated_bin_is_one_line(tmp_path):
     assert f"{prefix}.bin" in line and "truncated" in line, line
     # (corrupt .idx, out-of-vocabulary ids and zero blend weights raise from the same dataset build, each
     # tested for its message in tests/unit/data; this run checks that pretraining turns them into one line)
+
+
+# ---- a full disk on one rank of two: the outcome of the save is agreed at once (not after the collective
+# timeout), every rank prints the same line, the .partial goes, `latest` stays, the previous step resumes
+
+DP2 = train_runs.TINY_MODEL + ["--micro-batch-size", "2", "--global-batch-size", "4", "--vocab-size", "100",
+                               "--lr", "1e-3", "--mock-data", "--log-interval", "1", "--eval-iters", "0", "--seed", "7",
+                               "--zero-stage", "1", "--train-iters", "4", "--save-interval", "2",
+                               "--distributed-timeout-minutes", "1"]
+WRITE_FAULTS = os.path.join(train_runs.ROOT, "tests", "helpers", "write_faults")
+
+
+def _run_two_ranks(args, extra_env=None):
+    """torchrun with 2 ranks; returns (result, {rank: exit code}) after checking that no rank is left."""
+    p = train_runs.start(train_runs.torchrun(2, DP2 + args), extra_env)
+    pids = [p.pid] + [r.pid for r in C.rank_processes(p.pid, 2)]
+    r = train_runs.finish(p, timeout=300)
+    C.wait_gone(pids, 30)
+    exits = dict(re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\s+exitcode\s+: (-?\d+)", r.stdout))
+    return r, {int(k): int(v) for k, v in exits.items()}
+
+
+def _losses(text):
+    return {row["iteration"]: row["lm loss"] for row in train_runs.parse_iterations(text)}
+
+
+def _assert_save_failed_everywhere(r, exits, save):
+    # each rank exits 1 -- or, when the other exited first, torchrun's SIGTERM ends it after its line was out
+    assert r.returncode != 0 and sorted(exits) == [0, 1] and set(exits.values()) <= {1, -15} \
+        and 1 in exits.values(), r.stdout[-4000:]
+    line = C.assert_one_error_line(r.stdout, count=2, torchrun=True)
+    assert C.error_lines(r.stdout) == [line, line]               # the same line on both ranks
+    # the agreed outcome, not the collective timeout's "a collective failed ... stopped answering"
+    assert re.match(rf"pretrain_tokenformer\.py: error: saving iteration 4 into --save {re.escape(save)} failed on "
+                    r"rank [01]: ENOSPC \(No space left on device\) writing .*; the partial step was removed and "
+                    r"`latest` still names the previous step$", line), line
+    assert C.latest(save) == "global_step2" and C.step_names(save) == ["global_step2"] and C.leftovers(save) == []
+    return line
+
+
+def test_full_disk_on_one_rank_of_two_then_for_real(tmp_path):
+    # 1. rank 1's writes into step 4 fail with ENOSPC halfway through a file (tests/helpers/write_faults)
+    save = str(tmp_path / "ckpt")
+    faults = {"PYTHONPATH": WRITE_FAULTS + os.pathsep + train_runs.ROOT, "TOKENFORMER_TEST_ENOSPC_RANKS": "1",
+              "TOKENFORMER_TEST_ENOSPC_PATH": "global_step4.partial"}
+    r, exits = _run_two_ranks(["--save", save], faults)
+    line = _assert_save_failed_everywhere(r, exits, save)
+    assert "failed on rank 1: ENOSPC (No space left on device) writing " \
+           f"{save}/global_step4.partial/zero_pp_rank_1_mp_rank_00_optim_states.pt;" in line, line
+    first = _losses(r.stdout)
+    assert sorted(first) == [1, 2, 3, 4]
+
+    # 2. step 2 resumes (the losses of iterations 3 and 4 are those of run 1), from a small tmpfs that the
+    #    save of step 4 fills up for real (whichever rank meets it first)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
+                             capture_output=True).returncode == 0
+    try:
+        resumed = str(mnt / "ckpt") if mounted else str(tmp_path / "resumed")
+        shutil.copytree(save, resumed, ignore=shutil.ignore_patterns("tokenformer_save.lock"))
+        before = C.tree_hashes(resumed, ["global_step2"])
+        r, exits = _run_two_ranks(["--load", resumed, "--save", resumed])
+        second = _losses(r.stdout)
+        assert {i: second.get(i) for i in (3, 4)} == {i: first[i] for i in (3, 4)}, r.stdout[-3000:]
+        if mounted:
+            _assert_save_failed_everywhere(r, exits, resumed)
+            assert C.tree_hashes(resumed, ["global_step2"]) == before
+        else:  # no tmpfs here (not root): the resume alone
+            assert r.returncode == 0 and C.latest(resumed) == "global_step4", r.stdout[-3000:]
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

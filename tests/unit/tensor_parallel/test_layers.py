@@ -102,6 +102,21 @@ def check_embedding(rank, world):
     torch.testing.assert_close(emb.weight.grad, part(ref.weight.grad, 0, rank, world), **TOL)
 
 
+def check_embedding_refuses_ids_outside_the_vocabulary(rank, world):
+    """At TP 2 an id no rank owns used to give a zero embedding silently; padding ids (11) are refused too."""
+    from megatron_tokenformer.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+    emb = VocabParallelEmbedding(12, 4, vocab_size=11, init_std=0.5, seed=3, tag="e", params_dtype=F64)
+    for bad in (11, 12, 10 ** 6, -1):
+        ids = torch.tensor([[0, 5, bad, 10]])
+        with pytest.raises(ValueError, match=rf"^the embedding: token id {bad} is outside the vocabulary \[0, 11\)$"):
+            emb(ids)
+    logits = randn(1, 4, 12 // world, seed=8)
+    for bad in (12, -2):
+        with pytest.raises(ValueError, match=rf"^the cross-entropy target: token id {bad} is outside the vocabulary "
+                                             r"\[0, 12\)$"):
+            vocab_parallel_cross_entropy(logits, torch.tensor([[0, bad, 3, 11]]))
+
+
 def check_lm_logits(rank, world):
     vocab, padded = 11, 12
     emb = VocabParallelEmbedding(padded, 4, vocab_size=vocab, init_std=0.5, seed=3, tag="e", params_dtype=F64)
@@ -185,6 +200,22 @@ def test_sequence_parallel_linear_keeps_the_local_chunk(tp_pool):
 
 def test_vocab_parallel_embedding_matches_nn_embedding(tp_pool):
     tp_pool.run(check_embedding)
+
+
+def test_embedding_and_cross_entropy_refuse_ids_outside_the_vocabulary(tp_pool):
+    tp_pool.run(check_embedding_refuses_ids_outside_the_vocabulary)
+
+
+def test_token_id_check_on_an_accelerator_only_queues_an_assertion(monkeypatch):
+    """Off the CPU the check reads nothing back to the host (a meta tensor has no values to read: any
+    host read would raise) and queues one torch._assert_async on a boolean scalar of the device."""
+    from megatron_tokenformer.tensor_parallel import utils
+    queued = []
+    monkeypatch.setattr(torch, "_assert_async", lambda t: queued.append((t.device.type, t.dtype, t.shape)))
+    utils.check_token_ids(torch.tensor([[1, 500]], device="meta"), 11, "the embedding")
+    assert queued == [("meta", torch.bool, torch.Size([]))]
+    utils.check_token_ids(torch.tensor([[1, 5]]), 11, "the embedding")   # the CPU path does not queue
+    assert len(queued) == 1
 
 
 def test_parallel_lm_logits_matches_matmul(tp_pool):

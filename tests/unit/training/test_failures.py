@@ -4,7 +4,8 @@ does (left to teardown, gloo sometimes aborted the process after its error line:
 import pytest
 import torch.distributed as dist
 
-from megatron_tokenformer.checkpointing.save_dir import SaveDirError
+from megatron_tokenformer.checkpointing.save_dir import SaveDirError, SaveFailedError
+from megatron_tokenformer.data.batch_check import TokenIdError
 from megatron_tokenformer.training import failures
 
 
@@ -48,3 +49,23 @@ def test_without_a_group_nothing_happens():
     failures.destroy_process_group_quietly()
     with pytest.raises(SystemExit):
         failures.run(lambda argv: (_ for _ in ()).throw(SystemExit(2)), [])
+
+
+@pytest.mark.parametrize("exc, code, printed_on_rank_1", [
+    (SaveFailedError("saving iteration 4 into --save /s failed on rank 1: ENOSPC"), 1, True),
+    (TokenIdError("/d.bin: document 3 holds token id 150"), 2, True),
+    (SaveDirError("--save /s is in use"), 2, False),
+], ids=["save-failed", "bad-token-id", "save-dir-refused"])
+def test_agreed_lines_are_printed_on_every_rank(monkeypatch, capsys, exc, code, printed_on_rank_1):
+    """A failed save and a bad batch are agreed with the same line on every rank, and every rank prints it
+    (a rank's own log may be all one reads); a refused --save is printed by rank 0 alone."""
+    monkeypatch.setenv("RANK", "1")
+
+    def main(argv):
+        raise exc
+
+    with pytest.raises(SystemExit) as info:
+        failures.run(main, [])
+    assert info.value.code == code
+    err = capsys.readouterr().err
+    assert err == (f"pretrain_tokenformer.py: error: {exc}\n" if printed_on_rank_1 else "")
