@@ -185,7 +185,8 @@ def check_resume_inputs(args, checkpoint: Optional[CheckpointArgs]) -> List[str]
         notes.append(f"note: --data-path {new_desc} is not the data {step_dir} was trained on ({old_desc}): its "
                      f"{consumed} consumed samples count as positions in the new data's order (the first {consumed} "
                      "samples of the new data are skipped, nothing of the old data is resumed)")
-    elif new_plan is not None and _split(old_args.get("split")) != _split(getattr(args, "split", None)):
+    elif new_plan is not None and _split(old_args.get("split")) is not None and \
+            _split(old_args.get("split")) != _split(getattr(args, "split", None)):  # (an unknown split: no claim)
         if not getattr(args, "override_checkpoint_split", False):
             raise CheckpointMismatchError(
                 f"--split {args.split} differs from the split {step_dir} was trained with ({old_args.get('split')}) "

@@ -406,7 +406,11 @@ def _swap_in(staging: str, save: str, lock: Optional[save_dir.SaveDirLock] = Non
             os.rename(path, os.path.join(staging, os.path.basename(path)))
         old = f"{save}.old-{os.getpid()}"
         os.replace(save, old)
-        os.replace(staging, save)
+        try:
+            os.replace(staging, save)
+        except OSError:
+            os.replace(old, save)  # put the previous --save back before reporting the error
+            raise
         shutil.rmtree(old, ignore_errors=True)
         fsync_dir(os.path.dirname(save))
         return

@@ -262,7 +262,13 @@ class SaveDirLock:
         if holder_is_dead(info):
             return
         os.close(fd)
-        raise self._in_use(_describe_holder(text), f"; lock file {self.exclusive_path}")
+        raise self._exclusive_in_use(text, info)
+
+    def _exclusive_in_use(self, text: str, info) -> SaveDirError:
+        extra = f"; lock file {self.exclusive_path}"
+        if isinstance(info, dict) and info.get("host") != socket.gethostname():
+            extra += " (held from another host: delete it once that run has ended)"
+        return self._in_use(_describe_holder(text), extra)
 
     def _acquire_exclusive(self) -> "SaveDirLock":
         import atexit
@@ -309,10 +315,7 @@ class SaveDirLock:
             info = None
         holder = _describe_holder(text)
         if not holder_is_dead(info):
-            extra = f"; lock file {self.exclusive_path}"
-            if isinstance(info, dict) and info.get("host") != socket.gethostname():
-                extra += " (held from another host: delete it once that run has ended)"
-            raise self._in_use(holder, extra)
+            raise self._exclusive_in_use(text, info)
         aside = f"{self.exclusive_path}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             os.rename(self.exclusive_path, aside)

@@ -200,10 +200,12 @@ def test_killed_run_leaves_temporaries_that_the_next_run_removes(tmp_path, model
     assert left and all(f".tmp-{proc.pid}-" in n for n in left) and not os.path.exists(prefix + "_text_document.idx")
     live = tmp_path / f"ds_text_document.bin.tmp-{os.getpid()}-0123abcd"      # a writer that still runs: kept
     live.write_bytes(b"x")
-    r = subprocess.run([sys.executable, SCRIPT, "--input", str(src), "--output-prefix", prefix,
+    small = tmp_path / "small.jsonl"                                       # the next run: any input will do
+    small.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:3]))
+    r = subprocess.run([sys.executable, SCRIPT, "--input", str(small), "--output-prefix", prefix,
                         "--tokenizer-model", model], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     note = [line for line in r.stderr.splitlines() if line.startswith("removed ")]
     assert len(note) == 1 and f"{len(left)} temporary files" in note[0] and all(n in note[0] for n in left)
     assert sorted(n for n in os.listdir(tmp_path) if ".tmp-" in n) == [live.name]
-    assert IndexedDataset(prefix + "_text_document").num_documents == len(DOCS) * 2000
+    assert IndexedDataset(prefix + "_text_document").num_documents == 3
