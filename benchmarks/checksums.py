@@ -171,8 +171,8 @@ def main():
         expand_bench._warm(src)
         states = {os.path.basename(f): torch.load(f, map_location="cpu", weights_only=False) for f in _pt_files(step)}
         rows = []
-        ops = (("save (DeepSpeed's checkpoint engine, fsync)", lambda on: time_save(states, os.path.join(workdir, "saved"),
-                                                                                   on)),
+        saved = os.path.join(workdir, "saved")
+        ops = (("save (DeepSpeed's checkpoint engine, fsync)", lambda on: time_save(states, saved, on)),
                ("load (checks + torch.load of every file)", lambda on: time_load(step, on)),
                ("expand_checkpoint reshard, --no-fsync", lambda on: time_expand(src, os.path.join(workdir, "out"), on)))
         for name, fn in ops:
@@ -197,7 +197,8 @@ def main():
         rates = hash_rate()
         load2 = os.getloadavg()[0]
         lines = [SECTION, "",
-                 f"`python benchmarks/checksums.py --write-docs` on {platform.node() or 'this machine'} ({os.cpu_count()} "
+                 f"`python benchmarks/checksums.py --write-docs` on {platform.node() or 'this machine'} "
+                 f"({os.cpu_count()} "
                  f"CPUs, {platform.platform()}, torch {torch.__version__}); load average (1 min) {load1:.1f} before, "
                  f"{load2:.1f} after (a shared machine: the pairs alternate so that the load hits both sides).",
                  "",
