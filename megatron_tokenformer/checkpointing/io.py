@@ -342,7 +342,11 @@ def check_config_matches(config, ckpt_config: Dict[str, Any], step_dir: str) -> 
 
 # --------------------------------------------------------------------------- load
 def load_checkpoint(engine, args, config) -> Tuple[int, int]:
-    """Load ``args.load`` (all ranks call this). Returns (iteration, consumed_samples); (0, 0) if none."""
+    """Load ``args.load`` (all ranks call this). Returns (iteration, consumed_samples); (0, 0) if none.
+
+    The caller runs :func:`~.file_checks.verify_step_files` on the step first (pretrain_tokenformer.py
+    does): DeepSpeed's loader below unpickles its files with ``torch.load``, so they must have passed the
+    allowlist and their checksums before this is called."""
     load = getattr(args, "load", None)
     if not load:
         return 0, 0
