@@ -96,3 +96,9 @@ def test_fused_kernels_on_cuda(dtype):
         for got, ref in zip(*results):
             rel = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
             assert rel < (1e-5 if dtype == torch.float32 else 2e-2), (normalization, rel)
+
+
+def test_fused_kernel_probe_compiles_on_this_gpu():
+    """The start-up probe (issue 21 item 3) says the toolchain works here, so the default uses the fused kernels."""
+    from megatron_tokenformer.ops.pattention_norm import probe_fused_kernels
+    assert probe_fused_kernels(torch.device("cuda", 0)) is None
