@@ -305,6 +305,40 @@ def _share_verdict(store, me: int, verdict: str, seconds: float) -> Optional[str
         return None
 
 
+def _ended_ranks(store, me: int) -> Dict[int, str]:
+    """The ranks found not running on this host, plus (on rank 0) what every other host reported; each rank
+    adds its host's findings to one store key (a dead neighbour is certain, whatever gloo said)."""
+    ended = ended_local_ranks(store, me)
+    if store is None:
+        return ended
+    key = f"{_STORE_PREFIX}ended"
+    try:
+        if ended:
+            store.append(key, "".join(f"{r}={d};" for r, d in ended.items()))
+        if me == 0 and store.check([key]):
+            for item in filter(None, store.get(key).decode().split(";")):
+                rank, detail = item.split("=", 1)
+                ended.setdefault(int(rank), detail)
+    except Exception:  # noqa: BLE001 - the store may be gone with the failed rank
+        pass
+    return ended
+
+
+def _name_silent_ranks(store, silent: Sequence[int], me: int, world: int, seconds: float) -> str:
+    """:func:`blame`'s words for the silent ranks (those gloo named plus those found ended), each named rank
+    prefixed with its host/pid/state where known: ``rank 1 = pid 4242 on this host, ended: killed by SIGKILL;
+    rank 1 stopped answering or ended``."""
+    ended = _ended_ranks(store, me)
+    silent = sorted(set(silent) | set(ended))
+    named = blame(silent, me, world, seconds)
+    if silent and "stopped answering" in named:
+        details = describe_ranks(store, sorted(set(silent) - {me} - set(ended)))
+        details.update(ended)
+        if details:
+            named = "; ".join(f"rank {r} = {details[r]}" for r in sorted(details)) + "; " + named
+    return named
+
+
 def describe_failure(exc: BaseException) -> str:
     """One line for a failed collective, naming the rank(s) that stopped answering where gloo can tell."""
     import torch.distributed as dist
@@ -324,28 +358,7 @@ def describe_failure(exc: BaseException) -> str:
         except RuntimeError as diag:
             silent = [r for r in _silent_ranks(str(diag)) if r != me]
     store = _default_store()
-    ended = ended_local_ranks(store, me)  # a dead neighbour on this host is certain, whatever gloo said
-    if ended and store is not None:
-        try:
-            store.append(f"{_STORE_PREFIX}ended", "".join(f"{r}={d};" for r, d in ended.items()))
-        except Exception:  # noqa: BLE001
-            pass
-    if me == 0 and store is not None:  # what the other hosts saw of their own neighbours
-        try:
-            if store.check([f"{_STORE_PREFIX}ended"]):
-                for item in filter(None, store.get(f"{_STORE_PREFIX}ended").decode().split(";")):
-                    rank, detail = item.split("=", 1)
-                    ended.setdefault(int(rank), detail)
-        except Exception:  # noqa: BLE001
-            pass
-    if ended:
-        silent = sorted(set(silent) | set(ended))
-    named = blame(silent, me, world, seconds)
-    if silent and "stopped answering" in named:
-        details = describe_ranks(store, sorted(set(silent) - {me} - set(ended)))
-        details.update(ended)
-        if details:  # e.g. "rank 1 = pid 4242 on this host, ended: killed by SIGKILL; "
-            named = "; ".join(f"rank {r} = {details[r]}" for r in sorted(details)) + "; " + named
+    named = _name_silent_ranks(store, silent, me, world, seconds)
     # rank 0's view is the only one naming ranks other than rank 0 (the others' barrier fails waiting for rank 0
     # whenever anyone is missing): every rank prints rank 0's words when they come
     shared = _share_verdict(store, me, named, seconds) if world > 1 else None
