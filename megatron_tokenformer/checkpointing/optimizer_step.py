@@ -2,19 +2,19 @@
 
 torch's Adam/AdamW keep it per parameter (``state[p]["step"]``, a tensor); apex's ``FusedAdam`` and
 DeepSpeed's ``FusedAdam`` keep it per parameter group (``param_group["step"]``, an int) and never look at
-``state["step"]``. Writing the step where the optimizer does not read it restarts the bias correction:
-the first update after a resharded load is then about 1 / sqrt(1 - beta2) * (1 - beta1) larger (~2.2x
-with betas (0.9, 0.95) ... up to ~3x) than the one the uninterrupted run makes.
+``state["step"]``. Writing the step where the optimizer does not read it restarts the bias correction: the
+first update after a resharded load is then about 1 / sqrt(1 - beta2) * (1 - beta1) larger (~2.2x with betas
+(0.9, 0.95) ... up to ~3x) than the one the uninterrupted run makes.
 
 Which one is used depends on the machine (apex's FusedAdam when its CUDA extension loads, torch's AdamW
-otherwise), so a checkpoint may be resumed by the other kind. The metadata of every step folder records
-the writer's (:func:`describe_optimizer`: ``"optimizer": {"class": ..., "adam_step": "param_group" |
-"parameter"}``), and every load path puts the step where the optimizer in use reads it: the resharding
-path through :func:`set_adam_step`, DeepSpeed's own (same layout) load inside
-:func:`adam_step_conversion` (the state is converted on its way into ``load_state_dict``). Without the conversion torch's AdamW fails on an apex
-checkpoint (``KeyError: 'step'``) and apex restarts the bias correction on a torch one. Checkpoints
-written before the field existed have no ``"optimizer"``: the step is then taken from wherever the loaded
-state holds it (the parameter state first, then the group), as the loaders always did.
+otherwise), so a checkpoint may be resumed by the other kind. The metadata of a training step folder records the
+writer's (:func:`describe_optimizer`: ``"optimizer": {"class": ..., "adam_step": "param_group" |
+"parameter"}``), and every load path puts the step where the optimizer in use reads it: the resharding path
+through :func:`set_adam_step`, DeepSpeed's own (same layout) load inside :func:`adam_step_conversion` (the
+state is converted on its way into ``load_state_dict``). Without the conversion torch's AdamW fails on an apex
+checkpoint (``KeyError: 'step'``) and apex restarts the bias correction on a torch one. Checkpoints written
+before the field existed have no ``"optimizer"``: the step is then taken from wherever the loaded state holds
+it (the parameter state first, then the group), as the loaders always did.
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
+import socket
 import sys
 from datetime import timedelta
 from typing import Dict, Optional, Sequence
@@ -134,6 +136,10 @@ def create_diagnosis_group():
     if dist.is_initialized() and dist.get_world_size() > 1:
         with _gloo_lazy_connections():
             _DIAGNOSIS_GROUP = dist.new_group(backend="gloo")
+        try:
+            publish_rank_identity(_default_store(), dist.get_rank())
+        except Exception:  # noqa: BLE001 - a store without set: the line names ranks only
+            pass
     return _DIAGNOSIS_GROUP
 
 
@@ -194,6 +200,145 @@ def blame(silent: Sequence[int], me: int, world: int, waited: float) -> str:
             f"alone is out of step with them)")
 
 
+# --- who the silent ranks are: host and pid (published at start), and what this host sees of them ------
+_STORE_PREFIX = "megatron_tokenformer/diagnosis/"
+_NAMED_AT_MOST = 8  # ranks looked up in the store for one line
+
+
+def _default_store():
+    try:
+        from torch.distributed import distributed_c10d
+        return distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store: the line names ranks only
+        return None
+
+
+def publish_rank_identity(store, rank: int) -> None:
+    """Every rank writes ``"<host> <pid>"`` under its rank in the rendezvous store and adds ``"rank:pid,"``
+    to its host's list (two store operations per rank, O(1))."""
+    if store is not None:
+        host = socket.gethostname()
+        store.set(f"{_STORE_PREFIX}rank/{rank}", f"{host} {os.getpid()}")
+        store.append(f"{_STORE_PREFIX}host/{host}", f"{rank}:{os.getpid()},")
+
+
+def ended_local_ranks(store, me: int, proc_root: str = "/proc") -> Dict[int, str]:
+    """The ranks on this host (from its list in the store) whose process is not running (ended or stopped):
+    ``{rank: "pid P on this host, <process_status>"}``. A killed rank cannot say it died; its neighbours
+    can see it."""
+    out: Dict[int, str] = {}
+    if store is None:
+        return out
+    try:
+        listing = store.get(f"{_STORE_PREFIX}host/{socket.gethostname()}").decode()
+    except Exception:  # noqa: BLE001 - the store may be gone with the failed rank
+        return out
+    for item in filter(None, listing.split(",")):
+        rank, pid = (int(x) for x in item.split(":"))
+        status = process_status(pid, proc_root) if rank != me else "running"
+        if status != "running":
+            out[rank] = f"pid {pid} on this host, {status}"
+    return out
+
+
+def process_status(pid: int, proc_root: str = "/proc") -> str:
+    """What this host sees of process ``pid``: ``"ended"`` (gone; its launcher collected the exit status),
+    ``"ended: killed by SIGKILL"`` / ``"ended: exit status 1"`` (a zombie not yet collected: the status is
+    still readable), ``"stopped (SIGSTOP or SIGTSTP)"``, or ``"running"``."""
+    try:
+        with open(os.path.join(proc_root, str(pid), "stat")) as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return "ended"
+    except OSError:
+        return "running"
+    fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state is field 3 of stat
+    state = fields[0] if fields else "?"
+    if state in ("Z", "X"):
+        try:
+            code = int(fields[49])  # field 52: exit_code, in waitpid() form
+        except (IndexError, ValueError):
+            return "ended"
+        if code & 0x7F:
+            try:
+                name = signal.Signals(code & 0x7F).name
+            except ValueError:
+                name = f"signal {code & 0x7F}"
+            return f"ended: killed by {name}"
+        return f"ended: exit status {(code >> 8) & 0xFF}"
+    if state in ("T", "t"):
+        return "stopped (SIGSTOP or SIGTSTP)"
+    return "running"
+
+
+def describe_ranks(store, ranks: Sequence[int], proc_root: str = "/proc") -> Dict[int, str]:
+    """``{rank: "pid P on this host, <process_status>"`` or ``"pid P on host H"``} for up to
+    :data:`_NAMED_AT_MOST` of ``ranks`` whose identity is in ``store``."""
+    out: Dict[int, str] = {}
+    if store is None:
+        return out
+    here = socket.gethostname()
+    for rank in list(ranks)[:_NAMED_AT_MOST]:
+        try:
+            host, pid = store.get(f"{_STORE_PREFIX}rank/{rank}").decode().split()
+        except Exception:  # noqa: BLE001 - the store itself may be gone with the failed rank
+            continue
+        out[rank] = (f"pid {pid} on this host, {process_status(int(pid), proc_root)}" if host == here else
+                     f"pid {pid} on host {host}")
+    return out
+
+
+def _share_verdict(store, me: int, verdict: str, seconds: float) -> Optional[str]:
+    """Rank 0 (the only rank gloo's monitored barrier tells who is missing) publishes ``verdict``; the other
+    ranks wait for it at most ``seconds`` and return it (None when it does not come: rank 0 or the store
+    is gone, and the caller keeps its own view)."""
+    if store is None:
+        return None
+    key = f"{_STORE_PREFIX}verdict"
+    try:
+        if me == 0:
+            store.set(key, verdict)
+            return verdict
+        store.wait([key], timedelta(seconds=seconds))
+        return store.get(key).decode()
+    except Exception:  # noqa: BLE001 - rank 0 or the store is gone: this rank's own view
+        return None
+
+
+def _ended_ranks(store, me: int) -> Dict[int, str]:
+    """The ranks found not running on this host, plus (on rank 0) what every other host reported; each rank
+    adds its host's findings to one store key (a dead neighbour is certain, whatever gloo said)."""
+    ended = ended_local_ranks(store, me)
+    if store is None:
+        return ended
+    key = f"{_STORE_PREFIX}ended"
+    try:
+        if ended:
+            store.append(key, "".join(f"{r}={d};" for r, d in ended.items()))
+        if me == 0 and store.check([key]):
+            for item in filter(None, store.get(key).decode().split(";")):
+                rank, detail = item.split("=", 1)
+                ended.setdefault(int(rank), detail)
+    except Exception:  # noqa: BLE001 - the store may be gone with the failed rank
+        pass
+    return ended
+
+
+def _name_silent_ranks(store, silent: Sequence[int], me: int, world: int, seconds: float) -> str:
+    """:func:`blame`'s words for the silent ranks (those gloo named plus those found ended), each named rank
+    prefixed with its host/pid/state where known: ``rank 1 = pid 4242 on this host, ended: killed by SIGKILL;
+    rank 1 stopped answering or ended``."""
+    ended = _ended_ranks(store, me)
+    silent = sorted(set(silent) | set(ended))
+    named = blame(silent, me, world, seconds)
+    if silent and "stopped answering" in named:
+        details = describe_ranks(store, sorted(set(silent) - {me} - set(ended)))
+        details.update(ended)
+        if details:
+            named = "; ".join(f"rank {r} = {details[r]}" for r in sorted(details)) + "; " + named
+    return named
+
+
 def describe_failure(exc: BaseException) -> str:
     """One line for a failed collective, naming the rank(s) that stopped answering where gloo can tell."""
     import torch.distributed as dist
@@ -212,5 +357,12 @@ def describe_failure(exc: BaseException) -> str:
                 monitored_barrier(_DIAGNOSIS_GROUP, timedelta(seconds=seconds), wait_all_ranks=True)
         except RuntimeError as diag:
             silent = [r for r in _silent_ranks(str(diag)) if r != me]
-    return (f"rank {me}: a collective failed ({first}); {blame(silent, me, world, seconds)} "
+    store = _default_store()
+    named = _name_silent_ranks(store, silent, me, world, seconds)
+    # rank 0's view is the only one naming ranks other than rank 0 (the others' barrier fails waiting for rank 0
+    # whenever anyone is missing): every rank prints rank 0's words when they come
+    shared = _share_verdict(store, me, named, seconds) if world > 1 else None
+    if shared is not None:
+        named = shared
+    return (f"rank {me}: a collective failed ({first}); {named} "
             f"(collectives are bounded by {bound})")

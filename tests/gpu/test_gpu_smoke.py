@@ -121,3 +121,9 @@ def test_embedding_refuses_an_out_of_vocabulary_id_on_cuda():
                        env=train_runs.env())
     assert "in-range ok" in r.stdout and "NOT REFUSED" not in r.stdout, r.stdout + r.stderr[-3000:]
     assert r.returncode != 0 and "assert" in r.stderr.lower(), r.stderr[-3000:]
+
+
+def test_fused_kernel_probe_compiles_on_this_gpu():
+    """The start-up probe (issue 21 item 3) says the toolchain works here, so the default uses the fused kernels."""
+    from megatron_tokenformer.ops.pattention_norm import probe_fused_kernels
+    assert probe_fused_kernels(torch.device("cuda", 0)) is None

@@ -21,7 +21,8 @@ LAYERS = [
     {"interop"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
-DOC_LINE = "config, ops, fileio < launch, parallel_state, deepspeed_boundary < tensor_parallel < model < data < checkpointing < training < " \
+DOC_LINE = "config, ops, fileio < launch, parallel_state, deepspeed_boundary < tensor_parallel < model < data < " \
+           "checkpointing < training < " \
            "evaluation, arguments, checkpoint_args, testing < interop"
 
 

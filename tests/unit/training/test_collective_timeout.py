@@ -24,7 +24,7 @@ collective_timeout.create_diagnosis_group()
 dist.all_reduce(torch.ones(1), group=group)   # both alive: fine
 if dist.get_rank() == 1:
     print("stopping", flush=True)
-    os.kill(os.getpid(), signal.SIGSTOP)
+    os.kill(os.getpid(), getattr(signal, sys.argv[2] if len(sys.argv) > 2 else "SIGSTOP"))
 time.sleep(1)
 start = time.time()
 try:
@@ -44,6 +44,34 @@ def test_silent_ranks_parsing():
     assert collective_timeout._silent_ranks("Rank 1 successfully reached monitoredBarrier, but received errors while "
                                             "waiting for send/recv from rank 0.") == [0]
     assert collective_timeout._silent_ranks("something else") == []
+
+
+@pytest.mark.slow
+def test_killed_rank_is_named_with_its_exit_status():
+    """Issue 20 item 7: rank 1 SIGKILLed; rank 0's line names rank 1, its pid on this host and how it ended
+    (its parent, here the test, has not collected it yet: the status is readable from /proc)."""
+    port = str(train_runs.free_port())
+    procs = []
+    try:
+        for rank in (0, 1):
+            env = train_runs.env({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                  "MASTER_PORT": port})
+            procs.append(subprocess.Popen([sys.executable, "-c", WORKER, "0.5", "SIGKILL"], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        assert procs[1].stdout.readline().strip() == "stopping"
+        out, _ = procs[0].communicate(timeout=180)
+        assert procs[0].returncode == 0, out
+        line = [l for l in out.splitlines() if l.startswith("line: ")][0]
+        assert f"rank 1 = pid {procs[1].pid} on this host, ended: killed by SIGKILL; rank 1 stopped answering " \
+               f"or ended (collectives are bounded by --distributed-timeout-minutes 0.5)" in line, line
+        took = float(out.split("failed after ")[1].split(" s")[0])
+        assert took < 30.0, out  # a closed connection is noticed at once, not after the timeout
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert not any(psutil.pid_exists(p.pid) for p in procs)
 
 
 @pytest.mark.slow
@@ -212,3 +240,61 @@ def test_diagnosis_group_makes_no_connections_at_start(pool4):
     for rank, (lazy, mesh) in enumerate(results):
         assert lazy == 0, results
         assert mesh >= world - 1, results  # (each pair: one connection seen from each end)
+
+
+# --- what this host sees of a silent rank ----------------------------------------------------------
+def _child():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_process_status_of_a_killed_stopped_and_running_process():
+    import os
+    import signal
+    import time
+    procs = [_child(), _child()]
+    try:
+        killed, stopped = procs
+        assert collective_timeout.process_status(killed.pid) == "running"
+        os.kill(killed.pid, signal.SIGKILL)
+        os.kill(stopped.pid, signal.SIGSTOP)
+        for _ in range(200):  # the kill lands at once; the state shows it a moment later
+            if collective_timeout.process_status(killed.pid) != "running" and \
+                    collective_timeout.process_status(stopped.pid) != "running":
+                break
+            time.sleep(0.05)
+        # not reaped yet (we are its parent and have not waited): the status is readable
+        assert collective_timeout.process_status(killed.pid) == "ended: killed by SIGKILL"
+        assert collective_timeout.process_status(stopped.pid) == "stopped (SIGSTOP or SIGTSTP)"
+        killed.wait()
+        assert collective_timeout.process_status(killed.pid) == "ended"  # collected: only "ended" is left
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_process_status_exit_code_from_a_zombie(tmp_path):
+    """field 52 of /proc/PID/stat (exit_code, waitpid form) of a zombie: exit status 3 -> 0x300."""
+    fields = ["Z"] + ["0"] * 48 + [str(3 << 8)]
+    (tmp_path / "77").mkdir()
+    (tmp_path / "77" / "stat").write_text("77 (python (rank 1)) " + " ".join(fields) + "\n")
+    assert collective_timeout.process_status(77, str(tmp_path)) == "ended: exit status 3"
+    assert collective_timeout.process_status(78, str(tmp_path)) == "ended"
+
+
+def test_describe_ranks_from_the_store(tmp_path):
+    import socket
+    import torch.distributed as dist
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    child = _child()
+    try:
+        store.set("megatron_tokenformer/diagnosis/rank/3", f"{socket.gethostname()} {child.pid}")
+        store.set("megatron_tokenformer/diagnosis/rank/5", "node17 4242")
+        collective_timeout.publish_rank_identity(store, 0)
+        got = collective_timeout.describe_ranks(store, [3, 5])
+        assert got == {3: f"pid {child.pid} on this host, running", 5: "pid 4242 on host node17"}
+        import os
+        assert store.get("megatron_tokenformer/diagnosis/rank/0").decode() == f"{socket.gethostname()} {os.getpid()}"
+    finally:
+        child.kill()
+        child.wait()
