@@ -22,6 +22,7 @@ from tests.unit.test_launch import slurm_cluster  # noqa: F401 - the local Slurm
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SCRIPT = os.path.join(train_runs.ROOT, "examples", "progressive_scaling", "progressive_scaling.sbatch")
+SLURM = S.SlurmClient()
 STAGE1_ITERS = 30
 STAGE2_ITERS = 3
 COMMON = """# a tiny model for a trial run on CPUs (same layout as examples/progressive_scaling/configs)
@@ -63,7 +64,7 @@ def _submit(recipe, stage, log, dependency=None):
             f"RUN_DIR={recipe / 'run'},CONFIG_DIR={recipe / 'configs'},GPUS_PER_NODE=2"]
     if dependency:
         args.append(f"--dependency=afterok:{dependency}")
-    return S.sbatch(args + [SCRIPT], env=train_runs.env({"OMP_NUM_THREADS": ""}), cwd=str(recipe))
+    return SLURM.sbatch(args + [SCRIPT], env=train_runs.env({"OMP_NUM_THREADS": ""}), cwd=str(recipe))
 
 
 def test_stage_requeues_at_its_time_limit_and_the_next_stage_grows_the_finished_checkpoint(slurm_cluster,
@@ -73,19 +74,19 @@ def test_stage_requeues_at_its_time_limit_and_the_next_stage_grows_the_finished_
     j2 = _submit(tiny_recipe, "354M", log2, dependency=j1)
     try:
         pids = S.wait_for_handlers(j1, 2, signal.SIGUSR1, 600, str(log1))
-        S.freeze_until_signalled(pids, lambda: S.cut_time_limit(j1, 300), signal.SIGUSR1, 120, str(log1))
-        S.wait(lambda: "requeueing job" in S.read(str(log1)) or S.job_state(j1) in S.ENDED, 300,
+        S.freeze_until_signalled(pids, lambda: SLURM.cut_time_limit(j1, 300), signal.SIGUSR1, 120, str(log1))
+        S.wait(lambda: "requeueing job" in S.read(str(log1)) or SLURM.job_state(j1) in S.ENDED, 300,
                "stage 1 to save and requeue", str(log1))
         assert "requeueing job" in S.read(str(log1)), S.read(str(log1))[-4000:]
         # requeued, stage 1 is not COMPLETED: the next stage still waits on its dependency
-        S.wait(lambda: S.job_state(j1) == "PENDING", 120, "the requeued job to be pending", str(log1))
-        waiting = S.job_fields(j2)
+        S.wait(lambda: SLURM.job_state(j1) == "PENDING", 120, "the requeued job to be pending", str(log1))
+        waiting = SLURM.job_fields(j2)
         assert (waiting["JobState"], waiting["Reason"]) == ("PENDING", "Dependency"), waiting
-        S.release(j1, time_limit_minutes=30)
-        assert S.wait_ended(j1, 900, log=str(log1)) in ("COMPLETED", "GONE"), S.read(str(log1))[-4000:]
-        assert S.wait_ended(j2, 900, log=str(log2)) in ("COMPLETED", "GONE"), S.read(str(log2))[-4000:]
+        SLURM.release(j1, time_limit_minutes=30)
+        assert SLURM.wait_ended(j1, 900, log=str(log1)) in ("COMPLETED", "GONE"), S.read(str(log1))[-4000:]
+        assert SLURM.wait_ended(j2, 900, log=str(log2)) in ("COMPLETED", "GONE"), S.read(str(log2))[-4000:]
     finally:
-        S.slurm(["scancel", j1, j2], check=False)
+        SLURM.scancel(j1, j2)
     text1, text2 = S.read(str(log1)), S.read(str(log2))
     stops = [int(m) for m in re.findall(r"> exit status: unfinished (\d+)/%d signal SIGUSR1" % STAGE1_ITERS, text1)]
     assert len(stops) == 1 and 0 < stops[0] < STAGE1_ITERS, text1[-4000:]

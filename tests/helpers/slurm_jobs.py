@@ -4,12 +4,13 @@ and pin Slurm's time-limit warning to a known point of a run.
 Slurm checks time limits (and sends ``--signal`` warnings) in a periodic pass of slurmctld, about
 every 30 s, so "the warning arrives while the run trains" is a race against the run's speed. A test
 removes the race with :func:`freeze_until_signalled`: it stops the ranks (SIGSTOP) once their
-handlers are installed, cuts the time limit so the warning is due, waits until Slurm's signal is
-pending in every rank, and continues them; the ranks then act on the warning at their next
+handlers are installed, cuts the time limit so the warning is due, waits until Slurm's signal has
+reached every rank, and continues them; the ranks then act on the warning at their next
 iteration. Slurm, the signal path, the save and the requeue are all real; only the moment is fixed.
 
-Imported as ``tests.helpers.slurm_jobs``; every call takes ``env`` (the cluster's SLURM_CONF) so it
-works on any cluster (the one-node cluster of ../shared/slurm or tests/helpers/slurm_cluster.py)."""
+Imported as ``tests.helpers.slurm_jobs``. :class:`SlurmClient` runs the client commands here (the
+one-node cluster of ../shared/slurm); tests/helpers/slurm_cluster.py's cluster is one that runs them on
+its head node."""
 
 from __future__ import annotations
 
@@ -25,39 +26,26 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
          "PREEMPTED", "GONE")
 
 
-def slurm(args: Sequence[str], env: Optional[Dict[str, str]] = None, check: bool = True,
-          timeout: float = 60) -> str:
-    """Run a Slurm client command (sbatch, scontrol, ...); its stdout."""
-    out = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=env)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(args)}: exit {out.returncode}: {out.stderr.strip()}")
-    return out.stdout
-
-
-def sbatch(args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None) -> str:
-    """``sbatch --parsable ARGS``; the job id."""
-    out = subprocess.run(["sbatch", "--parsable"] + list(args), capture_output=True, text=True, timeout=60,
-                         env=env, cwd=cwd)
-    assert out.returncode == 0, f"sbatch {' '.join(args)}: {out.stderr.strip()}"
-    return out.stdout.strip().split(";")[0]
-
-
-def job_fields(job: str, env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """``scontrol show job``'s NAME=VALUE fields; {"JobState": "GONE"} once the job is purged."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30,
-                         env=env)
-    if out.returncode != 0:
-        return {"JobState": "GONE"}
-    fields = {}
-    for item in out.stdout.split():
+def parse_fields(text: str) -> Dict[str, str]:
+    """``scontrol -o show job``'s NAME=VALUE fields (the first of each name)."""
+    fields: Dict[str, str] = {}
+    for item in text.split():
         if "=" in item:
             name, value = item.split("=", 1)
             fields.setdefault(name, value)
     return fields
 
 
-def job_state(job: str, env: Optional[Dict[str, str]] = None) -> str:
-    return job_fields(job, env).get("JobState", "GONE")
+def minutes_of(run_time: str) -> int:
+    """Whole minutes of a Slurm duration ``[D-][HH:]MM:SS``."""
+    days = 0
+    if "-" in run_time:
+        d, run_time = run_time.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in run_time.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return days * 1440 + parts[0] * 60 + parts[1]
 
 
 def wait(predicate: Callable[[], bool], timeout: float, what: str, log: Optional[str] = None,
@@ -66,31 +54,68 @@ def wait(predicate: Callable[[], bool], timeout: float, what: str, log: Optional
     start = time.time()
     while not predicate():
         if time.time() - start > timeout:
-            tail = ""
-            if log and os.path.exists(log):
-                with open(log, errors="replace") as f:
-                    tail = f.read()[-4000:]
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{tail}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{read(log)[-4000:] if log else ''}")
         time.sleep(poll)
     return time.time() - start
 
 
-def wait_ended(job: str, timeout: float, env: Optional[Dict[str, str]] = None, log: Optional[str] = None) -> str:
-    """Wait until ``job`` is in a final state; that state."""
-    wait(lambda: job_state(job, env) in ENDED, timeout, f"job {job} to end", log, poll=2.0)
-    return job_state(job, env)
+class SlurmClient:
+    """Slurm's client commands against one cluster. This one runs them here, with ``env`` (None: the
+    environment's SLURM_CONF, e.g. the one-node cluster of ../shared/slurm); tests/helpers/slurm_cluster.py
+    runs them on a simulated host."""
+
+    def __init__(self, env: Optional[Dict[str, str]] = None):
+        self._env = env
+
+    def run(self, argv: Sequence[str], timeout: float = 60, env: Optional[Dict[str, str]] = None,
+            cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                              env=env or self._env, cwd=cwd)
+
+    def sbatch(self, args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None) -> str:
+        """``sbatch --parsable ARGS``; the job id."""
+        r = self.run(["sbatch", "--parsable", *args], env=env, cwd=cwd)
+        assert r.returncode == 0, f"sbatch {' '.join(args)}: {r.stderr.strip()}"
+        return r.stdout.strip().split(";")[0]
+
+    def scontrol(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = self.run(["scontrol", *args], timeout=30)
+        if check and r.returncode != 0:
+            raise AssertionError(f"scontrol {' '.join(args)}: {r.stderr.strip()}")
+        return r
+
+    def scancel(self, *args: str) -> subprocess.CompletedProcess:
+        return self.run(["scancel", *args], timeout=30)
+
+    def job_fields(self, job: str) -> Dict[str, str]:
+        """``scontrol show job``'s fields; {"JobState": "GONE"} once the job is purged."""
+        r = self.run(["scontrol", "-o", "show", "job", job], timeout=30)
+        return parse_fields(r.stdout) if r.returncode == 0 else {"JobState": "GONE"}
+
+    def job_state(self, job: str) -> str:
+        return self.job_fields(job).get("JobState", "GONE")
+
+    def wait_ended(self, job: str, timeout: float, log: Optional[str] = None) -> str:
+        """Wait until ``job`` is in a final state; that state."""
+        wait(lambda: self.job_state(job) in ENDED, timeout, f"job {job} to end", log, poll=2.0)
+        return self.job_state(job)
+
+    def release(self, job: str, time_limit_minutes: Optional[int] = None) -> None:
+        """Start a requeued job now: Slurm holds a requeued job ~2 minutes (its begin time) before it starts
+        again. ``time_limit_minutes`` restores a limit the test cut. Errors (already running) ignored."""
+        if time_limit_minutes is not None:
+            self.scontrol("update", f"JobId={job}", f"TimeLimit={time_limit_minutes}", check=False)
+        self.scontrol("update", f"JobId={job}", "StartTime=now", check=False)
+
+    def cut_time_limit(self, job: str, warn_seconds: int) -> None:
+        """Make the job's ``--signal=...@warn_seconds`` warning due now: its time limit becomes the minutes
+        it has run plus ceil(warn_seconds / 60) (Slurm's limits are whole minutes)."""
+        minutes = minutes_of(self.job_fields(job).get("RunTime", "0:0"))
+        self.scontrol("update", f"JobId={job}", f"TimeLimit={minutes + max(1, -(-warn_seconds // 60))}")
 
 
-def release(job: str, time_limit_minutes: Optional[int] = None, env: Optional[Dict[str, str]] = None) -> None:
-    """Start a requeued job now: Slurm holds a requeued job ~2 minutes (its begin time) before it starts
-    again. ``time_limit_minutes`` restores the limit a test cut. Errors (job already running) ignored."""
-    if time_limit_minutes is not None:
-        slurm(["scontrol", "update", f"JobId={job}", f"TimeLimit={time_limit_minutes}"], env, check=False)
-    slurm(["scontrol", "update", f"JobId={job}", "StartTime=now"], env, check=False)
-
-
-def read(path: str) -> str:
-    if not os.path.exists(path):
+def read(path: Optional[str]) -> str:
+    if not path or not os.path.exists(path):
         return ""
     with open(path, errors="replace") as f:
         return f.read()
@@ -181,23 +206,3 @@ def freeze_until_signalled(pids: Sequence[int], make_due: Callable[[], None], si
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-
-
-def run_minutes(job: str, env: Optional[Dict[str, str]] = None) -> int:
-    """Whole minutes the job has run (RunTime [D-]HH:MM:SS)."""
-    value = job_fields(job, env).get("RunTime", "0:0")
-    days = 0
-    if "-" in value:
-        d, value = value.split("-", 1)
-        days = int(d)
-    parts = [int(p) for p in value.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    return days * 1440 + parts[0] * 60 + parts[1]
-
-
-def cut_time_limit(job: str, warn_seconds: int, env: Optional[Dict[str, str]] = None) -> None:
-    """Make the job's ``--signal=...@warn_seconds`` warning due now: its time limit becomes the minutes it
-    has run plus ceil(warn_seconds / 60) (Slurm's limits are whole minutes)."""
-    limit = run_minutes(job, env) + max(1, -(-warn_seconds // 60))
-    slurm(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit}"], env)
