@@ -119,7 +119,8 @@ def _fake_bin(tmp_path):
     log = tmp_path / "calls.log"
     scripts = {
         # `scontrol show hostnames` prints the first node; every other call is recorded
-        "scontrol": "#!/bin/bash\n" + f"if [ \"$1\" = show ]; then echo node001; else printf '%s\\n' \"scontrol $*\" >> {log}; fi\n",
+        "scontrol": "#!/bin/bash\n"
+                    + f"if [ \"$1\" = show ]; then echo node001; else printf '%s\\n' \"scontrol $*\" >> {log}; fi\n",
         # the ranks' exit status line (FAKE_EXIT_STATUS) goes to the file named by --exit-status-file
         "srun": "#!/bin/bash\n" + f"printf '%s\\n' \"srun $*\" >> {log}\n"
                 "while [ $# -gt 0 ]; do if [ \"$1\" = --exit-status-file ] && [ -n \"$FAKE_EXIT_STATUS\" ]; then "

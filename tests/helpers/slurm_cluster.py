@@ -30,7 +30,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from tests.helpers import multihost, slurm_jobs
 
