@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow,
               pytest.mark.skipif(SC.unavailable_reason() is not None, reason=str(SC.unavailable_reason()))]
 
 SCRIPT = os.path.join(train_runs.ROOT, "examples", "slurm", "pretrain_cpu.sbatch")
-ITERS = 16
+ITERS = 40  # the node loss must come mid-run even on a fast machine (kill after step 5 + 2 iterations)
 SAVE_INTERVAL = 5
 EXTRA = "--num-workers 0 --eval-iters 0 --log-interval 1 --distributed-timeout-minutes 0.5 --seed 7"
 MEASURED = {}
@@ -106,7 +106,8 @@ def _lose_a_node(cluster, j, lost):
     try:
         S.wait(lambda: f"saved checkpoint {j['save']}/global_step{SAVE_INTERVAL} " in S.read(log)
                and f"iteration {SAVE_INTERVAL + 2:8d}/" in S.read(log)
-               or cluster.job_state(job) in S.ENDED, 900, "the job to train past its first checkpoint", log)
+               or cluster.job_state(job) in S.ENDED, 900, "the job to train past its first checkpoint", log,
+               poll=0.1)
         killed_at = time.time()
         cluster.kill_node(lost)
         S.wait(lambda: "pretrain_tokenformer.py: error: rank 0" in S.read(log), 120, "the surviving task to end",
