@@ -1,8 +1,9 @@
 """Driving Slurm batch jobs from a test: submit, read a job's fields, wait, find its rank processes,
 and pin Slurm's time-limit warning to a known point of a run.
 
-Slurm checks time limits (and sends ``--signal`` warnings) in a periodic pass of slurmctld, about
-every 30 s, so "the warning arrives while the run trains" is a race against the run's speed. A test
+Slurm sends ``--signal`` warnings from slurmctld's time-limit pass (periodic, every 30 s; here a cut
+limit was acted on within 1-3 s), so "the warning arrives while the run trains" is a race against the
+run's speed and the machine's load. A test
 removes the race with :func:`freeze_until_signalled`: it stops the ranks (SIGSTOP) once their
 handlers are installed, cuts the time limit so the warning is due, waits until Slurm's signal has
 reached every rank, and continues them; the ranks then act on the warning at their next
