@@ -7,7 +7,9 @@
   the stage's target.
 * The Slurm script is run with stand-in ``srun``/``scontrol``/python that record their command lines:
   the growth command it runs must be the README's, and the README's growth commands must parse with
-  tools/expand_checkpoint.py's own parser and name the next stage's token counts.
+  tools/expand_checkpoint.py's own parser and name the next stage's token counts; a stage whose run
+  reports "unfinished" requeues its job, and a stage is never grown from an unfinished predecessor.
+  (tests/examples/test_progressive_scaling_slurm.py runs the script on a real Slurm cluster.)
 """
 
 import importlib.util
@@ -116,8 +118,13 @@ def _fake_bin(tmp_path):
     bin_dir.mkdir()
     log = tmp_path / "calls.log"
     scripts = {
-        "scontrol": "#!/bin/bash\necho node001\n",
-        "srun": "#!/bin/bash\n" + f"printf '%s\\n' \"srun $*\" >> {log}\n",
+        # `scontrol show hostnames` prints the first node; every other call is recorded
+        "scontrol": "#!/bin/bash\n"
+                    + f"if [ \"$1\" = show ]; then echo node001; else printf '%s\\n' \"scontrol $*\" >> {log}; fi\n",
+        # the ranks' exit status line (FAKE_EXIT_STATUS) goes to the file named by --exit-status-file
+        "srun": "#!/bin/bash\n" + f"printf '%s\\n' \"srun $*\" >> {log}\n"
+                "while [ $# -gt 0 ]; do if [ \"$1\" = --exit-status-file ] && [ -n \"$FAKE_EXIT_STATUS\" ]; then "
+                "echo \"$FAKE_EXIT_STATUS\" > \"$2\"; fi; shift; done\n",
         "fakepython": "#!/bin/bash\n" + f"printf '%s\\n' \"python $*\" >> {log}\n",
     }
     for name, body in scripts.items():
@@ -138,6 +145,10 @@ def test_sbatch_runs_the_documented_commands(tmp_path, stage, nodes):
                REPO=ROOT, STAGE=stage, DATA_PATH=str(data), TOKENIZER_MODEL=str(tmp_path / "tok.model"),
                RUN_DIR=str(run_dir), SLURM_NNODES=str(nodes),
                SLURM_JOB_ID="77", SLURM_JOB_NODELIST="node[001-004]")
+    if stage != "124M":  # the previous stage has finished
+        prev = list(STAGES)[list(STAGES).index(stage) - 1]
+        (run_dir / prev).mkdir(parents=True)
+        (run_dir / prev / "exit_status").write_text("finished 60000/60000 train-iters\n")
     subprocess.run(["bash", os.path.join(HERE, "progressive_scaling.sbatch")], env=env, check=True,
                    capture_output=True, text=True)
     calls = log.read_text().splitlines()
@@ -163,3 +174,54 @@ def test_sbatch_refuses_an_unknown_stage(tmp_path):
     proc = subprocess.run(["bash", os.path.join(HERE, "progressive_scaling.sbatch")], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "STAGE must be 124M, 354M, 757M or 1400M, got '2B'" in proc.stderr
+
+
+def _stage_env(tmp_path, bin_dir, stage, **extra):
+    for path in (tmp_path / "d.bin", tmp_path / "d.idx", tmp_path / "tok.model"):
+        path.write_bytes(b"")
+    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "fakepython"),
+                REPO=ROOT, STAGE=stage, DATA_PATH=str(tmp_path / "d"), TOKENIZER_MODEL=str(tmp_path / "tok.model"),
+                RUN_DIR=str(tmp_path / "run"), SLURM_NNODES="2", SLURM_JOB_ID="77",
+                SLURM_JOB_NODELIST="node[001-002]", **extra)
+
+
+@pytest.mark.parametrize("status, requeued", [("unfinished 437/600000 signal SIGUSR1", True),
+                                              ("finished 600000/600000 train-iters", False), ("", False)])
+def test_sbatch_requeues_its_job_until_the_stage_is_finished(tmp_path, status, requeued):
+    """The ranks' exit status decides: "unfinished" (time-limit warning) requeues the job, so Slurm never
+    marks it COMPLETED and an afterok dependant keeps waiting; "finished" or no status (a crash) does not."""
+    bin_dir, log = _fake_bin(tmp_path)
+    env = _stage_env(tmp_path, bin_dir, "124M", FAKE_EXIT_STATUS=status)
+    stale = tmp_path / "run" / "124M" / "exit_status"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("finished 1/1 from an earlier job\n")  # removed before the run: never read as this run's
+    proc = subprocess.run(["bash", os.path.join(HERE, "progressive_scaling.sbatch")], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    train = shlex.split(calls[0])
+    # the ranks start with SIGUSR1 ignored (inherited until the training loop handles it)
+    assert train[:5] == ["srun", "--kill-on-bad-exit=1", "--cpu-bind=none", "bash", "-c"]
+    assert "trap" in calls[0] and "USR1" in calls[0]
+    assert train[train.index("--exit-status-file") + 1] == str(stale)
+    assert calls[1:] == (["scontrol requeue 77"] if requeued else [])
+    assert ("requeueing job 77" in proc.stdout) == requeued
+    if not status:
+        assert not stale.exists()
+
+
+@pytest.mark.parametrize("status", ["unfinished 437/600000 signal SIGUSR1", None])
+def test_sbatch_refuses_to_grow_an_unfinished_stage(tmp_path, status):
+    bin_dir, log = _fake_bin(tmp_path)
+    env = _stage_env(tmp_path, bin_dir, "354M")
+    if status:
+        (tmp_path / "run" / "124M").mkdir(parents=True)
+        (tmp_path / "run" / "124M" / "exit_status").write_text(status + "\n")
+    proc = subprocess.run(["bash", os.path.join(HERE, "progressive_scaling.sbatch")], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"progressive_scaling.sbatch: error: stage 124M has not finished ({tmp_path}/run/124M/exit_status: "
+        f"{status or 'missing'}); submit 354M with --dependency=afterok:<the 124M job>"]
+    assert not log.exists()  # nothing grown, nothing trained
+    assert not (tmp_path / "run" / "354M-grown").exists()
