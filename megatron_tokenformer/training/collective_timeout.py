@@ -18,10 +18,10 @@ failed alone (the others are healthy, elsewhere) would see *every* other rank mi
 says so instead of naming them all. Ranks are named where the answer can be right: a strict subset of
 the others missing, or the one other rank of a two-rank run.
 
-The diagnosis group is created with gloo's lazy connections (``TORCH_GLOO_LAZY_INIT``): no
-connection is made at start-up (a full mesh is O(N^2) connections, slow at 1,000+ ranks); the
-monitored barrier then opens rank 0's N - 1 connections (one per other rank) only when a failure is
-diagnosed.
+The diagnosis group is created with gloo's lazy connections (``TORCH_GLOO_LAZY_INIT``), so it is not a
+full mesh (O(N^2) connections, slow to set up at 1,000+ ranks); one monitored barrier at start-up opens
+the only connections the diagnosis uses, rank 0 to each other rank (N - 1 in all). Opening them at
+diagnosis time instead would stall on a stopped peer for longer than the diagnosis wait.
 
 Under NCCL, :func:`nccl_environment` sets torch's NCCL variables (unless the user set them) before the
 process group exists: ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` (on a timeout the watchdog aborts the
@@ -129,13 +129,18 @@ def _gloo_lazy_connections():
 
 
 def create_diagnosis_group():
-    """A gloo group over all ranks kept for :func:`describe_failure` (every rank calls this). Its
-    connections are lazy: none at start-up (module docstring)."""
+    """A gloo group over all ranks kept for :func:`describe_failure` (every rank calls this). It is a star,
+    not a full mesh: created with lazy connections, then one monitored barrier opens rank 0's connection to
+    every other rank (N - 1 in all, module docstring)."""
     global _DIAGNOSIS_GROUP
     import torch.distributed as dist
     if dist.is_initialized() and dist.get_world_size() > 1:
         with _gloo_lazy_connections():
             _DIAGNOSIS_GROUP = dist.new_group(backend="gloo")
+        # open now exactly the connections the diagnosis uses (rank 0 <-> every rank): a connection first
+        # attempted at diagnosis time to a stopped peer would outlast the diagnosis wait
+        from megatron_tokenformer.tensor_parallel.mappings import monitored_barrier
+        monitored_barrier(_DIAGNOSIS_GROUP, _TIMEOUT or timedelta(minutes=30), wait_all_ranks=True)
         try:
             publish_rank_identity(_default_store(), dist.get_rank())
         except Exception:  # noqa: BLE001 - a store without set: the line names ranks only
