@@ -95,15 +95,15 @@ def describe_failure(exc: BaseException) -> str:
     first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[file.cc:123] " prefix
     bound = f"--distributed-timeout-minutes {_TIMEOUT.total_seconds() / 60:g}" if _TIMEOUT else "the timeout"
     me = dist.get_rank() if dist.is_initialized() else 0
-    silent = []
+    silent, diag_text = [], ""
     if _DIAGNOSIS_GROUP is not None:
         seconds = 30.0 if _TIMEOUT is None else min(30.0, max(2.0, _TIMEOUT.total_seconds()))
         try:
             with _quiet_stderr():  # gloo also logs the answer (two C++ lines): the one line below says it
                 monitored_barrier(_DIAGNOSIS_GROUP, timedelta(seconds=seconds), wait_all_ranks=True)
         except RuntimeError as diag:
-            silent = [r for r in _silent_ranks(str(diag)) if r != me]
-    who = ("rank " + ", ".join(map(str, silent)) if len(silent) == 1 else
-           "ranks " + ", ".join(map(str, silent))) if silent else "another rank"
+            silent, diag_text = [r for r in _silent_ranks(str(diag)) if r != me], str(diag)
+    from megatron_tokenformer.training import rank_hosts  # [rank_hosts] name the lost host too
+    who = rank_hosts.name_lost(silent, f"{exc}\n{diag_text}", me)
     return (f"rank {me}: a collective failed ({first}); {who} stopped answering or ended "
             f"(collectives are bounded by {bound})")

@@ -1,0 +1,158 @@
+"""Every non-Slurm multi-node launch path, on 2 simulated hosts x 2 ranks (tests/helpers/multihost.py):
+``deepspeed --hostfile`` (pdsh over ssh), ``deepspeed --no_ssh --node_rank`` on each host, torchrun with
+a static rendezvous (``--nnodes 2 --node-rank --master-addr``) and with c10d, and ``mpirun --host``
+(OpenMPI starting its daemons over ssh). Each reproduces, to 1e-5, the lm loss and gradient norm of
+every iteration of a one-host run of the same layout (torchrun, 4 ranks on one host).
+
+The layouts put the parallel dimensions where a cluster would: data parallel across hosts
+(TP 1, PP 1, DP 4), one pipeline stage per host (TP 1, PP 2: ranks 0-1 are stage 0 on the first host),
+tensor parallel inside a host (TP 2: ranks 0-1 and 2-3 are the TP groups; DP 2 across the hosts). Each
+launcher runs one layout and each layout is run by at least one launcher; the one-host reference of
+each layout runs once. All eight runs start at once, two at a time, on first use; the hosts are shared
+with the other multi-node tests (the session fixture ``two_hosts``)."""
+
+import os
+import shutil
+import sys
+import time
+
+import pytest
+
+from tests.helpers import multihost, train_runs
+
+pytestmark = pytest.mark.slow
+
+ITERS = 3
+TRAIN = train_runs.TINY_MODEL + ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(ITERS),
+                                 "--lr", "1e-3", "--mock-data", "--vocab-size", "100", "--log-interval", "1",
+                                 "--eval-iters", "0", "--seed", "5", "--clip-grad", "0.5"]
+LAYOUTS = {"dp_across_hosts": (1, 1), "pp_stage_per_host": (1, 2), "tp_inside_host": (2, 1)}  # (tp, pp), 4 ranks
+LAUNCHERS = {"deepspeed_pdsh": "pp_stage_per_host", "deepspeed_no_ssh": "tp_inside_host",
+             "torchrun_static": "dp_across_hosts", "torchrun_c10d": "pp_stage_per_host", "mpirun": "tp_inside_host"}
+CONCURRENCY = 2
+TIMEOUT = 300
+
+
+def _deepspeed():
+    exe = shutil.which("deepspeed", path=train_runs.VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+    assert exe, "the deepspeed launcher (installed with deepspeed) is missing"
+    return exe
+
+
+def _launch(mh, launcher, args, workdir):
+    """[(host, argv, env)] that start ``launcher`` across both hosts (one entry per process to start by hand)."""
+    h0, h1 = mh.hosts
+    port = str(train_runs.free_port())
+    env = mh.env(base=train_runs.env())
+    script = [train_runs.SCRIPT] + args
+    if launcher == "deepspeed_pdsh":
+        # the runner on the first host, as a user types it; pdsh starts deepspeed.launcher.launch on both
+        # hosts over ssh. DeepSpeed exports only PYTHON*/... variables to them: the rest through DS_ENV_FILE.
+        ds_env = os.path.join(workdir, "deepspeed_env")
+        with open(ds_env, "w") as f:
+            f.write("".join(f"{k}={env[k]}\n" for k in ("OMP_NUM_THREADS", "MEGATRON_TOKENFORMER_CHECK_COLLECTIVES")))
+        return [(h0, [_deepspeed(), "--hostfile", mh.hostfile(2), "--launcher", "pdsh", "--master_addr", h0.name,
+                      "--master_port", port] + script, {**env, "DS_ENV_FILE": ds_env})]
+    if launcher == "deepspeed_no_ssh":
+        return [(h, [_deepspeed(), "--hostfile", mh.hostfile(2), "--no_ssh", "--node_rank", str(h.index),
+                     "--master_addr", h0.name, "--master_port", port] + script, env) for h in mh.hosts]
+    if launcher == "torchrun_static":
+        return [(h, [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(h.index),
+                     "--nproc-per-node", "2", "--master-addr", h0.name, "--master-port", port] + script, env)
+                for h in mh.hosts]
+    if launcher == "torchrun_c10d":
+        return [(h, [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+                     "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{h0.name}:{port}", "--rdzv-id",
+                     f"job{port}"] + script, env) for h in mh.hosts]
+    if launcher == "mpirun":
+        mpirun = shutil.which("mpirun")
+        if mpirun is None:
+            pytest.skip("mpirun (OpenMPI) is not installed")
+        exports = []
+        for key in ("PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "MEGATRON_TOKENFORMER_CHECK_COLLECTIVES"):
+            exports += ["-x", key]
+        return [(h0, [mpirun, "--allow-run-as-root", "--host", f"{h0.name}:2,{h1.name}:2", "-np", "4"]
+                 + mh.mpirun_args() + exports + [sys.executable] + script, {**env, "OMP_NUM_THREADS": ""})]
+    raise ValueError(launcher)
+
+
+def _start(mh, job, workdir):
+    kind, name = job
+    if kind == "reference":  # one host: 4 ranks under torchrun on the first simulated host
+        tp, pp = LAYOUTS[name]
+        cmd = train_runs.torchrun(4, TRAIN + train_runs.layout_args(tp, pp))
+        return [mh.popen(mh.hosts[0], cmd, env=mh.env(base=train_runs.env()))]
+    tp, pp = LAYOUTS[LAUNCHERS[name]]
+    os.makedirs(os.path.join(workdir, name), exist_ok=True)
+    return [mh.popen(h, cmd, env=env) for h, cmd, env in _launch(mh, name, TRAIN + train_runs.layout_args(tp, pp),
+                                                              os.path.join(workdir, name))]
+
+
+def _collect(procs, timeout):
+    """[(returncode, output)] of every process of one job; on timeout kill every process group."""
+    deadline, results = time.time() + timeout, []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.time()))
+        except Exception:
+            for q in procs:
+                with __import__("contextlib").suppress(ProcessLookupError):
+                    os.killpg(q.pid, 9)
+            out, _ = p.communicate()
+            out = (out or "") + f"\n[timed out after {timeout} s]"
+            p.returncode = p.returncode if p.returncode is not None else -9
+        results.append((p.returncode, out or ""))
+    return results
+
+
+@pytest.fixture(scope="module")
+def launch_runs(two_hosts, tmp_path_factory):
+    """(kind, name) -> [(returncode, output) per process started]; kind "reference" (per layout) or "launch"."""
+    workdir = str(tmp_path_factory.mktemp("launch_paths"))
+    jobs = [("reference", layout) for layout in LAYOUTS] + [("launch", name) for name in LAUNCHERS]
+    t0, pending, running, results = time.time(), list(jobs), [], {}
+    while pending or running:
+        while pending and len(running) < CONCURRENCY:
+            job = pending.pop(0)
+            running.append((job, _start(two_hosts, job, workdir), time.time()))
+        job, procs, started = running.pop(0)
+        results[job] = _collect(procs, TIMEOUT - (time.time() - started))
+    print(f"\n[multi-node launch paths] {len(jobs)} runs in {time.time() - t0:.1f} s wall", file=sys.stderr)
+    return results
+
+
+def _rows(results):
+    for rc, out in results:
+        assert rc == 0, f"exit {rc}\n{out[-6000:]}"
+    logs = "\n".join(out for _, out in results)
+    rows = train_runs.parse_iterations(logs)
+    assert [r["iteration"] for r in rows] == list(range(1, ITERS + 1)), logs[-4000:]
+    return rows, logs
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_launcher_across_two_hosts_matches_one_host(launch_runs, two_hosts, launcher):
+    layout = LAUNCHERS[launcher]
+    ref, _ = _rows(launch_runs[("reference", layout)])
+    rows, logs = _rows(launch_runs[("launch", launcher)])
+    assert "world size 4" in logs, logs[-3000:]
+    for r, b in zip(rows, ref):
+        assert abs(r["lm loss"] - b["lm loss"]) <= 1e-5, (launcher, layout, r["iteration"], r["lm loss"], b["lm loss"])
+        assert abs(r["grad norm"] - b["grad norm"]) <= 1e-5, (launcher, layout, r["iteration"])
+        assert r["consumed samples"] == b["consumed samples"]
+    # the run really spanned both hosts, two ranks each, and left nothing running on either
+    h0, h1 = (h.name for h in two_hosts.hosts)
+    hosts_line = [line for line in logs.splitlines() if line.startswith("> hosts: ")]
+    assert hosts_line in ([f"> hosts: {h0}: ranks 0, 1; {h1}: ranks 2, 3"],
+                          [f"> hosts: {h1}: ranks 0, 1; {h0}: ranks 2, 3"]), hosts_line  # c10d may swap nodes
+    for h in two_hosts.hosts:
+        leftover = [pid for pid in two_hosts.pids(h) if "pretrain_tokenformer" in _cmdline(pid)]
+        assert leftover == [], (h.name, leftover)
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
