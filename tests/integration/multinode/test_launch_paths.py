@@ -12,6 +12,7 @@ each layout runs once. All eight runs start at once, two at a time, on first use
 with the other multi-node tests (the session fixture ``two_hosts``)."""
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -121,10 +122,12 @@ def launch_runs(two_hosts, tmp_path_factory):
     return results
 
 
-def _rows(results):
+def _rows(results, hosts=()):
     for rc, out in results:
         assert rc == 0, f"exit {rc}\n{out[-6000:]}"
     logs = "\n".join(out for _, out in results)
+    if hosts:  # pdsh prefixes every line of a remote command with "<host>: "
+        logs = re.sub(r"^(?:%s): " % "|".join(map(re.escape, hosts)), "", logs, flags=re.MULTILINE)
     rows = train_runs.parse_iterations(logs)
     assert [r["iteration"] for r in rows] == list(range(1, ITERS + 1)), logs[-4000:]
     return rows, logs
@@ -134,7 +137,7 @@ def _rows(results):
 def test_launcher_across_two_hosts_matches_one_host(launch_runs, two_hosts, launcher):
     layout = LAUNCHERS[launcher]
     ref, _ = _rows(launch_runs[("reference", layout)])
-    rows, logs = _rows(launch_runs[("launch", launcher)])
+    rows, logs = _rows(launch_runs[("launch", launcher)], [h.name for h in two_hosts.hosts])
     assert "world size 4" in logs, logs[-3000:]
     for r, b in zip(rows, ref):
         assert abs(r["lm loss"] - b["lm loss"]) <= 1e-5, (launcher, layout, r["iteration"], r["lm loss"], b["lm loss"])
