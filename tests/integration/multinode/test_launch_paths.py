@@ -1,15 +1,16 @@
 """Every non-Slurm multi-node launch path, on 2 simulated hosts x 2 ranks (tests/helpers/multihost.py):
 ``deepspeed --hostfile`` (pdsh over ssh), ``deepspeed --no_ssh --node_rank`` on each host, torchrun with
 a static rendezvous (``--nnodes 2 --node-rank --master-addr``) and with c10d, and ``mpirun --host``
-(OpenMPI starting its daemons over ssh). Each reproduces, to 1e-5, the lm loss and gradient norm of
-every iteration of a one-host run of the same layout (torchrun, 4 ranks on one host).
+(OpenMPI starting its daemons over ssh). Each reproduces, within 1e-5, the lm loss and gradient norm of
+every iteration of the one-host run of the same layout: the run of tests/integration/training/
+test_layouts.py (torchrun, 4 ranks on this host; itself checked against a plain PyTorch loop), shared
+through the session fixture ``layout_pool`` so that it runs once per session.
 
-The layouts put the parallel dimensions where a cluster would: data parallel across hosts
-(TP 1, PP 1, DP 4), one pipeline stage per host (TP 1, PP 2: ranks 0-1 are stage 0 on the first host),
-tensor parallel inside a host (TP 2: ranks 0-1 and 2-3 are the TP groups; DP 2 across the hosts). Each
-launcher runs one layout and each layout is run by at least one launcher; the one-host reference of
-each layout runs once. All eight runs start at once, two at a time, on first use; the hosts are shared
-with the other multi-node tests (the session fixture ``two_hosts``)."""
+The layouts put the parallel dimensions where a cluster would (ranks 0-1 on one host, 2-3 on the
+other; TP fastest, then DP, then PP): TP 2 x DP 2 keeps each tensor-parallel group inside a host and
+reduces data-parallel gradients across the hosts; PP 2 x DP 2 makes each host one pipeline stage
+(data parallel inside the host). Each launcher runs one layout, each layout is run by two or three
+launchers. The hosts are shared with the other multi-node tests (the session fixture ``two_hosts``)."""
 
 import os
 import re
@@ -19,19 +20,19 @@ import time
 
 import pytest
 
-from tests.helpers import multihost, train_runs
+from tests.helpers import layout_runs, train_runs
 
 pytestmark = pytest.mark.slow
 
-ITERS = 3
-TRAIN = train_runs.TINY_MODEL + ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(ITERS),
-                                 "--lr", "1e-3", "--mock-data", "--vocab-size", "100", "--log-interval", "1",
-                                 "--eval-iters", "0", "--seed", "5", "--clip-grad", "0.5"]
-LAYOUTS = {"dp_across_hosts": (1, 1), "pp_stage_per_host": (1, 2), "tp_inside_host": (2, 1)}  # (tp, pp), 4 ranks
-LAUNCHERS = {"deepspeed_pdsh": "pp_stage_per_host", "deepspeed_no_ssh": "tp_inside_host",
-             "torchrun_static": "dp_across_hosts", "torchrun_c10d": "pp_stage_per_host", "mpirun": "tp_inside_host"}
+ITERS = layout_runs.ITERS
+# (tp, pp, dp, zero stage, recomputation), as in test_layouts.LAYOUTS
+LAYOUTS = {"tp_inside_host_dp_across": (2, 1, 2, 1, 0), "pp_stage_per_host": (1, 2, 2, 1, 0)}
+LAUNCHERS = {"deepspeed_pdsh": "pp_stage_per_host", "deepspeed_no_ssh": "tp_inside_host_dp_across",
+             "torchrun_static": "tp_inside_host_dp_across", "torchrun_c10d": "pp_stage_per_host",
+             "mpirun": "tp_inside_host_dp_across"}
 CONCURRENCY = 2
 TIMEOUT = 300
+MPIRUN = shutil.which("mpirun")
 
 
 def _deepspeed():
@@ -66,27 +67,18 @@ def _launch(mh, launcher, args, workdir):
                      "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{h0.name}:{port}", "--rdzv-id",
                      f"job{port}"] + script, env) for h in mh.hosts]
     if launcher == "mpirun":
-        mpirun = shutil.which("mpirun")
-        if mpirun is None:
-            pytest.skip("mpirun (OpenMPI) is not installed")
         exports = []
         for key in ("PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "MEGATRON_TOKENFORMER_CHECK_COLLECTIVES"):
             exports += ["-x", key]
-        return [(h0, [mpirun, "--allow-run-as-root", "--host", f"{h0.name}:2,{h1.name}:2", "-np", "4"]
+        return [(h0, [MPIRUN, "--allow-run-as-root", "--host", f"{h0.name}:2,{h1.name}:2", "-np", "4"]
                  + mh.mpirun_args() + exports + [sys.executable] + script, {**env, "OMP_NUM_THREADS": ""})]
     raise ValueError(launcher)
 
 
-def _start(mh, job, workdir):
-    kind, name = job
-    if kind == "reference":  # one host: 4 ranks under torchrun on the first simulated host
-        tp, pp = LAYOUTS[name]
-        cmd = train_runs.torchrun(4, TRAIN + train_runs.layout_args(tp, pp))
-        return [mh.popen(mh.hosts[0], cmd, env=mh.env(base=train_runs.env()))]
-    tp, pp = LAYOUTS[LAUNCHERS[name]]
-    os.makedirs(os.path.join(workdir, name), exist_ok=True)
-    return [mh.popen(h, cmd, env=env) for h, cmd, env in _launch(mh, name, TRAIN + train_runs.layout_args(tp, pp),
-                                                              os.path.join(workdir, name))]
+def _start(mh, launcher, workdir):
+    os.makedirs(os.path.join(workdir, launcher), exist_ok=True)
+    flags = layout_runs.layout_flags(LAYOUTS[LAUNCHERS[launcher]])
+    return [mh.popen(h, cmd, env=env) for h, cmd, env in _launch(mh, launcher, flags, os.path.join(workdir, launcher))]
 
 
 def _collect(procs, timeout):
@@ -107,19 +99,20 @@ def _collect(procs, timeout):
 
 
 @pytest.fixture(scope="module")
-def launch_runs(two_hosts, tmp_path_factory):
-    """(kind, name) -> [(returncode, output) per process started]; kind "reference" (per layout) or "launch"."""
+def launch_runs(two_hosts, layout_pool, tmp_path_factory):
+    """(one-host logs per layout name, launcher -> [(returncode, output) per process started])."""
     workdir = str(tmp_path_factory.mktemp("launch_paths"))
-    jobs = [("reference", layout) for layout in LAYOUTS] + [("launch", name) for name in LAUNCHERS]
-    t0, pending, running, results = time.time(), list(jobs), [], {}
+    reference = layout_pool.logs(LAYOUTS.values(), "one-host layout runs")
+    t0, running, results = time.time(), [], {}
+    pending = [name for name in LAUNCHERS if name != "mpirun" or MPIRUN]
     while pending or running:
         while pending and len(running) < CONCURRENCY:
-            job = pending.pop(0)
-            running.append((job, _start(two_hosts, job, workdir), time.time()))
-        job, procs, started = running.pop(0)
-        results[job] = _collect(procs, TIMEOUT - (time.time() - started))
-    print(f"\n[multi-node launch paths] {len(jobs)} runs in {time.time() - t0:.1f} s wall", file=sys.stderr)
-    return results
+            launcher = pending.pop(0)
+            running.append((launcher, _start(two_hosts, launcher, workdir), time.time()))
+        launcher, procs, started = running.pop(0)
+        results[launcher] = _collect(procs, TIMEOUT - (time.time() - started))
+    print(f"\n[multi-node launch paths] {len(results)} runs in {time.time() - t0:.1f} s wall", file=sys.stderr)
+    return {name: reference[layout] for name, layout in LAYOUTS.items()}, results
 
 
 def _rows(results, hosts=()):
@@ -135,14 +128,18 @@ def _rows(results, hosts=()):
 
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
 def test_launcher_across_two_hosts_matches_one_host(launch_runs, two_hosts, launcher):
+    if launcher == "mpirun" and not MPIRUN:
+        pytest.skip("mpirun (OpenMPI) is not installed")
     layout = LAUNCHERS[launcher]
-    ref, _ = _rows(launch_runs[("reference", layout)])
-    rows, logs = _rows(launch_runs[("launch", launcher)], [h.name for h in two_hosts.hosts])
+    reference, results = launch_runs
+    ref, _ = _rows([(0, reference[layout])])
+    rows, logs = _rows(results[launcher], [h.name for h in two_hosts.hosts])
     assert "world size 4" in logs, logs[-3000:]
     for r, b in zip(rows, ref):
         assert abs(r["lm loss"] - b["lm loss"]) <= 1e-5, (launcher, layout, r["iteration"], r["lm loss"], b["lm loss"])
         assert abs(r["grad norm"] - b["grad norm"]) <= 1e-5, (launcher, layout, r["iteration"])
         assert r["consumed samples"] == b["consumed samples"]
+        assert r["number of nan iterations"] == 0 and r["number of skipped iterations"] == 0
     # the run really spanned both hosts, two ranks each, and left nothing running on either
     h0, h1 = (h.name for h in two_hosts.hosts)
     hosts_line = [line for line in logs.splitlines() if line.startswith("> hosts: ")]
