@@ -9,9 +9,9 @@ across hosts.
 * **A host's link cut** (its bridge port down: packets dropped silently, no reset reaches anyone): both
   sides time out and end non-zero, each naming the other host; same checks. This one runs on a second
   harness instance, side by side with the first (both are mostly waiting).
-* **The ``--save`` lock across hosts**: while the job runs (its rank 0 on the first host holds the
-  lock), a second job on the second host with the same ``--save`` is refused in one line naming the
-  holder's host and pid -- the pid of a live rank on the first host.
+* **The ``--save`` lock across hosts**: while the link-cut job runs (its rank 0 on the first host holds
+  the lock), a second job on the second host with the same ``--save`` is refused in one line naming
+  the holder's host and pid -- the pid of a live rank on the first host.
 
 The bound checked is the one documented in docs/multinode.md: the collective timeout plus the
 diagnosis window (at most the timeout again), plus slack for this shared 2-core machine -- a hang
@@ -21,7 +21,6 @@ check, the measured times are printed.
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -126,7 +125,7 @@ def _wait_no_job_pids(mh, host, timeout=30.0):
 
 @pytest.fixture(scope="module")
 def faults(two_hosts, tmp_path_factory):
-    """Run both fault scenarios side by side (and the lock check inside the first); returns what they saw."""
+    """Run both fault scenarios side by side (and the lock check inside the second); returns what they saw."""
     reason = multihost.unavailable_reason()
     if reason:
         pytest.skip(reason)
@@ -135,16 +134,21 @@ def faults(two_hosts, tmp_path_factory):
     result = {}
     with multihost.MultiHost(2) as mh_cut:
         jobs = {"kill": _torchrun_job(two_hosts, save_kill), "cut": _torchrun_job(mh_cut, save_cut)}
+        c0, c1 = mh_cut.hosts
+        lock_job = None
         try:
+            # --- the --save lock: once rank 0 (first host) holds it ("> hosts:" follows the lock), a job
+            # on the second host, started while the first job warms up and finished while it waits
+            # after the cut (its rank 0 holds the lock until it ends, a minute after the cut)
+            jobs["cut"].wait_for(r"^> hosts: ", START_TIMEOUT)
+            lock_job = mh_cut.popen(c1, [sys.executable, train_runs.SCRIPT] + TRAIN + ["--save", save_cut,
+                                                                                       "--train-iters", "1"],
+                                    env=train_runs.env())
             for job in jobs.values():
                 job.wait_for(r"^ iteration\s+12/", START_TIMEOUT)        # past the first save
-            # --- the --save lock, from the other host, while rank 0 on the first host holds it
-            h0, h1 = two_hosts.hosts
-            lock = two_hosts.run(h1, [sys.executable, train_runs.SCRIPT] + TRAIN + ["--save", save_kill],
-                                 timeout=START_TIMEOUT, env=train_runs.env(), stderr=subprocess.STDOUT)
-            holder_pids = set(_job_pids(two_hosts, h0))
-            result["lock"] = (lock, holder_pids)
+            holder_pids = set(_job_pids(mh_cut, c0))
             # --- the faults
+            h0, h1 = two_hosts.hosts
             t_kill = time.time()
             two_hosts.kill_host(h1)
             t_cut = time.time()
@@ -152,7 +156,8 @@ def faults(two_hosts, tmp_path_factory):
             result["kill"] = {"rc": jobs["kill"].wait(h0, EXIT_BOUND), "took": jobs["kill"].ended[h0.name] - t_kill,
                               "out": jobs["kill"].text(h0), "left": {h.name: _wait_no_job_pids(two_hosts, h)
                                                                       for h in two_hosts.hosts}}
-            c0, c1 = mh_cut.hosts
+            lock_out, _ = lock_job.communicate(timeout=START_TIMEOUT)
+            result["lock"] = (lock_job.returncode, lock_out, holder_pids, c0.name, save_cut)
             rcs = [jobs["cut"].wait(c0, EXIT_BOUND), jobs["cut"].wait(c1, EXIT_BOUND)]
             result["cut"] = {"rc": rcs, "took": [jobs["cut"].ended[h.name] - t_cut for h in mh_cut.hosts],
                              "out": [jobs["cut"].text(h) for h in mh_cut.hosts],
@@ -162,11 +167,23 @@ def faults(two_hosts, tmp_path_factory):
         finally:
             for job in jobs.values():
                 job.kill()
+            if lock_job is not None and lock_job.poll() is None:
+                os.killpg(lock_job.pid, signal.SIGKILL)
+                lock_job.wait()
             two_hosts.start_sshd(two_hosts.hosts[1])     # the shared hosts: both up for the next test
     result.update(save_kill=save_kill, save_cut=save_cut, hosts=[h.name for h in two_hosts.hosts])
-    print(f"\n[host faults] kill: survivors ended {result['kill']['took']:.1f} s after the kill; cut: "
-          f"{result['cut']['took'][0]:.1f} s / {result['cut']['took'][1]:.1f} s after the cut", file=sys.stderr)
+    kept = [_latest_name(s) for s in (save_kill, save_cut)]
+    print(f"\n[host faults] kill: survivors ended {result['kill']['took']:.1f} s after the kill, latest {kept[0]}; "
+          f"cut: {result['cut']['took'][0]:.1f} s / {result['cut']['took'][1]:.1f} s after the cut, latest {kept[1]}",
+          file=sys.stderr)
     return result
+
+
+def _latest_name(save):
+    try:
+        return os.path.basename(checkpoint_files.resolve_step_dir(save) or "none")
+    except (ValueError, OSError) as exc:
+        return f"unreadable ({exc})"
 
 
 def _error_lines(out):
@@ -207,12 +224,10 @@ def test_link_cut_both_sides_end_naming_the_other(faults):
 
 
 def test_save_lock_refuses_a_job_on_the_other_host(faults):
-    lock, holder_pids = faults["lock"]
-    h0, _ = faults["hosts"]
-    out = lock.stdout + lock.stderr
-    assert lock.returncode != 0, out[-3000:]
+    returncode, out, holder_pids, holder_host, save = faults["lock"]
+    assert returncode != 0, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     errors = _error_lines(out)
-    assert len(errors) == 1 and f"--save {faults['save_kill']} is in use by another run (host {h0}, pid " in errors[0], out
+    assert len(errors) == 1 and f"--save {save} is in use by another run (host {holder_host}, pid " in errors[0], out
     pid = int(re.search(r"pid (\d+)", errors[0]).group(1))
     assert pid in holder_pids, (pid, holder_pids)   # a live process of the job on the first host
