@@ -115,6 +115,8 @@ def _main(argv=None) -> int:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     collective_timeout.create_diagnosis_group()
+    from megatron_tokenformer.training import rank_hosts  # [rank_hosts] a failure can name the lost host
+    rank_hosts.gather()
     # [save_dir] --save: lock, ownership, write probe -- before the model is built
     from megatron_tokenformer.checkpointing import save_dir as save_dir_lib
     save_lock = save_dir_lib.prepare_save_dir(args)  # noqa: F841 - held (flock) until the process ends
@@ -125,6 +127,7 @@ def _main(argv=None) -> int:
     print_rank_0(f"> launcher: {env.launcher}, world size {env.world_size} = TP {args.tensor_model_parallel_size}"
                  f" x PP {args.pipeline_model_parallel_size} x DP {args.data_parallel_size}; backend {backend}; "
                  f"gradient accumulation {args.gradient_accumulation_steps}")
+    print_rank_0(f"> hosts: {rank_hosts.summary()}")
     print_rank_0(describe(args))
 
     engine, _, _ = engine_lib.setup_model_and_optimizer(args, config, device)

@@ -43,6 +43,8 @@ import sys
 from datetime import timedelta
 from typing import Dict, Optional, Sequence
 
+from megatron_tokenformer.training import rank_hosts
+
 __all__ = ["set_default_timeout", "create_diagnosis_group", "is_collective_failure", "describe_failure",
            "nccl_environment", "apply_nccl_environment", "blame", "diagnosis_wait_seconds", "FLIGHT_RECORDER_DIR"]
 
@@ -191,16 +193,19 @@ def diagnosis_wait_seconds(timeout: Optional[timedelta]) -> float:
     return min(30.0, max(5.0, timeout.total_seconds() / 2))
 
 
+_UNNAMED = "another rank stopped answering or ended"
+
+
 def blame(silent: Sequence[int], me: int, world: int, waited: float) -> str:
     """The words for the ranks the diagnosis barrier says did not arrive (``silent``, ``me`` excluded):
     named where that can be right (module docstring), else said as what it is."""
     silent = sorted(r for r in set(silent) if r != me)
     if not silent:
-        return "another rank stopped answering or ended"
+        return _UNNAMED
     others = world - 1
     if len(silent) < others or world == 2:
-        who = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent))
-        return f"{who} stopped answering or ended"
+        # "rank 1", or on a multi-host job "ranks 2, 3 (host b)" (the table gathered at start-up)
+        return f"{rank_hosts.describe_ranks(silent)} stopped answering or ended"
     return (f"none of the other {others} ranks answered within {waited:g} s (they all stopped, or this rank "
             f"alone is out of step with them)")
 
@@ -354,16 +359,18 @@ def describe_failure(exc: BaseException) -> str:
     bound = f"--distributed-timeout-minutes {_TIMEOUT.total_seconds() / 60:g}" if _TIMEOUT else "the timeout"
     me = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    silent = []
+    silent, diag_text = [], ""
     seconds = diagnosis_wait_seconds(_TIMEOUT)
     if _DIAGNOSIS_GROUP is not None:
         try:
             with _quiet_stderr():  # gloo also logs the answer (two C++ lines): the one line below says it
                 monitored_barrier(_DIAGNOSIS_GROUP, timedelta(seconds=seconds), wait_all_ranks=True)
         except RuntimeError as diag:
-            silent = [r for r in _silent_ranks(str(diag)) if r != me]
+            silent, diag_text = [r for r in _silent_ranks(str(diag)) if r != me], str(diag)
     store = _default_store()
     named = _name_silent_ranks(store, silent, me, world, seconds)
+    if named.startswith(_UNNAMED):  # no rank named: the host whose address the error quotes as the peer
+        named = rank_hosts.name_lost([], f"{exc}\n{diag_text}", me) + named[len("another rank"):]
     # rank 0's view is the only one naming ranks other than rank 0 (the others' barrier fails waiting for rank 0
     # whenever anyone is missing): every rank prints rank 0's words when they come
     shared = _share_verdict(store, me, named, seconds) if world > 1 else None

@@ -113,7 +113,7 @@ time.sleep(600)
 def test_teardown_when_the_owner_is_interrupted_or_killed(sig):
     """Ctrl-C: the owner tears down itself (atexit). SIGKILL: the next instance tears it down."""
     p = subprocess.Popen([sys.executable, "-c", _CHILD], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": REPO_ROOT})
+                         stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": REPO_ROOT})  # Ctrl-C's traceback
     timer = threading.Timer(60, p.kill)
     timer.start()
     try:

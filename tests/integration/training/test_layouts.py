@@ -17,20 +17,15 @@ minutes together.
 
 import math
 import os
-import sys
-import time
 
 import pytest
 
-from tests.helpers import train_runs
+from tests.helpers import layout_runs, train_runs
 
 pytestmark = pytest.mark.slow
 
-ITERS = 10
-TRAIN = ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(ITERS), "--lr", "2e-3",
-         "--min-lr", "2e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--clip-grad", "0.5",
-         "--weight-decay", "0.01", "--mock-data", "--vocab-size", "100", "--seed", "1234", "--log-interval", "1",
-         "--eval-iters", "0"]
+ITERS = layout_runs.ITERS
+TRAIN = layout_runs.TRAIN  # shared with the multi-node tests, which compare against these runs
 
 # (tp, pp, dp, zero stage, activation recomputation)
 LAYOUTS = [(1, 1, 1, 1, 0), (2, 1, 1, 1, 0), (1, 2, 1, 1, 0), (1, 1, 2, 1, 0), (2, 2, 1, 1, 0), (1, 2, 2, 1, 0),
@@ -44,42 +39,18 @@ SP_LAYOUTS = {
     (4, 1, 1, 1, ("--sequence-parallel", "--recompute-granularity", "full", "--recompute-method", "uniform",
                   "--recompute-num-layers", "2")): (4, 1, 1, 1, 0),
 }
-CONCURRENCY = 2
-TIMEOUT = 240
-
-
-def _cmd(layout):
-    tp, pp, dp, zero, recompute = layout
-    extra = list(recompute) if isinstance(recompute, tuple) else (["--checkpoint-activations"] if recompute else [])
-    return train_runs.torchrun(tp * pp * dp, train_runs.TINY_MODEL + TRAIN + train_runs.layout_args(tp, pp)
-                               + ["--zero-stage", str(zero)] + extra)
-
-
-def _run_all(layouts, what):
-    """layout -> stdout of its run; also reports the total wall time."""
-    t0 = time.time()
-    pending = list(layouts)
-    running, logs = [], {}
-    while pending or running:
-        while pending and len(running) < CONCURRENCY:
-            layout = pending.pop(0)
-            running.append((layout, train_runs.start(_cmd(layout)), time.time()))
-        layout, proc, started = running.pop(0)
-        logs[layout] = train_runs.check_ok(train_runs.finish(proc, max(10.0, TIMEOUT - (time.time() - started))))
-    print(f"\n[{what}] {len(logs)} runs in {time.time() - t0:.1f} s wall", file=sys.stderr)
-    return logs
 
 
 @pytest.fixture(scope="module")
-def layout_logs():
-    return _run_all(LAYOUTS, "layout equivalence")
+def layout_logs(layout_pool):
+    return layout_pool.logs(LAYOUTS, "layout equivalence")
 
 
 @pytest.fixture(scope="module")
 def sp_logs(layout_logs):
     """The sequence-parallel / recomputation runs and their TP = 4 base, with the LAYOUTS runs
     (a fixture of its own: its runs fit the per-test timeout after LAYOUTS has been built)."""
-    return {**layout_logs, **_run_all(SP_BASE + list(SP_LAYOUTS), "sequence parallel / recomputation")}
+    return {**layout_logs, **layout_runs.run_all(SP_BASE + list(SP_LAYOUTS), "sequence parallel / recomputation")}
 
 
 def _rows(log):
