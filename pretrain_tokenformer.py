@@ -28,6 +28,8 @@ def _fail(message: str, rank: int) -> None:
 
 
 def main(argv=None) -> int:
+    from megatron_tokenformer.training import output_channel  # [output_channel] a lost stdout never kills a rank
+    output_channel.install()
     from megatron_tokenformer.training import failures  # [failures] known failures end in one line
     return failures.run(_main, argv)
 
