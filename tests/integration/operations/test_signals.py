@@ -176,3 +176,31 @@ def test_scancel_signal_to_an_srun_step_saves_and_exits(slurm_cluster, tmp_path)
     assert f"> done: iteration {stopped}," in text
     assert C.latest(save) == f"global_step{stopped}" and C.leftovers(save) == []
     assert C.error_lines(text) == [] and "Traceback" not in text, text[-4000:]
+
+
+def test_closed_stdout_saves_and_exits(tmp_path):
+    """The reader of a rank's stdout goes away (a dropped ssh session, a killed `tee`): the next log line
+    fails with EPIPE; the rank drops it, saves and exits 0 instead of dying of BrokenPipeError."""
+    save, status, err = str(tmp_path / "ckpt"), str(tmp_path / "exit_status"), tmp_path / "stderr.txt"
+    with open(err, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, train_runs.SCRIPT] + ARGS
+                                + ["--train-iters", "100000", "--save", save, "--save-interval", "100000",
+                                   "--exit-status-file", status],
+                                cwd=train_runs.ROOT, env=train_runs.env(), stdout=subprocess.PIPE, stderr=err_file,
+                                text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith(" iteration        2/"):
+                break
+        proc.stdout.close()                                # nobody reads the rank's output any more
+        assert proc.wait(timeout=120) == 0, err.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with open(status) as f:
+        m = re.fullmatch(r"unfinished (\d+)/100000 the output channel closed \(stdout: Broken pipe\)\n", f.read())
+    assert m, open(status).read()
+    stopped = int(m.group(1))
+    assert stopped >= 3                                    # the first failed line is iteration 3's
+    assert C.latest(save) == f"global_step{stopped}" and C.step_names(save) == [f"global_step{stopped}"]
+    assert C.leftovers(save) == [] and "Traceback" not in err.read_text(), err.read_text()[-4000:]
