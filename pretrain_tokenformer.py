@@ -57,6 +57,10 @@ def _main(argv=None) -> int:
         _fail(str(exc), env.rank)
 
     launch.configure_cpu_threads(env)
+    # [launch] a multi-host job with a loopback or unreachable master, or a missing interface: one line, not a hang
+    problem = launch.network_problem(env)
+    if problem:
+        _fail(problem, env.local_rank)  # the first rank of each host that sees it
     import torch
     import deepspeed
 
