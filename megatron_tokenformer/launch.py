@@ -471,7 +471,8 @@ def master_address_problem(env: DistributedEnv, environ: MutableMapping[str, str
         sleep(min(1.0, max(0.0, deadline - clock())))
 
 
-def socket_interface_problem(environ: MutableMapping[str, str], interfaces: Sequence[str], hostname: str) -> Optional[str]:
+def socket_interface_problem(environ: MutableMapping[str, str], interfaces: Sequence[str],
+                             hostname: str) -> Optional[str]:
     """One line when ``GLOO_SOCKET_IFNAME`` or ``NCCL_SOCKET_IFNAME`` names no interface of this host, or None.
 
     Gloo takes exact names (comma-separated, each must exist); NCCL takes name prefixes, ``=name`` for an

@@ -515,8 +515,8 @@ def test_multi_host_job_with_a_localhost_master_is_refused_before_the_process_gr
     env = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "localhost",
            "MASTER_PORT": "29500"}
     r = train_runs.run([sys.executable, train_runs.SCRIPT] + train_runs.TINY_MODEL
-                       + ["--mock-data", "--vocab-size", "100", "--train-iters", "2", "--micro-batch-size", "1", "--lr", "1e-3",
-                          "--global-batch-size", "4"], timeout=120, extra_env=env)
+                       + ["--mock-data", "--vocab-size", "100", "--train-iters", "2", "--micro-batch-size", "1",
+                          "--lr", "1e-3", "--global-batch-size", "4"], timeout=120, extra_env=env)
     assert r.returncode == 2, r.stdout[-3000:]
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pretrain_tokenformer.py: error: the master address localhost "

@@ -58,7 +58,8 @@ def test_loopback_master_refused_on_every_host(two_hosts, tmp_path):
                             rf"\(loopback\) on rank [02] of 4 on host {host}, but the job spans several hosts \(2 of "
                             rf"its 4 ranks on this one\): .*", line), line
     assert "iteration" not in r.stdout
-    print(f"\n[network checks] loopback master: refused on both hosts, runner ended after {took:.1f} s", file=sys.stderr)
+    print(f"\n[network checks] loopback master: refused on both hosts, runner ended after {took:.1f} s",
+          file=sys.stderr)
 
 
 def test_interface_variable_reaches_every_host_through_the_deepspeed_env_file(two_hosts, tmp_path):

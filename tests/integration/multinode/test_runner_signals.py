@@ -18,7 +18,6 @@ own launchers match.
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -49,8 +48,10 @@ def private_python(folder):
     if not os.path.exists(exe):
         os.symlink(os.path.realpath(sys.executable), exe)
         if sys.prefix != sys.base_prefix:
-            with open(os.path.join(sys.prefix, "pyvenv.cfg")) as src, open(os.path.join(folder, "pyvenv.cfg"), "w") as dst:
-                dst.write(src.read())
+            with open(os.path.join(sys.prefix, "pyvenv.cfg")) as src:
+                config = src.read()
+            with open(os.path.join(folder, "pyvenv.cfg"), "w") as dst:
+                dst.write(config)
             os.symlink(os.path.join(sys.prefix, "lib"), os.path.join(folder, "lib"))
     return exe
 
