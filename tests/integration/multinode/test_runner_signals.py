@@ -156,6 +156,8 @@ def stopped_runs(two_hosts, tmp_path_factory):
                 took = run.stop(how)
             finally:
                 run.kill()
+            assert os.path.exists(run.status), (f"no rank finished after {how} (no --exit-status-file; --save holds "
+                                                f"{sorted(os.listdir(save))}):\n{run.text[-4000:]}")
             with open(run.status) as f:
                 status = f.read().strip()
             m = re.fullmatch(r"unfinished (\d+)/\d+ (.*)", status)
