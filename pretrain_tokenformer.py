@@ -28,6 +28,8 @@ def _fail(message: str, rank: int) -> None:
 
 
 def main(argv=None) -> int:
+    from megatron_tokenformer.training import output_channel  # [output_channel] a lost stdout never kills a rank
+    output_channel.install()
     from megatron_tokenformer.training import failures  # [failures] known failures end in one line
     return failures.run(_main, argv)
 
@@ -63,6 +65,10 @@ def _main(argv=None) -> int:
     from megatron_tokenformer import deepspeed_boundary  # [versions] outside the tested range: one line
     if env.rank == 0:
         deepspeed_boundary.check_versions(lambda line: print(line, flush=True))
+    # [launch] a multi-host job with a loopback or unreachable master, or a missing interface: one line, not a hang
+    problem = launch.network_problem(env)
+    if problem:
+        _fail(problem, env.local_rank)  # the first rank of each host that sees it
     import torch
     import deepspeed
 

@@ -22,11 +22,14 @@ layout before any rank waits for another).
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
-from typing import Dict, List, MutableMapping, Optional
+from typing import Callable, Dict, List, MutableMapping, Optional, Sequence
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -43,6 +46,10 @@ __all__ = [
     "visible_cuda_device_count",
     "cuda_device_index",
     "bind_cuda_device",
+    "is_multi_host",
+    "master_address_problem",
+    "socket_interface_problem",
+    "network_problem",
 ]
 
 
@@ -375,6 +382,129 @@ def configure_cpu_threads(env: DistributedEnv, environ: Optional[MutableMapping[
     threads = max(1, cores // max(1, env.local_world_size))
     environ["OMP_NUM_THREADS"] = str(threads)
     return threads
+
+
+# --------------------------------------------------------------------------- the network between hosts
+#
+# A multi-host job whose master address is a loopback address (``localhost``, or a host name that
+# /etc/hosts maps to 127.0.1.1), or that some host cannot reach, used to hang in the rendezvous until
+# --distributed-timeout-minutes. :func:`network_problem` decides before any process group exists; the
+# resolver, the probe and the clock are arguments, so that every launcher's environment is tested
+# without a network.
+
+MASTER_PROBE_S = 60.0  # how long a rank keeps trying to reach the master host before it gives up
+
+
+def is_multi_host(env: DistributedEnv, environ: MutableMapping[str, str]) -> bool:
+    """Whether the job's ranks span several hosts: fewer ranks on this host than in the job (``LOCAL_WORLD_SIZE``
+    of torchrun, ``LOCAL_SIZE`` of the deepspeed launcher, the shared-memory split under MPI, the tasks per
+    node of a Slurm step), or the deepspeed launcher's node count ``CROSS_SIZE`` above 1."""
+    if env.world_size <= 1:
+        return False
+    if env.local_world_size < env.world_size:
+        return True
+    return env.launcher == "env" and (_int_env(environ, "CROSS_SIZE") or 1) > 1
+
+
+def _resolve(host: str) -> List[str]:
+    return sorted({info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
+
+
+def _probe(address: str, port: int, timeout: float) -> Optional[str]:
+    """None when ``address`` answers on ``port`` (a connection, or a refusal: the host is there); else why not."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return None
+    except ConnectionRefusedError:
+        return None
+    except socket.timeout:
+        return "timed out"
+    except OSError as exc:
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def master_address_problem(env: DistributedEnv, environ: MutableMapping[str, str], hostname: str,
+                           resolve: Callable[[str], Sequence[str]] = _resolve,
+                           probe: Callable[[str, int, float], Optional[str]] = _probe,
+                           clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                           wait_s: float = MASTER_PROBE_S) -> Optional[str]:
+    """One line saying why this rank of a multi-host job cannot rendezvous at the master address, or None.
+
+    Refused: a master address that does not resolve on this host, that resolves only to loopback
+    addresses (every rank on another host would wait for a process that is not there), or that does not
+    answer within ``wait_s`` seconds (a connection or a refusal both prove the host is reachable; an
+    unreachable network is final at once). A single-host job is not checked: loopback is right there.
+    """
+    if not is_multi_host(env, environ):
+        return None
+    where = f"rank {env.rank} of {env.world_size} on host {hostname}"
+    addr, port = env.master_addr, env.master_port
+    try:
+        addresses = list(resolve(addr))
+    except OSError as exc:
+        return (f"the master address {addr} does not resolve on {where} ({exc.strerror or exc}); "
+                f"give the launcher a master address every host can resolve")
+    if not addresses:
+        return f"the master address {addr} does not resolve on {where}"
+    if all(_is_loopback(a) for a in addresses):
+        return (f"the master address {addr} resolves to {', '.join(addresses)} (loopback) on {where}, but the job "
+                f"spans several hosts ({env.local_world_size} of its {env.world_size} ranks on this one): the other "
+                f"hosts cannot reach it; set the launcher's master address (deepspeed --master_addr, torchrun "
+                f"--master-addr, MASTER_ADDR) to an address of the first host that every host can reach")
+    target = next(a for a in addresses if not _is_loopback(a))
+    deadline = clock() + wait_s
+    while True:
+        why = probe(target, port, max(0.5, min(5.0, deadline - clock())))
+        if why is None:
+            return None
+        if why == os.strerror(errno.ENETUNREACH) or clock() >= deadline:
+            return (f"{where} cannot reach the master address {addr} ({target}) port {port}: {why} "
+                    f"(tried for {wait_s:g} s); check the route and firewall between the hosts, or choose the "
+                    f"network interface with GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (docs/multinode.md)")
+        sleep(min(1.0, max(0.0, deadline - clock())))
+
+
+def socket_interface_problem(environ: MutableMapping[str, str], interfaces: Sequence[str],
+                             hostname: str) -> Optional[str]:
+    """One line when ``GLOO_SOCKET_IFNAME`` or ``NCCL_SOCKET_IFNAME`` names no interface of this host, or None.
+
+    Gloo takes exact names (comma-separated, each must exist); NCCL takes name prefixes, ``=name`` for an
+    exact name and ``^...`` for exclusions (an exclusion list is not checked).
+    """
+    gloo = environ.get("GLOO_SOCKET_IFNAME")
+    if gloo:
+        missing = [n for n in gloo.split(",") if n.strip() and n.strip() not in interfaces]
+        if missing:
+            return (f"GLOO_SOCKET_IFNAME={gloo} names no interface of host {hostname} ({', '.join(missing)} missing; "
+                    f"it has {', '.join(interfaces)})")
+    nccl = environ.get("NCCL_SOCKET_IFNAME")
+    if nccl and not nccl.startswith("^"):
+        items = [n.strip() for n in nccl.split(",") if n.strip()]
+        matches = [n for n in items if any(i == n[1:] if n.startswith("=") else i.startswith(n) for i in interfaces)]
+        if items and not matches:
+            return (f"NCCL_SOCKET_IFNAME={nccl} matches no interface of host {hostname} (it has "
+                    f"{', '.join(interfaces)})")
+    return None
+
+
+def network_problem(env: DistributedEnv, environ: Optional[MutableMapping[str, str]] = None) -> Optional[str]:
+    """:func:`socket_interface_problem` then :func:`master_address_problem` for this host (call before the
+    process group forms); None when the job can rendezvous as far as this rank can tell."""
+    environ = os.environ if environ is None else environ
+    hostname = socket.gethostname()
+    try:
+        interfaces = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        interfaces = []
+    return (socket_interface_problem(environ, interfaces, hostname) if interfaces else None) or \
+        master_address_problem(env, environ, hostname)
 
 
 def initialize_environment(environ: Optional[MutableMapping[str, str]] = None) -> DistributedEnv:

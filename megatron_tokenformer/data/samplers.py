@@ -16,9 +16,10 @@ from typing import Iterator, List
 __all__ = ["MegatronPretrainingSampler", "build_pretraining_data_loader", "loader_worker_init"]
 
 # Signals a launcher or Slurm sends to the whole process group (SIGTERM from torchrun/srun/scancel,
-# SIGINT from Ctrl-C, SIGUSR1 from --signal=USR1@T): the training process acts on them (save, exit);
-# a loader worker must not, or the rank dies with "DataLoader worker ... killed by signal" before saving.
-_RANK_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# SIGINT from Ctrl-C, SIGHUP from a hung-up terminal, SIGUSR1 from --signal=USR1@T): the training
+# process acts on them (save, exit); a loader worker must not, or the rank dies with "DataLoader
+# worker ... killed by signal" before saving.
+_RANK_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
 class MegatronPretrainingSampler:

@@ -1,9 +1,13 @@
 """The pretraining loop: data iterators, train step, evaluation, logging, exits and checkpoint calls.
 
 Exits: after ``--train-iters``; after an iteration that is a multiple of ``--exit-interval``; once
-``--exit-duration-in-mins`` have passed; on SIGTERM or SIGUSR1 (Slurm's pre-emption warning, see
-``#SBATCH --signal``). All ranks agree on the decision (one all-reduce of a flag per iteration),
-finish the iteration, save a checkpoint when ``--save`` is given, and return normally.
+``--exit-duration-in-mins`` have passed; on SIGTERM, SIGINT, SIGHUP or SIGUSR1 (Slurm's pre-emption
+warning, see ``#SBATCH --signal``); when the rank's launcher ended (training/launcher_watch.py) or its
+stdout/stderr could not be written (training/output_channel.py). All ranks agree on the decision (one
+all-reduce of a small vector: per kind of request, the lowest rank that made it), finish the
+iteration, save a checkpoint when ``--save`` is given, and return normally. Whichever rank noticed
+first, every rank knows the agreed kind of request: rank 0 names it in its ``exiting at iteration``
+line and in ``--exit-status-file``.
 
 Every micro-batch's token ids are checked on the host before use (:mod:`.data_checks`); a bad one
 ends every rank at the next iteration where the ranks agree (before it is logged or saved).
@@ -21,12 +25,13 @@ import torch
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.training import flops as flops_lib
-from megatron_tokenformer.training import data_checks, launcher_watch
+from megatron_tokenformer.training import data_checks, launcher_watch, output_channel
 from megatron_tokenformer.training.numerics import NumericsCheck
 from megatron_tokenformer.training.logging import (TensorBoardLogger, format_eval_line, format_train_line,
                                                    is_logging_rank, print_rank_0, print_rank_last)
 
-__all__ = ["get_batch", "build_data_iterators", "train_step", "evaluate", "train", "ExitSignalHandler"]
+__all__ = ["get_batch", "build_data_iterators", "train_step", "evaluate", "train", "ExitSignalHandler", "EXIT_KINDS",
+           "local_exit_request", "agreed_exit_reason"]
 
 
 # --------------------------------------------------------------------------- data
@@ -161,16 +166,23 @@ def evaluate(engine, valid_iter, args, pipelined: bool) -> float:
 
 
 class ExitSignalHandler:
-    """Records SIGTERM / SIGUSR1 (Slurm pre-emption); the loop saves and exits at the iteration's end.
+    """Records SIGTERM / SIGINT / SIGHUP / SIGUSR1; the loop saves and exits at the iteration's end.
 
-    A second SIGTERM terminates at once (the default action), so a run stuck in a collective can
-    still be stopped by sending SIGTERM twice.
+    SIGINT is Ctrl-C (sent to the whole foreground process group, the ranks included); SIGHUP is the
+    terminal or session that went away. The same signal again, :data:`REPEAT_AFTER_S` seconds or more
+    after the first, terminates at once (its default action), so a run stuck in a collective can still
+    be stopped by sending SIGTERM (or pressing Ctrl-C) twice. A repeat sooner than that is the same
+    request delivered twice -- DeepSpeed's pdsh runner runs ``pkill`` on every host and a per-host
+    launcher then signals its whole process tree from nested handlers -- and is ignored.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
+    REPEAT_AFTER_S = 5.0
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
         self.received: Optional[str] = None
+        self._clock = clock
+        self._first = {}  # signal name -> when it first arrived
         self._previous = {}
         for name in self.SIGNALS:
             sig = getattr(signal, name, None)
@@ -182,11 +194,15 @@ class ExitSignalHandler:
 
     def _handle(self, signum, _frame):
         name = signal.Signals(signum).name
-        if self.received is not None and name == "SIGTERM":
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        now = self._clock()
+        if name in self._first:
+            if name != "SIGUSR1" and now - self._first[name] >= self.REPEAT_AFTER_S:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
             return
-        self.received = name
+        self._first[name] = now
+        if self.received is None:
+            self.received = name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -194,13 +210,55 @@ class ExitSignalHandler:
         self._previous = {}
 
 
-def _agree_on_exit(local_flag: bool, device) -> bool:
-    """True on every rank when any rank wants to exit (all-reduce MAX over the world)."""
+#: The kinds of exit request the ranks agree on, in order of precedence (the first one present is the
+#: reason every rank reports).
+EXIT_KINDS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "launcher", "output", "duration")
+
+
+def local_exit_request(handler: ExitSignalHandler, args, start_time: float) -> Optional[Tuple[str, str]]:
+    """``(kind, description)`` of this rank's own reason to stop now, or None."""
+    if handler.received is not None:
+        return handler.received, f"signal {handler.received}"
+    if launcher_watch.reason() is not None:
+        return "launcher", launcher_watch.reason()
+    if output_channel.reason() is not None:
+        return "output", output_channel.reason()
+    if args.exit_duration_in_mins is not None and (time.time() - start_time) / 60.0 > args.exit_duration_in_mins:
+        return "duration", f"--exit-duration-in-mins {args.exit_duration_in_mins}"
+    return None
+
+
+def _agree_on_exit(local_kind: Optional[str], device) -> Optional[Tuple[str, int]]:
+    """``(kind, lowest rank that requested it)`` of the first kind of :data:`EXIT_KINDS` that any rank
+    requested, the same on every rank; None when no rank wants to exit (all-reduce MAX over the world
+    of one entry per kind: world size - rank on a requesting rank, else 0)."""
     if not torch.distributed.is_initialized():
-        return local_flag
+        return (local_kind, 0) if local_kind is not None else None
     from megatron_tokenformer.tensor_parallel.mappings import all_reduce_over
-    flag = torch.tensor([1.0 if local_flag else 0.0], device=parallel_state.get_communication_device())
-    return bool(all_reduce_over(flag, "world", op="max").item() > 0)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    requests = torch.zeros(len(EXIT_KINDS), device=parallel_state.get_communication_device())
+    if local_kind is not None:
+        requests[EXIT_KINDS.index(local_kind)] = float(world - rank)
+    requests = all_reduce_over(requests, "world", op="max").cpu()
+    for kind, value in zip(EXIT_KINDS, requests.tolist()):
+        if value > 0:
+            return kind, world - int(round(value))
+    return None
+
+
+def agreed_exit_reason(kind: str, requester: int, local: Optional[Tuple[str, str]], args) -> str:
+    """What a rank reports for the agreed exit: its own description when it made the same kind of
+    request, else a description of the requester's (signals and the time limit read the same on every
+    rank; the launcher and the output channel are named with the rank that noticed)."""
+    if local is not None and local[0] == kind:
+        return local[1]
+    if kind == "launcher":
+        return f"the launcher ended (noticed by rank {requester})"
+    if kind == "output":
+        return f"the output channel closed (noticed by rank {requester})"
+    if kind == "duration":
+        return f"--exit-duration-in-mins {args.exit_duration_in_mins}"
+    return f"signal {kind}"
 
 
 def exit_check_due(iteration: int, args) -> bool:
@@ -284,6 +342,7 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
     last_saved = None
     reason = "train-iters"
     logger_rank = is_logging_rank()
+    my_rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
     try:
         while iteration < args.train_iters:
@@ -342,35 +401,33 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
                 interval_start = time.time()
 
             # ---- exit conditions (agreed by all ranks)
-            local_exit, why = False, None
-            if handler.received is not None:
-                local_exit, why = True, f"signal {handler.received}"
-            elif launcher_watch.reason() is not None:
-                local_exit, why = True, launcher_watch.reason()
-            elif args.exit_duration_in_mins is not None and \
-                    (time.time() - start_time) / 60.0 > args.exit_duration_in_mins:
-                local_exit, why = True, f"--exit-duration-in-mins {args.exit_duration_in_mins}"
             # The agreement is a host sync: only at iterations where the host waits anyway (logging,
             # saving) -- a signal is acted on within --log-interval iterations.
-            if exit_check_due(iteration, args) and _agree_on_exit(local_exit, device) \
-                    and iteration < args.train_iters:
-                reason = why or "another rank's exit request"
-                break
+            if exit_check_due(iteration, args):
+                local = local_exit_request(handler, args, start_time)
+                agreed = _agree_on_exit(local[0] if local else None, device)
+                if agreed and iteration < args.train_iters:
+                    kind, requester = agreed
+                    reason = agreed_exit_reason(kind, requester, local, args)
+                    if requester == my_rank != 0 and local is not None and kind in ("launcher", "output"):
+                        print(f"> rank {my_rank}: {local[1]}", flush=True)  # the detail rank 0 cannot name
+                    break
             if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
                 reason = f"--exit-interval {args.exit_interval}"
                 break
+
+        # the final save runs with the signal handler still installed: a signal now is the same request
+        if reason != "train-iters":
+            print_rank_0(f"exiting at iteration {iteration} ({reason})")
+        elif valid_iter is not None and args.eval_iters > 0 and iteration % args.eval_interval != 0:
+            val_loss = evaluate(engine, valid_iter, args, pipelined)
+            print_rank_last(format_eval_line(iteration, val_loss, name="validation (end of training)"))
+            tensorboard.add_scalars({"lm loss validation": val_loss,
+                                     "lm loss validation ppl": math.exp(min(val_loss, 20.0))}, iteration)
+        if args.save and last_saved != iteration:
+            _check_before_save(numerics, engine, interval_losses, iteration, pipelined)
+            save_checkpoint(engine, args, config, iteration, consumed_samples)
+        tensorboard.flush()
     finally:
         handler.restore()
-
-    if reason != "train-iters":
-        print_rank_0(f"exiting at iteration {iteration} ({reason})")
-    elif valid_iter is not None and args.eval_iters > 0 and iteration % args.eval_interval != 0:
-        val_loss = evaluate(engine, valid_iter, args, pipelined)
-        print_rank_last(format_eval_line(iteration, val_loss, name="validation (end of training)"))
-        tensorboard.add_scalars({"lm loss validation": val_loss,
-                                 "lm loss validation ppl": math.exp(min(val_loss, 20.0))}, iteration)
-    if args.save and last_saved != iteration:
-        _check_before_save(numerics, engine, interval_losses, iteration, pipelined)
-        save_checkpoint(engine, args, config, iteration, consumed_samples)
-    tensorboard.flush()
     return iteration, consumed_samples, reason

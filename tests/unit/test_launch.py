@@ -362,3 +362,162 @@ def test_cpu_batch_script_time_limit_save_requeue_resume(slurm_cluster, tmp_path
         assert rows[-1]["iteration"] == train_iters and all(r["number of nan iterations"] == 0 for r in rows)
         return
     raise AssertionError(f"training finished before the time-limit warning even with {attempts[-1]} iterations")
+
+
+# --------------------------------------------------------------------------- the network between hosts
+# rank 2 of 4, on the second of two hosts (2 ranks each), as each launcher presents it
+MULTI_HOST = {
+    "deepspeed": {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_SIZE": "2", "CROSS_RANK": "1",
+                  "CROSS_SIZE": "2", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"},
+    "torchrun": {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+                 "MASTER_ADDR": "node0", "MASTER_PORT": "29500"},
+    "slurm": {"SLURM_PROCID": "2", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "0",
+              "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "node[0-1]", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+              "SLURM_JOB_ID": "7"},
+    "mpirun": None,  # discovered through mpi4py: what _discover_mpi returns on that rank
+}
+SINGLE_HOST = {
+    "deepspeed": {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_SIZE": "4", "CROSS_SIZE": "1",
+                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+    "torchrun": {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+    "slurm": {"SLURM_PROCID": "2", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "2",
+              "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "node0", "SLURM_STEP_TASKS_PER_NODE": "4",
+              "SLURM_JOB_ID": "7", "MASTER_ADDR": "localhost"},
+    "mpirun": None,
+}
+
+
+def _env(table, launcher):
+    if launcher == "mpirun":
+        multi = table is MULTI_HOST
+        return launch.DistributedEnv(2, 4, 0 if multi else 2, "node0" if multi else "127.0.0.1", 29500, "mpi",
+                                     2 if multi else 4), {"OMPI_COMM_WORLD_SIZE": "4"}
+    environ = dict(table[launcher])
+    return launch.discover(environ), environ
+
+
+class _Net:
+    """A stand-in network: what names resolve to, what each probe answers, and a clock the probes advance."""
+
+    def __init__(self, addresses, answers=(None,), probe_s=5.0):
+        self.addresses, self.answers, self.probe_s = addresses, list(answers), probe_s
+        self.now, self.probes = 0.0, []
+
+    def resolve(self, host):
+        if isinstance(self.addresses, Exception):
+            raise self.addresses
+        return self.addresses
+
+    def probe(self, address, port, timeout):
+        self.probes.append((address, port))
+        self.now += min(timeout, self.probe_s)
+        return self.answers[min(len(self.probes) - 1, len(self.answers) - 1)]
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+    def check(self, env, environ):
+        return launch.master_address_problem(env, environ, "node1", resolve=self.resolve, probe=self.probe,
+                                             clock=lambda: self.now, sleep=self.sleep)
+
+
+@pytest.mark.parametrize("launcher", sorted(MULTI_HOST))
+def test_multi_host_is_recognised_for_every_launcher(launcher):
+    assert launch.is_multi_host(*_env(MULTI_HOST, launcher))
+    assert not launch.is_multi_host(*_env(SINGLE_HOST, launcher))
+
+
+@pytest.mark.parametrize("launcher", sorted(MULTI_HOST))
+@pytest.mark.parametrize("loopback", [["127.0.0.1"], ["127.0.1.1"], ["::1"], ["127.0.0.1", "::1"]])
+def test_loopback_master_of_a_multi_host_job_is_refused_in_one_line(launcher, loopback):
+    env, environ = _env(MULTI_HOST, launcher)
+    net = _Net(loopback)
+    line = net.check(env, environ)
+    assert line == (f"the master address node0 resolves to {', '.join(loopback)} (loopback) on rank 2 of 4 on host "
+                    f"node1, but the job spans several hosts (2 of its 4 ranks on this one): the other hosts cannot "
+                    f"reach it; set the launcher's master address (deepspeed --master_addr, torchrun --master-addr, "
+                    f"MASTER_ADDR) to an address of the first host that every host can reach")
+    assert net.probes == []  # decided without touching the network
+
+
+@pytest.mark.parametrize("launcher", sorted(MULTI_HOST))
+def test_single_host_job_with_a_loopback_master_is_fine(launcher):
+    net = _Net(["127.0.0.1"])
+    assert net.check(*_env(SINGLE_HOST, launcher)) is None and net.probes == []
+
+
+@pytest.mark.parametrize("launcher", sorted(MULTI_HOST))
+def test_reachable_master_passes_after_one_probe(launcher):
+    net = _Net(["10.1.0.1"])
+    assert net.check(*_env(MULTI_HOST, launcher)) is None
+    assert net.probes == [("10.1.0.1", _env(MULTI_HOST, launcher)[0].master_port)]
+
+
+def test_unreachable_master_is_refused_after_the_probe_window():
+    env, environ = _env(MULTI_HOST, "torchrun")
+    net = _Net(["10.1.0.1"], answers=["timed out"])
+    line = net.check(env, environ)
+    assert line == ("rank 2 of 4 on host node1 cannot reach the master address node0 (10.1.0.1) port 29500: timed out "
+                    "(tried for 60 s); check the route and firewall between the hosts, or choose the network "
+                    "interface with GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (docs/multinode.md)")
+    assert launch.MASTER_PROBE_S <= net.now < launch.MASTER_PROBE_S + 6   # bounded: not a 10-minute hang
+
+
+def test_master_that_comes_up_late_is_accepted():
+    """Rank 0 may not listen yet: timeouts, then an answer inside the window."""
+    net = _Net(["10.1.0.1"], answers=["timed out", "timed out", None])
+    assert net.check(*_env(MULTI_HOST, "deepspeed")) is None and len(net.probes) == 3
+
+
+def test_no_route_to_the_master_is_final_at_once():
+    net = _Net(["10.1.0.1"], answers=[os.strerror(__import__("errno").ENETUNREACH)])
+    line = net.check(*_env(MULTI_HOST, "slurm"))
+    assert "cannot reach the master address node0 (10.1.0.1) port" in line and "Network is unreachable" in line
+    assert len(net.probes) == 1
+
+
+def test_unresolvable_master_is_refused():
+    import socket
+    net = _Net(socket.gaierror(-2, "Name or service not known"))
+    line = net.check(*_env(MULTI_HOST, "deepspeed"))
+    assert line == ("the master address node0 does not resolve on rank 2 of 4 on host node1 (Name or service not "
+                    "known); give the launcher a master address every host can resolve")
+
+
+def test_probe_counts_a_refusal_as_reachable():
+    """The real probe: a closed port of a host that is there refuses the connection -- reachable."""
+    port = launch.find_free_port()
+    assert launch._probe("127.0.0.1", port, 2.0) is None
+
+
+@pytest.mark.parametrize("environ, problem", [
+    ({}, None),
+    ({"GLOO_SOCKET_IFNAME": "eth0"}, None),
+    ({"GLOO_SOCKET_IFNAME": "eth0,ib0"}, None),
+    ({"GLOO_SOCKET_IFNAME": "eth9"}, "GLOO_SOCKET_IFNAME=eth9 names no interface of host node1 (eth9 missing; "
+                                     "it has lo, eth0, ib0)"),
+    ({"NCCL_SOCKET_IFNAME": "eth"}, None),          # a prefix
+    ({"NCCL_SOCKET_IFNAME": "=eth0"}, None),        # an exact name
+    ({"NCCL_SOCKET_IFNAME": "^docker,lo"}, None),   # exclusions are not checked
+    ({"NCCL_SOCKET_IFNAME": "=eth"}, "NCCL_SOCKET_IFNAME==eth matches no interface of host node1 (it has lo, eth0, "
+                                     "ib0)"),
+    ({"NCCL_SOCKET_IFNAME": "enp"}, "NCCL_SOCKET_IFNAME=enp matches no interface of host node1 (it has lo, eth0, "
+                                    "ib0)"),
+])
+def test_socket_interface_names_are_checked(environ, problem):
+    assert launch.socket_interface_problem(environ, ["lo", "eth0", "ib0"], "node1") == problem
+
+
+def test_multi_host_job_with_a_localhost_master_is_refused_before_the_process_group(tmp_path):
+    """The whole entry point, as rank 2 of a 2-host job would start with MASTER_ADDR=localhost: one line, exit 2,
+    within seconds (before torch is imported, let alone a rendezvous)."""
+    env = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "localhost",
+           "MASTER_PORT": "29500"}
+    r = train_runs.run([sys.executable, train_runs.SCRIPT] + train_runs.TINY_MODEL
+                       + ["--mock-data", "--vocab-size", "100", "--train-iters", "2", "--micro-batch-size", "1",
+                          "--lr", "1e-3", "--global-batch-size", "4"], timeout=120, extra_env=env)
+    assert r.returncode == 2, r.stdout[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pretrain_tokenformer.py: error: the master address localhost "
+                                                   "resolves to ") and "(loopback)" in lines[0], r.stdout[-3000:]

@@ -113,8 +113,11 @@ def test_sigterm_to_deepspeed_runner_saves_and_every_rank_exits(tmp_path):
     finally:
         job.kill()
     text = job.text
-    m = re.search(r"exiting at iteration (\d+) \(the launcher ended \(pid (\d+)", text)
-    assert m and int(m.group(2)) == job.proc.pid, text[-4000:]
+    # whichever rank noticed first: rank 0 names the kind of request (with its own detail, or the rank that
+    # noticed), and the rank that noticed names the launcher process that ended -- the runner
+    m = re.search(r"exiting at iteration (\d+) \(the launcher ended", text)
+    assert m, text[-4000:]
+    assert {int(p) for p in re.findall(r"the launcher ended \(pid (\d+):", text)} == {job.proc.pid}, text[-4000:]
     stopped = int(m.group(1))
     assert f"> done: iteration {stopped}," in text
     assert C.latest(save) == f"global_step{stopped}" and C.leftovers(save) == []
@@ -173,3 +176,31 @@ def test_scancel_signal_to_an_srun_step_saves_and_exits(slurm_cluster, tmp_path)
     assert f"> done: iteration {stopped}," in text
     assert C.latest(save) == f"global_step{stopped}" and C.leftovers(save) == []
     assert C.error_lines(text) == [] and "Traceback" not in text, text[-4000:]
+
+
+def test_closed_stdout_saves_and_exits(tmp_path):
+    """The reader of a rank's stdout goes away (a dropped ssh session, a killed `tee`): the next log line
+    fails with EPIPE; the rank drops it, saves and exits 0 instead of dying of BrokenPipeError."""
+    save, status, err = str(tmp_path / "ckpt"), str(tmp_path / "exit_status"), tmp_path / "stderr.txt"
+    with open(err, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, train_runs.SCRIPT] + ARGS
+                                + ["--train-iters", "100000", "--save", save, "--save-interval", "100000",
+                                   "--exit-status-file", status],
+                                cwd=train_runs.ROOT, env=train_runs.env(), stdout=subprocess.PIPE, stderr=err_file,
+                                text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith(" iteration        2/"):
+                break
+        proc.stdout.close()                                # nobody reads the rank's output any more
+        assert proc.wait(timeout=120) == 0, err.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with open(status) as f:
+        m = re.fullmatch(r"unfinished (\d+)/100000 the output channel closed \(stdout: Broken pipe\)\n", f.read())
+    assert m, open(status).read()
+    stopped = int(m.group(1))
+    assert stopped >= 3                                    # the first failed line is iteration 3's
+    assert C.latest(save) == f"global_step{stopped}" and C.step_names(save) == [f"global_step{stopped}"]
+    assert C.leftovers(save) == [] and "Traceback" not in err.read_text(), err.read_text()[-4000:]

@@ -70,7 +70,7 @@ def test_data_loader_batches():
 
 
 def test_loader_workers_ignore_the_launchers_signals():
-    """A SIGTERM/SIGINT/SIGUSR1 sent to the whole process group reaches the loader workers too; they must
+    """A SIGTERM/SIGINT/SIGHUP/SIGUSR1 sent to the whole process group reaches the loader workers too; they must
     leave it to the training process (which saves and exits), not die and take the rank with them."""
     import os
     import signal
@@ -86,12 +86,13 @@ def test_loader_workers_ignore_the_launchers_signals():
         def __getitem__(self, i):
             return {"pid": torch.tensor(os.getpid()),
                     "handlers": torch.tensor([int(signal.getsignal(s) == signal.SIG_IGN)
-                                              for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)])}
+                                              for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                                        signal.SIGUSR1)])}
 
     loader = build_pretraining_data_loader(Pids(), 0, 2, 0, 1, num_workers=1)
     batch = next(iter(loader))
     assert int(batch["pid"][0]) != os.getpid()  # really a worker process
-    assert batch["handlers"].tolist() == [[1, 1, 1], [1, 1, 1]]
+    assert batch["handlers"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
     assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # the training process keeps its own handling
 
 

@@ -95,9 +95,11 @@ def test_parameter_counting_communicates_on_the_communication_device(meta_commun
     assert meta_communication_device == [("all_reduce", "world", torch.device("meta"))]
 
 
-def test_exit_agreement_communicates_on_the_communication_device(meta_communication_device):
+def test_exit_agreement_communicates_on_the_communication_device(meta_communication_device, monkeypatch):
     from megatron_tokenformer.training.loop import _agree_on_exit
-    _agree_on_exit(True, torch.device("cpu"))
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    _agree_on_exit("SIGTERM", torch.device("cpu"))
     assert meta_communication_device == [("all_reduce_max", "world", torch.device("meta"))]
 
 
