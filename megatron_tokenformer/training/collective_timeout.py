@@ -40,6 +40,8 @@ import re
 import signal
 import socket
 import sys
+import threading
+import time
 from datetime import timedelta
 from typing import Dict, Optional, Sequence
 
@@ -298,6 +300,43 @@ def describe_ranks(store, ranks: Sequence[int], proc_root: str = "/proc") -> Dic
     return out
 
 
+class _DeadlineStore:
+    """The rendezvous store during one diagnosis: every operation bounded by what is left of ``seconds``;
+    after one failed or unanswered operation (the store's host lost or cut off) none is tried any more, so
+    a diagnosis never waits on the store longer than ``seconds``. Each operation runs on a daemon thread:
+    the store's own timeout (the run's, minutes) does not bound a reply that never comes over a cut link
+    (a blocking receive, no reset), so the caller stops waiting and leaves the thread behind."""
+
+    def __init__(self, store, seconds: float):
+        self._store = store
+        self._deadline = time.monotonic() + seconds
+        self._failed = False
+
+    def __getattr__(self, name):
+        op = getattr(self._store, name)
+
+        def bounded(*args, **kwargs):
+            left = self._deadline - time.monotonic()
+            if self._failed or left <= 0:
+                raise RuntimeError("the rendezvous store did not answer in time")
+            outcome = {}
+
+            def call():
+                try:
+                    outcome["value"] = op(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller below
+                    outcome["error"] = exc
+
+            worker = threading.Thread(target=call, name="diagnosis-store", daemon=True)
+            worker.start()
+            worker.join(left)
+            if worker.is_alive() or "error" in outcome:
+                self._failed = True
+                raise outcome.get("error") or RuntimeError("the rendezvous store did not answer in time")
+            return outcome.get("value")
+        return bounded
+
+
 def _share_verdict(store, me: int, verdict: str, seconds: float) -> Optional[str]:
     """Rank 0 (the only rank gloo's monitored barrier tells who is missing) publishes ``verdict``; the other
     ranks wait for it at most ``seconds`` and return it (None when it does not come: rank 0 or the store
@@ -368,6 +407,8 @@ def describe_failure(exc: BaseException) -> str:
         except RuntimeError as diag:
             silent, diag_text = [r for r in _silent_ranks(str(diag)) if r != me], str(diag)
     store = _default_store()
+    if store is not None:
+        store = _DeadlineStore(store, seconds)
     named = _name_silent_ranks(store, silent, me, world, seconds)
     if named.startswith(_UNNAMED):  # no rank named: the host whose address the error quotes as the peer
         named = rank_hosts.name_lost([], f"{exc}\n{diag_text}", me) + named[len("another rank"):]

@@ -61,6 +61,7 @@ class HashingWriter:
         self._f = f
         self._hasher = new_hasher()
         self.size = 0
+        self.name = getattr(f, "name", "")  # the path, as a file object has it (for whoever logs or matches it)
 
     def write(self, data) -> int:
         view = memoryview(data)

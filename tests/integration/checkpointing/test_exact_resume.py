@@ -116,7 +116,7 @@ def die():
 orig_save = tce.TorchCheckpointEngine.save
 def save(self, state_dict, path, *a, **k):
     r = orig_save(self, state_dict, path, *a, **k)
-    if phase == "deepspeed-files" and at + ".partial" in path:
+    if phase == "deepspeed-files" and at + ".partial" in str(getattr(path, "name", path)):  # a path or a file object
         die()
     return r
 tce.TorchCheckpointEngine.save = save

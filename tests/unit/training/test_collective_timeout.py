@@ -242,3 +242,31 @@ def test_diagnosis_group_is_not_a_full_mesh(pool4):
     assert all(m >= world - 1 for m in mesh), results  # full mesh: every rank connects to every other
     # star: rank 0 to each other rank, nothing between the others
     assert star[0] == mesh[0] and all(s * (world - 1) == m for s, m in zip(star[1:], mesh[1:])), results
+
+
+def test_diagnosis_store_operations_are_bounded_and_stop_after_one_failure():
+    """A link cut leaves the rendezvous store silent: each store operation of a diagnosis is bounded by what
+    is left of the diagnosis wait (not the store's own minutes-long timeout), and after one failure none is
+    tried, so a cut-off rank ends instead of waiting on its store (tests/integration/multinode, link cut)."""
+    import time as _time
+    from datetime import timedelta as _td
+
+    import torch.distributed as dist
+
+    from megatron_tokenformer.training.collective_timeout import _DeadlineStore
+    from megatron_tokenformer.launch import find_free_port
+    port = find_free_port()
+    store = dist.TCPStore("127.0.0.1", port, 1, True, timeout=_td(seconds=120))
+    bounded = _DeadlineStore(store, 1.0)
+    start = _time.monotonic()
+    with pytest.raises(Exception):
+        bounded.get("a key nobody sets")        # a missing key: TCPStore waits for it up to its timeout
+    first = _time.monotonic() - start
+    assert first < 60, first                    # the store's own 120 s timeout was not waited out
+    start = _time.monotonic()
+    with pytest.raises(RuntimeError, match="did not answer in time"):
+        bounded.set("k", "v")                   # after a failure: refused at once, nothing waits
+    assert _time.monotonic() - start < 1.0
+    other = dist.TCPStore("127.0.0.1", port, 1, False, timeout=_td(seconds=30))
+    other.set("k", "v")                         # the store itself is untouched (a second client: the
+    assert other.get("k") == b"v"               # first is still inside the abandoned get)
