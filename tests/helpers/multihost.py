@@ -47,6 +47,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+from megatron_tokenformer.fileio import pid_alive
+
 STATE_DIR = "/run/tokenformer-multihost"  # one manifest per live instance, and the /etc/hosts lock
 HOSTS_FILE = "/etc/hosts"
 SSHD = "/usr/sbin/sshd"
@@ -209,16 +211,6 @@ def _teardown(manifest: Dict) -> List[str]:
     return problems
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_stale() -> List[str]:
     """Tear down the instances whose owning process is gone (killed before it could clean up); their tags."""
     done = []
@@ -232,7 +224,7 @@ def cleanup_stale() -> List[str]:
                 manifest = json.load(f)
         except (OSError, ValueError):
             continue
-        if manifest.get("owner") != os.getpid() and not _pid_alive(int(manifest.get("owner", 0))):
+        if manifest.get("owner") != os.getpid() and not pid_alive(int(manifest.get("owner", 0))):
             _teardown(manifest)
             done.append(manifest["tag"])
     return done
