@@ -6,7 +6,8 @@ waits: on a collective timeout after a simulated host is killed or cut off, on S
 warning and requeue hold, on a stage's ``afterok`` dependency. On one worker those waits add up with
 the CPU time of everything else; on two they run beside it.
 
-Every test gets an ``xdist_group``, so that what its fixtures build is built once:
+Every test belongs to a group (:func:`group_of`), and a group runs on one worker, so that what its
+fixtures build is built once:
 
 * the tests under a folder whose ``conftest.py`` holds session-scoped runs (the checkpointing and interop
   runs, the simulated hosts -- with the two-node Slurm cluster built on them -- and the one-host layout
@@ -16,7 +17,9 @@ Every test gets an ``xdist_group``, so that what its fixtures build is built onc
   the other on one worker;
 * every other test is grouped with its module (module-scoped fixtures: rank pools, documented workflows).
 
-Without xdist (``python -m pytest tests``) the groups are ignored and the suite runs as before.
+The groups are handed to pytest-xdist by :func:`pytest_xdist_make_scheduler` (``tests/test_suite_groups.py``
+checks that a module's tests run on one worker). Without xdist (``python -m pytest tests``) the groups are
+ignored and the suite runs as before.
 """
 
 import os
@@ -27,29 +30,66 @@ SLURM_GROUP = "slurm"
 
 # folder (relative to tests/) -> group: session-scoped fixtures live in these folders' conftest.py
 _SHARED_FOLDERS = {
-    os.path.join("integration", "checkpointing"): "checkpointing",
-    os.path.join("integration", "interop"): "interop",
-    os.path.join("integration", "multinode"): "hosts",
+    "integration/checkpointing": "checkpointing",
+    "integration/interop": "interop",
+    "integration/multinode": "hosts",
     # the one-host layout runs that the multi-host launch paths are compared with
-    os.path.join("integration", "training", "test_layouts.py"): "hosts",
-    os.path.join("unit", "data"): "unit-data",
+    "integration/training/test_layouts.py": "hosts",
+    "unit/data": "unit-data",
 }
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_TESTS)
 
 
-def _shared_folder_group(item):
-    rel = os.path.relpath(str(item.path), _TESTS)
+def _uses_slurm_marker(module_path: str, cache={}) -> bool:
+    """Whether the test module at ``module_path`` (relative to the repository) marks its tests ``slurm``."""
+    if module_path not in cache:
+        try:
+            with open(os.path.join(_ROOT, module_path), encoding="utf-8") as f:
+                cache[module_path] = "pytest.mark.slurm" in f.read()
+        except OSError:
+            cache[module_path] = False
+    return cache[module_path]
+
+
+def group_of(nodeid: str) -> str:
+    """The xdist group of the test ``nodeid`` (``tests/unit/x.py::test_y[p]``): a shared folder's group, the
+    Slurm group, or the test's module."""
+    module_path = nodeid.split("::", 1)[0]
+    rel = module_path[len("tests/"):] if module_path.startswith("tests/") else module_path
     for prefix, group in _SHARED_FOLDERS.items():
-        if rel == prefix or rel.startswith(prefix + os.sep):
+        if rel == prefix or rel.startswith(prefix + "/"):
             return group
-    return None
+    if _uses_slurm_marker(module_path):
+        return SLURM_GROUP
+    return module_path
 
 
-def pytest_collection_modifyitems(config, items):
-    slurm_modules = {item.module.__name__ for item in items if item.get_closest_marker("slurm") is not None}
-    for item in items:
-        group = _shared_folder_group(item)
-        if group is None:
-            group = SLURM_GROUP if item.module.__name__ in slurm_modules else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(name=group))
+# groups started first (in this order): the longest, so that they do not end the run alone on one worker
+LONG_GROUPS = ("hosts", SLURM_GROUP, "checkpointing", "interop")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's ``loadgroup`` reads the group from a suffix its worker hook appends to each node id,
+    which pytest 9 no longer lets a plugin change (the id is computed): the groups are decided here, on the
+    controller, from the node ids themselves (``-n N`` alone groups the same way). The long groups start
+    first."""
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+        def schedule(self) -> None:
+            if self.collection is None:
+                first = {g: i for i, g in enumerate(LONG_GROUPS)}
+                for node, collection in list(self.registered_collections.items()):
+                    self.registered_collections[node] = sorted(
+                        collection, key=lambda nodeid: first.get(group_of(nodeid), len(first)))
+                self.config.option.loadscopereorder = False
+            super().schedule()
+
+    return GroupScheduling(config, log)

@@ -75,6 +75,7 @@ class SlurmCluster(slurm_jobs.SlurmClient):
                  slurmd_debug: str = "info", requeue_hold: int = 120):
         super().__init__()
         self.mh = mh
+        self.name = mh.tag  # ClusterName: the tasks' SLURM_CLUSTER_NAME
         self.slurmd_debug = slurmd_debug
         self.requeue_hold = requeue_hold
         self.hosts = list(mh.hosts)
@@ -131,7 +132,7 @@ class SlurmCluster(slurm_jobs.SlurmClient):
         nodes = "\n".join(f"NodeName={h.name} NodeAddr={h.ip} CPUs={self.cpus} RealMemory={mem} State=UNKNOWN"
                           for h in self.hosts)
         return f"""# written by tests/helpers/slurm_cluster.py for simulated hosts {self.mh.tag}
-ClusterName={self.mh.tag}
+ClusterName={self.name}
 SlurmctldHost={self.head.name}({self.head.ip})
 SlurmUser=root
 AuthType=auth/munge

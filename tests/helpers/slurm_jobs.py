@@ -125,9 +125,10 @@ def read(path: Optional[str]) -> str:
 # --------------------------------------------------------------------------- rank processes
 
 
-def rank_pids(job: str) -> List[int]:
+def rank_pids(job: str, cluster: Optional[str] = None) -> List[int]:
     """The pretrain_tokenformer.py processes of ``job`` on this machine (every simulated host shares its
-    process table), data-loader workers excluded; sorted by RANK."""
+    process table), data-loader workers excluded; sorted by RANK. ``cluster``: the job's ClusterName (job
+    ids repeat across the clusters one machine may run at once)."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:
@@ -137,6 +138,8 @@ def rank_pids(job: str) -> List[int]:
             environ = p.environ()
             parent = p.parent()
             if environ.get("SLURM_JOB_ID") != job or "SLURM_STEP_ID" not in environ:
+                continue
+            if cluster is not None and environ.get("SLURM_CLUSTER_NAME") != cluster:
                 continue
             if parent is not None and parent.cmdline() == cmdline:
                 continue  # a forked data-loader worker
@@ -174,13 +177,14 @@ def signalled_or_resumed(pid: int, sig: int) -> bool:
         return True
 
 
-def wait_for_handlers(job: str, nranks: int, sig: int, timeout: float, log: Optional[str] = None) -> List[int]:
+def wait_for_handlers(job: str, nranks: int, sig: int, timeout: float, log: Optional[str] = None,
+                      cluster: Optional[str] = None) -> List[int]:
     """The ``nranks`` rank pids of ``job``, once every one of them handles ``sig`` (its training loop runs)."""
     pids: List[int] = []
 
     def ready():
         nonlocal pids
-        pids = rank_pids(job)
+        pids = rank_pids(job, cluster)
         try:
             return len(pids) == nranks and all(catches(pid, sig) for pid in pids)
         except OSError:

@@ -141,7 +141,7 @@ def side_by_side(cluster, tmp_path_factory):
 
     def time_limit():
         j = jobs["time_limit"]
-        pids = S.wait_for_handlers(j["job"], 2, signal.SIGUSR1, 900, j["log"])
+        pids = S.wait_for_handlers(j["job"], 2, signal.SIGUSR1, 900, j["log"], cluster=cluster.name)
         j["signal_s"] = S.freeze_until_signalled(pids, lambda: cluster.cut_time_limit(j["job"], 120),
                                                  signal.SIGUSR1, 120, j["log"])
         t = time.time()
@@ -156,7 +156,7 @@ def side_by_side(cluster, tmp_path_factory):
         j = jobs["sigterm"]
         S.wait(lambda: "iteration        3/" in S.read(j["log"]) or cluster.job_state(j["job"]) in S.ENDED, 900,
                "the SIGTERM job to train", j["log"])
-        pids = S.rank_pids(j["job"])
+        pids = S.rank_pids(j["job"], cluster.name)
         t = time.time()
         cluster.run(["scancel", "--signal=TERM", j["job"]], timeout=30)
         S.wait(lambda: "requeueing job" in S.read(j["log"]) or cluster.job_state(j["job"]) in S.ENDED, 300,

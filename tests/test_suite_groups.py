@@ -1,0 +1,37 @@
+"""The suite's pytest-xdist groups (tests/conftest.py): a group runs on one worker, so that a module's or a
+shared folder's fixtures are built once and no two workers drive one Slurm cluster or one set of simulated
+hosts at the same time (two did, when pytest 9 silently dropped xdist's own group suffix: each built its
+own cluster and saw the other's jobs)."""
+
+import os
+import re
+import subprocess
+import sys
+
+from tests import conftest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_group_of_names_the_shared_folders_the_slurm_modules_and_else_the_module():
+    assert conftest.group_of("tests/integration/multinode/test_harness.py::test_x") == "hosts"
+    assert conftest.group_of("tests/integration/training/test_layouts.py::test_y[a@b]") == "hosts"
+    assert conftest.group_of("tests/integration/checkpointing/sub/test_z.py::T::test") == "checkpointing"
+    assert conftest.group_of("tests/unit/data/test_indexed.py::test_a") == "unit-data"
+    assert conftest.group_of("tests/unit/test_launch.py::test_b") == conftest.SLURM_GROUP  # marks tests slurm
+    assert conftest.group_of("tests/unit/test_arguments.py::test_c") == "tests/unit/test_arguments.py"
+    assert conftest.group_of("tests/unit/data_extra.py::test_d") == "tests/unit/data_extra.py"
+
+
+def test_the_tests_of_a_group_run_on_one_worker():
+    modules = ["tests/unit/test_arguments.py", "tests/unit/data/test_batch_check.py", "tests/unit/data/test_indexed_dataset.py"]
+    modules = [m for m in modules if os.path.exists(os.path.join(ROOT, m))]
+    assert len(modules) >= 2, modules
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-n", "2",
+                        "--dist", "loadgroup", *modules], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    workers = {}
+    for worker, nodeid in re.findall(r"\[(gw\d+)\][^\n]*? PASSED (\S+)", r.stdout):
+        workers.setdefault(conftest.group_of(nodeid), set()).add(worker)
+    assert set(workers) == {conftest.group_of(m + "::t") for m in modules}, r.stdout[-3000:]
+    assert all(len(w) == 1 for w in workers.values()), workers
