@@ -10,8 +10,11 @@ Every test belongs to a group (:func:`group_of`), and a group runs on one worker
 fixtures build is built once:
 
 * the tests under a folder whose ``conftest.py`` holds session-scoped runs (the checkpointing and interop
-  runs, the simulated hosts -- with the two-node Slurm cluster built on them -- and the one-host layout
-  runs the multi-host launch paths are compared with, the data fixtures) share that folder's group;
+  runs, the data fixtures) share that folder's group; the one-host layout runs (``layout_pool``) are
+  shared by test_layouts.py and the multi-host launch paths, one group;
+* each multi-node module (tests/integration/multinode) is a group of its own: they mostly wait (on a
+  collective timeout after a host is lost, on Slurm), so they run beside each other, each worker with
+  its own simulated hosts (the session fixture ``two_hosts``) and clusters;
 * the other modules that use a Slurm cluster (the ``slurm`` marker: the one-node cluster of
   ``../shared``, whose fixture writes the machine's ``slurm.conf``) share one group and run one after
   the other on one worker;
@@ -32,9 +35,9 @@ SLURM_GROUP = "slurm"
 _SHARED_FOLDERS = {
     "integration/checkpointing": "checkpointing",
     "integration/interop": "interop",
-    "integration/multinode": "hosts",
-    # the one-host layout runs that the multi-host launch paths are compared with
-    "integration/training/test_layouts.py": "hosts",
+    # the one-host layout runs (session fixture layout_pool) and the multi-host launch paths compared with them
+    "integration/training/test_layouts.py": "layouts",
+    "integration/multinode/test_launch_paths.py": "layouts",
     "unit/data": "unit-data",
 }
 
@@ -61,13 +64,16 @@ def group_of(nodeid: str) -> str:
     for prefix, group in _SHARED_FOLDERS.items():
         if rel == prefix or rel.startswith(prefix + "/"):
             return group
+    if rel.startswith("integration/multinode/"):
+        return module_path  # its own simulated hosts and two-node cluster, not the machine's one-node cluster
     if _uses_slurm_marker(module_path):
         return SLURM_GROUP
     return module_path
 
 
 # groups started first (in this order): the longest, so that they do not end the run alone on one worker
-LONG_GROUPS = ("hosts", SLURM_GROUP, "checkpointing", "interop")
+LONG_GROUPS = ("layouts", "tests/integration/multinode/test_slurm_multinode.py", SLURM_GROUP,
+               "tests/integration/multinode/test_host_faults.py", "checkpointing", "interop")
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -83,13 +89,15 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             return group_of(nodeid)
 
-        def schedule(self) -> None:
-            if self.collection is None:
-                first = {g: i for i, g in enumerate(LONG_GROUPS)}
-                for node, collection in list(self.registered_collections.items()):
-                    self.registered_collections[node] = sorted(
-                        collection, key=lambda nodeid: first.get(group_of(nodeid), len(first)))
-                self.config.option.loadscopereorder = False
-            super().schedule()
+        def _assign_work_unit(self, node) -> None:
+            # the long groups to the front of the queue (the collection itself keeps its order: the workers
+            # are sent indices into it)
+            if not getattr(self, "_long_groups_first", False):
+                self._long_groups_first = True
+                first = os.environ.get("TESTS_GROUPS_FIRST")  # tests/test_suite_groups.py
+                for group in reversed(first.split(",") if first else LONG_GROUPS):
+                    if group in self.workqueue:
+                        self.workqueue.move_to_end(group, last=False)
+            super()._assign_work_unit(node)
 
     return GroupScheduling(config, log)

@@ -14,8 +14,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_group_of_names_the_shared_folders_the_slurm_modules_and_else_the_module():
-    assert conftest.group_of("tests/integration/multinode/test_harness.py::test_x") == "hosts"
-    assert conftest.group_of("tests/integration/training/test_layouts.py::test_y[a@b]") == "hosts"
+    harness = "tests/integration/multinode/test_harness.py"
+    assert conftest.group_of(harness + "::test_x") == harness
+    slurm2 = "tests/integration/multinode/test_slurm_multinode.py"  # marked slurm, on its own two-node cluster
+    assert conftest.group_of(slurm2 + "::test_w") == slurm2
+    assert conftest.group_of("tests/integration/training/test_layouts.py::test_y[a@b]") == "layouts"
+    assert conftest.group_of("tests/integration/multinode/test_launch_paths.py::test_z[pdsh]") == "layouts"
     assert conftest.group_of("tests/integration/checkpointing/sub/test_z.py::T::test") == "checkpointing"
     assert conftest.group_of("tests/unit/data/test_indexed.py::test_a") == "unit-data"
     assert conftest.group_of("tests/unit/test_launch.py::test_b") == conftest.SLURM_GROUP  # marks tests slurm
@@ -27,8 +31,11 @@ def test_the_tests_of_a_group_run_on_one_worker():
     modules = ["tests/unit/test_arguments.py", "tests/unit/data/test_batch_check.py", "tests/unit/data/test_indexed_dataset.py"]
     modules = [m for m in modules if os.path.exists(os.path.join(ROOT, m))]
     assert len(modules) >= 2, modules
+    # the last module's group is moved to the front of the queue (as the long groups are): the tests the
+    # workers run must still be the ones scheduled
     r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-n", "2",
-                        "--dist", "loadgroup", *modules], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "--dist", "loadgroup", *modules], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TESTS_GROUPS_FIRST": conftest.group_of(modules[-1] + "::t")})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     workers = {}
     for worker, nodeid in re.findall(r"\[(gw\d+)\][^\n]*? PASSED (\S+)", r.stdout):
