@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers import slurm_jobs as S
 from tests.helpers import corpus_gen, train_runs
-from tests.unit.test_launch import slurm_cluster  # noqa: F401 - the local Slurm cluster fixture
+from tests.unit.test_launch import LOCAL_CLUSTER, slurm_cluster  # noqa: F401 - the local Slurm cluster fixture
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -73,7 +73,7 @@ def test_stage_requeues_at_its_time_limit_and_the_next_stage_grows_the_finished_
     j1 = _submit(tiny_recipe, "124M", log1)
     j2 = _submit(tiny_recipe, "354M", log2, dependency=j1)
     try:
-        pids = S.wait_for_handlers(j1, 2, signal.SIGUSR1, 600, str(log1))
+        pids = S.wait_for_handlers(j1, 2, signal.SIGUSR1, 600, str(log1), cluster=LOCAL_CLUSTER)
         S.freeze_until_signalled(pids, lambda: SLURM.cut_time_limit(j1, 300), signal.SIGUSR1, 120, str(log1))
         S.wait(lambda: "requeueing job" in S.read(str(log1)) or SLURM.job_state(j1) in S.ENDED, 300,
                "stage 1 to save and requeue", str(log1))

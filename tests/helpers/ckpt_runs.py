@@ -8,14 +8,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from tests.helpers.paths import REPO_ROOT as ROOT
 SCRIPT = os.path.join(ROOT, "pretrain_tokenformer.py")
 
 # Process handling (free ports, a clean environment, kill-on-timeout) is shared with the training tests.
-from tests.helpers.train_runs import communicate_or_kill, env, free_port, start  # noqa: E402
+from tests.helpers.train_runs import communicate_or_kill, env, free_port, start, warm_launch  # noqa: E402
 
 # A tiny Tokenformer; global batch 4 = micro batch 2 x gradient accumulation x DP (DP 1 or 2).
 ARCH = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
@@ -26,13 +25,11 @@ TRAIN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "2e-3", 
 
 
 def command(layout: Tuple[int, int, int], args: Sequence[str]) -> List[str]:
+    """``layout``'s ranks on this host: one process, or the ranks forked by tests/helpers/warm_launch.py
+    (torchrun's one-host launch with the imports paid once)."""
     tp, pp, dp = layout
-    n = tp * pp * dp
     par = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
-    if n == 1:
-        return [sys.executable, SCRIPT] + par + list(args)
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), SCRIPT] + par + list(args)
+    return warm_launch(tp * pp * dp, par + list(args))
 
 
 def run(layout, args, timeout=300, check=True) -> subprocess.CompletedProcess:

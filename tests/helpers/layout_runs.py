@@ -1,6 +1,7 @@
 """The one-host layout runs (tests/integration/training/test_layouts.py), shared by the session: the same
 tiny Tokenformer, seed and data for ITERS iterations at a (TP, PP, DP, ZeRO stage, recomputation)
-layout under torchrun on this host. The multi-node tests (tests/integration/multinode/) compare their
+layout on this host (the ranks forked by tests/helpers/warm_launch.py, torchrun's one-host launch with
+the imports paid once). The multi-node tests (tests/integration/multinode/) compare their
 runs across simulated hosts with these, so each layout runs once per session whichever module asks
 first.
 
@@ -35,7 +36,7 @@ def layout_flags(layout: Layout):
 
 def command(layout: Layout):
     tp, pp, dp = layout[:3]
-    return train_runs.torchrun(tp * pp * dp, layout_flags(layout))
+    return train_runs.warm_launch(tp * pp * dp, layout_flags(layout))
 
 
 def run_all(layouts: Iterable[Layout], what: str) -> Dict[Layout, str]:

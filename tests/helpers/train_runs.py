@@ -76,6 +76,15 @@ def torchrun(nproc: int, args: Sequence[str]) -> List[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT] + list(args)
 
 
+def warm_launch(nproc: int, args: Sequence[str]) -> List[str]:
+    """Like :func:`torchrun` on one host, with the ranks forked from one process that imported torch and
+    DeepSpeed once (tests/helpers/warm_launch.py): for the tests whose subject is not the launcher."""
+    if nproc == 1:
+        return [sys.executable, SCRIPT] + list(args)
+    from tests.helpers import warm_launch as launcher
+    return launcher.command(nproc, SCRIPT, args)
+
+
 def layout_args(tp: int, pp: int) -> List[str]:
     return ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
 

@@ -301,67 +301,59 @@ def _wait(predicate, timeout, what, log):
 
 
 _ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "GONE")
+LOCAL_CLUSTER = "local"  # ClusterName in ../shared/slurm/start-local-slurm.sh (job ids repeat across clusters)
 
 
 @pytest.mark.slurm
 def test_cpu_batch_script_time_limit_save_requeue_resume(slurm_cluster, tmp_path):
-    """The CPU batch script under a real time limit: once training runs, the job's time limit is cut to
-    two minutes from now, so Slurm's --signal=USR1@120 warning arrives mid-run; the ranks save and write
-    "unfinished", the script requeues the job, and the restarted job (time limit raised again while it
-    waits) resumes from that checkpoint and finishes. Start-up time varies a lot with the machine's load,
-    so the limit is cut only when training has started (the ranks check for exits every iteration with
-    --log-interval 1); a run that finishes before the signal (a fast machine) is repeated with 4x the
-    iterations (the first attempt is long enough for a quiet machine: a tiny run's start-up no longer
-    leaves time for the warning). Slurm holds a requeued job for about 2 minutes before it starts again;
-    the test releases it at once."""
+    """The CPU batch script under a real time limit: Slurm's --signal=USR1@120 warning arrives mid-run;
+    the ranks save and write "unfinished", the script requeues the job, and the restarted job (time limit
+    raised again while it waits) resumes from that checkpoint and finishes. slurmctld looks at time
+    limits every 30 s, so "the warning arrives mid-run" would be a race against the run's speed: the
+    ranks are stopped (SIGSTOP) once their handlers are installed, the job's time limit is cut so that the
+    warning is due, and they continue once Slurm's signal has reached them (tests/helpers/slurm_jobs.py:
+    freeze_until_signalled; Slurm, the signal path, the save and the requeue are all real). Slurm holds a
+    requeued job for about 2 minutes before it starts again; the test releases it at once."""
     import re
+    import signal
+
+    from tests.helpers import slurm_jobs as S
+
+    client = S.SlurmClient()
     script = os.path.join(train_runs.ROOT, "examples", "slurm", "pretrain_cpu.sbatch")
-    attempts = (200, 800, 3200, 12800)
-    for attempt, train_iters in enumerate(attempts):
-        log, save = tmp_path / f"job{attempt}.out", tmp_path / f"ckpt{attempt}"
-        cmd = ["sbatch", "--parsable", "--time=30", "--signal=USR1@120", "-o", str(log),
-               f"--export=ALL,PYTHON={sys.executable},REPO={train_runs.ROOT},TRAIN_ITERS={train_iters},"
-               f"SAVE_DIR={save},EXTRA_ARGS=--num-workers 0 --eval-iters 0 --log-interval 1", script]
-        sub = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
-                             env=train_runs.env({"OMP_NUM_THREADS": ""}))
-        assert sub.returncode == 0, sub.stderr
-        job = sub.stdout.strip().split(";")[0]
-        try:
-            _wait(lambda: log.exists() and "> training from iteration 0" in log.read_text()
-                  or _job_field(job, "JobState") in _ENDED, 900, "training to start", log)
-            # the time limit now ends 2 minutes from here: the USR1@120 warning is due at once
-            run_minutes = int(_job_field(job, "RunTime").split(":")[-2] or 0) + \
-                60 * int((_job_field(job, "RunTime").split(":")[-3:-2] or ["0"])[0])
-            subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={run_minutes + 2}"], check=True,
-                           capture_output=True, timeout=30)
-            _wait(lambda: "requeueing job" in log.read_text() or _job_field(job, "JobState") in _ENDED,
-                  600, "the time-limit save", log)
-            if "requeueing job" not in log.read_text():
-                text = log.read_text()
-                assert f"> exit status: finished {train_iters}/{train_iters}" in text, text[-3000:]
-                continue  # finished before the warning came: more iterations
-            _wait(lambda: _job_field(job, "JobState") in ("PENDING", "REQUEUED", "RUNNING") + _ENDED
-                  and "start 2" in log.read_text() or _job_field(job, "JobState") == "PENDING", 300, "the requeue", log)
-            subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30"], capture_output=True, timeout=30)
-            # Slurm holds a requeued job (its begin time ~2 minutes on); release it now (an error if it is
-            # already running is harmless)
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
-            _wait(lambda: _job_field(job, "JobState") in _ENDED, 1200, "the restarted job to finish", log)
-        finally:
-            subprocess.run(["scancel", job], capture_output=True, timeout=30)
-        text = log.read_text()
-        assert _job_field(job, "JobState") in ("COMPLETED", "GONE"), text[-4000:]
-        assert f"> done: iteration {train_iters}" in text, text[-4000:]
-        assert f"> exit status: finished {train_iters}/{train_iters}" in text
-        stops = [int(m) for m in re.findall(r"> exit status: unfinished (\d+)/\d+ signal SIGUSR1", text)]
-        assert len(stops) == 1 and 0 < stops[0] < train_iters, text[-4000:]
-        assert f"requeueing job {job}" in text and f"job {job} (start 2)" in text
-        # the restart resumed where the time-limit save left off
-        assert [int(m) for m in re.findall(r"> training from iteration (\d+) to", text)] == [0, stops[0]]
-        rows = train_runs.parse_iterations(text)
-        assert rows[-1]["iteration"] == train_iters and all(r["number of nan iterations"] == 0 for r in rows)
-        return
-    raise AssertionError(f"training finished before the time-limit warning even with {attempts[-1]} iterations")
+    train_iters = 200
+    log, save = tmp_path / "job.out", tmp_path / "ckpt"
+    cmd = ["sbatch", "--parsable", "--time=30", "--signal=USR1@120", "-o", str(log),
+           f"--export=ALL,PYTHON={sys.executable},REPO={train_runs.ROOT},TRAIN_ITERS={train_iters},"
+           f"SAVE_DIR={save},EXTRA_ARGS=--num-workers 0 --eval-iters 0 --log-interval 1", script]
+    sub = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+                         env=train_runs.env({"OMP_NUM_THREADS": ""}))
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    try:
+        pids = S.wait_for_handlers(job, 2, signal.SIGUSR1, 900, str(log), cluster=LOCAL_CLUSTER)
+        S.freeze_until_signalled(pids, lambda: client.cut_time_limit(job, 120), signal.SIGUSR1, 120, str(log))
+        _wait(lambda: "requeueing job" in log.read_text() or _job_field(job, "JobState") in _ENDED,
+              600, "the time-limit save", log)
+        _wait(lambda: _job_field(job, "JobState") in ("PENDING", "REQUEUED", "RUNNING") + _ENDED
+              and "start 2" in log.read_text() or _job_field(job, "JobState") == "PENDING", 300, "the requeue", log)
+        # Slurm holds a requeued job (its begin time ~2 minutes on); release it now (an error if it is
+        # already running is harmless)
+        client.release(job, time_limit_minutes=30)
+        _wait(lambda: _job_field(job, "JobState") in _ENDED, 1200, "the restarted job to finish", log)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    text = log.read_text()
+    assert _job_field(job, "JobState") in ("COMPLETED", "GONE"), text[-4000:]
+    assert f"> done: iteration {train_iters}" in text, text[-4000:]
+    assert f"> exit status: finished {train_iters}/{train_iters}" in text
+    stops = [int(m) for m in re.findall(r"> exit status: unfinished (\d+)/\d+ signal SIGUSR1", text)]
+    assert len(stops) == 1 and 0 < stops[0] < train_iters, text[-4000:]
+    assert f"requeueing job {job}" in text and f"job {job} (start 2)" in text
+    # the restart resumed where the time-limit save left off
+    assert [int(m) for m in re.findall(r"> training from iteration (\d+) to", text)] == [0, stops[0]]
+    rows = train_runs.parse_iterations(text)
+    assert rows[-1]["iteration"] == train_iters and all(r["number of nan iterations"] == 0 for r in rows)
 
 
 # --------------------------------------------------------------------------- the network between hosts

@@ -3,7 +3,7 @@
 a static rendezvous (``--nnodes 2 --node-rank --master-addr``) and with c10d, and ``mpirun --host``
 (OpenMPI starting its daemons over ssh). Each reproduces, within 1e-5, the lm loss and gradient norm of
 every iteration of the one-host run of the same layout: the run of tests/integration/training/
-test_layouts.py (torchrun, 4 ranks on this host; itself checked against a plain PyTorch loop), shared
+test_layouts.py (4 ranks on this host; itself checked against a plain PyTorch loop), shared
 through the session fixture ``layout_pool`` so that it runs once per session.
 
 The layouts put the parallel dimensions where a cluster would (ranks 0-1 on one host, 2-3 on the

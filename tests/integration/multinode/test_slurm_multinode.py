@@ -104,10 +104,12 @@ def _lose_a_node(cluster, j, lost):
     on the other node has ended and Slurm has requeued the job; bring the host back."""
     job, log = j["job"], j["log"]
     try:
+        polls = iter(range(1 << 30))
+        # the log every 0.2 s; the job's state (scontrol on the head host) once a second
         S.wait(lambda: f"saved checkpoint {j['save']}/global_step{SAVE_INTERVAL} " in S.read(log)
                and f"iteration {SAVE_INTERVAL + 2:8d}/" in S.read(log)
-               or cluster.job_state(job) in S.ENDED, 900, "the job to train past its first checkpoint", log,
-               poll=0.1)
+               or next(polls) % 5 == 4 and cluster.job_state(job) in S.ENDED, 900,
+               "the job to train past its first checkpoint", log, poll=0.2)
         killed_at = time.time()
         cluster.kill_node(lost)
         S.wait(lambda: "pretrain_tokenformer.py: error: rank 0" in S.read(log), 120, "the surviving task to end",
