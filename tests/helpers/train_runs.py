@@ -76,13 +76,16 @@ def torchrun(nproc: int, args: Sequence[str]) -> List[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT] + list(args)
 
 
-def warm_launch(nproc: int, args: Sequence[str]) -> List[str]:
-    """Like :func:`torchrun` on one host, with the ranks forked from one process that imported torch and
-    DeepSpeed once (tests/helpers/warm_launch.py): for the tests whose subject is not the launcher."""
-    if nproc == 1:
-        return [sys.executable, SCRIPT] + list(args)
+def warm_launch(nproc: int, args: Sequence[str], extra_env: Optional[Dict[str, str]] = None) -> List[str]:
+    """Like ``python SCRIPT`` (one rank) or :func:`torchrun` on one host, with the imports paid once: the
+    ranks are forked by this worker's zygote server (tests/helpers/zygote.py), or, where the run's
+    environment differs from the server's in what imports read, by tests/helpers/warm_launch.py. For the
+    tests whose subject is neither the launcher nor the process itself."""
     from tests.helpers import warm_launch as launcher
-    return launcher.command(nproc, SCRIPT, args)
+    from tests.helpers import zygote
+
+    plain = [sys.executable, SCRIPT] + list(args) if nproc == 1 else launcher.command(nproc, SCRIPT, args)
+    return zygote.launch_command(nproc, SCRIPT, args, env(extra_env), plain)
 
 
 def layout_args(tp: int, pp: int) -> List[str]:
