@@ -104,7 +104,8 @@ def test_teardown_after_an_exception():
 
 
 _CHILD = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal (a background job ignores it)
 from tests.helpers.multihost import MultiHost
 mh = MultiHost(1).__enter__()
 mh.popen(mh.hosts[0], ["sleep", "600"])

@@ -142,9 +142,9 @@ def stopped_runs(two_hosts, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("runner_signals"))
     python = private_python(os.path.join(workdir, "python"))
     save = os.path.join(workdir, "ckpt")
-    # the reference, side by side with the stopped runs: the same layout on one host, uninterrupted
-    ref = two_hosts.popen(two_hosts.hosts[0], train_runs.torchrun(4, ARGS + ["--exit-interval", str(REFERENCE_ITERS)]),
-                          env=two_hosts.env(base=train_runs.env()))
+    # the reference, side by side with the stopped runs: the same layout on one host, uninterrupted (its ranks
+    # forked by the suite's fork server: the launcher is not what it checks)
+    ref = train_runs.start(train_runs.warm_launch(4, ARGS + ["--exit-interval", str(REFERENCE_ITERS)]))
     results = []
     try:
         for how in ("ssh", "SIGTERM", "SIGINT"):

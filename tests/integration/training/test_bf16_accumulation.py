@@ -20,7 +20,7 @@ ARGS = train_runs.TINY_MODEL + ["--micro-batch-size", "1", "--global-batch-size"
 
 
 def _curve(extra, nproc=1, iterations=ITERS):
-    out = train_runs.check_ok(train_runs.run(train_runs.torchrun(nproc, ARGS + extra), timeout=300))
+    out = train_runs.check_ok(train_runs.run(train_runs.warm_launch(nproc, ARGS + extra), timeout=300))
     rows = train_runs.parse_iterations(out)
     assert len(rows) == iterations and all(r["number of skipped iterations"] == 0 for r in rows)
     return [r["lm loss"] for r in rows], [r["grad norm"] for r in rows], out

@@ -59,7 +59,7 @@ def test_loss_goes_down_on_real_text(text_dataset, tmp_path):
             "--min-lr", "5e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "10",
             "--data-path", prefix, "--split", "95,5,0", "--tokenizer-model", model,
             "--log-interval", "5", "--eval-interval", "50", "--eval-iters", "2", "--tensorboard-dir", str(tb)]
-    out = train_runs.check_ok(train_runs.run(train_runs.torchrun(1, args), timeout=300))
+    out = train_runs.check_ok(train_runs.run(train_runs.warm_launch(1, args), timeout=300))
     losses = [r["lm loss"] for r in train_runs.parse_iterations(out)]
     assert len(losses) == 20
     # starts near ln(vocab) (uniform guess over ~300 ids), ends far below it
@@ -87,12 +87,12 @@ MOCK = train_runs.TINY_MODEL + ["--micro-batch-size", "2", "--global-batch-size"
 
 @pytest.fixture(scope="module")
 def fp32_losses():
-    out = train_runs.check_ok(train_runs.run(train_runs.torchrun(1, MOCK), timeout=120))
+    out = train_runs.check_ok(train_runs.run(train_runs.warm_launch(1, MOCK), timeout=120))
     return [r["lm loss"] for r in train_runs.parse_iterations(out)]
 
 
 def test_bf16_pipeline_run_has_no_nan(fp32_losses):
-    out = train_runs.check_ok(train_runs.run(train_runs.torchrun(2, MOCK + ["--bf16"] + train_runs.layout_args(1, 2)),
+    out = train_runs.check_ok(train_runs.run(train_runs.warm_launch(2, MOCK + ["--bf16"] + train_runs.layout_args(1, 2)),
                                              timeout=180))
     rows = train_runs.parse_iterations(out)
     assert len(rows) == 12
@@ -104,7 +104,7 @@ def test_bf16_pipeline_run_has_no_nan(fp32_losses):
 def test_fp16_dynamic_loss_scaling_has_no_nan(fp32_losses):
     """Starting at 2^20 the first steps overflow: they are skipped and the scale halves, then training proceeds."""
     out = train_runs.check_ok(train_runs.run(
-        train_runs.torchrun(2, MOCK + ["--fp16", "--initial-loss-scale", str(2 ** 20), "--hysteresis", "1"]
+        train_runs.warm_launch(2, MOCK + ["--fp16", "--initial-loss-scale", str(2 ** 20), "--hysteresis", "1"]
                             + train_runs.layout_args(2, 1)), timeout=180))
     rows = train_runs.parse_iterations(out)
     assert len(rows) == 12

@@ -49,7 +49,7 @@ def test_unweighted_data_path_blends_by_size(prefixes, tmp_path):
 
 @pytest.mark.slow
 def test_unweighted_data_path_trains(prefixes, tmp_path):
-    out = train_runs.check_ok(train_runs.run(train_runs.torchrun(1, flags(prefixes, str(tmp_path / "cache"))),
+    out = train_runs.check_ok(train_runs.run(train_runs.warm_launch(1, flags(prefixes, str(tmp_path / "cache"))),
                                              timeout=300))
     losses = [row["lm loss"] for row in train_runs.parse_iterations(out)]
     assert len(losses) == ITERS and all(np.isfinite(losses))
