@@ -1,10 +1,11 @@
 """Suite-wide pytest configuration: how the tests are spread over pytest-xdist workers.
 
-The README's test command runs the suite on two workers (``-n 2 --dist loadgroup``). Most tests are
-CPU-bound and gain little from a second worker on a 2-core machine, but a growing part of the suite
-waits: on a collective timeout after a simulated host is killed or cut off, on Slurm's time-limit
-warning and requeue hold, on a stage's ``afterok`` dependency. On one worker those waits add up with
-the CPU time of everything else; on two they run beside it.
+The README's test command runs the suite on three workers (``-n 3 --dist loadgroup``) on a 2-core
+machine. Most tests are CPU-bound (their multi-rank runs use both cores), but a part of the suite waits:
+on a collective timeout after a simulated host is killed or cut off, on Slurm's time-limit warning,
+requeue hold and scheduling passes, on a stage's ``afterok`` dependency. On one worker those waits add up
+with the CPU time of everything else; with more workers than cores they run beside it (on two workers
+the cores were still idle ~11% of the time).
 
 Every test belongs to a group (:func:`group_of`), and a group runs on one worker, so that what its
 fixtures build is built once:

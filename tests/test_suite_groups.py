@@ -23,12 +23,12 @@ def test_group_of_names_the_shared_folders_the_slurm_modules_and_else_the_module
     assert conftest.group_of("tests/integration/checkpointing/sub/test_z.py::T::test") == "checkpointing"
     assert conftest.group_of("tests/unit/data/test_indexed.py::test_a") == "unit-data"
     assert conftest.group_of("tests/unit/test_launch.py::test_b") == conftest.SLURM_GROUP  # marks tests slurm
-    assert conftest.group_of("tests/unit/test_arguments.py::test_c") == "tests/unit/test_arguments.py"
+    assert conftest.group_of("tests/unit/test_fileio.py::test_c") == "tests/unit/test_fileio.py"
     assert conftest.group_of("tests/unit/data_extra.py::test_d") == "tests/unit/data_extra.py"
 
 
 def test_the_tests_of_a_group_run_on_one_worker():
-    modules = ["tests/unit/test_arguments.py", "tests/unit/data/test_batch_check.py", "tests/unit/data/test_indexed_dataset.py"]
+    modules = ["tests/unit/test_fileio.py", "tests/unit/data/test_samplers.py", "tests/unit/data/test_blending.py"]
     modules = [m for m in modules if os.path.exists(os.path.join(ROOT, m))]
     assert len(modules) >= 2, modules
     # the last module's group is moved to the front of the queue (as the long groups are): the tests the
