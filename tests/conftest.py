@@ -72,9 +72,18 @@ def group_of(nodeid: str) -> str:
     return module_path
 
 
-# groups started first (in this order): the longest, so that they do not end the run alone on one worker
-LONG_GROUPS = ("layouts", "tests/integration/multinode/test_slurm_multinode.py", SLURM_GROUP,
-               "tests/integration/multinode/test_host_faults.py", "checkpointing", "interop")
+# groups started first, longest first (worker-seconds of a full run), so that none ends the run alone on one
+# worker; the others follow in xdist's order (most tests first)
+LONG_GROUPS = (SLURM_GROUP, "layouts", "tests/integration/multinode/test_slurm_multinode.py", "checkpointing",
+               "tests/examples/test_parallel_sweep.py", "tests/integration/multinode/test_host_faults.py",
+               "tests/examples/test_cpu_repro.py", "tests/integration/multinode/test_runner_signals.py",
+               "tests/integration/multinode/test_network_checks.py", "interop",
+               "tests/integration/training/test_convergence_precision.py",
+               "tests/integration/training/test_bf16_accumulation.py", "tests/test_zygote.py",
+               "tests/docs/test_interop_commands.py", "tests/docs/test_workflow_commands.py",
+               "tests/integration/operations/test_failures.py", "tests/integration/training/test_exits.py",
+               "tests/integration/training/test_bad_token_ids.py", "tests/test_suite_groups.py",
+               "tests/integration/multinode/test_harness.py")
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -49,7 +49,8 @@ def main() -> int:
         buf += data
     code = int(buf[1:buf.index(b"\n")])
     if code < 0:  # ended by a signal: end the same way
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be caught: already default
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
         time.sleep(1)
         return 128 - code

@@ -105,7 +105,7 @@ def test_mpi_discovery_through_mpi4py(tmp_path):
 
 @pytest.fixture(scope="module")
 def reference_losses():
-    out = train_runs.check_ok(train_runs.run(train_runs.torchrun(1, ARGS), timeout=120))
+    out = train_runs.check_ok(train_runs.run(train_runs.warm_launch(1, ARGS), timeout=120))
     return [r["lm loss"] for r in train_runs.parse_iterations(out)]
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import ckpt_runs as R
+from tests.helpers import zygote
 
 pytestmark = pytest.mark.slow
 
@@ -155,8 +156,9 @@ def test_kill_during_save_resumes_from_previous_step(straight_runs, ckpt_workdir
     for phase in ("deepspeed-files", "before-rename", "before-latest", "writing-latest"):
         env = R.env()
         env.update(KILL_PHASE=phase, KILL_AT="4")
-        proc = subprocess.run([sys.executable, script] + args, cwd=R.ROOT, env=env, capture_output=True, text=True,
-                              timeout=120)
+        # forked by the suite's fork server (tests/helpers/zygote.py): the status is still the rank's SIGKILL
+        cmd = zygote.launch_command(1, script, args, env, [sys.executable, script] + args)
+        proc = subprocess.run(cmd, cwd=R.ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == -signal.SIGKILL, (phase, proc.stdout[-2000:], proc.stderr[-2000:])
         if phase == "deepspeed-files":  # the first run found nothing to resume from
             assert f"no checkpoint found in {save}, starting from scratch" in proc.stdout

@@ -3,11 +3,11 @@ checkpoint that contradicts explicit flags is refused with every differing field
 
 import os
 import subprocess
-import sys
 
 import pytest
 
 from tests.helpers import ckpt_runs as R
+from tests.helpers.train_runs import warm_launch
 from megatron_tokenformer.arguments import core_config_from_args, parse_args
 from megatron_tokenformer.checkpoint_args import apply_checkpoint_args
 from megatron_tokenformer.checkpointing import io
@@ -60,8 +60,8 @@ def test_built_model_checked_against_checkpoint(straight_runs):
 
 def test_pretrain_refuses_mismatch_cleanly(straight_runs):
     _, save = straight_runs((1, 1, 1))
-    cmd = [sys.executable, R.SCRIPT, "--load", save, "--hidden-size", "48", "--num-attention-heads", "3",
-           "--micro-batch-size", "1", "--train-iters", "30", "--lr", "1e-3", "--mock-data", "--vocab-size", "100"]
+    cmd = warm_launch(1, ["--load", save, "--hidden-size", "48", "--num-attention-heads", "3",
+           "--micro-batch-size", "1", "--train-iters", "30", "--lr", "1e-3", "--mock-data", "--vocab-size", "100"])
     proc = subprocess.run(cmd, cwd=R.ROOT, env=R.env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--hidden-size 48 (checkpoint: 32)" in proc.stderr
@@ -72,8 +72,8 @@ def test_pretrain_refuses_mismatch_cleanly(straight_runs):
 def test_pretrain_refuses_other_vocabulary_cleanly(straight_runs):
     """Passes the flag checks (vocabulary comes from the tokenizer) but not the built model's check."""
     _, save = straight_runs((1, 1, 1))
-    cmd = [sys.executable, R.SCRIPT, "--load", save, "--micro-batch-size", "1", "--train-iters", "30", "--lr", "1e-3",
-           "--mock-data", "--vocab-size", "120", "--eval-iters", "0"]
+    cmd = warm_launch(1, ["--load", save, "--micro-batch-size", "1", "--train-iters", "30", "--lr", "1e-3",
+           "--mock-data", "--vocab-size", "120", "--eval-iters", "0"])
     proc = subprocess.run(cmd, cwd=R.ROOT, env=R.env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "vocab_size: model 121 vs checkpoint 101" in proc.stderr and "Traceback" not in proc.stderr

@@ -20,7 +20,8 @@ ARGS = train_runs.TINY_MODEL + ["--micro-batch-size", "2", "--global-batch-size"
 
 
 def _run(args, timeout=240):
-    return train_runs.run([sys.executable, train_runs.SCRIPT] + ARGS + list(args), timeout=timeout)
+    # forked by the suite's fork server: exit status, stdout and stderr are the run's own
+    return train_runs.run(train_runs.warm_launch(1, ARGS + list(args)), timeout=timeout)
 
 
 def test_nan_loss_ends_the_run_without_saving_it(tmp_path):
