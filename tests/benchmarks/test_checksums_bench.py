@@ -1,26 +1,15 @@
 """benchmarks/checksums.py still drives the code it measures (a rename in checkpointing/io.py once broke it
 unnoticed): its save timing on a tiny state dict, without and with checksums, against the files' own bytes."""
 
-import importlib.util
 import os
 
 import torch
 
 from megatron_tokenformer.checkpointing.format import checksums
-from tests.helpers.paths import REPO_ROOT
-
-BENCH = os.path.join(REPO_ROOT, "benchmarks", "checksums.py")
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("checksums_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.helpers.paths import load_benchmark
 
 def test_save_timing_writes_the_files_and_with_checksums_their_manifest(tmp_path):
-    bench = _bench()
+    bench = load_benchmark("checksums")
     states = {"a.pt": {"w": torch.arange(12.0)}, "b.pt": {"v": torch.ones(3)}}
     bench.time_save(states, str(tmp_path / "plain"), False)
     assert sorted(os.listdir(tmp_path / "plain")) == ["a.pt", "b.pt"]

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers.paths import REPO_ROOT
+from tests.helpers.paths import REPO_ROOT, load_benchmark
 
 BENCH = os.path.join(REPO_ROOT, "benchmarks", "gpu_throughput.py")
 
@@ -21,10 +21,7 @@ def test_cpu_only_machine_one_line_exit_0():
 
 
 def test_parses_the_last_log_interval():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_throughput", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("gpu_throughput")
     log = (" iteration       10/      30 | tokens/s: 100.0 | TFLOP/s per GPU: 1.000 | MFU: 0.10% |\n"
            " iteration       30/      30 | consumed samples:          120 | tokens/s: 81234.5 |"
            " TFLOP/s per GPU: 312.500 | MFU: 31.59% |\n"
@@ -35,11 +32,7 @@ def test_parses_the_last_log_interval():
 
 
 def _bench():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_throughput", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("gpu_throughput")
 
 
 def test_timeout_kills_the_whole_process_group(tmp_path):

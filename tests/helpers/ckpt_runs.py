@@ -25,8 +25,8 @@ TRAIN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "2e-3", 
 
 
 def command(layout: Tuple[int, int, int], args: Sequence[str]) -> List[str]:
-    """``layout``'s ranks on this host: one process, or the ranks forked by tests/helpers/warm_launch.py
-    (torchrun's one-host launch with the imports paid once)."""
+    """``layout``'s ranks on this host: one process or several, forked by the suite's fork server
+    (tests/helpers/zygote.py: the imports paid once)."""
     tp, pp, dp = layout
     par = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
     return warm_launch(tp * pp * dp, par + list(args))

@@ -1,7 +1,7 @@
 """The one-host layout runs (tests/integration/training/test_layouts.py), shared by the session: the same
 tiny Tokenformer, seed and data for ITERS iterations at a (TP, PP, DP, ZeRO stage, recomputation)
-layout on this host (the ranks forked by tests/helpers/warm_launch.py, torchrun's one-host launch with
-the imports paid once). The multi-node tests (tests/integration/multinode/) compare their
+layout on this host (the ranks forked by the suite's fork server, tests/helpers/zygote.py: torchrun's
+one-host launch with the imports paid once). The multi-node tests (tests/integration/multinode/) compare their
 runs across simulated hosts with these, so each layout runs once per session whichever module asks
 first.
 

@@ -78,14 +78,12 @@ def torchrun(nproc: int, args: Sequence[str]) -> List[str]:
 
 def warm_launch(nproc: int, args: Sequence[str], extra_env: Optional[Dict[str, str]] = None) -> List[str]:
     """Like ``python SCRIPT`` (one rank) or :func:`torchrun` on one host, with the imports paid once: the
-    ranks are forked by this worker's zygote server (tests/helpers/zygote.py), or, where the run's
-    environment differs from the server's in what imports read, by tests/helpers/warm_launch.py. For the
-    tests whose subject is neither the launcher nor the process itself."""
-    from tests.helpers import warm_launch as launcher
+    ranks are forked by this worker's fork server (tests/helpers/zygote.py); where no server can run
+    (imports that start threads) the plain command. For the tests whose subject is neither the launcher
+    nor the process itself."""
     from tests.helpers import zygote
 
-    plain = [sys.executable, SCRIPT] + list(args) if nproc == 1 else launcher.command(nproc, SCRIPT, args)
-    return zygote.launch_command(nproc, SCRIPT, args, env(extra_env), plain)
+    return zygote.launch_command(nproc, SCRIPT, args, env(extra_env), torchrun(nproc, args))
 
 
 def layout_args(tp: int, pp: int) -> List[str]:
