@@ -85,16 +85,63 @@ def test_sigterm_reaches_the_rank_and_a_killed_client_takes_the_job_with_it(tmp_
 def test_an_environment_that_imports_read_differently_gets_its_own_server():
     env = train_runs.env()
     assert zygote.compatible(dict(env), env)
-    assert not zygote.compatible({**env, "PYTHONPATH": "/elsewhere"}, env)
-    assert not zygote.compatible({**env, "OMP_NUM_THREADS": "2"}, env)
+    assert not zygote.compatible({**env, "PYTHONHASHSEED": "0"}, env)
+    assert not zygote.compatible({**env, "DS_ACCELERATOR": "cuda"}, env)
     assert zygote.compatible({**env, "MEGATRON_TOKENFORMER_CHECK_COLLECTIVES": "0"}, env)  # read at run time
     assert zygote.compatible({**env, "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}, env)        # read at run time
+    # set by the forked rank itself (the module path is checked: see test_stand_ins_fork_script_runs_only)
+    assert zygote.compatible({**env, "PYTHONPATH": "/elsewhere", "OMP_NUM_THREADS": "2"}, env)
     other = {**env, "PYTHONHASHSEED": "0"}
     assert zygote.server_socket(other) != zygote.server_socket(env)
     out = train_runs.check_ok(train_runs.run(zygote.launch_command(
         1, train_runs.SCRIPT, ARGS + ["--train-iters", "1"], other, None), timeout=300, extra_env=other))
     assert "iteration        1/" in out
-    # importing torch with OMP_NUM_THREADS > 1 starts a thread pool: no server, the plain command
-    threads = {**env, "OMP_NUM_THREADS": "2"}
-    plain = [sys.executable, train_runs.SCRIPT]
-    assert zygote.launch_command(1, train_runs.SCRIPT, [], threads, plain) is plain
+
+
+PROBE = """
+import json, os, sys
+import psutil, torch
+import megatron_tokenformer
+ancestors = [p.pid for p in psutil.Process().parents()]
+print(json.dumps({"forked": int(os.environ["PROBE_SERVER"]) in ancestors, "rank": os.environ.get("RANK"),
+                  "world": os.environ.get("WORLD_SIZE"), "threads": torch.get_num_threads(),
+                  "package": os.path.realpath(megatron_tokenformer.__file__), "argv": sys.argv[1:]}))
+sys.exit(int(os.environ.get("PROBE_EXIT", "0")))
+"""
+
+
+def test_stand_ins_fork_script_runs_only(tmp_path):
+    """``python``/``torchrun`` in a script run under ``shim_env``: script runs are forked by the server (one
+    rank, or torchrun's N with its variables; OMP_NUM_THREADS applied in the rank); ``python -c``, a run
+    whose PYTHONPATH finds another copy of the package, and a refused run are the real programs; exit
+    codes pass through."""
+    import json
+    import subprocess
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    other = tmp_path / "other" / "megatron_tokenformer"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    env = zygote.shim_env(train_runs.env())
+    server = next(s["proc"].pid for s in zygote._SERVERS.values()
+                  if s["path"] == env["ZYGOTE_SOCKET"] and s["pid"] == os.getpid())
+    script = f"""set -e
+python {probe} a b
+torchrun --standalone --nproc_per_node 2 {probe} c
+OMP_NUM_THREADS=2 $PYTHON {probe}
+PYTHONPATH={tmp_path / 'other'} python {probe}
+python -c 'import os, psutil; print({{"c": int(os.environ["PROBE_SERVER"]) in [p.pid for p in psutil.Process().parents()]}})'
+PROBE_EXIT=3 python {probe} || echo "exit $?"
+"""
+    proc = subprocess.run(["bash", "-c", script], env=dict(env, PROBE_SERVER=str(server)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    rows = [json.loads(line) for line in lines if line.startswith("{\"forked")]
+    one, ranks, threads, elsewhere, failing = rows[0], rows[1:3], rows[3], rows[4], rows[5]
+    assert one["forked"] and one["argv"] == ["a", "b"] and one["rank"] is None and one["threads"] == 1
+    assert sorted(r["rank"] for r in ranks) == ["0", "1"] and all(r["forked"] and r["world"] == "2" for r in ranks)
+    assert threads["forked"] and threads["threads"] == 2
+    assert not elsewhere["forked"] and elsewhere["package"] == str((other / "__init__.py").resolve())
+    assert "{'c': False}" in lines and failing["forked"] and lines[-1] == "exit 3"

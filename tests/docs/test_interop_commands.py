@@ -19,7 +19,10 @@ import subprocess
 import sys
 
 import pytest
+
 import torch
+
+from tests.helpers import zygote  # noqa: E402
 
 pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
@@ -79,7 +82,7 @@ def interop_workflow(tmp_path_factory):
     blocks = bash_blocks(PAGE)
     assert len(blocks) == 7, "settings, import, evaluate, grow, continue, export, lm_eval + generate"
     script = "set -euo pipefail\n" + "\n".join(blocks)
-    env = dict(
+    env = zygote.shim_env(dict(
         os.environ,
         PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
         PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -90,7 +93,7 @@ def interop_workflow(tmp_path_factory):
         TRAIN_ARGS="--micro-batch-size 2 --global-batch-size 4 --lr 1e-3 --lr-warmup-iters 1 --log-interval 1",
         TASKS="tinytask", LM_EVAL_ARGS=f"--device cpu --batch_size 4 --log_samples --include_path {task_dir}",
         PROMPT="the cat sat on",
-    )
+    ))  # the page's python/torchrun runs forked by this worker's fork server (tests/helpers/zygote.py)
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + "\n" + proc.stderr[-4000:]

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from tests.helpers import zygote  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAGE = os.path.join(ROOT, "docs", "workflow.md")
 
@@ -45,7 +47,7 @@ def workflow(tmp_path_factory):
     blocks = bash_blocks(PAGE)
     assert len(blocks) == 8, "settings, tokenizer, preprocess, pretrain, grow, reshard, continue, evaluate"
     script = "set -euo pipefail\n" + "\n".join(blocks)
-    env = dict(
+    env = zygote.shim_env(dict(
         os.environ,
         PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],  # torchrun of this interpreter
         PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -56,7 +58,7 @@ def workflow(tmp_path_factory):
         TRAIN_ARGS="--micro-batch-size 2 --global-batch-size 4 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine "
                    "--lr-warmup-iters 1 --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0",
         LOG_ARGS="--log-interval 1 --eval-interval 2 --eval-iters 1 --save-interval 2",
-    )
+    ))  # the page's python/torchrun runs forked by this worker's fork server (tests/helpers/zygote.py)
     proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + "\n" + proc.stderr[-4000:]
     return tmp / "work", proc

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from tests.helpers import zygote
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "progressive_scaling", "cpu_repro.sh")
 REPORT_PY = os.path.join(ROOT, "examples", "progressive_scaling", "report.py")
@@ -49,8 +51,9 @@ def repro(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cpu_repro")
     text = tmp / "text.txt"
     write_text(text)
-    env = dict(os.environ, **TINY, WORK=str(tmp / "work"), REPORT=str(tmp / "docs" / "report.md"),
-               PLOT=str(tmp / "docs" / "plot.png"), PYTHON=os.environ.get("PYTHON", "python"))
+    # the script's Python runs forked by this worker's fork server (tests/helpers/zygote.py: shim_env)
+    env = zygote.shim_env(dict(os.environ, **TINY, WORK=str(tmp / "work"), REPORT=str(tmp / "docs" / "report.md"),
+                               PLOT=str(tmp / "docs" / "plot.png")))
     proc = subprocess.run(["bash", SCRIPT, "--text", str(text)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from tests.examples.test_cpu_repro import write_text
+from tests.helpers import zygote
 from tests.helpers.paths import REPO_ROOT
 
 SCRIPT = os.path.join(REPO_ROOT, "examples", "progressive_scaling", "parallel_sweep.sh")
@@ -20,9 +21,13 @@ TINY = dict(S="4", G="2", EVAL_INTERVAL="2", EVAL_ITERS="1", VOCAB="512", WARMUP
             NET2NET_NOISE="0.05", LAYERS="2")
 
 
-def sweep(args, tmp, **env):
+def sweep(args, tmp, forked=False, **env):
+    """The script; its Python runs forked by this worker's fork server where ``forked`` (the training
+    runs: tests/helpers/zygote.py, shim_env)."""
     full = dict(os.environ, ROOT=str(tmp / "root"), REPORT=str(tmp / "docs" / "report.md"),
                 PLOT=str(tmp / "docs" / "plot.png"), PYTHON=os.environ.get("PYTHON", "python"), **env)
+    if forked:
+        full = zygote.shim_env(full)
     return subprocess.run(["bash", SCRIPT, *args], env=full, capture_output=True, text=True, timeout=600)
 
 
@@ -82,7 +87,7 @@ def test_tiny_sweep_end_to_end_and_reuse(tmp_path):
     text = tmp_path / "text.txt"
     write_text(text)
     settings = dict(TINY, GROWTHS="2", LRS="1e-3", SMALL_LRS="1e-3 3e-3", SEEDS="1234", GROWN_TP="1")
-    proc = sweep(["--text", str(text)], tmp_path, **settings)
+    proc = sweep(["--text", str(text)], tmp_path, forked=True, **settings)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = tmp_path / "root"
     report = (tmp_path / "docs" / "report.md").read_text()
@@ -113,7 +118,7 @@ def test_tiny_sweep_end_to_end_and_reuse(tmp_path):
 
     # REUSE=1: nothing is retrained, the report is written again from the same logs
     (tmp_path / "docs" / "report.md").unlink()
-    proc = sweep(["--text", str(text)], tmp_path, REUSE="1", **settings)
+    proc = sweep(["--text", str(text)], tmp_path, forked=True, REUSE="1", **settings)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for s in ("grown", "x2", "net2net", "tscratch"):
         out = (root / f"{s}.out").read_text()

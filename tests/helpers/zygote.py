@@ -55,6 +55,14 @@ PRELOAD = ("torch", "torch._dynamo", "deepspeed", "deepspeed.ops", "deepspeed.co
 # what interpreter start-up or those imports read from the environment: a run whose values differ gets a
 # server of its own (DeepSpeed picks its accelerator while importing; the rest is read at run time)
 IMPORT_TIME_ENV = ("PYTHON", "LD_", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# ... of which a forked rank sets these itself: the module search path (a run whose path would find another
+# copy of a preloaded package is refused: the plain command runs) and the intra-op thread count (the server
+# imports single-threaded: torch starts its thread pool at import otherwise)
+SET_IN_THE_RANK = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+NOT_READ_BY_PYTHON = ("PYTHON",)  # the scripts' own name for their interpreter
+# the top-level packages whose preloaded copy a run must find on its own module search path
+PRELOADED_PACKAGES = ("torch", "deepspeed", "megatron_tokenformer", "tests")
+SHIM_BIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zygote_bin")
 
 
 # --------------------------------------------------------------------------- test side
@@ -65,7 +73,8 @@ _SERVERS: Dict[tuple, Dict[str, object]] = {}  # signature -> {"pid", "path", "p
 
 def signature(env: Dict[str, str]) -> tuple:
     """What a run's environment must share with a server's for the run to be forked by it."""
-    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME_ENV)))
+    return tuple(sorted((k, v) for k, v in env.items()
+                        if k.startswith(IMPORT_TIME_ENV) and k not in SET_IN_THE_RANK + NOT_READ_BY_PYTHON))
 
 
 def compatible(env: Dict[str, str], server_env: Dict[str, str]) -> bool:
@@ -83,7 +92,8 @@ def server_socket(env: Dict[str, str]) -> str:
         folder = tempfile.mkdtemp(prefix="zygote-")
         path = os.path.join(folder, "socket")
         log = open(os.path.join(folder, "server.log"), "w")
-        proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.zygote", "serve", path], env=env,
+        server_env = dict(env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.zygote", "serve", path], env=server_env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         deadline = time.time() + 300  # the imports, on a loaded machine
@@ -116,6 +126,26 @@ def launch_command(nproc: int, script: str, args: Sequence[str], env: Dict[str, 
     return plain if path is None else [sys.executable, "-S", "-I", CLIENT, path, str(nproc), script] + list(args)
 
 
+def shim_env(env: Dict[str, str]) -> Dict[str, str]:
+    """``env`` for a script (a shell script, a docs page) whose ``python``/``python3``/``torchrun`` commands
+    -- or ``$PYTHON`` -- should run Python scripts forked by this worker's server: ``python SCRIPT.py ...``
+    and ``torchrun [--standalone] --nproc_per_node N ... SCRIPT.py ...`` (or ``python -m
+    torch.distributed.run ...``) are forked; every other command (``python -c``, ``-m other``, options it
+    does not know) and a run the server refuses run the real program. ``env`` unchanged where no server
+    can run or MEGATRON_TOKENFORMER_TEST_NO_ZYGOTE=1."""
+    if "1" in (env.get("MEGATRON_TOKENFORMER_TEST_NO_ZYGOTE"), os.environ.get("MEGATRON_TOKENFORMER_TEST_NO_ZYGOTE")):
+        return dict(env)
+    try:
+        path = server_socket(env)
+    except RuntimeError:
+        _SERVERS[signature(env)] = {"pid": os.getpid(), "path": None, "proc": None}
+        return dict(env)
+    real_bin = os.path.dirname(sys.executable)
+    return dict(env, PATH=SHIM_BIN + os.pathsep + env.get("PATH", os.defpath), PYTHON=os.path.join(SHIM_BIN, "python"),
+                ZYGOTE_SOCKET=path, ZYGOTE_REAL_PYTHON=sys.executable,
+                ZYGOTE_REAL_TORCHRUN=os.path.join(real_bin, "torchrun"))
+
+
 # --------------------------------------------------------------------------- server side
 
 
@@ -129,6 +159,7 @@ def _preload() -> None:
 
 
 def serve(path: str) -> None:
+    _SERVER_PYTHONPATH[:] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".tmp")
@@ -168,6 +199,13 @@ def _manage(conn: socket.socket) -> None:
         request, fds = _receive(conn)
     except Exception:
         os._exit(1)
+    why = _refusal(request)
+    if why:  # the client runs the plain command
+        print(f"zygote: not forked ({why})", file=sys.stderr, flush=True) if os.environ.get("ZYGOTE_DEBUG") else None
+        try:
+            conn.sendall(b"R\n")
+        finally:
+            os._exit(0)
     os.setpgid(0, 0)  # the job's own process group: its ranks and their data-loader workers
     for i, fd in enumerate(fds):
         os.dup2(fd, i)
@@ -193,6 +231,37 @@ def _manage(conn: socket.socket) -> None:
     os._exit(0)
 
 
+_SERVER_PYTHONPATH: List[str] = []  # the server's own PYTHONPATH entries (set by serve)
+
+
+def _module_path(env: Dict[str, str], script: str) -> List[str]:
+    """sys.path of ``python SCRIPT`` under ``env``, built from this server's: the script's folder, the
+    run's PYTHONPATH entries, then the server's path without its own PYTHONPATH entries."""
+    extra = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    own = {os.path.abspath(p) for p in _SERVER_PYTHONPATH}
+    base = [p for p in sys.path[1:] if os.path.abspath(p) not in own]
+    return [os.path.dirname(os.path.abspath(script))] + extra + base
+
+
+def _refusal(request) -> Optional[str]:
+    """Why a run cannot be forked by this server (None: it can): an import-time setting differs, or the
+    run's module search path would find another copy of a preloaded package."""
+    env = request["env"]
+    if signature(env) != signature(dict(os.environ)):
+        return "an import-time environment variable differs"
+    from importlib.machinery import PathFinder
+
+    path = _module_path(env, os.path.join(request["cwd"], request["argv"][0]))
+    for name in PRELOADED_PACKAGES:
+        module = sys.modules.get(name)
+        spec = PathFinder.find_spec(name, path)
+        loaded = getattr(module, "__file__", None)
+        if module is not None and (spec is None or spec.origin is None or loaded is None
+                                   or os.path.realpath(spec.origin) != os.path.realpath(loaded)):
+            return f"its module path finds another {name}"
+    return None
+
+
 def _run_rank(rank: int, nproc: int, port: int, request) -> None:
     """In the forked rank: the job's environment and argv; runs the script; never returns."""
     for sig in FORWARDED:
@@ -206,7 +275,12 @@ def _run_rank(rank: int, nproc: int, port: int, request) -> None:
                           ROLE_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     script = request["argv"][0]
     sys.argv = list(request["argv"])
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    sys.path[:] = _module_path(request["env"], script)
+    import torch
+
+    threads = request["env"].get("OMP_NUM_THREADS") or request["env"].get("MKL_NUM_THREADS")
+    torch.set_num_threads(int(threads) if threads and threads.isdigit() and int(threads) > 0
+                          else len(os.sched_getaffinity(0)))
     import runpy
 
     runpy.run_path(script, run_name="__main__")
