@@ -148,7 +148,8 @@ def _main(argv=None) -> int:
     iteration, consumed_samples = 0, 0
     if args.load:
         from megatron_tokenformer.checkpointing import io as checkpoint_io
-        from megatron_tokenformer.checkpointing import file_checks, files as checkpoint_files
+        from megatron_tokenformer.checkpointing import file_checks
+        from megatron_tokenformer.checkpointing.format import files as checkpoint_files
         try:
             step_dir = checkpoint_files.resolve_step_dir(args.load)
         except (ValueError, FileNotFoundError) as exc:

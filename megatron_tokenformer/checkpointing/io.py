@@ -38,11 +38,10 @@ from megatron_tokenformer.checkpointing.format.entries import FP32, CheckpointFo
 from megatron_tokenformer.checkpointing.format.metadata import build_meta
 from megatron_tokenformer.checkpointing.format.tensor_file import TorchFile, materialize
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
-from megatron_tokenformer.checkpointing.naming import canonical_parameter_names, vocab_parameters
+from megatron_tokenformer.model.naming import canonical_parameter_names, vocab_parameters
 from megatron_tokenformer.checkpointing.optimizer_step import (adam_step_conversion, describe_optimizer,
                                                                saved_step_layout, set_adam_step)
 from megatron_tokenformer.checkpointing.reshard import layout_tuple as _layout_tuple
-from megatron_tokenformer.checkpointing.reshard import load_module_from_view  # noqa: F401  (old import path)
 from megatron_tokenformer.checkpointing.reshard import param_slices as _param_slices
 from megatron_tokenformer.fileio import fsync_file
 
@@ -248,7 +247,7 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
             files.remove_stale_partials(save_dir)
         except OSError as exc:
             prepare_error = exc
-    save_dir_lib.agree_on_save(prepare_error, partial_dir, iteration)  # [save_dir] (was: _barrier())
+    save_dir_lib.agree_on_save(prepare_error, partial_dir, iteration)  # [save_dir]
 
     module = engine.module
     client = {
@@ -302,7 +301,7 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
         recorder.write_manifest(rank)
     except (OSError, RuntimeError) as exc:
         write_error = exc
-    save_dir_lib.agree_on_save(write_error, partial_dir, iteration)  # [save_dir] (was: _barrier())
+    save_dir_lib.agree_on_save(write_error, partial_dir, iteration)  # [save_dir]
     publish_error = None
     if rank == 0:
         try:
@@ -316,7 +315,7 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
             _log(msg)
         except OSError as exc:
             publish_error = exc
-    save_dir_lib.agree_on_save(publish_error, partial_dir, iteration)  # [save_dir] (was: _barrier())
+    save_dir_lib.agree_on_save(publish_error, partial_dir, iteration)  # [save_dir]
     return final_dir
 
 

@@ -41,7 +41,7 @@ import time
 import uuid
 from typing import List, Optional
 
-from megatron_tokenformer.checkpointing import files
+from megatron_tokenformer.checkpointing.format import files, metadata
 
 __all__ = ["LOCK_FILE", "EXCLUSIVE_LOCK_FILE", "FLOCK_UNSUPPORTED", "holder_is_dead", "SaveDirError", "SaveFailedError", "SaveDirLock", "step_folders", "check_ownership",
            "probe_writable", "os_error_text", "describe_save_error", "free_space_warning", "checkpoint_bytes",
@@ -426,7 +426,7 @@ def _run_id_of(step_dir: Optional[str]) -> Optional[str]:
     if step_dir is None:
         return None
     try:
-        return files.read_meta(step_dir).get("run_id")
+        return metadata.read_meta(step_dir).get("run_id")
     except (OSError, ValueError):
         return None
 

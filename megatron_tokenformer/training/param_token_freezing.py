@@ -48,7 +48,7 @@ def resolve_frozen_counts(args, step_dir: Optional[str] = None) -> Optional[Dict
     only (a resume keeps freezing), and nothing from a freshly grown checkpoint.
     ``step_dir``: the step folder ``--load`` resumes from (None: none).
     """
-    from megatron_tokenformer.checkpointing import files
+    from megatron_tokenformer.checkpointing.format import files, metadata
 
     wanted = getattr(args, "train_only_new_param_tokens", None)
     if wanted is False:
@@ -61,7 +61,7 @@ def resolve_frozen_counts(args, step_dir: Optional[str] = None) -> Optional[Dict
                 changes = (json.load(f).get("growth") or {}).get("token_counts") or {}
             if changes:
                 growth = {field: int(changes[field]["old"]) if field in changes else None for field in _FIELDS}
-        recorded = (files.read_meta(step_dir).get("args") or {}).get(ARG_KEY)
+        recorded = (metadata.read_meta(step_dir).get("args") or {}).get(ARG_KEY)
         if recorded:
             saved = {field: (int(recorded[field]) if recorded.get(field) is not None else None) for field in _FIELDS}
     # the flag: the last growth's old rows (or the record of a run that already froze); no flag: only the
@@ -98,7 +98,7 @@ class ParamTokenFreezer:
 
     def __init__(self, model: torch.nn.Module, counts: Dict[str, int], tp_rank: int, tp_size: int):
         from megatron_tokenformer.checkpointing.grow import pattention_kind
-        from megatron_tokenformer.checkpointing.naming import canonical_parameter_names
+        from megatron_tokenformer.model.naming import canonical_parameter_names
 
         self.counts = dict(counts)
         names = canonical_parameter_names(model)

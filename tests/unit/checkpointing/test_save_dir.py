@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from megatron_tokenformer.checkpointing import files, save_dir
+from megatron_tokenformer.checkpointing import save_dir
+from megatron_tokenformer.checkpointing.format import files, metadata
 from tests.helpers import train_runs
 
 HOLD = ("import sys, time; from megatron_tokenformer.checkpointing.save_dir import SaveDirLock; "
@@ -20,7 +21,7 @@ HOLD = ("import sys, time; from megatron_tokenformer.checkpointing.save_dir impo
 def _step(folder, n, run_id=None):
     d = os.path.join(folder, f"global_step{n}")
     os.makedirs(d)
-    meta = {"format_version": files.FORMAT_VERSION, "iteration": n}
+    meta = {"format_version": metadata.FORMAT_VERSION, "iteration": n}
     if run_id is not None:
         meta["run_id"] = run_id
     with open(os.path.join(d, files.META_FILE), "w") as f:
