@@ -34,7 +34,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import socket
 import time
@@ -43,12 +42,11 @@ from typing import List, Optional
 
 from megatron_tokenformer.checkpointing.format import files, metadata
 
-__all__ = ["LOCK_FILE", "EXCLUSIVE_LOCK_FILE", "FLOCK_UNSUPPORTED", "holder_is_dead", "SaveDirError", "SaveFailedError", "SaveDirLock", "step_folders", "check_ownership",
+__all__ = ["LOCK_FILE", "EXCLUSIVE_LOCK_FILE", "FLOCK_UNSUPPORTED", "holder_is_dead", "SaveDirError", "SaveFailedError", "SaveDirLock", "check_ownership",
            "probe_writable", "os_error_text", "describe_save_error", "free_space_warning", "checkpoint_bytes",
            "prune_own_checkpoints", "resumes_from_save", "prepare_save_dir", "agree_on_save", "holder_info"]
 
 LOCK_FILE = "tokenformer_save.lock"
-_STEP_DIR_RE = re.compile(r"^global_step(\d+)$")
 _PROBE_BYTES = 1 << 20
 
 
@@ -370,18 +368,6 @@ class SaveDirLock:
 
 
 # --------------------------------------------------------------------------- ownership
-def step_folders(save_dir: str) -> List[str]:
-    """Names of the ``global_step<N>`` folders in ``save_dir`` (complete or not), sorted by N."""
-    if not os.path.isdir(save_dir):
-        return []
-    found = []
-    for name in os.listdir(save_dir):
-        m = _STEP_DIR_RE.match(name)
-        if m and os.path.isdir(os.path.join(save_dir, name)):
-            found.append((int(m.group(1)), name))
-    return [name for _, name in sorted(found)]
-
-
 def _same_folder(a: str, b: str) -> bool:
     return os.path.realpath(os.path.abspath(a)) == os.path.realpath(os.path.abspath(b))
 
@@ -399,7 +385,7 @@ def resumes_from_save(args) -> Optional[str]:
 
 def check_ownership(save_dir: str, resumed_step: Optional[str], overwrite: bool) -> List[str]:
     """Refuse a run that did not resume from ``save_dir`` when it holds step folders. Returns warnings."""
-    steps = step_folders(save_dir)
+    steps = [name for _, name in files.list_step_dirs(save_dir, complete=False)]
     if resumed_step is None:
         if steps and not overwrite:
             shown = ", ".join(steps[:6]) + (f" and {len(steps) - 6} more" if len(steps) > 6 else "")
@@ -414,8 +400,8 @@ def check_ownership(save_dir: str, resumed_step: Optional[str], overwrite: bool)
                 + ") and this run does not resume from it; resume with --load " + save_dir
                 + ", choose an empty --save, or pass --overwrite-checkpoints")
         return []
-    m = _STEP_DIR_RE.match(os.path.basename(resumed_step))
-    newer = [s for s in steps if m and int(_STEP_DIR_RE.match(s).group(1)) > int(m.group(1))]
+    resumed_n = files.step_number(os.path.basename(resumed_step))
+    newer = [s for s in steps if resumed_n is not None and files.step_number(s) > resumed_n]
     if newer:
         return [f"warning: --save {save_dir} holds steps newer than {os.path.basename(resumed_step)}, which this "
                 f"run resumes from ({', '.join(newer)}); each is replaced when the run saves that iteration"]

@@ -39,6 +39,12 @@ def step_tag(iteration: int) -> str:
     return f"{STEP_PREFIX}{int(iteration)}"
 
 
+def step_number(name: str) -> Optional[int]:
+    """N of a step folder name ``global_step<N>``; None for any other name (``.partial``, ``.old``, ...)."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def rng_file_name(global_rank: int) -> str:
     return f"tokenformer_rng_rank_{int(global_rank):05d}.pt"
 
@@ -79,15 +85,20 @@ def read_latest(load_dir: str) -> Optional[str]:
     return tag
 
 
-def list_step_dirs(save_dir: str) -> List[Tuple[int, str]]:
-    """Complete step folders (``global_step<N>`` with a metadata file), sorted by N."""
+def list_step_dirs(save_dir: str, complete: bool = True) -> List[Tuple[int, str]]:
+    """``(N, name)`` of the step folders ``global_step<N>`` of ``save_dir``, sorted by N: the complete ones
+    (with a metadata file), or with ``complete=False`` every folder of that name (the ones another
+    program or an interrupted copy left too)."""
     out = []
     if not os.path.isdir(save_dir):
         return out
     for name in os.listdir(save_dir):
-        m = _STEP_RE.match(name)
-        if m and os.path.isfile(os.path.join(save_dir, name, META_FILE)):
-            out.append((int(m.group(1)), name))
+        n = step_number(name)
+        if n is None:
+            continue
+        path = os.path.join(save_dir, name)
+        if os.path.isfile(os.path.join(path, META_FILE)) if complete else os.path.isdir(path):
+            out.append((n, name))
     return sorted(out)
 
 
