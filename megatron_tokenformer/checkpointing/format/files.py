@@ -22,7 +22,7 @@ import re
 import shutil
 from typing import List, Optional, Tuple
 
-from megatron_tokenformer.fileio import atomic_write_text, fsync_dir, fsync_tree
+from megatron_tokenformer.fileio import atomic_write_text, fsync_dir, swap_dir
 
 LATEST_FILE = "latest"
 META_FILE = "tokenformer_checkpoint.json"
@@ -51,22 +51,10 @@ def rng_file_name(global_rank: int) -> str:
 
 # --------------------------------------------------------------------------- publishing and listing
 def publish_step_dir(partial_dir: str, final_dir: str, fsync: bool = True) -> None:
-    """fsync ``partial_dir`` and rename it to ``final_dir`` (replacing an older folder of that name)."""
-    if fsync:
-        fsync_tree(partial_dir)
-    parent = os.path.dirname(os.path.abspath(final_dir))
-    if os.path.exists(final_dir):
-        # Same step saved again (e.g. after --finetune): move the old one aside first.
-        old = final_dir + ".old"
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.replace(final_dir, old)
-        os.replace(partial_dir, final_dir)
-        fsync_dir(parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial_dir, final_dir)
-    fsync_dir(parent)
+    """fsync ``partial_dir`` and rename it to ``final_dir``. The same step saved again (e.g. after
+    --finetune) replaces the older folder, moved aside to ``<final_dir>.old`` first (which
+    :func:`remove_stale_partials` deletes should a crash leave it)."""
+    swap_dir(partial_dir, final_dir, fsync=fsync, aside=final_dir + ".old")
 
 
 def update_latest(save_dir: str, tag: str) -> None:
