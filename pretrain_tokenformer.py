@@ -113,7 +113,7 @@ def _main(argv=None) -> int:
     args.fused_pattention_norm = config.fused_pattention_norm = fused
     parallel_state.set_communication_device(device)
     if device.type == "cpu":
-        engine_lib.skip_cpu_shm_comm_build()
+        deepspeed_boundary.skip_cpu_shm_comm_build()
     from megatron_tokenformer.training import collective_timeout  # [timeout] bounds every collective
     timeout = collective_timeout.set_default_timeout(args.distributed_timeout_minutes)
     # [timeout] under NCCL: errors reach Python (our line), flight-recorder dumps into the --save folder

@@ -282,12 +282,8 @@ def _synchronize(device) -> None:
 def _loss_scale(engine, args) -> float:
     if not args.fp16:
         return 1.0
-    opt = engine.optimizer
-    for attr in ("cur_scale", "loss_scale"):
-        value = getattr(opt, attr, None)
-        if value is not None:
-            return float(value)
-    return float("nan")
+    from megatron_tokenformer.deepspeed_boundary import current_loss_scale
+    return current_loss_scale(engine.optimizer)
 
 
 def _grad_norm(engine) -> Optional[float]:
