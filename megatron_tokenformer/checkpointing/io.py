@@ -143,10 +143,12 @@ def _args_dict(args) -> Dict[str, Any]:
 
 
 def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
-                    tokenizer_model: Optional[str] = None) -> str:
+                    tokenizer_model: Optional[str] = None, run_id: Optional[str] = None) -> str:
     """Save step ``iteration`` into ``args.save`` (all ranks call this). Returns the step folder.
 
-    Crash safety: see :mod:`.files`. ``--keep-last-n-checkpoints`` prunes older steps afterwards.
+    ``run_id``: this run's id (:func:`~.save_dir.prepare_save_dir`), recorded in the step's metadata;
+    ``--keep-last-n-checkpoints`` then prunes older steps of that id. Crash safety: see
+    :mod:`.format.files`.
     """
     save_dir = os.path.abspath(args.save)
     tag = files.step_tag(iteration)
@@ -207,7 +209,7 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
                 has_tok = True
             meta = build_meta(metadata.KIND_DEEPSPEED, config, _args_dict(args), current_layout(engine), iteration,
                               consumed_samples, tokenizer_model, has_tok)
-            meta["run_id"] = getattr(args, "_run_id", None)  # [save_dir] which run wrote the step
+            meta["run_id"] = run_id  # [save_dir] which run wrote the step
             meta["optimizer"] = describe_optimizer(deepspeed_boundary.base_optimizer(engine.optimizer))  # where it keeps Adam's step
             meta["checksums"] = checksums.metadata_entry(_world())
             metadata.write_json(os.path.join(partial_dir, files.META_FILE), meta)
@@ -222,7 +224,7 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
             files.publish_step_dir(partial_dir, final_dir)
             files.update_latest(save_dir, tag)
             deleted = save_dir_lib.prune_own_checkpoints(save_dir, getattr(args, "keep_last_n_checkpoints", None),
-                                                         getattr(args, "_run_id", None))
+                                                         run_id)
             msg = f"saved checkpoint {final_dir} (iteration {iteration}) in {time.time() - start:.2f} s"
             if deleted:
                 msg += f"; removed {', '.join(deleted)} (--keep-last-n-checkpoints)"

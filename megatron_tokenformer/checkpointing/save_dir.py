@@ -38,13 +38,13 @@ import shutil
 import socket
 import time
 import uuid
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 from megatron_tokenformer.checkpointing.format import files, metadata
 
 __all__ = ["LOCK_FILE", "EXCLUSIVE_LOCK_FILE", "FLOCK_UNSUPPORTED", "holder_is_dead", "SaveDirError", "SaveFailedError", "SaveDirLock", "check_ownership",
            "probe_writable", "os_error_text", "describe_save_error", "free_space_warning", "checkpoint_bytes",
-           "prune_own_checkpoints", "resumes_from_save", "prepare_save_dir", "agree_on_save", "holder_info"]
+           "prune_own_checkpoints", "resumes_from_save", "PreparedSaveDir", "prepare_save_dir", "agree_on_save", "holder_info"]
 
 LOCK_FILE = "tokenformer_save.lock"
 _PROBE_BYTES = 1 << 20
@@ -499,19 +499,25 @@ def _gather(message: Optional[str]) -> List[Optional[str]]:
     return all_gather_objects(message)
 
 
-def prepare_save_dir(args) -> Optional[SaveDirLock]:
-    """The start-up checks of the module docstring (every rank calls this; raises SaveDirError on all).
+class PreparedSaveDir(NamedTuple):
+    """What :func:`prepare_save_dir` returns: rank 0's lock (held until the process ends; None on the
+    other ranks and without ``--save``) and the id recorded in every step this run writes (the same on
+    every rank; None without ``--save``)."""
+    lock: Optional[SaveDirLock]
+    run_id: Optional[str]
 
-    Sets ``args._run_id`` (the id recorded in every step this run writes). Returns rank 0's lock.
-    """
+
+def prepare_save_dir(args) -> PreparedSaveDir:
+    """The start-up checks of the module docstring (every rank calls this; raises SaveDirError on all).
+    ``args`` is only read."""
     if not getattr(args, "save", None):
-        return None
+        return PreparedSaveDir(None, None)
     dist = _dist()
     rank = dist.get_rank() if dist is not None else 0
     save_dir = os.path.abspath(args.save)
     lock, error, warnings = None, None, []
     resumed = resumes_from_save(args)
-    args._run_id = (_run_id_of(resumed) if resumed else None) or uuid.uuid4().hex
+    run_id = (_run_id_of(resumed) if resumed else None) or uuid.uuid4().hex
     try:
         if rank == 0:
             probe_writable(save_dir, rank)
@@ -531,10 +537,10 @@ def prepare_save_dir(args) -> Optional[SaveDirLock]:
         raise SaveDirError(errors[0])
     if dist is not None:  # one id for the whole run (rank 0's), though only rank 0 writes metadata
         from megatron_tokenformer.tensor_parallel.mappings import broadcast_object
-        args._run_id = broadcast_object(args._run_id, src=0)
+        run_id = broadcast_object(run_id, src=0)
     for line in warnings:
         print(line, flush=True)
-    return lock
+    return PreparedSaveDir(lock, run_id)
 
 
 def agree_on_save(error: Optional[BaseException], partial_dir: str, iteration: int) -> None:
