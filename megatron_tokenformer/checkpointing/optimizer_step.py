@@ -20,7 +20,6 @@ it (the parameter state first, then the group), as the loaders always did.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Dict, Optional
 
 import torch

@@ -69,6 +69,7 @@ def test_setup_py_pins_the_tested_range():
 def test_python_floor_agrees_with_the_code():
     """co_qualname exists from Python 3.11; on 3.10 (the floor) the fused kernels' code copies rename co_name only."""
     import types
+
     from megatron_tokenformer.ops.pattention_norm import _renamed_code
     assert boundary.TESTED_PYTHON == (3, 10)
 
@@ -285,6 +286,7 @@ def test_restore_loss_scaler_round_trips_deepspeeds_dynamic_scaler():
     """The record the format layer takes of a saved DynamicLossScaler, restored into a fresh one: every
     attribute the next steps use comes back; a static scaler never takes a dynamic one's record."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
     from megatron_tokenformer.checkpointing.format.deepspeed_files import _loss_scaler_state
     saved = DynamicLossScaler(init_scale=2.0 ** 16, scale_window=100, min_scale=1, delayed_shift=2,
                                consecutive_hysteresis=False)

@@ -11,13 +11,13 @@ import os
 import pytest
 import torch
 
-from tests.helpers import ckpt_runs as R
-from megatron_tokenformer.checkpointing.format import metadata
 from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_checkpoint
-from megatron_tokenformer.checkpointing.grow import pattention_kind
+from megatron_tokenformer.checkpointing.format import metadata
 from megatron_tokenformer.checkpointing.format.entries import FP32
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
+from megatron_tokenformer.checkpointing.grow import pattention_kind
 from megatron_tokenformer.training.param_token_freezing import ARG_KEY
+from tests.helpers import ckpt_runs as R
 
 pytestmark = pytest.mark.slow
 OLD = {"qkv": 16, "proj": 16, "ffn": 32}  # tests.helpers.ckpt_runs.ARCH
