@@ -336,18 +336,8 @@ def deepspeed_reaches(source: str):
     FILES -- the keys of its state dicts, the attributes of the scaler objects they hold, the class
     paths in its pickles -- which is a file format, read without importing DeepSpeed.
     """
-    found = []
-    tree = ast.parse(source)
-    keys = set()  # string constants used as dict keys (rule 4's exception)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
-            keys.add(id(node.slice))
-        elif isinstance(node, ast.Dict):
-            keys.update(id(k) for k in node.keys if k is not None)
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("get", "pop", "setdefault") \
-                and node.args:
-            keys.add(id(node.args[0]))
-    for node in ast.walk(tree):
+    found, strings, keys = [], [], set()  # keys: string constants used as dict keys (rule 4's exception)
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found += [(node.lineno, f"import {a.name}") for a in node.names
                       if a.name.split(".")[0] == "deepspeed" and a.name not in PUBLIC_MODULES]
@@ -362,10 +352,19 @@ def deepspeed_reaches(source: str):
                 found.append((node.lineno, f"deepspeed.{node.attr}"))
             if node.attr in INTERNAL_ATTRIBUTES:
                 found.append((node.lineno, f".{node.attr}"))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in keys:
-            if node.value in INTERNAL_ATTRIBUTES or (_MODULE_NAME.fullmatch(node.value) and node.value not in
-                                                    PUBLIC_MODULES | LAUNCHER_MODULES):
-                found.append((node.lineno, repr(node.value)))
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            keys.add(id(node.slice))
+        elif isinstance(node, ast.Dict):
+            keys.update(id(k) for k in node.keys if k is not None)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("get", "pop", "setdefault") \
+                and node.args:
+            keys.add(id(node.args[0]))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            strings.append(node)
+    for node in strings:
+        if id(node) not in keys and (node.value in INTERNAL_ATTRIBUTES or (
+                _MODULE_NAME.fullmatch(node.value) and node.value not in PUBLIC_MODULES | LAUNCHER_MODULES)):
+            found.append((node.lineno, repr(node.value)))
     return sorted(found)
 
 
