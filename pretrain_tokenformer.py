@@ -113,7 +113,7 @@ def _main(argv=None) -> int:
     args.fused_pattention_norm = config.fused_pattention_norm = fused
     parallel_state.set_communication_device(device)
     if device.type == "cpu":
-        engine_lib.skip_cpu_shm_comm_build()
+        deepspeed_boundary.skip_cpu_shm_comm_build()
     from megatron_tokenformer.training import collective_timeout  # [timeout] bounds every collective
     timeout = collective_timeout.set_default_timeout(args.distributed_timeout_minutes)
     # [timeout] under NCCL: errors reach Python (our line), flight-recorder dumps into the --save folder
@@ -125,7 +125,7 @@ def _main(argv=None) -> int:
     rank_hosts.gather()
     # [save_dir] --save: lock, ownership, write probe -- before the model is built
     from megatron_tokenformer.checkpointing import save_dir as save_dir_lib
-    save_lock = save_dir_lib.prepare_save_dir(args)  # noqa: F841 - held (flock) until the process ends
+    save_lock, run_id = save_dir_lib.prepare_save_dir(args)  # noqa: F841 - the lock is held until the process ends
 
     torch.manual_seed(args.seed)
     tp_random.model_parallel_seed(args.seed)
@@ -148,7 +148,8 @@ def _main(argv=None) -> int:
     iteration, consumed_samples = 0, 0
     if args.load:
         from megatron_tokenformer.checkpointing import io as checkpoint_io
-        from megatron_tokenformer.checkpointing import file_checks, files as checkpoint_files
+        from megatron_tokenformer.checkpointing import file_checks
+        from megatron_tokenformer.checkpointing.format import files as checkpoint_files
         try:
             step_dir = checkpoint_files.resolve_step_dir(args.load)
         except (ValueError, FileNotFoundError) as exc:
@@ -185,7 +186,7 @@ def _main(argv=None) -> int:
     from megatron_tokenformer.training import launcher_watch
     launcher_watch.start()  # [launcher_watch] save and exit when the launcher dies
     iteration, consumed_samples, reason = loop.train(args, engine, config, train_iter, valid_iter, iteration,
-                                                     consumed_samples, device, _START_TIME, tensorboard)
+                                                     consumed_samples, device, _START_TIME, tensorboard, run_id)
     tensorboard.close()
     if device.type == "cuda":
         print_rank_0(f"> peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB allocated, "

@@ -7,7 +7,7 @@ the checks in the same invocation, alternating (A, B, A, B, ...) so that a busy 
 alike; the ratio of each pair is reported (median, min, max over --repeat pairs):
 
 - save: every file of the step written through DeepSpeed's checkpoint engine (its ``TorchCheckpointEngine``,
-  ``torch.save`` + fsync) wrapped as training wraps it (``io._guarded_deepspeed_writes``): without a
+  ``torch.save`` + fsync) wrapped as training wraps it (``deepspeed_boundary.guarded_checkpoint_writes``): without a
   recorder (the fsync only: the save before checksums) vs with one (xxh3-64 of the bytes as they
   are written, plus the manifest). The state dicts are in memory (loaded once), as at a real save.
 - load: DeepSpeed's load of every file (``torch.load``) after the old structure check (zip directory
@@ -63,7 +63,7 @@ def _pt_files(step):
 
 
 class _Engine:
-    """What ``_guarded_deepspeed_writes`` needs of a DeepSpeed engine: its checkpoint engine."""
+    """What ``guarded_checkpoint_writes`` needs of a DeepSpeed engine: its checkpoint engine."""
 
     def __init__(self):
         from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -75,14 +75,14 @@ class _Engine:
 
 
 def time_save(states, out_dir, checksums_on):
-    from megatron_tokenformer.checkpointing.format.checksums import ChecksumRecorder
-    from megatron_tokenformer.checkpointing.io import _guarded_deepspeed_writes
+    from megatron_tokenformer.checkpointing.format.checksums import ChecksumRecorder, HashingWriter
+    from megatron_tokenformer.deepspeed_boundary import guarded_checkpoint_writes
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
     engine = _Engine()
     recorder = ChecksumRecorder(out_dir) if checksums_on else None
     with _Timer() as t:
-        with _guarded_deepspeed_writes(engine, recorder):
+        with guarded_checkpoint_writes(engine, *((HashingWriter, recorder.record_writer) if recorder else ())):
             for name, sd in states.items():
                 engine.checkpoint_engine.save(sd, os.path.join(out_dir, name))
         if recorder is not None:

@@ -3,7 +3,12 @@
 * :func:`atomic_path`: a temporary path next to the target; on success it replaces the target with
   one ``os.replace`` (readers see the old file or the new one, never a mix); on error it is removed
   and the target is untouched.
-* :func:`atomic_write_text`: the text case of the above.
+* :func:`atomic_write_bytes`, :func:`atomic_write_text`: the bytes and text cases of the above.
+* :func:`durable_write`: a file written in place (inside a folder that is published later) and
+  fsynced when complete; on error the half-written file is removed.
+* :func:`replace_dir`: a folder staged beside its target (``<target>.partial-<pid>``), fsynced and
+  swapped into place (the old one moved aside, then deleted); on error the staging folder is removed
+  and the target is untouched. :func:`swap_dir` is its last step, for a folder staged elsewhere.
 * :func:`fsync_file`, :func:`fsync_dir`, :func:`fsync_tree`: make written bytes and renames durable.
 * :func:`check_outputs_apart`: the rule of every tool that writes: no output overlaps an input (the
   same path, one inside the other; symlinks and relative paths resolved), with ``--overwrite`` or
@@ -17,11 +22,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import uuid
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-__all__ = ["atomic_path", "atomic_write_text", "fsync_file", "fsync_dir", "fsync_tree", "OverlapError",
-           "overlap", "check_outputs_apart", "tmp_name", "pid_alive", "remove_stale_temporaries"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "durable_write", "staging_path", "swap_dir",
+           "replace_dir", "fsync_file", "fsync_dir", "fsync_tree", "OverlapError", "overlap", "check_outputs_apart",
+           "tmp_name", "pid_alive", "remove_stale_temporaries"]
 
 
 def fsync_file(path: str) -> None:
@@ -77,11 +84,111 @@ def atomic_path(path: str, suffix: str = "", fsync: bool = False) -> Iterator[st
             os.remove(tmp)
 
 
-def atomic_write_text(path: str, text: str, fsync: bool = True) -> None:
-    """Replace ``path`` by ``text`` atomically (durably with ``fsync``)."""
+def atomic_write_bytes(path: str, data: bytes, fsync: bool = True) -> None:
+    """Replace ``path`` by ``data`` atomically (durably with ``fsync``: the file, then its folder)."""
     with atomic_path(path, fsync=fsync) as tmp:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_text(path: str, text: str, fsync: bool = True) -> None:
+    """Replace ``path`` by ``text`` (UTF-8) atomically (durably with ``fsync``)."""
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+@contextlib.contextmanager
+def durable_write(path: str, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
+    """Open ``path`` for writing in place and yield the file; on a clean exit it is flushed and (with
+    ``fsync``) fsynced before it is closed. On an error the half-written file is removed.
+
+    For files inside a folder that is published as a whole later (a ``.partial`` step folder, a
+    staging folder of :func:`replace_dir`): the folder's rename is the atomic step, not the file's.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, mode) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+    except BaseException:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------- folders
+def staging_path(path: str) -> str:
+    """``<path>.partial-<pid>``: the folder :func:`replace_dir` builds ``path`` in (absolute)."""
+    return f"{os.path.abspath(os.fspath(path))}.partial-{os.getpid()}"
+
+
+def swap_dir(staging: str, path: str, fsync: bool = True, aside: Optional[str] = None,
+             carry: Sequence[str] = ()) -> None:
+    """Put the complete folder ``staging`` in place of ``path`` (absent, empty or not).
+
+    ``fsync``: fsync every file and folder of ``staging`` first (the renames are made durable either
+    way). ``carry``: files moved into ``staging`` just before the swap (a held lock file, which
+    follows its inode). An existing ``path`` is renamed to ``aside`` (default ``<path>.old-<pid>``; an
+    older folder of that name is deleted first), ``staging`` renamed to ``path``, the parent fsynced,
+    and only then ``aside`` deleted: a crash leaves the old folder or the new one complete under
+    ``path`` (or, between the two renames, the old one under ``aside``). When the second rename fails
+    the old folder and the carried files go back, and the error is raised.
+    """
+    staging, path = os.path.abspath(os.fspath(staging)), os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    if fsync:
+        fsync_tree(staging)
+    moved = []
+    try:
+        for item in carry:
+            dest = os.path.join(staging, os.path.basename(item))
+            os.rename(item, dest)
+            moved.append((item, dest))
+        if os.path.lexists(path):
+            aside = aside or f"{path}.old-{os.getpid()}"
+            if os.path.exists(aside):
+                shutil.rmtree(aside)
+            os.replace(path, aside)
+            try:
+                os.replace(staging, path)
+            except OSError:
+                os.replace(aside, path)
+                raise
+            fsync_dir(parent)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        for item, dest in reversed(moved):
+            try:
+                os.rename(dest, item)
+            except OSError:
+                pass
+        raise
+    fsync_dir(parent)
+
+
+@contextlib.contextmanager
+def replace_dir(path: str, fsync: bool = True, carry: Sequence[str] = ()) -> Iterator[str]:
+    """Yield an empty staging folder (:func:`staging_path`; one left by an earlier attempt of this pid
+    is deleted); fill it, and on leaving it replaces ``path`` (:func:`swap_dir`, ``fsync`` and
+    ``carry`` as there). On an error -- in the block or in the swap -- the staging folder is removed,
+    ``path`` is untouched and the error is raised.
+    """
+    path = os.path.abspath(os.fspath(path))
+    staging = staging_path(path)
+    if os.path.lexists(staging):
+        shutil.rmtree(staging)
+    try:
+        os.makedirs(staging)
+        yield staging
+        swap_dir(staging, path, fsync=fsync, carry=carry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 # --------------------------------------------------------------------------- temporaries

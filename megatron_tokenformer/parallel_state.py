@@ -247,7 +247,7 @@ def get_topology():
     """
     global _TOPOLOGY
     if _TOPOLOGY is None:
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+        from megatron_tokenformer.deepspeed_boundary import pipe_topology
         tp, pp, dp = _SIZES if _SIZES is not None else (1, 1, 1)
-        _TOPOLOGY = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+        _TOPOLOGY = pipe_topology(num_pp=pp, num_mp=tp, num_dp=dp)
     return _TOPOLOGY

@@ -18,9 +18,9 @@ The conversion is a pipeline of named steps (:func:`expand_checkpoint`): :func:`
 :func:`grow_or_widen` -> :func:`reshard_to` -> :func:`write_canonical` -> :func:`log_written`, with
 :func:`plan_tensors` / :func:`log_plan` for what a dry run prints.
 
-Crash safety: everything is written below ``<save>.partial-<pid>/``, fsynced, and renamed to
-``<save>`` at the very end; any error before that leaves ``<save>`` untouched (nothing
-half-written). ``no_fsync`` skips the fsyncs (faster on a scratch disk; a machine crash right after
+Crash safety (:func:`megatron_tokenformer.fileio.replace_dir`): everything is written below
+``<save>.partial-<pid>/``, fsynced, and renamed to ``<save>`` at the very end; any error before that
+leaves ``<save>`` untouched (nothing half-written). ``no_fsync`` skips the fsyncs (faster on a scratch disk; a machine crash right after
 the tool returns can then lose data the rename already published).
 """
 
@@ -43,7 +43,7 @@ from megatron_tokenformer.checkpointing.format.source import CheckpointSource
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.checkpointing.grow import GrownView, plan_growth
 from megatron_tokenformer.checkpointing.reshard import layout_tuple, target_layout
-from megatron_tokenformer.fileio import OverlapError, check_outputs_apart, fsync_dir
+from megatron_tokenformer.fileio import OverlapError, check_outputs_apart, replace_dir, staging_path
 from megatron_tokenformer.model.spec import GROW_NET2NET_WIDTH, get_spec
 
 __all__ = ["ExpandError", "ExpandOptions", "expand_checkpoint", "peak_rss_bytes", "read_source", "grow_or_widen",
@@ -121,7 +121,7 @@ def save_lock(opts: ExpandOptions, log: Callable[[str], None]) -> Iterator[save_
     expand_checkpoint.py, or a training run, on the same --save is refused naming the holder.
 
     Creates ``--save`` for the lock file; a ``--save`` created here is removed again when nothing was
-    written. The lock file travels into the published folder (:func:`_swap_in`), still held.
+    written. The lock file travels into the published folder (:func:`write_canonical`), still held.
     """
     _check_apart(opts)  # before creating anything
     save = os.path.abspath(opts.save)
@@ -289,42 +289,45 @@ def write_canonical(view: CheckpointView, source: CheckpointSource, layout: Dict
     OS error (a full disk: ENOSPC) becomes one :class:`ExpandError` line naming the file.
     """
     save = os.path.abspath(opts.save)
-    staging = f"{save}.partial-{os.getpid()}"
-    if os.path.exists(staging):
-        shutil.rmtree(staging)
     tag = files.step_tag(0 if opts.reset_iteration else view.iteration)
-    partial_step = os.path.join(staging, tag + files.PARTIAL_SUFFIX)
+    fsync = not opts.no_fsync
     try:
-        os.makedirs(partial_step)
-        writer = CanonicalWriter(partial_step, fsync=not opts.no_fsync)
-        _write_tensors(source, writer)
-        ts = _training_state(view, source, opts.reset_iteration)
-        report = _report(view, source, layout, opts, save, tag, ts, writer.bytes_written, plan.largest)
-        has_tok = _copy_tokenizer(view.step_dir, partial_step)
-        meta = metadata.build_meta(metadata.KIND_CANONICAL, source.config, _updated_args(view, source, layout), layout,
-                                   ts["iteration"], ts["consumed_samples"],
-                                   view.meta.get("tokenizer", {}).get("source"), has_tok)
-        meta["params"] = [e.to_dict() for e in source.params.values()]
-        meta["optimizer_state_keys"] = list(source.state_keys)
-        meta["training_state"] = ts
-        meta["source"] = report["source"]
-        report["seconds"] = round(time.time() - t0, 3)
-        report["peak_rss_bytes"] = peak_rss_bytes()
-        metadata.write_json(os.path.join(partial_step, files.REPORT_FILE), report)
-        writer.finish(meta)
-        files.publish_step_dir(partial_step, os.path.join(staging, tag), fsync=not opts.no_fsync)
-        files.update_latest(staging, tag)
-        fsync_dir(staging)
-        _swap_in(staging, save, lock)
-    except (OSError, RuntimeError) as exc:  # torch's writer reports a full disk as a RuntimeError
-        cause = save_dir.describe_save_error(exc, staging)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ExpandError(f"writing --save {save} failed: {cause}; nothing was written (the partial output "
-                          f"{staging} was removed)") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        # the held lock's files move into the staging folder before the swap (a lock follows its inode):
+        # the published folder stays locked by this process until it releases
+        with replace_dir(save, fsync=fsync, carry=lock.files if lock is not None else ()) as staging:
+            try:
+                partial_step = os.path.join(staging, tag + files.PARTIAL_SUFFIX)
+                os.makedirs(partial_step)
+                writer = CanonicalWriter(partial_step, fsync=fsync)
+                _write_tensors(source, writer)
+                ts = _training_state(view, source, opts.reset_iteration)
+                report = _report(view, source, layout, opts, save, tag, ts, writer.bytes_written, plan.largest)
+                has_tok = _copy_tokenizer(view.step_dir, partial_step)
+                meta = metadata.build_meta(metadata.KIND_CANONICAL, source.config, _updated_args(view, source, layout),
+                                           layout, ts["iteration"], ts["consumed_samples"],
+                                           view.meta.get("tokenizer", {}).get("source"), has_tok)
+                meta["params"] = [e.to_dict() for e in source.params.values()]
+                meta["optimizer_state_keys"] = list(source.state_keys)
+                meta["training_state"] = ts
+                meta["source"] = report["source"]
+                report["seconds"] = round(time.time() - t0, 3)
+                report["peak_rss_bytes"] = peak_rss_bytes()
+                metadata.write_json(os.path.join(partial_step, files.REPORT_FILE), report)
+                writer.finish(meta)
+                files.publish_step_dir(partial_step, os.path.join(staging, tag), fsync=fsync)
+                files.update_latest(staging, tag)
+            except (OSError, RuntimeError) as exc:  # torch's writer reports a full disk as a RuntimeError
+                raise _write_failed(exc, save, staging) from None
+    except (OSError, RuntimeError) as exc:  # preparing the staging folder, or the swap
+        raise _write_failed(exc, save, staging_path(save)) from None
     return report
+
+
+def _write_failed(exc: BaseException, save: str, staging: str) -> ExpandError:
+    """The one line of a failed write (described while ``staging`` still exists; it is removed next)."""
+    cause = save_dir.describe_save_error(exc, staging)
+    return ExpandError(f"writing --save {save} failed: {cause}; nothing was written (the partial output "
+                       f"{staging} was removed)")
 
 
 def log_written(report: Dict[str, Any], log: Callable[[str], None]) -> None:
@@ -393,36 +396,3 @@ def _copy_tokenizer(step_dir: str, dest_dir: str) -> bool:
         return False
     shutil.copyfile(src, os.path.join(dest_dir, files.TOKENIZER_FILE))
     return True
-
-
-def _swap_in(staging: str, save: str, lock: Optional[save_dir.SaveDirLock] = None) -> None:
-    """Replace ``save`` (absent, empty, or --overwrite) by the complete ``staging`` folder.
-
-    The held lock's files move into ``staging`` first (a lock follows its inode), so the published
-    folder is still locked by this process until it releases.
-    """
-    if lock is not None:
-        for path in lock.files:
-            os.rename(path, os.path.join(staging, os.path.basename(path)))
-        old = f"{save}.old-{os.getpid()}"
-        os.replace(save, old)
-        try:
-            os.replace(staging, save)
-        except OSError:
-            os.replace(old, save)  # put the previous --save back before reporting the error
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        fsync_dir(os.path.dirname(save))
-        return
-    if os.path.exists(save):
-        if os.listdir(save):
-            old = f"{save}.old-{os.getpid()}"
-            os.replace(save, old)
-            os.replace(staging, save)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rmdir(save)
-            os.replace(staging, save)
-    else:
-        os.replace(staging, save)
-    fsync_dir(os.path.dirname(save))

@@ -229,7 +229,6 @@ class GrownView:
         return src if src != name else "copied"
 
     def _generator(self, name: str, layer_number: int, tag: str) -> torch.Generator:
-        import megatron_tokenformer.model  # noqa: F401  (the package import order the model needs)
         from megatron_tokenformer.tensor_parallel.random import parameter_generator
         return parameter_generator(self.plan.seed, layer_number, f"growth/{tag}")
 
@@ -300,7 +299,6 @@ class GrownView:
                 return torch.zeros(entry.shape, dtype=torch.float32)  # identity: zero output values
             else:
                 std = self.plan.new_value_std
-            import megatron_tokenformer.model  # noqa: F401
             from megatron_tokenformer.tensor_parallel.random import master_normal
             return master_normal(entry.shape, std, self.plan.seed, layer_number, suffix)
         if suffix.endswith("layernorm.weight"):

@@ -20,7 +20,6 @@ the flags with a checkpoint before the model is built is the arguments layer's:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
@@ -30,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from megatron_tokenformer import parallel_state
+from megatron_tokenformer import deepspeed_boundary, parallel_state
 from megatron_tokenformer.checkpointing import save_dir as save_dir_lib
 from megatron_tokenformer.checkpointing.format import checksums, files, metadata
 from megatron_tokenformer.checkpointing.format.deepspeed_files import CLIENT_STATE_KEY
@@ -38,13 +37,12 @@ from megatron_tokenformer.checkpointing.format.entries import FP32, CheckpointFo
 from megatron_tokenformer.checkpointing.format.metadata import build_meta
 from megatron_tokenformer.checkpointing.format.tensor_file import TorchFile, materialize
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
-from megatron_tokenformer.checkpointing.naming import canonical_parameter_names, vocab_parameters
 from megatron_tokenformer.checkpointing.optimizer_step import (adam_step_conversion, describe_optimizer,
                                                                saved_step_layout, set_adam_step)
 from megatron_tokenformer.checkpointing.reshard import layout_tuple as _layout_tuple
-from megatron_tokenformer.checkpointing.reshard import load_module_from_view  # noqa: F401  (old import path)
 from megatron_tokenformer.checkpointing.reshard import param_slices as _param_slices
-from megatron_tokenformer.fileio import fsync_file
+from megatron_tokenformer.fileio import durable_write
+from megatron_tokenformer.model.naming import canonical_parameter_names, vocab_parameters
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointMismatchError", "expand_command",
            "load_view_into_engine"]
@@ -140,99 +138,17 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- save
-class _SaveWrites:
-    """This rank's writes inside DeepSpeed's ``save_checkpoint``: the first failure is kept, not raised.
-
-    DeepSpeed's ``save_checkpoint`` holds collectives between its writes (a barrier before and after,
-    the tag check): a rank whose write raised out of it would skip them, the other ranks would wait
-    in them for the whole collective timeout, and the save could only end in a generic "collective
-    failed". Instead a failed write is recorded (its half-written file removed), this rank's later
-    writes are skipped, DeepSpeed goes on through its collectives on every rank, and the recorded
-    error goes into the agreement on the save's outcome (:func:`~.save_dir.agree_on_save`).
-    """
-
-    def __init__(self):
-        self.error: Optional[BaseException] = None
-
-    def run(self, write, *args, path=None, **kwargs):
-        """``write(*args, **kwargs)`` unless this rank's save already failed; a failure is recorded and
-        the file ``path`` it left half-written removed. Returns what ``write`` returned, or None."""
-        if self.error is not None:
-            return None  # the save has failed on this rank: nothing more is written
-        try:
-            return write(*args, **kwargs)
-        except (OSError, RuntimeError) as exc:
-            self.error = exc
-            if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
-                try:
-                    os.remove(path)  # no truncated file is left behind (the folder goes anyway)
-                except OSError:
-                    pass
-            return None
-
-
-@contextlib.contextmanager
-def _guarded_deepspeed_writes(engine, recorder: Optional[checksums.ChecksumRecorder] = None):
-    """DeepSpeed's checkpoint writes on this rank, each file fsynced and a failure recorded, not raised
-    (:class:`_SaveWrites`, yielded). Wraps the checkpoint engine's ``save`` and ``makedirs`` and the
-    engine's copy of its recovery scripts: the writes DeepSpeed makes between its collectives. With
-    ``recorder``, each file's checksum is recorded as it is written (torch.save streams into a
-    :class:`~.format.checksums.HashingWriter`)."""
-    writes = _SaveWrites()
-    patched = []
-
-    def patch(obj, name, make):
-        original = getattr(obj, name, None)
-        if obj is None or original is None:
-            return
-        patched.append((obj, name, original, name in vars(obj)))
-        setattr(obj, name, make(original))
-
-    def save_fsynced(original):
-        def write(state_dict, path, *a, **kw):
-            if recorder is not None and isinstance(path, (str, os.PathLike)):
-                with open(path, "wb") as f:
-                    writer = checksums.HashingWriter(f)
-                    result = original(state_dict, writer, *a, **kw)
-                    f.flush()
-                    os.fsync(f.fileno())
-                recorder.record_writer(os.fspath(path), writer)
-                return result
-            result = original(state_dict, path, *a, **kw)
-            if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
-                fsync_file(os.fspath(path))
-            return result
-
-        def save(state_dict, path, *a, **kw):
-            return writes.run(write, state_dict, path, *a, path=path, **kw)
-        return save
-
-    ckpt_engine = getattr(engine, "checkpoint_engine", None)
-    patch(ckpt_engine, "save", save_fsynced)
-    patch(ckpt_engine, "makedirs", lambda original: lambda *a, **kw: writes.run(original, *a, **kw))
-    patch(engine, "_copy_recovery_script", lambda original: lambda *a, **kw: writes.run(original, *a, **kw))
-    try:
-        yield writes
-    finally:
-        for obj, name, original, own in reversed(patched):
-            if own:
-                setattr(obj, name, original)
-            else:
-                try:
-                    delattr(obj, name)  # back to the class method
-                except AttributeError:
-                    setattr(obj, name, original)
-
-
 def _args_dict(args) -> Dict[str, Any]:
     return metadata.jsonable({k: v for k, v in vars(args).items() if not k.startswith("_")})
 
 
 def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
-                    tokenizer_model: Optional[str] = None) -> str:
+                    tokenizer_model: Optional[str] = None, run_id: Optional[str] = None) -> str:
     """Save step ``iteration`` into ``args.save`` (all ranks call this). Returns the step folder.
 
-    Crash safety: see :mod:`.files`. ``--keep-last-n-checkpoints`` prunes older steps afterwards.
+    ``run_id``: this run's id (:func:`~.save_dir.prepare_save_dir`), recorded in the step's metadata;
+    ``--keep-last-n-checkpoints`` then prunes older steps of that id. Crash safety: see
+    :mod:`.format.files`.
     """
     save_dir = os.path.abspath(args.save)
     tag = files.step_tag(iteration)
@@ -248,7 +164,7 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
             files.remove_stale_partials(save_dir)
         except OSError as exc:
             prepare_error = exc
-    save_dir_lib.agree_on_save(prepare_error, partial_dir, iteration)  # [save_dir] (was: _barrier())
+    save_dir_lib.agree_on_save(prepare_error, partial_dir, iteration)  # [save_dir]
 
     module = engine.module
     client = {
@@ -266,25 +182,24 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
         client["tied_weights"] = tied
     if not engine.zero_optimization():
         names = {id(p): n for n, p in module.named_parameters()}
-        base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        base = deepspeed_boundary.base_optimizer(engine.optimizer)
         client["optimizer_groups"] = [[names[id(p)] for p in g["params"] if id(p) in names]
                                       for g in getattr(base, "param_groups", [])]
     write_error = None  # [save_dir] a failed write ends the run with one line on every rank
     recorder = checksums.ChecksumRecorder(partial_dir)  # [checksums] every file this rank writes
     try:
         # a failed write does not raise out of DeepSpeed's save (whose collectives every rank must reach)
-        with _guarded_deepspeed_writes(engine, recorder) as writes:
+        with deepspeed_boundary.guarded_checkpoint_writes(engine, checksums.HashingWriter,
+                                                          recorder.record_writer) as writes:
             engine.save_checkpoint(save_dir, tag=partial_tag, client_state={CLIENT_STATE_KEY: client},
                                    save_latest=False)
         if writes.error is not None:
             raise writes.error
         # every rank's RNG states (DeepSpeed keeps only data-parallel rank 0's model file)
         rng_path = os.path.join(partial_dir, files.rng_file_name(rank))
-        with open(rng_path, "wb") as f:
+        with durable_write(rng_path) as f:
             writer = checksums.HashingWriter(f)
             torch.save(_rng_state(), writer)
-            f.flush()
-            os.fsync(f.fileno())
         recorder.record_writer(rng_path, writer)
         if rank == 0:
             has_tok = False
@@ -294,29 +209,29 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
                 has_tok = True
             meta = build_meta(metadata.KIND_DEEPSPEED, config, _args_dict(args), current_layout(engine), iteration,
                               consumed_samples, tokenizer_model, has_tok)
-            meta["run_id"] = getattr(args, "_run_id", None)  # [save_dir] which run wrote the step
-            meta["optimizer"] = describe_optimizer(_optimizer_base(engine))  # where it keeps Adam's step
+            meta["run_id"] = run_id  # [save_dir] which run wrote the step
+            meta["optimizer"] = describe_optimizer(deepspeed_boundary.base_optimizer(engine.optimizer))  # where it keeps Adam's step
             meta["checksums"] = checksums.metadata_entry(_world())
             metadata.write_json(os.path.join(partial_dir, files.META_FILE), meta)
             recorder.record_file(os.path.join(partial_dir, files.META_FILE))
         recorder.write_manifest(rank)
     except (OSError, RuntimeError) as exc:
         write_error = exc
-    save_dir_lib.agree_on_save(write_error, partial_dir, iteration)  # [save_dir] (was: _barrier())
+    save_dir_lib.agree_on_save(write_error, partial_dir, iteration)  # [save_dir]
     publish_error = None
     if rank == 0:
         try:
             files.publish_step_dir(partial_dir, final_dir)
             files.update_latest(save_dir, tag)
             deleted = save_dir_lib.prune_own_checkpoints(save_dir, getattr(args, "keep_last_n_checkpoints", None),
-                                                         getattr(args, "_run_id", None))
+                                                         run_id)
             msg = f"saved checkpoint {final_dir} (iteration {iteration}) in {time.time() - start:.2f} s"
             if deleted:
                 msg += f"; removed {', '.join(deleted)} (--keep-last-n-checkpoints)"
             _log(msg)
         except OSError as exc:
             publish_error = exc
-    save_dir_lib.agree_on_save(publish_error, partial_dir, iteration)  # [save_dir] (was: _barrier())
+    save_dir_lib.agree_on_save(publish_error, partial_dir, iteration)  # [save_dir]
     return final_dir
 
 
@@ -368,7 +283,7 @@ def load_checkpoint(engine, args, config) -> Tuple[int, int]:
     iteration = int(meta.get("iteration", 0))
     if same_layout:
         # apex FusedAdam <-> torch AdamW: the step converted to where this optimizer reads it
-        with adam_step_conversion(_optimizer_base(engine), saved_step_layout(meta)):
+        with adam_step_conversion(deepspeed_boundary.base_optimizer(engine.optimizer), saved_step_layout(meta)):
             load_path, client_state = engine.load_checkpoint(load, tag=tag, load_module_strict=True,
                                                              load_optimizer_states=load_optim,
                                                              load_lr_scheduler_states=not finetune,
@@ -435,22 +350,18 @@ def _restore_tied_weights(engine, client: Dict[str, Any], load_optim: bool, step
         engine.optimizer.refresh_fp32_params()  # the fp32 masters were taken from the (stale) weights
 
 
-def _optimizer_base(engine):
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt)
-
-
 def load_view_into_engine(engine, view: CheckpointView, config, load_optim: bool = True,
                           load_scheduler: bool = True) -> None:
     """Place every parameter (and, with ``load_optim``, its fp32 master and optimizer state) from a
     :class:`CheckpointView` into this rank's engine, at whatever layout the engine runs.
 
-    Works for ZeRO-1/2 (fp32/bf16/fp16: fragments of the flat partitions through each parameter's
-    ``_hp_mapping``) and for ZeRO-0 in fp32 (the optimizer holds the parameters themselves).
+    Works for ZeRO-1/2 (fp32/bf16/fp16: each parameter's fragment of the flat partitions,
+    :func:`~megatron_tokenformer.deepspeed_boundary.zero_fragment`) and for ZeRO-0 in fp32 (the
+    optimizer holds the parameters themselves).
     """
     module = engine.module
     zero = bool(engine.zero_optimization())
-    base = _optimizer_base(engine)
+    base = deepspeed_boundary.base_optimizer(engine.optimizer)
     if not zero and engine.optimizer is not base and load_optim:
         raise CheckpointFormatError("the resharding path supports ZeRO stage 1/2, or stage 0 in fp32; this run "
                                     f"uses stage 0 with {type(engine.optimizer).__name__}")
@@ -484,17 +395,14 @@ def load_view_into_engine(engine, view: CheckpointView, config, load_optim: bool
             value = read(FP32)
             param.data.copy_(value.to(param.dtype))
             flat_value = value.view(-1)
-            mapping = getattr(param, "_hp_mapping", None) if zero else None
-            if zero and mapping is not None:
-                lo, n = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
-                mapping.hp_fragment.data.copy_(flat_value[lo:lo + n])
+            fragment = deepspeed_boundary.zero_fragment(param) if zero else None
+            if fragment is not None:
+                lo, n = fragment.start, fragment.numel
+                fragment.master.copy_(flat_value[lo:lo + n])
                 if state_keys:
-                    gi = mapping.param_group_index
-                    note_step(gi, entry, cname)
-                    flat = base.param_groups[gi]["params"][0]
-                    hp_start = mapping.hp_fragment_address.start
+                    note_step(fragment.group_index, entry, cname)
                     for key in state_keys:
-                        base.state[flat][key].narrow(0, hp_start, n).copy_(read(key).view(-1)[lo:lo + n])
+                        fragment.optimizer_state(base, key).copy_(read(key).view(-1)[lo:lo + n])
             elif not zero and state_keys:
                 gi = param_group_of.get(id(param))
                 if gi is None:
@@ -515,15 +423,9 @@ def load_view_into_engine(engine, view: CheckpointView, config, load_optim: bool
                     set_adam_step(base, gi, st, step)
                 elif "step" not in st and "step" not in group:
                     set_adam_step(base, gi, st, 0)
-            if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
-                engine.optimizer._hp_optimizer_states_linked = False
+            deepspeed_boundary.optimizer_state_replaced(engine.optimizer)
     if load_optim:  # (also when every step so far was skipped for overflow and Adam has no state yet)
-        scaler_state = view.training_state.get("loss_scaler")
-        scaler = getattr(engine.optimizer, "loss_scaler", None)
-        if scaler_state and scaler is not None and getattr(scaler, "dynamic", False) == scaler_state.get("dynamic"):
-            for attr, value in scaler_state.items():
-                if attr != "dynamic" and hasattr(scaler, attr) and value is not None:
-                    setattr(scaler, attr, value)
+        deepspeed_boundary.restore_loss_scaler(engine.optimizer, view.training_state.get("loss_scaler"))
     ts = view.training_state
     if load_scheduler:
         engine.global_steps = int(ts.get("global_steps", 0))

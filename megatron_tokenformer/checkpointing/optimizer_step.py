@@ -20,10 +20,11 @@ it (the parameter state first, then the group), as the loaders always did.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Dict, Optional
 
 import torch
+
+from megatron_tokenformer.deepspeed_boundary import GROUP_STEP_OPTIMIZERS
 
 __all__ = ["keeps_step_in_param_group", "set_adam_step", "get_adam_step", "STEP_IN_PARAM_GROUP",
            "STEP_PER_PARAMETER", "step_layout", "describe_optimizer", "saved_step_layout", "convert_state_dict_step",
@@ -35,7 +36,7 @@ STEP_PER_PARAMETER = "parameter"
 
 # (module prefix, class name) of optimizers known to count steps per parameter group
 _PARAM_GROUP_STEP_CLASSES = (("apex.optimizers", "FusedAdam"), ("apex.optimizers", "FusedLAMB"),
-                             ("deepspeed.ops.adam", "FusedAdam"), ("deepspeed.ops.lamb", "FusedLamb"))
+                             *GROUP_STEP_OPTIMIZERS)
 
 
 def keeps_step_in_param_group(optimizer: torch.optim.Optimizer) -> bool:

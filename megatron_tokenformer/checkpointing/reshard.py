@@ -21,7 +21,7 @@ import torch
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.checkpointing.format.entries import FP32, CheckpointMismatchError, ParamEntry
-from megatron_tokenformer.checkpointing.naming import canonical_parameter_names
+from megatron_tokenformer.model.naming import canonical_parameter_names
 
 __all__ = ["target_layout", "layout_tuple", "param_slices", "load_module_from_view"]
 

@@ -34,21 +34,19 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import socket
 import time
 import uuid
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
-from megatron_tokenformer.checkpointing import files
+from megatron_tokenformer.checkpointing.format import files, metadata
 
-__all__ = ["LOCK_FILE", "EXCLUSIVE_LOCK_FILE", "FLOCK_UNSUPPORTED", "holder_is_dead", "SaveDirError", "SaveFailedError", "SaveDirLock", "step_folders", "check_ownership",
+__all__ = ["LOCK_FILE", "EXCLUSIVE_LOCK_FILE", "FLOCK_UNSUPPORTED", "holder_is_dead", "SaveDirError", "SaveFailedError", "SaveDirLock", "check_ownership",
            "probe_writable", "os_error_text", "describe_save_error", "free_space_warning", "checkpoint_bytes",
-           "prune_own_checkpoints", "resumes_from_save", "prepare_save_dir", "agree_on_save", "holder_info"]
+           "prune_own_checkpoints", "resumes_from_save", "PreparedSaveDir", "prepare_save_dir", "agree_on_save", "holder_info"]
 
 LOCK_FILE = "tokenformer_save.lock"
-_STEP_DIR_RE = re.compile(r"^global_step(\d+)$")
 _PROBE_BYTES = 1 << 20
 
 
@@ -370,18 +368,6 @@ class SaveDirLock:
 
 
 # --------------------------------------------------------------------------- ownership
-def step_folders(save_dir: str) -> List[str]:
-    """Names of the ``global_step<N>`` folders in ``save_dir`` (complete or not), sorted by N."""
-    if not os.path.isdir(save_dir):
-        return []
-    found = []
-    for name in os.listdir(save_dir):
-        m = _STEP_DIR_RE.match(name)
-        if m and os.path.isdir(os.path.join(save_dir, name)):
-            found.append((int(m.group(1)), name))
-    return [name for _, name in sorted(found)]
-
-
 def _same_folder(a: str, b: str) -> bool:
     return os.path.realpath(os.path.abspath(a)) == os.path.realpath(os.path.abspath(b))
 
@@ -399,7 +385,7 @@ def resumes_from_save(args) -> Optional[str]:
 
 def check_ownership(save_dir: str, resumed_step: Optional[str], overwrite: bool) -> List[str]:
     """Refuse a run that did not resume from ``save_dir`` when it holds step folders. Returns warnings."""
-    steps = step_folders(save_dir)
+    steps = [name for _, name in files.list_step_dirs(save_dir, complete=False)]
     if resumed_step is None:
         if steps and not overwrite:
             shown = ", ".join(steps[:6]) + (f" and {len(steps) - 6} more" if len(steps) > 6 else "")
@@ -414,8 +400,8 @@ def check_ownership(save_dir: str, resumed_step: Optional[str], overwrite: bool)
                 + ") and this run does not resume from it; resume with --load " + save_dir
                 + ", choose an empty --save, or pass --overwrite-checkpoints")
         return []
-    m = _STEP_DIR_RE.match(os.path.basename(resumed_step))
-    newer = [s for s in steps if m and int(_STEP_DIR_RE.match(s).group(1)) > int(m.group(1))]
+    resumed_n = files.step_number(os.path.basename(resumed_step))
+    newer = [s for s in steps if resumed_n is not None and files.step_number(s) > resumed_n]
     if newer:
         return [f"warning: --save {save_dir} holds steps newer than {os.path.basename(resumed_step)}, which this "
                 f"run resumes from ({', '.join(newer)}); each is replaced when the run saves that iteration"]
@@ -426,7 +412,7 @@ def _run_id_of(step_dir: Optional[str]) -> Optional[str]:
     if step_dir is None:
         return None
     try:
-        return files.read_meta(step_dir).get("run_id")
+        return metadata.read_meta(step_dir).get("run_id")
     except (OSError, ValueError):
         return None
 
@@ -513,19 +499,25 @@ def _gather(message: Optional[str]) -> List[Optional[str]]:
     return all_gather_objects(message)
 
 
-def prepare_save_dir(args) -> Optional[SaveDirLock]:
-    """The start-up checks of the module docstring (every rank calls this; raises SaveDirError on all).
+class PreparedSaveDir(NamedTuple):
+    """What :func:`prepare_save_dir` returns: rank 0's lock (held until the process ends; None on the
+    other ranks and without ``--save``) and the id recorded in every step this run writes (the same on
+    every rank; None without ``--save``)."""
+    lock: Optional[SaveDirLock]
+    run_id: Optional[str]
 
-    Sets ``args._run_id`` (the id recorded in every step this run writes). Returns rank 0's lock.
-    """
+
+def prepare_save_dir(args) -> PreparedSaveDir:
+    """The start-up checks of the module docstring (every rank calls this; raises SaveDirError on all).
+    ``args`` is only read."""
     if not getattr(args, "save", None):
-        return None
+        return PreparedSaveDir(None, None)
     dist = _dist()
     rank = dist.get_rank() if dist is not None else 0
     save_dir = os.path.abspath(args.save)
     lock, error, warnings = None, None, []
     resumed = resumes_from_save(args)
-    args._run_id = (_run_id_of(resumed) if resumed else None) or uuid.uuid4().hex
+    run_id = (_run_id_of(resumed) if resumed else None) or uuid.uuid4().hex
     try:
         if rank == 0:
             probe_writable(save_dir, rank)
@@ -545,10 +537,10 @@ def prepare_save_dir(args) -> Optional[SaveDirLock]:
         raise SaveDirError(errors[0])
     if dist is not None:  # one id for the whole run (rank 0's), though only rank 0 writes metadata
         from megatron_tokenformer.tensor_parallel.mappings import broadcast_object
-        args._run_id = broadcast_object(args._run_id, src=0)
+        run_id = broadcast_object(run_id, src=0)
     for line in warnings:
         print(line, flush=True)
-    return lock
+    return PreparedSaveDir(lock, run_id)
 
 
 def agree_on_save(error: Optional[BaseException], partial_dir: str, iteration: int) -> None:

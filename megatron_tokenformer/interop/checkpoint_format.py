@@ -22,7 +22,7 @@ from megatron_tokenformer.checkpointing.format import files, metadata
 from megatron_tokenformer.checkpointing.format.canonical import CanonicalWriter
 from megatron_tokenformer.checkpointing.format.entries import FP32, ParamEntry
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
-from megatron_tokenformer.fileio import fsync_dir
+from megatron_tokenformer.fileio import replace_dir
 
 __all__ = ["open_step", "write_checkpoint", "parameter_layout", "check_torch_file", "FP32", "TOKENIZER_FILE"]
 
@@ -50,7 +50,7 @@ def check_torch_file(path: str) -> Optional[str]:
 def parameter_layout(config) -> Dict[str, Tuple[Tuple[int, ...], Optional[int], bool]]:
     """canonical name -> (full shape with the vocabulary trimmed, TP partition dim or None, is-vocab)
     of the model ``config`` describes (built once on the meta device, TP = PP = 1)."""
-    from megatron_tokenformer.checkpointing.naming import vocab_parameters
+    from megatron_tokenformer.model.naming import vocab_parameters
     from megatron_tokenformer.model import TokenformerLM
 
     with torch.device("meta"):
@@ -95,10 +95,8 @@ def write_checkpoint(save: str, config, tensors: Dict[str, torch.Tensor], args: 
                              "data_parallel_size": 1})
     layout.setdefault("world_size", layout["tensor_model_parallel_size"] * layout["pipeline_model_parallel_size"]
                       * layout["data_parallel_size"])
-    staging = f"{save}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     tag = files.step_tag(iteration)
-    try:
+    with replace_dir(save) as staging:
         partial_step = os.path.join(staging, tag + files.PARTIAL_SUFFIX)
         os.makedirs(partial_step)
         writer = CanonicalWriter(partial_step)
@@ -119,11 +117,4 @@ def write_checkpoint(save: str, config, tensors: Dict[str, torch.Tensor], args: 
         writer.finish(meta)
         files.publish_step_dir(partial_step, os.path.join(staging, tag))
         files.update_latest(staging, tag)
-        if os.path.isdir(save):
-            os.rmdir(save)
-        os.replace(staging, save)
-        fsync_dir(os.path.dirname(save))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return os.path.join(save, tag)

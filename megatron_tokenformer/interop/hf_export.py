@@ -9,11 +9,13 @@
                                                                             Hugging Face tokenizer)
 
 Tensor names are ``model.`` + the canonical names; the vocabulary padding is trimmed (the HF
-model's vocabulary is the tokenizer's). Written into ``HF_DIR.partial-<pid>`` and renamed.
+model's vocabulary is the tokenizer's). Written into ``HF_DIR.partial-<pid>``, fsynced and renamed
+(:func:`megatron_tokenformer.fileio.replace_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from megatron_tokenformer.fileio import check_outputs_apart
+from megatron_tokenformer.fileio import check_outputs_apart, replace_dir
 from megatron_tokenformer.interop.checkpoint_format import TOKENIZER_FILE, open_step
 from megatron_tokenformer.interop.hf import HF_DIR, REMOTE_CODE_FILES
 
@@ -147,11 +149,8 @@ def export_hf(load: str, save: str, iteration: Optional[int] = None, dtype: str 
         view = open_step(load, iteration)
     except (FileNotFoundError, ValueError) as exc:
         raise ExportError(str(exc)) from None
-    staging = f"{save}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with contextlib.closing(view), replace_dir(save) as staging:
         config = view.config
-        os.makedirs(staging)
         tensors = {HF_PREFIX + name: view.read(name).to(DTYPES[dtype]).contiguous() for name in view.params}
         ids = _write_tokenizer(view.step_dir, staging, config.seq_length, log)
         shards = _shards(tensors, max_bytes)
@@ -178,18 +177,6 @@ def export_hf(load: str, save: str, iteration: Optional[int] = None, dtype: str 
             json.dump(gen, f, indent=2, sort_keys=True)
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(os.path.join(HF_DIR, name), os.path.join(staging, name))
-        if os.path.exists(save):
-            old = f"{save}.old-{os.getpid()}"
-            os.replace(save, old)
-            os.replace(staging, save)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, save)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        view.close()
     log(f"exported {view.step_dir} ({config.model_type}, {len(tensors)} tensors, {dtype}, "
         f"{len(shards)} safetensors file{'s' if len(shards) > 1 else ''}) to {save}")
     return save

@@ -64,23 +64,6 @@ def apex_available(cuda_available: Optional[bool] = None) -> bool:
         return False
 
 
-def skip_cpu_shm_comm_build() -> None:
-    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op at ``init_distributed``.
-
-    On CPU, DeepSpeed 0.19's torch backend builds ``deepspeed_shm_comm`` (a C++ extension, 30-90 s
-    of compiling on a small machine, redone whenever a different ``ninja`` runs the build) although
-    only ``inference_all_reduce`` uses it; training never does. Marking it incompatible makes the
-    backend skip it (``build_shm_op`` returns None). Call before ``deepspeed.init_distributed``.
-    """
-    try:
-        import deepspeed.ops
-        compatible = deepspeed.ops.__compatible_ops__
-        if isinstance(compatible, dict):
-            compatible["deepspeed_shm_comm"] = False
-    except Exception:  # pragma: no cover - another DeepSpeed layout: building the op is harmless
-        pass
-
-
 # --------------------------------------------------------------------------- model
 
 
@@ -238,22 +221,6 @@ def apply_bf16_gradient_precision(cfg: dict) -> dict:
 # --------------------------------------------------------------------------- engine
 
 
-def _allow_fp16_on_cpu() -> None:
-    """Let DeepSpeed's CPU accelerator run fp16 on any CPU.
-
-    DeepSpeed 0.19's CPU accelerator reports fp16 as supported only when oneDNN has native fp16
-    kernels (AVX512-FP16 / AMX-FP16) and then refuses ``"fp16": {"enabled": true}``. torch runs fp16
-    on every CPU (emulated, slowly), which is what a CPU test of the fp16 code path (dynamic loss
-    scaling, overflow skipping) needs. On GPUs nothing changes.
-    """
-    from deepspeed.accelerator import get_accelerator
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu" and not accelerator.is_fp16_supported():
-        accelerator.is_fp16_supported = lambda: True
-        supported = accelerator.supported_dtypes
-        accelerator.supported_dtypes = lambda: list(dict.fromkeys(supported() + [torch.float16]))
-
-
 def setup_model_and_optimizer(args, config, device: Optional[torch.device] = None):
     """Build model, optimizer, LR schedule and the DeepSpeed engine.
 
@@ -261,8 +228,8 @@ def setup_model_and_optimizer(args, config, device: Optional[torch.device] = Non
     """
     import deepspeed
 
-    from megatron_tokenformer.training.deferred_imports import defer_deepspeed_muon_modules
-    defer_deepspeed_muon_modules()  # DeepSpeed's Muon modules compile kernels on import; no Muon here
+    from megatron_tokenformer import deepspeed_boundary
+    deepspeed_boundary.defer_deepspeed_muon_modules()  # DeepSpeed's Muon modules compile kernels on import
 
     from megatron_tokenformer.training.lr_schedules import OptimizerParamScheduler
 
@@ -279,7 +246,7 @@ def setup_model_and_optimizer(args, config, device: Optional[torch.device] = Non
                                         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
     ds_config = build_deepspeed_config(args)
     if args.fp16:
-        _allow_fp16_on_cpu()
+        deepspeed_boundary.allow_fp16_on_cpu()
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     engine, ds_optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
@@ -289,6 +256,6 @@ def setup_model_and_optimizer(args, config, device: Optional[torch.device] = Non
 
 
 def is_pipeline_engine(engine) -> bool:
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-    return isinstance(engine, PipelineEngine)
+    import deepspeed
+    return isinstance(engine, deepspeed.PipelineEngine)
 

@@ -8,7 +8,7 @@ writes one line to the status file after the last save::
     finished 1000/1000 train-iters
     unfinished 437/1000 signal SIGUSR1
 
-The file is replaced atomically (written beside it, then renamed). A run that crashes writes nothing:
+The file is replaced atomically (written beside it, fsynced, then renamed). A run that crashes writes nothing:
 job scripts delete the file before starting the run, so a missing file means "failed, do not requeue"
 (examples/slurm/*.sbatch requeue the job only on ``unfinished``).
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 from typing import Dict, Optional
+
+from megatron_tokenformer.fileio import atomic_write_text
 
 __all__ = ["FINISHED", "UNFINISHED", "status_line", "write_exit_status", "read_exit_status"]
 
@@ -35,12 +37,7 @@ def write_exit_status(path: str, iteration: int, train_iters: int, reason: str) 
     line = status_line(iteration, train_iters, reason)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, line + "\n")
     return line
 
 

@@ -282,12 +282,8 @@ def _synchronize(device) -> None:
 def _loss_scale(engine, args) -> float:
     if not args.fp16:
         return 1.0
-    opt = engine.optimizer
-    for attr in ("cur_scale", "loss_scale"):
-        value = getattr(opt, attr, None)
-        if value is not None:
-            return float(value)
-    return float("nan")
+    from megatron_tokenformer.deepspeed_boundary import current_loss_scale
+    return current_loss_scale(engine.optimizer)
 
 
 def _grad_norm(engine) -> Optional[float]:
@@ -301,10 +297,10 @@ def _grad_norm(engine) -> Optional[float]:
     return value if value >= 0 else float("nan")
 
 
-def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int) -> None:
+def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int, run_id: Optional[str]) -> None:
     from megatron_tokenformer.checkpointing import io as checkpoint_io
     checkpoint_io.save_checkpoint(engine, args, config, iteration, consumed_samples,
-                                  tokenizer_model=args.tokenizer_model)
+                                  tokenizer_model=args.tokenizer_model, run_id=run_id)
 
 
 def _check_before_save(numerics, engine, pending_losses, iteration: int, pipelined: bool) -> None:
@@ -318,8 +314,10 @@ def _check_before_save(numerics, engine, pending_losses, iteration: int, pipelin
 
 
 def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed_samples: int, device,
-          start_time: float, tensorboard: Optional[TensorBoardLogger] = None) -> Tuple[int, int, str]:
-    """Run until ``--train-iters`` or an exit condition. Returns (iteration, consumed_samples, reason)."""
+          start_time: float, tensorboard: Optional[TensorBoardLogger] = None,
+          run_id: Optional[str] = None) -> Tuple[int, int, str]:
+    """Run until ``--train-iters`` or an exit condition. Returns (iteration, consumed_samples, reason).
+    ``run_id``: recorded in every checkpoint this run saves (:func:`~..checkpointing.save_dir.prepare_save_dir`)."""
     from megatron_tokenformer.training.engine import is_pipeline_engine
     pipelined = is_pipeline_engine(engine)
     tensorboard = tensorboard or TensorBoardLogger(None)
@@ -396,7 +394,7 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
 
             if args.save and args.save_interval and iteration % args.save_interval == 0:
                 _check_before_save(numerics, engine, interval_losses, iteration, pipelined)
-                save_checkpoint(engine, args, config, iteration, consumed_samples)
+                save_checkpoint(engine, args, config, iteration, consumed_samples, run_id)
                 last_saved = iteration
                 interval_start = time.time()
 
@@ -426,7 +424,7 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
                                      "lm loss validation ppl": math.exp(min(val_loss, 20.0))}, iteration)
         if args.save and last_saved != iteration:
             _check_before_save(numerics, engine, interval_losses, iteration, pipelined)
-            save_checkpoint(engine, args, config, iteration, consumed_samples)
+            save_checkpoint(engine, args, config, iteration, consumed_samples, run_id)
         tensorboard.flush()
     finally:
         handler.restore()

@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_tokenformer.deepspeed_boundary import base_optimizer, zero_fragment
+
 __all__ = ["ARG_KEY", "resolve_frozen_counts", "ParamTokenFreezer", "setup_param_token_freezing"]
 
 ARG_KEY = "train_only_new_param_tokens_from"
@@ -48,7 +50,7 @@ def resolve_frozen_counts(args, step_dir: Optional[str] = None) -> Optional[Dict
     only (a resume keeps freezing), and nothing from a freshly grown checkpoint.
     ``step_dir``: the step folder ``--load`` resumes from (None: none).
     """
-    from megatron_tokenformer.checkpointing import files
+    from megatron_tokenformer.checkpointing.format import files, metadata
 
     wanted = getattr(args, "train_only_new_param_tokens", None)
     if wanted is False:
@@ -61,7 +63,7 @@ def resolve_frozen_counts(args, step_dir: Optional[str] = None) -> Optional[Dict
                 changes = (json.load(f).get("growth") or {}).get("token_counts") or {}
             if changes:
                 growth = {field: int(changes[field]["old"]) if field in changes else None for field in _FIELDS}
-        recorded = (files.read_meta(step_dir).get("args") or {}).get(ARG_KEY)
+        recorded = (metadata.read_meta(step_dir).get("args") or {}).get(ARG_KEY)
         if recorded:
             saved = {field: (int(recorded[field]) if recorded.get(field) is not None else None) for field in _FIELDS}
     # the flag: the last growth's old rows (or the record of a run that already froze); no flag: only the
@@ -98,7 +100,7 @@ class ParamTokenFreezer:
 
     def __init__(self, model: torch.nn.Module, counts: Dict[str, int], tp_rank: int, tp_size: int):
         from megatron_tokenformer.checkpointing.grow import pattention_kind
-        from megatron_tokenformer.checkpointing.naming import canonical_parameter_names
+        from megatron_tokenformer.model.naming import canonical_parameter_names
 
         self.counts = dict(counts)
         names = canonical_parameter_names(model)
@@ -133,8 +135,7 @@ class ParamTokenFreezer:
 
     def start(self, engine) -> None:
         """Copy the old rows (after the checkpoint is loaded) and zero their Adam moments."""
-        opt = engine.optimizer
-        self._base = getattr(opt, "optimizer", opt)
+        self._base = base_optimizer(engine.optimizer)
         self._saved = [param.detach()[:old].clone() for _, param, old in self.partial]
         for _, param, old in self.partial:
             for key in ("exp_avg", "exp_avg_sq"):
@@ -148,22 +149,20 @@ class ParamTokenFreezer:
         state ``key`` --, how many of its first elements are old rows); (None, 0) when it holds none.
 
         ZeRO-1/2 keep each parameter's fp32 master and Adam moments as a contiguous fragment of a flat
-        partition: the elements [lo, lo + n) of the flattened parameter (``_hp_mapping``). Old rows are the
-        flat elements [0, old x row size), so the fragment's old part is its first max(0, min(n, end - lo))."""
-        mapping = getattr(param, "_hp_mapping", None)
-        if mapping is None:
+        partition: the elements [lo, lo + n) of the flattened parameter (:func:`zero_fragment`). Old rows are
+        the flat elements [0, old x row size), so the fragment's old part is its first max(0, min(n, end - lo))."""
+        fragment = zero_fragment(param)
+        if fragment is None:
             return None, 0
-        lo, n = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
-        count = max(0, min(n, old * param[0].numel() - lo))
+        count = max(0, min(fragment.numel, old * param[0].numel() - fragment.start))
         if count == 0:
             return None, 0
         if key is None:
-            return mapping.hp_fragment.view(-1), count
-        flat = self._base.param_groups[mapping.param_group_index]["params"][0]
-        state = self._base.state.get(flat, {})
-        if key not in state:
+            return fragment.master, count
+        state = fragment.optimizer_state(self._base, key)
+        if state is None:
             return None, 0  # no state yet (a fresh optimizer): it starts at zero and the gradient is zero
-        return state[key].narrow(0, mapping.hp_fragment_address.start, n), count
+        return state, count
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -172,7 +171,7 @@ class ParamTokenFreezer:
             param.data[:old].copy_(saved.to(param.dtype))
             master, count = self._old_part(param, old, None)
             if master is not None:
-                lo = param._hp_mapping.lp_fragment_address.start
+                lo = zero_fragment(param).start
                 master[:count].copy_(saved.reshape(-1)[lo:lo + count].to(master.dtype))
 
 

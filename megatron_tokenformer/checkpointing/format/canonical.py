@@ -25,6 +25,7 @@ from megatron_tokenformer.checkpointing.format.entries import (FP32, CheckpointF
 from megatron_tokenformer.checkpointing.format.files import CANONICAL_DIR, META_FILE
 from megatron_tokenformer.checkpointing.format.metadata import write_json
 from megatron_tokenformer.checkpointing.format.tensor_file import LazyTensor, TorchFile
+from megatron_tokenformer.fileio import durable_write
 
 __all__ = ["tensor_file", "index_canonical_step", "CanonicalWriter", "Copy", "Fill"]
 
@@ -84,12 +85,9 @@ class CanonicalWriter:
         path = tensor_file(self.step_dir, name, key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tensor = tensor.detach().contiguous()
-        with open(path, "wb") as f, _no_zip_crc():
+        with durable_write(path, fsync=self.fsync) as f, _no_zip_crc():
             writer = HashingWriter(f)  # the checksum of what is written, as it is written
             torch.save(tensor, writer)
-            if self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
         self.checksums.record_writer(path, writer)
         self.bytes_written += tensor.numel() * tensor.element_size()
 

@@ -23,6 +23,7 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 from megatron_tokenformer.checkpointing.format.entries import CheckpointFormatError
+from megatron_tokenformer.fileio import durable_write
 
 __all__ = ["ALGORITHM", "MANIFEST_PREFIX", "ChecksumError", "HashingWriter", "ChecksumRecorder", "manifest_name",
            "manifest_names", "metadata_entry", "read_manifest", "expected_manifests", "expected_checksums",
@@ -125,12 +126,9 @@ class ChecksumRecorder:
     def write_manifest(self, rank: int, fsync: bool = True) -> str:
         path = os.path.join(self.step_dir, manifest_name(rank))
         body = {"algorithm": ALGORITHM, "files": self.files, "digest": _files_digest(self.files)}
-        with open(path, "w") as f:
+        with durable_write(path, "w", fsync=fsync) as f:
             json.dump(body, f, indent=1, sort_keys=True)
             f.write("\n")
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
         return path
 
 

@@ -22,7 +22,7 @@ import re
 import shutil
 from typing import List, Optional, Tuple
 
-from megatron_tokenformer.fileio import atomic_write_text, fsync_dir, fsync_tree
+from megatron_tokenformer.fileio import atomic_write_text, fsync_dir, swap_dir
 
 LATEST_FILE = "latest"
 META_FILE = "tokenformer_checkpoint.json"
@@ -39,28 +39,22 @@ def step_tag(iteration: int) -> str:
     return f"{STEP_PREFIX}{int(iteration)}"
 
 
+def step_number(name: str) -> Optional[int]:
+    """N of a step folder name ``global_step<N>``; None for any other name (``.partial``, ``.old``, ...)."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def rng_file_name(global_rank: int) -> str:
     return f"tokenformer_rng_rank_{int(global_rank):05d}.pt"
 
 
 # --------------------------------------------------------------------------- publishing and listing
 def publish_step_dir(partial_dir: str, final_dir: str, fsync: bool = True) -> None:
-    """fsync ``partial_dir`` and rename it to ``final_dir`` (replacing an older folder of that name)."""
-    if fsync:
-        fsync_tree(partial_dir)
-    parent = os.path.dirname(os.path.abspath(final_dir))
-    if os.path.exists(final_dir):
-        # Same step saved again (e.g. after --finetune): move the old one aside first.
-        old = final_dir + ".old"
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.replace(final_dir, old)
-        os.replace(partial_dir, final_dir)
-        fsync_dir(parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial_dir, final_dir)
-    fsync_dir(parent)
+    """fsync ``partial_dir`` and rename it to ``final_dir``. The same step saved again (e.g. after
+    --finetune) replaces the older folder, moved aside to ``<final_dir>.old`` first (which
+    :func:`remove_stale_partials` deletes should a crash leave it)."""
+    swap_dir(partial_dir, final_dir, fsync=fsync, aside=final_dir + ".old")
 
 
 def update_latest(save_dir: str, tag: str) -> None:
@@ -79,15 +73,20 @@ def read_latest(load_dir: str) -> Optional[str]:
     return tag
 
 
-def list_step_dirs(save_dir: str) -> List[Tuple[int, str]]:
-    """Complete step folders (``global_step<N>`` with a metadata file), sorted by N."""
+def list_step_dirs(save_dir: str, complete: bool = True) -> List[Tuple[int, str]]:
+    """``(N, name)`` of the step folders ``global_step<N>`` of ``save_dir``, sorted by N: the complete ones
+    (with a metadata file), or with ``complete=False`` every folder of that name (the ones another
+    program or an interrupted copy left too)."""
     out = []
     if not os.path.isdir(save_dir):
         return out
     for name in os.listdir(save_dir):
-        m = _STEP_RE.match(name)
-        if m and os.path.isfile(os.path.join(save_dir, name, META_FILE)):
-            out.append((int(m.group(1)), name))
+        n = step_number(name)
+        if n is None:
+            continue
+        path = os.path.join(save_dir, name)
+        if os.path.isfile(os.path.join(path, META_FILE)) if complete else os.path.isdir(path):
+            out.append((n, name))
     return sorted(out)
 
 

@@ -31,6 +31,7 @@ import time
 from typing import Any, Dict, Optional
 
 from megatron_tokenformer.checkpointing.format.files import META_FILE, TOKENIZER_FILE
+from megatron_tokenformer.fileio import durable_write
 
 __all__ = ["FORMAT_VERSION", "KIND_DEEPSPEED", "KIND_CANONICAL", "build_meta", "read_meta", "write_json",
            "jsonable", "versions"]
@@ -43,12 +44,10 @@ KIND_CANONICAL = "canonical"    # written by tools/expand_checkpoint.py: one ful
 
 
 def write_json(path: str, data: Dict[str, Any]) -> None:
-    """Write JSON (sorted keys, indented) and fsync it (not atomic; used inside partial folders)."""
-    with open(path, "w") as f:
+    """Write JSON (sorted keys, indented) and fsync it (in place: used inside partial folders)."""
+    with durable_write(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=_json_default)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _json_default(value):

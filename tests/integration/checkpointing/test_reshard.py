@@ -33,11 +33,10 @@ def _engine_worker(rank, world, port, layout, load_dir, save_dir, mode, result_d
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from megatron_tokenformer import model as _model  # noqa: F401
     from megatron_tokenformer import parallel_state
     from megatron_tokenformer.arguments import core_config_from_args, parse_args, validate_args
     from megatron_tokenformer.checkpointing import io
-    from megatron_tokenformer.checkpointing.naming import canonical_parameter_names
+    from megatron_tokenformer.model.naming import canonical_parameter_names
     from megatron_tokenformer.tensor_parallel import random as tp_random
     from megatron_tokenformer.training.engine import setup_model_and_optimizer
 

@@ -11,13 +11,13 @@ import os
 import pytest
 import torch
 
-from tests.helpers import ckpt_runs as R
-from megatron_tokenformer.checkpointing import files
 from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_checkpoint
-from megatron_tokenformer.checkpointing.grow import pattention_kind
+from megatron_tokenformer.checkpointing.format import metadata
 from megatron_tokenformer.checkpointing.format.entries import FP32
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
+from megatron_tokenformer.checkpointing.grow import pattention_kind
 from megatron_tokenformer.training.param_token_freezing import ARG_KEY
+from tests.helpers import ckpt_runs as R
 
 pytestmark = pytest.mark.slow
 OLD = {"qkv": 16, "proj": 16, "ffn": 32}  # tests.helpers.ckpt_runs.ARCH
@@ -65,7 +65,7 @@ def test_tp1_five_steps_then_resume_without_the_flag(grown, ckpt_workdir):
     _, save = R.resume(ckpt_workdir, "freeze_tp1", (1, 1, 1), os.path.dirname(grown[1]), 15, arch=False,
                        extra=["--train-only-new-param-tokens", "--override-opt-param-scheduler"])
     step15 = os.path.join(save, "global_step15")
-    assert files.read_meta(step15)["args"][ARG_KEY] == {
+    assert metadata.read_meta(step15)["args"][ARG_KEY] == {
         "qkv_num_param_tokens": 16, "proj_num_param_tokens": 16, "ffn_num_param_tokens": 32}
     _check_only_new_rows_moved(before, _tensors(step15), 2)
     # (--override-opt-param-scheduler: these runs shorten the source's schedule on purpose)

@@ -28,7 +28,7 @@ import time
 import pytest
 
 from megatron_tokenformer.checkpointing import file_checks
-from megatron_tokenformer.checkpointing import files as checkpoint_files
+from megatron_tokenformer.checkpointing.format import files as checkpoint_files
 from tests.helpers import multihost, train_runs
 
 pytestmark = pytest.mark.slow

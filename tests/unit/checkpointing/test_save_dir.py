@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from megatron_tokenformer.checkpointing import files, save_dir
+from megatron_tokenformer.checkpointing import save_dir
+from megatron_tokenformer.checkpointing.format import files, metadata
 from tests.helpers import train_runs
 
 HOLD = ("import sys, time; from megatron_tokenformer.checkpointing.save_dir import SaveDirLock; "
@@ -20,7 +21,7 @@ HOLD = ("import sys, time; from megatron_tokenformer.checkpointing.save_dir impo
 def _step(folder, n, run_id=None):
     d = os.path.join(folder, f"global_step{n}")
     os.makedirs(d)
-    meta = {"format_version": files.FORMAT_VERSION, "iteration": n}
+    meta = {"format_version": metadata.FORMAT_VERSION, "iteration": n}
     if run_id is not None:
         meta["run_id"] = run_id
     with open(os.path.join(d, files.META_FILE), "w") as f:
@@ -144,3 +145,30 @@ def test_free_space_warning(tmp_path):
     step = _step(folder, 2)
     assert save_dir.checkpoint_bytes(step) == 100 + os.path.getsize(os.path.join(step, files.META_FILE))
     assert save_dir.free_space_warning(folder, None, 10 ** 18, 16) is None   # the last step's size wins
+
+
+def test_prepare_save_dir_returns_the_run_id_and_leaves_the_arguments_alone(tmp_path):
+    """The run id is returned, never set on the argument namespace: a fresh run gets a new one, a run
+    resuming from --save continues the id recorded in the step it resumes from."""
+    import argparse
+    folder = str(tmp_path / "save")
+    fresh = argparse.Namespace(save=folder, load=None, finetune=False, overwrite_checkpoints=False)
+    before = dict(vars(fresh))
+    lock, run_id = save_dir.prepare_save_dir(fresh)
+    try:
+        assert vars(fresh) == before and lock.held
+        assert isinstance(run_id, str) and len(run_id) == 32 and int(run_id, 16) >= 0
+    finally:
+        lock.release()
+    _step(folder, 4, run_id="0123abcd" * 4)
+    files.update_latest(folder, "global_step4")
+    resumed = argparse.Namespace(save=folder, load=folder, finetune=False, overwrite_checkpoints=False)
+    before = dict(vars(resumed))
+    lock, run_id = save_dir.prepare_save_dir(resumed)
+    lock.release()
+    assert run_id == "0123abcd" * 4 and vars(resumed) == before
+    again = save_dir.prepare_save_dir(argparse.Namespace(save=folder, load=folder, finetune=True,
+                                                         overwrite_checkpoints=True))
+    again.lock.release()
+    assert again.run_id not in (None, "0123abcd" * 4)             # --finetune: a new run, a new id
+    assert save_dir.prepare_save_dir(argparse.Namespace(save=None)) == (None, None)

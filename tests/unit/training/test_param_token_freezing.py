@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from megatron_tokenformer.checkpointing import files
+from megatron_tokenformer.checkpointing.format import files, metadata
 from megatron_tokenformer.training.param_token_freezing import (ARG_KEY, FreezingError, _local_old_rows,
                                                                   resolve_frozen_counts)
 
@@ -18,7 +18,7 @@ GROWN = {"qkv_num_param_tokens": 64, "proj_num_param_tokens": 64, "ffn_num_param
 def step_dir(tmp_path, growth=None, record=None):
     d = tmp_path / "global_step10"
     d.mkdir()
-    (d / files.META_FILE).write_text(json.dumps({"format_version": files.FORMAT_VERSION,
+    (d / files.META_FILE).write_text(json.dumps({"format_version": metadata.FORMAT_VERSION,
                                                  "args": {ARG_KEY: record} if record else {}}))
     if growth is not None:
         (d / files.REPORT_FILE).write_text(json.dumps({"growth": {"token_counts": growth}}))

@@ -45,6 +45,25 @@ def test_publish_latest_and_prune(tmp_path):
     assert files.read_latest(save) == files.step_tag(6)
 
 
+def test_one_step_listing_complete_or_not(tmp_path):
+    """The one listing of step folders: complete ones (training's load and pruning) or every
+    ``global_step<N>`` folder (the ownership check of --save), sorted by N, never other names."""
+    save = str(tmp_path)
+    for n in (10, 2):
+        _step(save, n)
+    _step(save, 7, meta=False)                                      # another program's folder, or a torn copy
+    os.makedirs(os.path.join(save, "global_step3.partial"))
+    os.makedirs(os.path.join(save, "global_step04x"))
+    with open(os.path.join(save, "global_step5"), "w") as f:      # a file, not a folder
+        f.write("x")
+    assert files.list_step_dirs(save) == [(2, "global_step2"), (10, "global_step10")]
+    assert files.list_step_dirs(save, complete=False) == [(2, "global_step2"), (7, "global_step7"),
+                                                          (10, "global_step10")]
+    assert [files.step_number(n) for n in ("global_step12", "global_step12.partial", "global_step12.old",
+                                           "latest")] == [12, None, None, None]
+    assert files.list_step_dirs(os.path.join(save, "missing"), complete=False) == []
+
+
 def test_resolve_errors(tmp_path):
     save = str(tmp_path)
     _step(save, 3, meta=False)
