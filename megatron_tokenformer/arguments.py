@@ -29,12 +29,13 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, MODEL_TYPES, PATTENTION_NORMALIZATIONS
 from megatron_tokenformer.data.blending import parse_data_prefix
 from megatron_tokenformer.data.gpt_dataset import parse_split
+from megatron_tokenformer.errors import TokenformerError
 
 __all__ = ["ArgumentError", "build_parser", "parse_args", "validate_args", "core_config_from_args",
            "load_deepspeed_json"]
 
 
-class ArgumentError(ValueError):
+class ArgumentError(TokenformerError, ValueError):
     """An impossible flag combination; the message names the flag(s)."""
 
 
@@ -154,7 +155,7 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                    help="save (if --save) and exit once training has run this many minutes")
     g.add_argument("--exit-status-file", default=None,
                    help="rank 0 writes 'finished I/N reason' or 'unfinished I/N reason' here at exit (job "
-                        "scripts requeue on 'unfinished'; see training/exit_status.py)")
+                        "scripts requeue on 'unfinished'; see training/supervision/exit_status.py)")
 
     g = parser.add_argument_group("optimizer and learning rate")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")

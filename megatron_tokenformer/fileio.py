@@ -20,6 +20,8 @@ import re
 import uuid
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from megatron_tokenformer.errors import TokenformerError
+
 __all__ = ["atomic_path", "atomic_write_text", "fsync_file", "fsync_dir", "fsync_tree", "OverlapError",
            "overlap", "check_outputs_apart", "tmp_name", "pid_alive", "remove_stale_temporaries"]
 
@@ -138,7 +140,7 @@ def remove_stale_temporaries(targets: Iterable[str]) -> List[str]:
 
 
 # --------------------------------------------------------------------------- outputs apart from inputs
-class OverlapError(ValueError):
+class OverlapError(TokenformerError, ValueError):
     """An output of a tool overlaps one of its inputs (one line naming both flags and paths)."""
 
 

@@ -42,6 +42,7 @@ import uuid
 from typing import List, Optional
 
 from megatron_tokenformer.checkpointing import files
+from megatron_tokenformer.errors import EXIT_FAILED, TokenformerError
 
 __all__ = ["LOCK_FILE", "EXCLUSIVE_LOCK_FILE", "FLOCK_UNSUPPORTED", "holder_is_dead", "SaveDirError", "SaveFailedError", "SaveDirLock", "step_folders", "check_ownership",
            "probe_writable", "os_error_text", "describe_save_error", "free_space_warning", "checkpoint_bytes",
@@ -52,12 +53,16 @@ _STEP_DIR_RE = re.compile(r"^global_step(\d+)$")
 _PROBE_BYTES = 1 << 20
 
 
-class SaveDirError(RuntimeError):
+class SaveDirError(TokenformerError, RuntimeError):
     """The ``--save`` folder cannot be used by this run (the message is one line)."""
 
+    every_rank_prints = False  # every rank agreed on it: rank 0 says it
 
-class SaveFailedError(RuntimeError):
+
+class SaveFailedError(TokenformerError, RuntimeError):
     """A checkpoint save failed (the message names the folder, the rank and the OS error)."""
+
+    exit_code = EXIT_FAILED  # every rank prints the same agreed line (a rank's log may be all one sees)
 
 
 # --------------------------------------------------------------------------- errors as one line

@@ -2,7 +2,7 @@
 
 Exits: after ``--train-iters``; after an iteration that is a multiple of ``--exit-interval``; once
 ``--exit-duration-in-mins`` have passed; on SIGTERM, SIGINT, SIGHUP or SIGUSR1 (Slurm's pre-emption
-warning, see ``#SBATCH --signal``); when the rank's launcher ended (training/launcher_watch.py) or its
+warning, see ``#SBATCH --signal``); when the rank's launcher ended (training/supervision/launcher_watch.py) or its
 stdout/stderr could not be written (training/output_channel.py). All ranks agree on the decision (one
 all-reduce of a small vector: per kind of request, the lowest rank that made it), finish the
 iteration, save a checkpoint when ``--save`` is given, and return normally. Whichever rank noticed
@@ -25,8 +25,9 @@ import torch
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.training import flops as flops_lib
-from megatron_tokenformer.training import data_checks, launcher_watch, output_channel
-from megatron_tokenformer.training.numerics import NumericsCheck
+from megatron_tokenformer.training import data_checks, output_channel
+from megatron_tokenformer.training.supervision import launcher_watch
+from megatron_tokenformer.training.supervision.numerics import NumericsCheck
 from megatron_tokenformer.training.logging import (TensorBoardLogger, format_eval_line, format_train_line,
                                                    is_logging_rank, print_rank_0, print_rank_last)
 

@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_tokenformer.errors import TokenformerError
+
 __all__ = ["ARG_KEY", "resolve_frozen_counts", "ParamTokenFreezer", "setup_param_token_freezing"]
 
 ARG_KEY = "train_only_new_param_tokens_from"
@@ -35,7 +37,7 @@ _FIELDS = ("qkv_num_param_tokens", "proj_num_param_tokens", "ffn_num_param_token
 _KIND_FIELD = {"qkv": "qkv_num_param_tokens", "proj": "proj_num_param_tokens", "ffn": "ffn_num_param_tokens"}
 
 
-class FreezingError(ValueError):
+class FreezingError(TokenformerError, ValueError):
     """--train-only-new-param-tokens cannot be applied (message names the flag and the checkpoint)."""
 
 

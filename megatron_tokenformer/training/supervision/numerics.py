@@ -20,11 +20,16 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_tokenformer.errors import EXIT_FAILED, TokenformerError
+
 __all__ = ["NumericalFailure", "NumericsCheck"]
 
 
-class NumericalFailure(RuntimeError):
+class NumericalFailure(TokenformerError, RuntimeError):
     """Training diverged (one-line message naming the iteration)."""
+
+    exit_code = EXIT_FAILED
+    every_rank_prints = False  # every rank sees the same values: rank 0 says it
 
 
 class NumericsCheck:

@@ -1,11 +1,11 @@
-"""training/numerics.py: NaN/Inf losses and gradient norms, and fp16 overflow skips, end the run."""
+"""training/supervision/numerics.py: NaN/Inf losses and gradient norms, and fp16 overflow skips, end the run."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from megatron_tokenformer.training.numerics import NumericalFailure, NumericsCheck
+from megatron_tokenformer.training.supervision.numerics import NumericalFailure, NumericsCheck
 
 
 def _args(**kw):
