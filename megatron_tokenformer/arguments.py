@@ -23,7 +23,7 @@ import json
 import math
 import os
 import sys
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Tuple, Type, TypeVar
 
 from megatron_tokenformer.config import (ARCHITECTURE, FIELD_FLAGS, MODEL_FAMILY_FIELDS, PARALLELISM, PATTENTION,
                                          TRAINING, ModelConfig)
@@ -31,7 +31,12 @@ from megatron_tokenformer.data.blending import parse_data_prefix
 from megatron_tokenformer.data.gpt_dataset import parse_split
 from megatron_tokenformer.errors import TokenformerError
 
-__all__ = ["ArgumentError", "build_parser", "parse_args", "validate_args", "core_config_from_args",
+if TYPE_CHECKING:
+    from megatron_tokenformer.training.engine import EngineOptions
+
+R = TypeVar("R")
+
+__all__ = ["ArgumentError", "options_from_args", "engine_options", "build_parser", "parse_args", "validate_args", "core_config_from_args",
            "load_deepspeed_json"]
 
 
@@ -322,7 +327,7 @@ def load_deepspeed_json(args: argparse.Namespace) -> dict:
                 f"--deepspeed_config {path}: remove its \"{section}\" section; the optimizer (AdamW) and the "
                 f"learning-rate schedule come from --lr, --min-lr, --lr-decay-style, --weight-decay, "
                 f"--adam-beta1/2, --adam-eps")
-    explicit = getattr(args, "_explicit", set())
+    explicit = args._explicit
     for path_keys, dest, flag in _JSON_FLAG_KEYS:
         value = _json_get(cfg, path_keys)
         if value is None or value == "auto":
@@ -410,7 +415,7 @@ def _default_tokenizer_type(args) -> str:
         return args.tokenizer_type
     if args.tokenizer_model:
         return "SentencePieceTokenizer"
-    if getattr(args, "vocab_file", None):
+    if args.vocab_file:
         return "HFTokenizer"
     return "NullTokenizer"
 
@@ -566,7 +571,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         from megatron_tokenformer.data.hf_tokenizer import resolve_hf_tokenizer_file
         try:
             args.tokenizer_model = resolve_hf_tokenizer_file(args.tokenizer_type, args.tokenizer_model,
-                                                             getattr(args, "vocab_file", None))
+                                                             args.vocab_file)
         except ValueError as exc:
             raise ArgumentError(str(exc)) from None
     else:
@@ -618,6 +623,22 @@ def core_config_from_args(args: argparse.Namespace, vocab_size: int, checkpoint=
 
 
 _REQUIRED_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING)
+
+
+def options_from_args(record: Type[R], args: argparse.Namespace) -> R:
+    """The typed options record ``record`` (a dataclass) the code below the entry point receives instead of the
+    namespace: each field from the (validated) flag or derived value of the same name."""
+    return record(**{f.name: vars(args)[f.name] for f in dataclasses.fields(record)})
+
+
+def engine_options(args: argparse.Namespace) -> "EngineOptions":
+    """:class:`~megatron_tokenformer.training.engine.EngineOptions` of these validated flags (the frozen
+    parameter-token rows as the entry point resolved them, under ``param_token_freezing.ARG_KEY``)."""
+    from megatron_tokenformer.training.engine import DeepSpeedOptions, EngineOptions, OptimizerOptions
+    from megatron_tokenformer.training.param_token_freezing import ARG_KEY
+    return EngineOptions(seed=args.seed, optimizer=options_from_args(OptimizerOptions, args),
+                         deepspeed=options_from_args(DeepSpeedOptions, args),
+                         frozen_param_tokens=vars(args).get(ARG_KEY))
 
 
 def describe(args: argparse.Namespace, keys: Optional[Iterable[str]] = None) -> str:

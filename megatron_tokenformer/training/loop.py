@@ -24,10 +24,11 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from megatron_tokenformer import parallel_state
+from megatron_tokenformer.arguments import options_from_args
 from megatron_tokenformer.training import flops as flops_lib
 from megatron_tokenformer.training import data_checks, output_channel
 from megatron_tokenformer.training.supervision import launcher_watch
-from megatron_tokenformer.training.supervision.numerics import NumericsCheck
+from megatron_tokenformer.training.supervision.numerics import NumericsCheck, NumericsOptions
 from megatron_tokenformer.training.logging import (TensorBoardLogger, format_eval_line, format_train_line,
                                                    is_logging_rank, print_rank_0, print_rank_last)
 
@@ -335,7 +336,7 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
     handler = ExitSignalHandler()
-    numerics = NumericsCheck(args, engine.skipped_steps)  # [numerics] NaN/Inf and fp16 skips end the run
+    numerics = NumericsCheck(options_from_args(NumericsOptions, args), engine.skipped_steps)  # [numerics] NaN/Inf and fp16 skips end the run
     interval_losses = []
     interval_start = time.time()
     interval_iters = 0

@@ -58,11 +58,14 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
             from megatron_tokenformer.checkpoint_args import apply_checkpoint_args
             checkpoint = apply_checkpoint_args(args)
         validate_args(args, env.world_size)
-        from megatron_tokenformer.training.param_token_freezing import ARG_KEY, resolve_frozen_counts
-        setattr(args, ARG_KEY, resolve_frozen_counts(args, checkpoint.step_dir if checkpoint else None))
+        from megatron_tokenformer.arguments import options_from_args
+        from megatron_tokenformer.training.param_token_freezing import ARG_KEY, FreezingOptions, resolve_frozen_counts
+        # recorded in the arguments: checkpoints keep the frozen rows (a resume goes on freezing them)
+        setattr(args, ARG_KEY, resolve_frozen_counts(options_from_args(FreezingOptions, args),
+                                                     checkpoint.step_dir if checkpoint else None))
         if checkpoint is not None:  # [checkpoint_args] the same tokenizer (content) and data as the checkpoint's
-            from megatron_tokenformer.checkpoint_args import check_resume_inputs
-            for line in check_resume_inputs(args, checkpoint):
+            from megatron_tokenformer.checkpoint_args import ResumeInputs, check_resume_inputs
+            for line in check_resume_inputs(options_from_args(ResumeInputs, args), checkpoint):
                 if env.rank == 0:
                     print(line, flush=True)
     except (ArgumentError, ValueError, FileNotFoundError) as exc:
@@ -80,7 +83,7 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
     import deepspeed
 
     from megatron_tokenformer import parallel_state
-    from megatron_tokenformer.arguments import core_config_from_args, describe
+    from megatron_tokenformer.arguments import core_config_from_args, describe, engine_options
     from megatron_tokenformer.data.tokenizer import build_tokenizer
     from megatron_tokenformer.tensor_parallel import random as tp_random
     from megatron_tokenformer.training import engine as engine_lib
@@ -110,7 +113,7 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
     from megatron_tokenformer.arguments import fused_norm_after_probe
     from megatron_tokenformer.ops.pattention_norm import probe_fused_kernels
     try:
-        fused, warning = fused_norm_after_probe(getattr(args, "_fused_pattention_norm_explicit", False),
+        fused, warning = fused_norm_after_probe(args._fused_pattention_norm_explicit,
                                                 config.fused_pattention_norm, device.type,
                                                 lambda: probe_fused_kernels(device))
     except ArgumentError as exc:
@@ -143,7 +146,7 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
     print_rank_0(f"> hosts: {rank_hosts.summary()}")
     print_rank_0(describe(args))
 
-    engine, _, _ = engine_lib.setup_model_and_optimizer(args, config, device)
+    engine, _, _ = engine_lib.setup_model_and_optimizer(engine_options(args), config, device)
     per_stage, total = count_model_parameters(engine.module, config)
     print_rank_0(format_parameter_summary(per_stage, total))
     if args.save and torch.distributed.get_rank() == 0:  # [save_dir] free space, a warning only

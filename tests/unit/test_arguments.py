@@ -193,8 +193,9 @@ def test_deepspeed_json_fills_flags_not_given(tmp_path):
     args = validated(["--deepspeed_config", str(path)], world_size=2)
     assert args.global_batch_size == 16 and args.gradient_accumulation_steps == 4
     assert args.clip_grad == 0.25 and args.bf16 and args.zero_stage == 2
-    from megatron_tokenformer.training.engine import build_deepspeed_config
-    cfg = build_deepspeed_config(args)
+    from megatron_tokenformer.arguments import options_from_args
+    from megatron_tokenformer.training.engine import DeepSpeedOptions, build_deepspeed_config
+    cfg = build_deepspeed_config(options_from_args(DeepSpeedOptions, args))
     assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000000}
     assert cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 2 == cfg["train_batch_size"]
 
