@@ -13,6 +13,11 @@ Two steps, both before any process group exists:
 
 The world size comes from the launcher's environment (:mod:`megatron_tokenformer.launch`), so a
 layout that does not fit is refused before ``init_process_group``.
+
+The model-config flags are not written here: :func:`build_parser` generates them from the config fields'
+metadata (:data:`megatron_tokenformer.config.FIELD_FLAGS`), and :func:`core_config_from_args` fills every
+such field from its flag. Below the entry point the code receives typed records (frozen dataclasses), built
+from the validated namespace by :func:`options_from_args` / :func:`engine_options`.
 """
 
 from __future__ import annotations
