@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 
-__all__ = ["ArgumentError", "options_from_args", "engine_options", "build_parser", "parse_args", "validate_args", "core_config_from_args",
-           "load_deepspeed_json"]
+__all__ = ["ArgumentError", "options_from_args", "engine_options", "build_parser", "parse_args", "validate_args",
+           "core_config_from_args", "load_deepspeed_json"]
 
 
 class ArgumentError(TokenformerError, ValueError):

@@ -177,15 +177,17 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
             _fail(f"cannot load {step_dir} on rank {torch.distributed.get_rank()}: "
                   f"{(str(exc).splitlines() or [type(exc).__name__])[0]}", 0)
 
+    from megatron_tokenformer.arguments import options_from_args
+    training = options_from_args(loop.TrainingOptions, args)
     try:
-        train_ds, valid_ds, _ = loop.build_datasets(args, tokenizer)
+        train_ds, valid_ds, _ = loop.build_datasets(options_from_args(loop.DatasetOptions, args), tokenizer)
     except (ValueError, OSError) as exc:  # [failures] bad data files: one line (every rank sees the same)
         _fail(str(exc), env.rank)
     if len(train_ds) <= consumed_samples:
         _fail(f"the training data ({len(train_ds)} samples) is used up at {consumed_samples} consumed samples; "
               f"raise --train-iters", env.rank)
     pipelined = engine_lib.is_pipeline_engine(engine)
-    train_iter, valid_iter = loop.build_data_iterators(args, train_ds, valid_ds, consumed_samples, iteration,
+    train_iter, valid_iter = loop.build_data_iterators(training, train_ds, valid_ds, consumed_samples, iteration,
                                                        device, pipelined, vocab_size=config.vocab_size)
 
     tensorboard = TensorBoardLogger(args.tensorboard_dir)
@@ -195,8 +197,13 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
                  f"(start-up took {time.time() - start_time:.1f} s)")
     from megatron_tokenformer.training.supervision import launcher_watch
     launcher_watch.start()  # [launcher_watch] save and exit when the launcher dies
-    iteration, consumed_samples, reason = loop.train(args, engine, config, train_iter, valid_iter, iteration,
-                                                     consumed_samples, device, start_time, tensorboard)
+    from megatron_tokenformer.checkpointing import io as checkpoint_io
+
+    def save(at_iteration: int, samples: int) -> None:  # (the checkpoint records the arguments)
+        checkpoint_io.save_checkpoint(engine, args, config, at_iteration, samples, tokenizer_model=args.tokenizer_model)
+
+    iteration, consumed_samples, reason = loop.train(training, engine, config, train_iter, valid_iter, iteration,
+                                                     consumed_samples, device, start_time, tensorboard, save)
     tensorboard.close()
     if device.type == "cuda":
         print_rank_0(f"> peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB allocated, "
