@@ -13,6 +13,11 @@ Two steps, both before any process group exists:
 
 The world size comes from the launcher's environment (:mod:`megatron_tokenformer.launch`), so a
 layout that does not fit is refused before ``init_process_group``.
+
+The model-config flags are not written here: :func:`build_parser` generates them from the config fields'
+metadata (:data:`megatron_tokenformer.config.FIELD_FLAGS`), and :func:`core_config_from_args` fills every
+such field from its flag. Below the entry point the code receives typed records (frozen dataclasses), built
+from the validated namespace by :func:`options_from_args` / :func:`engine_options`.
 """
 
 from __future__ import annotations
@@ -22,19 +27,25 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Tuple, Type, TypeVar
 
-from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, MODEL_TYPES, PATTENTION_NORMALIZATIONS
+from megatron_tokenformer.config import (ARCHITECTURE, FIELD_FLAGS, MODEL_FAMILY_FIELDS, PARALLELISM, PATTENTION,
+                                         TRAINING, ModelConfig)
 from megatron_tokenformer.data.blending import parse_data_prefix
 from megatron_tokenformer.data.gpt_dataset import parse_split
+from megatron_tokenformer.errors import TokenformerError
 
-__all__ = ["ArgumentError", "build_parser", "parse_args", "validate_args", "core_config_from_args",
-           "load_deepspeed_json"]
+if TYPE_CHECKING:
+    from megatron_tokenformer.training.engine import EngineOptions
+
+R = TypeVar("R")
+
+__all__ = ["ArgumentError", "options_from_args", "engine_options", "build_parser", "parse_args", "validate_args",
+           "core_config_from_args", "load_deepspeed_json"]
 
 
-class ArgumentError(ValueError):
+class ArgumentError(TokenformerError, ValueError):
     """An impossible flag combination; the message names the flag(s)."""
 
 
@@ -69,6 +80,25 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+_FLAG_TYPES = {"positive_int": _positive_int, "positive_float": _positive_float, "float": float, "str": None}
+
+
+def _add_model_flags(group, name: str) -> None:
+    """The flags of the model config fields whose :class:`~megatron_tokenformer.config.Flag` is in ``--help``
+    group ``name``, generated from the field metadata (config.py), in field order."""
+    for flag in FIELD_FLAGS.values():
+        if flag.group != name:
+            continue
+        option = "--" + flag.dest.replace("_", "-")
+        if flag.kind == "switch":
+            group.add_argument(option, action="store_true", help=flag.help)
+        elif flag.kind == "optional_switch":
+            group.add_argument(option, action=argparse.BooleanOptionalAction, default=flag.default, help=flag.help)
+        else:
+            group.add_argument(option, type=_FLAG_TYPES[flag.kind], default=flag.default, help=flag.help,
+                               choices=list(flag.choices) if flag.choices else None)
+
+
 def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentParser:
     parser = _RankZeroParser(
         prog=prog,
@@ -78,75 +108,25 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
         allow_abbrev=False,
     )
 
-    g = parser.add_argument_group("model architecture")
-    g.add_argument("--model-type", default=MODEL_TYPES[0], choices=list(MODEL_TYPES),
-                   help="tokenformer (Pattention projections), or transformer: the baseline pre-norm GPT with "
-                        "column/row-parallel linear layers, GeLU MLP of --ffn-hidden-size and parametric "
-                        "LayerNorms (the --*-num-param-tokens flags do not apply to it)")
-    g.add_argument("--num-layers", type=_positive_int, default=None, help="number of transformer blocks")
-    g.add_argument("--hidden-size", type=_positive_int, default=None, help="model width d")
-    g.add_argument("--num-attention-heads", type=_positive_int, default=None, help="attention heads")
-    g.add_argument("--seq-length", type=_positive_int, default=None, help="tokens per training sample")
-    g.add_argument("--max-position-embeddings", type=_positive_int, default=None,
-                   help="longest sequence the model supports (default: --seq-length)")
-    g.add_argument("--make-vocab-size-divisible-by", type=_positive_int, default=128,
-                   help="pad the vocabulary to a multiple of this times the tensor-parallel size")
-    g.add_argument("--ffn-hidden-size", type=_positive_int, default=None,
-                   help="--model-type transformer: MLP width (default: 4 x --hidden-size)")
-    g.add_argument("--init-method-std", type=float, default=0.02,
-                   help="std of the key parameter tokens and the embedding")
+    g = parser.add_argument_group(ARCHITECTURE)
+    _add_model_flags(g, ARCHITECTURE)
 
-    g = parser.add_argument_group("tokenformer (Pattention)")
-    g.add_argument("--qkv-num-param-tokens", type=_positive_int, default=None,
-                   help="parameter tokens of each Q/K/V Pattention (default: --hidden-size)")
-    g.add_argument("--proj-num-param-tokens", type=_positive_int, default=None,
-                   help="parameter tokens of the attention output Pattention (default: --hidden-size)")
-    g.add_argument("--ffn-num-param-tokens", type=_positive_int, default=None,
-                   help="parameter tokens of the FFN Pattention (default: 4 x --hidden-size)")
-    g.add_argument("--pattention-normalization", default="l2_norm_gelu",
-                   choices=list(PATTENTION_NORMALIZATIONS),
-                   help="score normalisation over the parameter tokens")
-    g.add_argument("--value-init-std", type=_positive_float, default=None,
-                   help="std of the value parameter tokens at initialisation (default: Wang's 2 / (num_layers x "
-                        "sqrt(hidden_size)), the official models' init; it does not depend on the token count n, "
-                        "so a Pattention's output scale grows like sqrt(n): docs/progressive_scaling.md)")
-    for kind, what in (("qkv", "each Q/K/V Pattention"), ("proj", "the attention output Pattention"),
-                       ("ffn", "the FFN Pattention")):
-        g.add_argument(f"--{kind}-tau", type=_positive_float, default=None,
-                       help=f"tau (score scale) of {what} (default: sqrt of its token count, fixed at construction; "
-                            "a checkpoint's tau always wins, growth keeps it)")
+    g = parser.add_argument_group(PATTENTION)
+    _add_model_flags(g, PATTENTION)
     g.add_argument("--train-only-new-param-tokens", action=argparse.BooleanOptionalAction, default=None,
                    help="after a growth (--load of a checkpoint grown by tools/expand_checkpoint.py), train only the "
                         "parameter tokens the last growth added and the final LayerNorm; every other value stays "
                         "bitwise unchanged. Recorded in the checkpoints, so a resume keeps it without the flag; "
                         "--no-train-only-new-param-tokens trains everything again")
-    g.add_argument("--rotary-percent", type=float, default=0.25,
-                   help="fraction of each attention head's channels that get rotary embedding")
 
-    g = parser.add_argument_group("training")
+    g = parser.add_argument_group(TRAINING)
     g.add_argument("--micro-batch-size", type=_positive_int, default=None,
                    help="samples per rank per forward/backward")
     g.add_argument("--global-batch-size", type=_positive_int, default=None,
                    help="samples per optimizer step (= micro-batch x gradient accumulation x data parallel; "
                         "default: micro-batch x data parallel)")
     g.add_argument("--train-iters", type=_positive_int, default=None, help="optimizer steps to train for")
-    g.add_argument("--checkpoint-activations", action="store_true",
-                   help="recompute each block's activations in the backward pass (saves memory); the same as "
-                        "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1")
-    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"],
-                   help="activation recomputation in the backward pass: full = whole blocks (see "
-                        "--recompute-method), selective = the attention core only (the Pattention "
-                        "normalisations are always recomputed by the memory-lean Pattention)")
-    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"],
-                   help="with --recompute-granularity full: uniform = chunks of --recompute-num-layers blocks, "
-                        "each recomputed as one; block = only the first --recompute-num-layers blocks of each "
-                        "pipeline stage (default uniform)")
-    g.add_argument("--recompute-num-layers", type=_positive_int, default=None,
-                   help="blocks per recomputed chunk (uniform) or recomputed blocks per stage (block); default 1")
-    g.add_argument("--fused-pattention-norm", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the Pattention normalisation's elementwise steps with torch.compile (one kernel "
-                        "per step, reading the scores in their own dtype; the same function). Default: on when "
-                        "CUDA is available, off on CPU (the first iterations then include compilation)")
+    _add_model_flags(g, TRAINING)
     g.add_argument("--seed", type=int, default=1234, help="random seed (model init, data order)")
     g.add_argument("--exit-interval", type=_positive_int, default=None,
                    help="save (if --save) and exit after the iteration that is a multiple of this")
@@ -154,7 +134,7 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                    help="save (if --save) and exit once training has run this many minutes")
     g.add_argument("--exit-status-file", default=None,
                    help="rank 0 writes 'finished I/N reason' or 'unfinished I/N reason' here at exit (job "
-                        "scripts requeue on 'unfinished'; see training/exit_status.py)")
+                        "scripts requeue on 'unfinished'; see training/supervision/exit_status.py)")
 
     g = parser.add_argument_group("optimizer and learning rate")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")
@@ -204,15 +184,12 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
     g.add_argument("--max-skipped-iterations", type=_positive_int, default=100,
                    help="fp16: end the run after more than this many consecutive steps skipped for overflow")
 
-    g = parser.add_argument_group("parallelism")
+    g = parser.add_argument_group(PARALLELISM)
     g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1,
                    help="ranks that split each Pattention's parameter tokens (and the vocabulary)")
     g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1,
                    help="pipeline stages (1F1B schedule); layers split by parameter count")
-    g.add_argument("--sequence-parallel", action="store_true",
-                   help="split the residual stream and the LayerNorms along the sequence over the tensor-parallel "
-                        "ranks (all-gather / reduce-scatter instead of all-reduce; activations / TP); ignored at "
-                        "tensor-model-parallel size 1")
+    _add_model_flags(g, PARALLELISM)
     g.add_argument("--zero-stage", type=int, default=1, choices=[1, 2],
                    help="ZeRO stage: 1 shards optimizer states over data-parallel ranks (any pipeline size), "
                         "2 also gradients (pipeline size 1 only)")
@@ -355,7 +332,7 @@ def load_deepspeed_json(args: argparse.Namespace) -> dict:
                 f"--deepspeed_config {path}: remove its \"{section}\" section; the optimizer (AdamW) and the "
                 f"learning-rate schedule come from --lr, --min-lr, --lr-decay-style, --weight-decay, "
                 f"--adam-beta1/2, --adam-eps")
-    explicit = getattr(args, "_explicit", set())
+    explicit = args._explicit
     for path_keys, dest, flag in _JSON_FLAG_KEYS:
         value = _json_get(cfg, path_keys)
         if value is None or value == "auto":
@@ -443,31 +420,29 @@ def _default_tokenizer_type(args) -> str:
         return args.tokenizer_type
     if args.tokenizer_model:
         return "SentencePieceTokenizer"
-    if getattr(args, "vocab_file", None):
+    if args.vocab_file:
         return "HFTokenizer"
     return "NullTokenizer"
 
 
-def _flag_names(message: str) -> str:
-    """A model-config message (``config.validate``) in flag names: ``ffn_hidden_size`` -> ``--ffn-hidden-size``,
-    ``the tensor-model-parallel size`` -> ``--tensor-model-parallel-size``."""
-    from megatron_tokenformer.config import TokenformerConfig
+def _flag_name(field: str) -> str:
+    """How an error of the model config's checks names a field on the command line: its flag
+    (``ffn_hidden_size`` -> ``--ffn-hidden-size``, the tensor-parallel size -> ``--tensor-model-parallel-size``);
+    a field without a flag keeps its name."""
+    flag = FIELD_FLAGS.get(field)
+    if flag is not None and flag.dest == field or field in _NAMED_BY_FLAG:
+        return "--" + field.replace("_", "-")
+    return field
 
-    fields = {f.name for f in dataclasses.fields(TokenformerConfig)} & {a.dest for a in build_parser()._actions}
-    for name in sorted(fields, key=len, reverse=True):
-        message = re.sub(rf"(?<![\w-]){name}(?![\w-])", "--" + name.replace("_", "-"), message)
-    for axis in ("tensor", "pipeline"):
-        message = message.replace(f"the {axis}-model-parallel size", f"--{axis}-model-parallel-size")
-    return message
+
+#: fields (and sizes) a config message names by a flag other than a generated one
+_NAMED_BY_FLAG = ("vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size")
 
 
 def _check_model_config(args: argparse.Namespace) -> None:
     """The model config these flags describe, checked by its one rule set (``TokenformerConfig.validate``);
     the error names the flags."""
-    try:
-        core_config_from_args(args, args.vocab_size or 1)
-    except ArgumentError as exc:
-        raise ArgumentError(_flag_names(str(exc))) from None
+    core_config_from_args(args, args.vocab_size or 1)
 
 
 def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
@@ -601,7 +576,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         from megatron_tokenformer.data.hf_tokenizer import resolve_hf_tokenizer_file
         try:
             args.tokenizer_model = resolve_hf_tokenizer_file(args.tokenizer_type, args.tokenizer_model,
-                                                             getattr(args, "vocab_file", None))
+                                                             args.vocab_file)
         except ValueError as exc:
             raise ArgumentError(str(exc)) from None
     else:
@@ -628,53 +603,47 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     return args
 
 
-def core_config_from_args(args: argparse.Namespace, vocab_size: int, checkpoint=None):
-    """The :class:`~megatron_tokenformer.config.TokenformerConfig` these (validated) flags describe.
+def core_config_from_args(args: argparse.Namespace, vocab_size: int, checkpoint=None) -> ModelConfig:
+    """The :class:`~megatron_tokenformer.config.ModelConfig` these (validated) flags describe: every field with
+    a flag (config.FIELD_FLAGS) from it (a flag left at None: the field's default), the family's recommended
+    values, then the fields the checkpoint fixes. Raises ArgumentError naming the flags.
 
     ``checkpoint``: the :class:`~megatron_tokenformer.checkpoint_args.CheckpointArgs` the flags were
     reconciled with (:func:`~megatron_tokenformer.checkpoint_args.apply_checkpoint_args`): the config
     fields it fixes and no flag sets (tau) are taken from it.
     """
-    from megatron_tokenformer.config import TokenformerConfig
-
-    kwargs = dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        seq_length=args.seq_length,
-        max_position_embeddings=args.max_position_embeddings,
-        vocab_size=vocab_size,
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        qkv_num_param_tokens=args.qkv_num_param_tokens,
-        proj_num_param_tokens=args.proj_num_param_tokens,
-        ffn_num_param_tokens=args.ffn_num_param_tokens,
-        pattention_normalization=args.pattention_normalization,
-        rotary_percent=args.rotary_percent,
-        init_method_std=args.init_method_std,
-        checkpoint_activations=args.checkpoint_activations,
-        recompute_granularity=getattr(args, "recompute_granularity", None),
-        recompute_method=getattr(args, "recompute_method", None),
-        recompute_num_layers=getattr(args, "recompute_num_layers", None),
-        sequence_parallel=getattr(args, "sequence_parallel", False),
-        fused_pattention_norm=bool(getattr(args, "fused_pattention_norm", False)),
-        model_type=args.model_type,
-    )
-    kwargs.update(ffn_hidden_size=args.ffn_hidden_size)
+    kwargs = {field: vars(args)[flag.dest] for field, flag in FIELD_FLAGS.items()
+              if vars(args)[flag.dest] is not None or field in _REQUIRED_FIELDS}
+    kwargs["vocab_size"] = vocab_size
     kwargs.update(MODEL_FAMILY_FIELDS[args.model_type].recommended)  # the baseline GPT: parametric LayerNorms
-    if getattr(args, "value_init_std", None) is not None:
-        kwargs["value_init"] = float(args.value_init_std)
-    for name in ("qkv_tau", "proj_tau", "ffn_tau"):  # --*-tau of a fresh run (default sqrt(n))
-        if getattr(args, name, None) is not None:
-            kwargs[name] = float(getattr(args, name))
     if checkpoint is not None:  # values the checkpoint fixed (e.g. tau after growth) win over the defaults
         kwargs.update(checkpoint.config_overrides())
-    config = TokenformerConfig(**kwargs)
+    config = ModelConfig(**kwargs)
     config.resolve_taus()
     try:
-        config.validate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+        config.validate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, name=_flag_name)
     except ValueError as exc:
         raise ArgumentError(str(exc)) from exc
     return config
+
+
+_REQUIRED_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING)
+
+
+def options_from_args(record: Type[R], args: argparse.Namespace) -> R:
+    """The typed options record ``record`` (a dataclass) the code below the entry point receives instead of the
+    namespace: each field from the (validated) flag or derived value of the same name."""
+    return record(**{f.name: vars(args)[f.name] for f in dataclasses.fields(record)})
+
+
+def engine_options(args: argparse.Namespace) -> "EngineOptions":
+    """:class:`~megatron_tokenformer.training.engine.EngineOptions` of these validated flags (the frozen
+    parameter-token rows as the entry point resolved them, under ``param_token_freezing.ARG_KEY``)."""
+    from megatron_tokenformer.training.engine import DeepSpeedOptions, EngineOptions, OptimizerOptions
+    from megatron_tokenformer.training.param_token_freezing import ARG_KEY
+    return EngineOptions(seed=args.seed, optimizer=options_from_args(OptimizerOptions, args),
+                         deepspeed=options_from_args(DeepSpeedOptions, args),
+                         frozen_param_tokens=vars(args).get(ARG_KEY))
 
 
 def describe(args: argparse.Namespace, keys: Optional[Iterable[str]] = None) -> str:

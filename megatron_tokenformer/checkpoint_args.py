@@ -19,7 +19,7 @@ from megatron_tokenformer.checkpointing.format.entries import CheckpointMismatch
 from megatron_tokenformer.checkpointing.format.files import TOKENIZER_FILE, resolve_step_dir
 from megatron_tokenformer.checkpointing.format.metadata import read_meta
 
-__all__ = ["CheckpointArgs", "apply_checkpoint_args", "CheckpointMismatchError", "ARCHITECTURE_FIELDS",
+__all__ = ["CheckpointArgs", "ResumeInputs", "apply_checkpoint_args", "CheckpointMismatchError", "ARCHITECTURE_FIELDS",
            "SOFT_FIELDS", "CHECKPOINT_ONLY_FIELDS", "check_resume_inputs", "file_digest"]
 
 # args dest -> TokenformerConfig field. Shapes and the computed function depend on all of them.
@@ -65,15 +65,15 @@ def apply_checkpoint_args(args) -> Optional[CheckpointArgs]:
     Returns the checkpoint (None without ``--load`` or when nothing is saved there yet). Raises
     :class:`CheckpointMismatchError` listing every explicit flag that contradicts the checkpoint.
     """
-    load = getattr(args, "load", None)
+    load = args.load
     if not load:
         return None
     step_dir = resolve_step_dir(load)
     if step_dir is None:
         return None
     cfg = read_meta(step_dir).get("model_config", {})
-    explicit = set(getattr(args, "_explicit", set()))
-    use_ckpt = getattr(args, "use_checkpoint_args", True)
+    explicit = set(args._explicit)
+    use_ckpt = args.use_checkpoint_args
     mismatches = []
     for dest, field in ARCHITECTURE_FIELDS.items():
         if field not in cfg or not hasattr(args, dest):
@@ -90,7 +90,7 @@ def apply_checkpoint_args(args) -> Optional[CheckpointArgs]:
     # The vocabulary comes from the tokenizer (NullTokenizer adds an end-of-document id to --vocab-size);
     # load_checkpoint compares the built model's vocab_size with the checkpoint's.
     for name in CHECKPOINT_ONLY_FIELDS:  # an explicit --*-tau must agree with the checkpoint's (which always wins)
-        if name in explicit and cfg.get(name) is not None and getattr(args, name, None) is not None \
+        if name in explicit and cfg.get(name) is not None and getattr(args, name) is not None \
                 and abs(float(getattr(args, name)) - float(cfg[name])) > 1e-12 * max(1.0, abs(float(cfg[name]))):
             mismatches.append(f"--{name.replace('_', '-')} {getattr(args, name)} (checkpoint: {cfg[name]})")
     if mismatches:
@@ -113,10 +113,9 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def _data_plan(args_like) -> Optional[tuple]:
+def _data_plan(data_path: Optional[List[str]]) -> Optional[tuple]:
     """(prefixes resolved, weights or None) of a ``--data-path``, or None for mock data / none."""
     from megatron_tokenformer.data.blending import parse_data_prefix
-    data_path = args_like.get("data_path") if isinstance(args_like, dict) else getattr(args_like, "data_path", None)
     if not data_path:
         return None
     try:
@@ -137,7 +136,21 @@ def _split(text) -> Optional[tuple]:
         return None
 
 
-def check_resume_inputs(args, checkpoint: Optional[CheckpointArgs]) -> List[str]:
+@dataclass(frozen=True)
+class ResumeInputs:
+    """The flags :func:`check_resume_inputs` compares with the checkpoint: the tokenizer and the data."""
+
+    tokenizer_type: Optional[str]
+    tokenizer_model: Optional[str]
+    vocab_file: Optional[str]
+    data_path: Optional[List[str]]
+    split: str
+    finetune: bool = False
+    override_checkpoint_tokenizer: bool = False
+    override_checkpoint_split: bool = False
+
+
+def check_resume_inputs(args: ResumeInputs, checkpoint: Optional[CheckpointArgs]) -> List[str]:
     """What the resumed run feeds the model, against what the checkpoint was trained on.
 
     * **Tokenizer** (also with ``--finetune``): the checkpoint's copy (``tokenizer.model`` in the step)
@@ -159,11 +172,11 @@ def check_resume_inputs(args, checkpoint: Optional[CheckpointArgs]) -> List[str]
     step_dir = checkpoint.step_dir
     meta = read_meta(step_dir)
     stored = os.path.join(step_dir, TOKENIZER_FILE)
-    run_tok = getattr(args, "tokenizer_model", None) or getattr(args, "vocab_file", None)
+    run_tok = args.tokenizer_model or args.vocab_file
     if os.path.isfile(stored):
         if run_tok and os.path.isfile(run_tok):
             if file_digest(run_tok) != file_digest(stored):
-                if not getattr(args, "override_checkpoint_tokenizer", False):
+                if not args.override_checkpoint_tokenizer:
                     raise CheckpointMismatchError(
                         f"the tokenizer {run_tok} differs from the one {step_dir} was trained with ({stored}, "
                         f"from {meta.get('tokenizer', {}).get('source') or 'unknown'}): token ids would mean other "
@@ -173,21 +186,21 @@ def check_resume_inputs(args, checkpoint: Optional[CheckpointArgs]) -> List[str]
                              "(another one than it was trained with)")
         else:
             notes.append(f"note: {step_dir} was trained with the tokenizer {stored}; this run uses none "
-                         f"({getattr(args, 'tokenizer_type', None)}), and its checkpoints will carry none")
-    if getattr(args, "finetune", False) or int(meta.get("consumed_samples", 0) or 0) == 0:
+                         f"({args.tokenizer_type}), and its checkpoints will carry none")
+    if args.finetune or int(meta.get("consumed_samples", 0) or 0) == 0:
         return notes
     consumed = int(meta["consumed_samples"])
     old_args = meta.get("args", {}) or {}
-    old_plan, new_plan = _data_plan(old_args), _data_plan(args)
+    old_plan, new_plan = _data_plan(old_args.get("data_path")), _data_plan(args.data_path)
     old_desc = " ".join(map(str, old_args.get("data_path") or [])) or "--mock-data"
     if old_plan != new_plan:
-        new_desc = " ".join(map(str, getattr(args, "data_path", None) or [])) or "--mock-data"
+        new_desc = " ".join(map(str, args.data_path or [])) or "--mock-data"
         notes.append(f"note: --data-path {new_desc} is not the data {step_dir} was trained on ({old_desc}): its "
                      f"{consumed} consumed samples count as positions in the new data's order (the first {consumed} "
                      "samples of the new data are skipped, nothing of the old data is resumed)")
     elif new_plan is not None and _split(old_args.get("split")) is not None and \
-            _split(old_args.get("split")) != _split(getattr(args, "split", None)):  # (an unknown split: no claim)
-        if not getattr(args, "override_checkpoint_split", False):
+            _split(old_args.get("split")) != _split(args.split):  # (an unknown split: no claim)
+        if not args.override_checkpoint_split:
             raise CheckpointMismatchError(
                 f"--split {args.split} differs from the split {step_dir} was trained with ({old_args.get('split')}) "
                 f"on the same --data-path: validation and test documents would move into training and the "

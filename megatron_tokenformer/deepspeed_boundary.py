@@ -20,7 +20,7 @@ it). What is here is correct for DeepSpeed 0.19; another release may move any of
   failed write is recorded instead of raised between DeepSpeed's collectives.
 
 (torch 2.13 internals -- ``distributed_c10d`` defaults, the NCCL environment variables -- stay with
-their users in training/collective_timeout.py.)
+their users in training/supervision/collective_timeout.py.)
 
 Decision (docs/training.md): a version outside the tested range is **warned about, not refused**
 -- one line naming both versions and the range, on rank 0, before anything runs. The pins in

@@ -28,11 +28,13 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from megatron_tokenformer.errors import TokenformerError
+
 __all__ = ["EvaluationError", "EvaluationResult", "load_model", "split_tokens", "text_tokens", "evaluate_tokens",
            "checkpoint_tokenizer"]
 
 
-class EvaluationError(ValueError):
+class EvaluationError(TokenformerError, ValueError):
     """Bad input (message names the flag or file)."""
 
 

@@ -26,6 +26,8 @@ import shutil
 import uuid
 from typing import IO, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from megatron_tokenformer.errors import TokenformerError
+
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "durable_write", "staging_path", "swap_dir",
            "replace_dir", "fsync_file", "fsync_dir", "fsync_tree", "OverlapError", "overlap", "check_outputs_apart",
            "tmp_name", "pid_alive", "remove_stale_temporaries"]
@@ -245,7 +247,7 @@ def remove_stale_temporaries(targets: Iterable[str]) -> List[str]:
 
 
 # --------------------------------------------------------------------------- outputs apart from inputs
-class OverlapError(ValueError):
+class OverlapError(TokenformerError, ValueError):
     """An output of a tool overlaps one of its inputs (one line naming both flags and paths)."""
 
 

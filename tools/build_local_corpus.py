@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_tokenformer.cli import run_tool  # noqa: E402
 from megatron_tokenformer.data.local_corpus import DEFAULT_EXTENSIONS, build_local_corpus  # noqa: E402
 
 
@@ -33,13 +34,13 @@ def get_args(argv=None):
 
 
 def main(argv=None) -> int:
+    return run_tool("build_local_corpus.py", _main, argv, failures=[((ValueError, OSError), 1)])
+
+
+def _main(argv) -> int:
     args = get_args(argv)
-    try:
-        res = build_local_corpus(args.output, args.max_mb, args.format, args.roots, args.extensions,
-                                 shuffle_seed=args.shuffle_seed)
-    except (ValueError, OSError) as e:
-        print(f"build_local_corpus.py: error: {e}", file=sys.stderr)
-        return 1
+    res = build_local_corpus(args.output, args.max_mb, args.format, args.roots, args.extensions,
+                             shuffle_seed=args.shuffle_seed)
     print(f"wrote {res['documents']} documents, {res['bytes'] / 1e6:.2f} MB -> {res['output']}",
           file=sys.stderr)
     return 0

@@ -19,6 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_tokenformer.cli import ToolError, run_tool  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate_checkpoint.py", description=__doc__.split("\n\n")[0],
@@ -41,20 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    return run_tool("evaluate_checkpoint.py", _main, argv, failures=[((FileNotFoundError, ValueError), 2)])
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_tokenformer.checkpointing.format.entries import CheckpointFormatError
-    from megatron_tokenformer.evaluation import EvaluationError, evaluate_checkpoint
+    from megatron_tokenformer.evaluation import evaluate_checkpoint
 
     if args.micro_batch_size < 1:
-        sys.stderr.write("evaluate_checkpoint.py: error: --micro-batch-size must be >= 1\n")
-        return 2
-    try:
-        result, info = evaluate_checkpoint(args.load, args.iteration, args.data_path, args.split, args.eval_split,
-                                           args.text, args.tokenizer_model, args.seq_length, args.micro_batch_size,
-                                           args.max_samples)
-    except (EvaluationError, CheckpointFormatError, FileNotFoundError, ValueError) as exc:
-        sys.stderr.write(f"evaluate_checkpoint.py: error: {exc}\n")
-        return 2
+        raise ToolError("--micro-batch-size must be >= 1")
+    result, info = evaluate_checkpoint(args.load, args.iteration, args.data_path, args.split, args.eval_split,
+                                       args.text, args.tokenizer_model, args.seq_length, args.micro_batch_size,
+                                       args.max_samples)
     print(f"evaluated {info['step_dir']} ({info['model_type']}, {info['parameters']:,} parameters) on "
           f"{info['source']}: {result.samples} windows of {info['seq_length']} tokens, "
           f"{result.tokens} predicted tokens")

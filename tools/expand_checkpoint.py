@@ -29,6 +29,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_tokenformer.cli import run_tool  # noqa: E402
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -92,17 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from megatron_tokenformer.checkpointing.expand import ExpandError, ExpandOptions, expand_checkpoint
-    from megatron_tokenformer.checkpointing.format.entries import CheckpointFormatError
+    return run_tool("expand_checkpoint.py", _main, argv, failures=[((FileNotFoundError, KeyError), 2)])
 
-    opts = ExpandOptions(**{k: v for k, v in vars(args).items()})
-    try:
-        expand_checkpoint(opts, log=lambda msg: print(msg, flush=True))
-    except (ExpandError, CheckpointFormatError, FileNotFoundError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        sys.stderr.write(f"expand_checkpoint.py: error: {message}\n")
-        return 2
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_checkpoint
+
+    expand_checkpoint(ExpandOptions(**vars(args)), log=lambda msg: print(msg, flush=True))
     return 0
 
 

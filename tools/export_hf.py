@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_tokenformer.interop.cli import OneLineParser, fail  # noqa: E402
+from megatron_tokenformer.cli import OneLineParser, run_tool  # noqa: E402
 
 
 def get_args(argv=None):
@@ -30,12 +30,14 @@ def get_args(argv=None):
 
 
 def main(argv=None) -> int:
+    return run_tool("export_hf.py", _main, argv,
+                    failures=[((ValueError, FileNotFoundError, FileExistsError, ImportError), 2)])
+
+
+def _main(argv) -> int:
     args = get_args(argv)
     from megatron_tokenformer.interop.hf_export import export_hf
-    try:
-        export_hf(args.load, args.save, args.iteration, args.dtype, args.max_shard_size, args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
-        return fail("export_hf.py", exc)
+    export_hf(args.load, args.save, args.iteration, args.dtype, args.max_shard_size, args.overwrite)
     return 0
 
 

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_tokenformer.interop.cli import OneLineParser, fail  # noqa: E402
+from megatron_tokenformer.cli import OneLineParser, run_tool  # noqa: E402
 
 
 def get_args(argv=None):
@@ -37,8 +37,13 @@ def get_args(argv=None):
 
 
 def main(argv=None) -> int:
+    rank = int(os.environ.get("RANK", "0"))  # rank 0 alone prints (every rank of a TP run holds the same error)
+    return run_tool("generate.py", _main, argv, failures=[((ValueError, FileNotFoundError, OSError), 2)],
+                    quiet=rank != 0)
+
+
+def _main(argv) -> int:
     args = get_args(argv)
-    prog = "generate.py"
     import torch
 
     from megatron_tokenformer import parallel_state
@@ -79,9 +84,6 @@ def main(argv=None) -> int:
 
             generate_tokens(model, ids, opts, tokenizer.eod, on_token=stream)
             print(file=out, flush=True)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        code = fail(prog, exc) if rank == 0 else 2
-        return code
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_tokenformer.interop.cli import OneLineParser, fail  # noqa: E402
+from megatron_tokenformer.cli import OneLineParser, ToolError, run_tool  # noqa: E402
 
 
 def get_args(argv=None):
@@ -40,30 +40,31 @@ def get_args(argv=None):
 
 
 def main(argv=None) -> int:
+    return run_tool("import_checkpoint.py", _main, argv,
+                    failures=[((ValueError, FileNotFoundError, FileExistsError, ImportError, OSError), 2)])
+
+
+def _main(argv) -> int:
     args = get_args(argv)
-    prog = "import_checkpoint.py"
     for flag, value in (("--target-tensor-model-parallel-size", args.target_tensor_model_parallel_size),
                         ("--target-pipeline-model-parallel-size", args.target_pipeline_model_parallel_size),
                         ("--target-data-parallel-size", args.target_data_parallel_size)):
         if value < 1:
-            return fail(prog, ValueError(f"{flag} must be >= 1, got {value}"))
+            raise ToolError(f"{flag} must be >= 1, got {value}")
     layout = {"tensor_model_parallel_size": args.target_tensor_model_parallel_size,
               "pipeline_model_parallel_size": args.target_pipeline_model_parallel_size,
               "data_parallel_size": args.target_data_parallel_size}
-    try:
-        if args.format == "tokenformer-official":
-            if args.config is None:
-                return fail(prog, ValueError("--format tokenformer-official needs --config (the official NeoX YAML)"))
-            if args.tokenizer_type is None and (args.vocab_file or args.tokenizer_model):
-                args.tokenizer_type = "HFTokenizer" if args.vocab_file else "HuggingFaceTokenizer"
-            from megatron_tokenformer.interop.official import import_official
-            import_official(args.input, args.config, args.save, args.tokenizer_type, args.vocab_file,
-                            args.tokenizer_model, layout)
-        else:
-            from megatron_tokenformer.interop.hf_import import import_hf
-            import_hf(args.input, args.save, layout)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, OSError) as exc:
-        return fail(prog, exc)
+    if args.format == "tokenformer-official":
+        if args.config is None:
+            raise ToolError("--format tokenformer-official needs --config (the official NeoX YAML)")
+        if args.tokenizer_type is None and (args.vocab_file or args.tokenizer_model):
+            args.tokenizer_type = "HFTokenizer" if args.vocab_file else "HuggingFaceTokenizer"
+        from megatron_tokenformer.interop.official import import_official
+        import_official(args.input, args.config, args.save, args.tokenizer_type, args.vocab_file,
+                        args.tokenizer_model, layout)
+    else:
+        from megatron_tokenformer.interop.hf_import import import_hf
+        import_hf(args.input, args.save, layout)
     return 0
 
 

@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_tokenformer.cli import run_tool  # noqa: E402
 from megatron_tokenformer.data.indexed_dataset import (  # noqa: E402
     IndexedDatasetError,
     data_file_path,
@@ -55,23 +56,17 @@ def resolve_inputs(inputs):
 
 
 def main(argv=None) -> int:
+    return run_tool("merge_datasets.py", _main, argv, failures=[(OverlapError, 2), ((ValueError, OSError), 1)])
+
+
+def _main(argv) -> int:
     args = get_args(argv)
     outputs = [("--output-prefix", f(args.output_prefix)) for f in (data_file_path, index_file_path)]
-    try:  # never write where it reads (a folder --input included), with or without an existing output
-        check_outputs_apart(outputs, [("--input", spec) for spec in args.input if os.path.isdir(spec)])
-        prefixes = resolve_inputs(args.input)
-        check_outputs_apart(outputs, [("--input", f(p)) for p in prefixes for f in (data_file_path, index_file_path)])
-    except OverlapError as e:
-        print(f"merge_datasets.py: error: {e}", file=sys.stderr)
-        return 2
-    except (IndexedDatasetError, ValueError, OSError) as e:
-        print(f"merge_datasets.py: error: {e}", file=sys.stderr)
-        return 1
-    try:
-        out = merge_datasets(prefixes, args.output_prefix)
-    except (IndexedDatasetError, ValueError, OSError) as e:
-        print(f"merge_datasets.py: error: {e}", file=sys.stderr)
-        return 1
+    # never write where it reads (a folder --input included), with or without an existing output
+    check_outputs_apart(outputs, [("--input", spec) for spec in args.input if os.path.isdir(spec)])
+    prefixes = resolve_inputs(args.input)
+    check_outputs_apart(outputs, [("--input", f(p)) for p in prefixes for f in (data_file_path, index_file_path)])
+    out = merge_datasets(prefixes, args.output_prefix)
     print(f"merged {len(prefixes)} datasets -> {out}", file=sys.stderr)
     return 0
 

@@ -16,12 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_tokenformer.data.indexed_dataset import IndexedDatasetError  # noqa: E402
+from megatron_tokenformer.cli import ToolError, run_tool  # noqa: E402
 from megatron_tokenformer.data.preprocess import check_preprocess_outputs_apart, existing_outputs, preprocess  # noqa: E402,E501
 from megatron_tokenformer.fileio import OverlapError  # noqa: E402
-from megatron_tokenformer.data.text_inputs import BadInputError  # noqa: E402
 from megatron_tokenformer.data.hf_tokenizer import resolve_hf_tokenizer_file  # noqa: E402
-from megatron_tokenformer.data.tokenizer import HF_TOKENIZER_TYPES, TOKENIZER_TYPES, TokenizerError  # noqa: E402
+from megatron_tokenformer.data.tokenizer import HF_TOKENIZER_TYPES, TOKENIZER_TYPES  # noqa: E402
 
 
 def get_args(argv=None):
@@ -58,40 +57,36 @@ def get_args(argv=None):
 
 
 def main(argv=None) -> int:
+    return run_tool("preprocess_data.py", _main, argv,
+                    failures=[(OverlapError, 2), ((ValueError, OSError), 1)])
+
+
+def _main(argv) -> int:
     args = get_args(argv)
-    try:  # never write where it reads, with --overwrite or without
-        check_preprocess_outputs_apart(args.input, args.output_prefix, args.json_keys,
-                                       args.tokenizer_model or args.vocab_file)
-    except OverlapError as e:
-        print(f"preprocess_data.py: error: {e}", file=sys.stderr)
-        return 2
+    # never write where it reads, with --overwrite or without
+    check_preprocess_outputs_apart(args.input, args.output_prefix, args.json_keys,
+                                   args.tokenizer_model or args.vocab_file)
     existing = existing_outputs(args.output_prefix, args.json_keys)
     if existing and not args.overwrite:
-        print(f"preprocess_data.py: error: --output-prefix {args.output_prefix} already holds a dataset "
-              f"({', '.join(existing)}); pass --overwrite to replace it, or choose another prefix", file=sys.stderr)
-        return 2
-    try:
-        if args.tokenizer_type in HF_TOKENIZER_TYPES:
-            args.tokenizer_model = resolve_hf_tokenizer_file(args.tokenizer_type, args.tokenizer_model,
-                                                             args.vocab_file)
-        preprocess(
-            inputs=args.input,
-            output_prefix=args.output_prefix,
-            tokenizer_type=args.tokenizer_type,
-            tokenizer_model=args.tokenizer_model,
-            vocab_size=args.vocab_size,
-            json_keys=args.json_keys,
-            append_eod=args.append_eod,
-            workers=args.workers,
-            log_interval=args.log_interval,
-            input_format=args.input_format,
-            document_boundary=args.document_boundary,
-            skip_bad_lines=args.skip_bad_lines,
-            chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
-        )
-    except (BadInputError, TokenizerError, IndexedDatasetError, ValueError, OSError) as e:
-        print(f"preprocess_data.py: error: {e}", file=sys.stderr)
-        return 1
+        raise ToolError(f"--output-prefix {args.output_prefix} already holds a dataset ({', '.join(existing)}); "
+                        "pass --overwrite to replace it, or choose another prefix")
+    if args.tokenizer_type in HF_TOKENIZER_TYPES:
+        args.tokenizer_model = resolve_hf_tokenizer_file(args.tokenizer_type, args.tokenizer_model, args.vocab_file)
+    preprocess(
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model,
+        vocab_size=args.vocab_size,
+        json_keys=args.json_keys,
+        append_eod=args.append_eod,
+        workers=args.workers,
+        log_interval=args.log_interval,
+        input_format=args.input_format,
+        document_boundary=args.document_boundary,
+        skip_bad_lines=args.skip_bad_lines,
+        chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
+    )
     return 0
 
 

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_tokenformer.cli import run_tool  # noqa: E402
 from megatron_tokenformer.data.text_inputs import BadInputError, input_paths, iter_documents  # noqa: E402
 from megatron_tokenformer.data.tokenizer import train_sentencepiece  # noqa: E402
 from megatron_tokenformer.fileio import OverlapError, check_outputs_apart  # noqa: E402
@@ -61,56 +62,54 @@ def _lines(args, counter):
 
 
 def main(argv=None) -> int:
+    return run_tool("train_tokenizer.py", _main, argv,
+                    failures=[(OverlapError, 2), ((ValueError, OSError, RuntimeError), 1)])
+
+
+def _main(argv) -> int:
     args = get_args(argv)
     counter = {"lines": 0}
     outputs = [args.output_prefix + ".json"] if args.tokenizer_type == "HFTokenizer" else \
         [args.output_prefix + ".model", args.output_prefix + ".vocab"]
-    try:  # never write where it reads, whatever exists already
-        check_outputs_apart([("--output-prefix", p) for p in outputs], [("--input", p) for p in input_paths(args.input)])
-    except OverlapError as e:
-        print(f"train_tokenizer.py: error: {e}", file=sys.stderr)
-        return 2
+    # never write where it reads, whatever exists already
+    check_outputs_apart([("--output-prefix", p) for p in outputs], [("--input", p) for p in input_paths(args.input)])
+    if args.vocab_size < 8:
+        raise ValueError(f"--vocab-size {args.vocab_size} is too small")
+    lines = _lines(args, counter)
+    # Look at the first line now so a bad --input fails before sentencepiece starts.
     try:
-        if args.vocab_size < 8:
-            raise ValueError(f"--vocab-size {args.vocab_size} is too small")
-        lines = _lines(args, counter)
-        # Look at the first line now so a bad --input fails before sentencepiece starts.
-        try:
-            first = next(lines)
-        except StopIteration:
-            raise BadInputError(f"empty input: no text in --input {' '.join(args.input)}") from None
-        if args.tokenizer_type == "HFTokenizer":
-            from megatron_tokenformer.data.hf_tokenizer import train_byte_level_bpe
-            out = train_byte_level_bpe(_chain(first, lines), args.output_prefix + ".json", args.vocab_size)
-            print(f"wrote {out} from {counter['lines']} lines ({len(counter.get('bad_lines', []))} bad lines "
-                  "skipped)", file=sys.stderr)
-            return 0
-        tmp_prefix = f"{args.output_prefix}.tmp-{os.getpid()}"
-        try:
-            train_sentencepiece(
-                _chain(first, lines),
-                tmp_prefix,
-                args.vocab_size,
-                model_type=args.model_type,
-                input_sentence_size=args.input_sentence_size,
-                character_coverage=args.character_coverage,
-                normalization_rule_name=args.normalization_rule_name,
-                remove_extra_whitespaces=args.remove_extra_whitespaces,
-                user_defined_symbols=args.user_defined_symbols,
-                max_sentence_length=args.max_sentence_length,
-                num_threads=args.num_threads,
-            )
-            # .model last: a .model that exists is complete
-            os.replace(tmp_prefix + ".vocab", args.output_prefix + ".vocab")
-            os.replace(tmp_prefix + ".model", args.output_prefix + ".model")
-        finally:
-            for suffix in (".model", ".vocab"):
-                if os.path.exists(tmp_prefix + suffix):
-                    os.remove(tmp_prefix + suffix)
-        model = args.output_prefix + ".model"
-    except (BadInputError, ValueError, OSError, RuntimeError) as e:
-        print(f"train_tokenizer.py: error: {e}", file=sys.stderr)
-        return 1
+        first = next(lines)
+    except StopIteration:
+        raise BadInputError(f"empty input: no text in --input {' '.join(args.input)}") from None
+    if args.tokenizer_type == "HFTokenizer":
+        from megatron_tokenformer.data.hf_tokenizer import train_byte_level_bpe
+        out = train_byte_level_bpe(_chain(first, lines), args.output_prefix + ".json", args.vocab_size)
+        print(f"wrote {out} from {counter['lines']} lines ({len(counter.get('bad_lines', []))} bad lines "
+              "skipped)", file=sys.stderr)
+        return 0
+    tmp_prefix = f"{args.output_prefix}.tmp-{os.getpid()}"
+    try:
+        train_sentencepiece(
+            _chain(first, lines),
+            tmp_prefix,
+            args.vocab_size,
+            model_type=args.model_type,
+            input_sentence_size=args.input_sentence_size,
+            character_coverage=args.character_coverage,
+            normalization_rule_name=args.normalization_rule_name,
+            remove_extra_whitespaces=args.remove_extra_whitespaces,
+            user_defined_symbols=args.user_defined_symbols,
+            max_sentence_length=args.max_sentence_length,
+            num_threads=args.num_threads,
+        )
+        # .model last: a .model that exists is complete
+        os.replace(tmp_prefix + ".vocab", args.output_prefix + ".vocab")
+        os.replace(tmp_prefix + ".model", args.output_prefix + ".model")
+    finally:
+        for suffix in (".model", ".vocab"):
+            if os.path.exists(tmp_prefix + suffix):
+                os.remove(tmp_prefix + suffix)
+    model = args.output_prefix + ".model"
     print(f"wrote {model} and {args.output_prefix}.vocab from {counter['lines']} lines "
           f"({len(counter.get('bad_lines', []))} bad lines skipped)", file=sys.stderr)
     return 0

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_tokenformer.interop.cli import OneLineParser, fail  # noqa: E402
+from megatron_tokenformer.cli import OneLineParser, run_tool  # noqa: E402
 
 
 def get_args(argv=None):
@@ -27,12 +27,13 @@ def get_args(argv=None):
 
 
 def main(argv=None) -> int:
+    return run_tool("verify_checkpoint.py", _main, argv, failures=[((ValueError, FileNotFoundError), 2)])
+
+
+def _main(argv) -> int:
     args = get_args(argv)
     from megatron_tokenformer.checkpointing.file_checks import verify_folder
-    try:
-        problems = verify_folder(args.load, args.iteration, log=lambda line: print(line, flush=True))
-    except (ValueError, FileNotFoundError) as exc:
-        return fail("verify_checkpoint.py", exc)
+    problems = verify_folder(args.load, args.iteration, log=lambda line: print(line, flush=True))
     if problems:
         print(f"verify_checkpoint.py: {len(problems)} bad step folder(s) in {args.load}", file=sys.stderr)
         return 1

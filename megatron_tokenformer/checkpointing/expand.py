@@ -43,6 +43,7 @@ from megatron_tokenformer.checkpointing.format.source import CheckpointSource
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.checkpointing.grow import GrownView, plan_growth
 from megatron_tokenformer.checkpointing.reshard import layout_tuple, target_layout
+from megatron_tokenformer.errors import TokenformerError
 from megatron_tokenformer.fileio import OverlapError, check_outputs_apart, replace_dir, staging_path
 from megatron_tokenformer.model.spec import GROW_NET2NET_WIDTH, get_spec
 
@@ -50,7 +51,7 @@ __all__ = ["ExpandError", "ExpandOptions", "expand_checkpoint", "peak_rss_bytes"
            "reshard_to", "plan_tensors", "write_canonical"]
 
 
-class ExpandError(ValueError):
+class ExpandError(TokenformerError, ValueError):
     """Bad request (flag named in the message); nothing was written."""
 
 

@@ -41,6 +41,8 @@ _UNSAFE, _STRUCTURE, _CHECKSUM = 0, 1, 2
 class CheckpointFileError(CheckpointFormatError):
     """A checkpoint file is truncated, unreadable, names a refused global or fails its checksum (one line)."""
 
+    every_rank_prints = False  # every rank agreed on it (verify_step_files): rank 0 says it
+
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]

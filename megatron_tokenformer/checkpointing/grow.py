@@ -35,6 +35,7 @@ import torch
 from megatron_tokenformer.checkpointing.format.entries import FP32, ParamEntry
 from megatron_tokenformer.checkpointing.format.source import Parts
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
+from megatron_tokenformer.errors import TokenformerError
 from megatron_tokenformer.model.spec import ModelSpec, TokenformerSpec, UnknownParameterError
 
 __all__ = ["GrowthPlan", "GrownView", "plan_growth", "interleaved_positions", "GrowthError", "TOKEN_KINDS"]
@@ -44,7 +45,7 @@ TOKEN_KINDS = TokenformerSpec.token_fields
 _SPEC = TokenformerSpec()
 
 
-class GrowthError(ValueError):
+class GrowthError(TokenformerError, ValueError):
     """The requested growth cannot be applied to this checkpoint (message names the flag)."""
 
 

@@ -64,6 +64,7 @@ import torch
 from megatron_tokenformer.checkpointing.format.entries import FP32, ParamEntry
 from megatron_tokenformer.checkpointing.format.source import Parts
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
+from megatron_tokenformer.errors import TokenformerError
 from megatron_tokenformer.model.spec import GROW_NET2NET_WIDTH, TransformerSpec, UnknownParameterError, get_spec
 
 __all__ = ["Net2NetError", "WideningPlan", "WidenedView", "plan_widening", "plan_from_options",
@@ -73,7 +74,7 @@ __all__ = ["Net2NetError", "WideningPlan", "WidenedView", "plan_widening", "plan
 _SPEC = TransformerSpec()
 
 
-class Net2NetError(ValueError):
+class Net2NetError(TokenformerError, ValueError):
     """The widening cannot be applied (message names the flag)."""
 
 

@@ -41,6 +41,7 @@ import uuid
 from typing import List, NamedTuple, Optional
 
 from megatron_tokenformer.checkpointing.format import files, metadata
+from megatron_tokenformer.errors import EXIT_FAILED, TokenformerError
 
 __all__ = ["LOCK_FILE", "EXCLUSIVE_LOCK_FILE", "FLOCK_UNSUPPORTED", "holder_is_dead", "SaveDirError", "SaveFailedError", "SaveDirLock", "check_ownership",
            "probe_writable", "os_error_text", "describe_save_error", "free_space_warning", "checkpoint_bytes",
@@ -50,12 +51,16 @@ LOCK_FILE = "tokenformer_save.lock"
 _PROBE_BYTES = 1 << 20
 
 
-class SaveDirError(RuntimeError):
+class SaveDirError(TokenformerError, RuntimeError):
     """The ``--save`` folder cannot be used by this run (the message is one line)."""
 
+    every_rank_prints = False  # every rank agreed on it: rank 0 says it
 
-class SaveFailedError(RuntimeError):
+
+class SaveFailedError(TokenformerError, RuntimeError):
     """A checkpoint save failed (the message names the folder, the rank and the OS error)."""
+
+    exit_code = EXIT_FAILED  # every rank prints the same agreed line (a rank's log may be all one sees)
 
 
 # --------------------------------------------------------------------------- errors as one line

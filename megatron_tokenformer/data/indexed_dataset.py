@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_tokenformer.errors import TokenformerError
 from megatron_tokenformer.fileio import check_outputs_apart, remove_stale_temporaries, tmp_name
 
 __all__ = [
@@ -63,7 +64,7 @@ _HEADER_BYTES = 9 + 8 + 1 + 8 + 8
 _CHUNK = 1 << 20
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(TokenformerError, ValueError):
     """A .bin/.idx pair that cannot be used; the message names the file."""
 
 

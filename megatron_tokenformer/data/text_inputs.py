@@ -29,6 +29,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
 
+from megatron_tokenformer.errors import TokenformerError
+
 __all__ = [
     "BadInputError",
     "input_paths",
@@ -46,7 +48,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 BOUNDARIES = ("blank-line", "file")
 
 
-class BadInputError(ValueError):
+class BadInputError(TokenformerError, ValueError):
     """Input that cannot be used; the message names the file (and line)."""
 
 

@@ -23,6 +23,8 @@ import os
 import re
 from typing import Iterable, Iterator, List, Optional, Sequence
 
+from megatron_tokenformer.errors import TokenformerError
+
 __all__ = [
     "TokenizerError",
     "SentencePieceTokenizer",
@@ -37,7 +39,7 @@ TOKENIZER_TYPES = ("SentencePieceTokenizer", "HFTokenizer", "HuggingFaceTokenize
 HF_TOKENIZER_TYPES = ("HFTokenizer", "HuggingFaceTokenizer")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(TokenformerError, ValueError):
     """A tokenizer that cannot be built; the message names the file or flag."""
 
 

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from megatron_tokenformer import parallel_state
+from megatron_tokenformer.errors import TokenformerError
 from megatron_tokenformer.model.rotary import apply_rotary_pos_emb
 
 __all__ = ["SamplingOptions", "load_model_for_inference", "generate_tokens", "GenerationError"]
 
 
-class GenerationError(ValueError):
+class GenerationError(TokenformerError, ValueError):
     """Bad request (the message names the flag)."""
 
 

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megatron_tokenformer.errors import TokenformerError
 from megatron_tokenformer.fileio import check_outputs_apart, replace_dir
 from megatron_tokenformer.interop.checkpoint_format import TOKENIZER_FILE, open_step
 from megatron_tokenformer.interop.hf import HF_DIR, REMOTE_CODE_FILES
@@ -35,7 +36,7 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-class ExportError(ValueError):
+class ExportError(TokenformerError, ValueError):
     """Bad request; the message names the flag or file; nothing was written."""
 
 

@@ -11,13 +11,14 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_tokenformer.errors import TokenformerError
 from megatron_tokenformer.fileio import check_outputs_apart
 from megatron_tokenformer.interop.hf_export import HF_PREFIX, SAFETENSORS_FILE, SAFETENSORS_INDEX
 
 __all__ = ["HFImportError", "read_hf_folder", "import_hf"]
 
 
-class HFImportError(ValueError):
+class HFImportError(TokenformerError, ValueError):
     """Bad input (names the flag, file or key); nothing was written."""
 
 

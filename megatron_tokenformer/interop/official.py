@@ -39,13 +39,14 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from megatron_tokenformer.errors import TokenformerError
 from megatron_tokenformer.fileio import check_outputs_apart
 
 __all__ = ["OfficialImportError", "read_official_config", "official_model_config", "read_official_state_dict",
            "convert_official_state_dict", "import_official"]
 
 
-class OfficialImportError(ValueError):
+class OfficialImportError(TokenformerError, ValueError):
     """Bad input (names the flag, field, file or key); nothing was written."""
 
 

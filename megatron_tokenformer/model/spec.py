@@ -28,6 +28,7 @@ from typing import Dict, Optional, Tuple, Type, Union
 from torch import nn
 
 from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, MODEL_TYPES, FamilyFields, TokenformerConfig
+from megatron_tokenformer.errors import TokenformerError
 from megatron_tokenformer.model.block import TokenformerBlock
 from megatron_tokenformer.model.transformer import TransformerBlock
 
@@ -74,7 +75,7 @@ def transformer_forward_flops_per_token(num_layers: int, hidden_size: int, seq_l
     return float(num_layers * (8 * d * d + 4 * d * f + 4 * seq_length * d) + 2 * d * padded_vocab_size)
 
 
-class UnknownParameterError(ValueError):
+class UnknownParameterError(TokenformerError, ValueError):
     """A parameter name that is not part of the family's model."""
 
 

@@ -10,7 +10,7 @@ step it is in completes everywhere without touching the embedding out of range, 
 and exit iteration, after an evaluation) -- all-reduces a flag; when any rank has a message every
 rank raises :class:`~..data.batch_check.TokenIdError` with the first such rank's line, before
 anything is logged or saved for that iteration. The run ends with exit 2 and that one line on
-every rank (``training/failures.py``); the weights updated with the replaced ids are never saved.
+every rank (``training/supervision/failures.py``); the weights updated with the replaced ids are never saved.
 The cost in the normal case: the host ``aminmax`` and one flag all-reduce per log interval.
 """
 

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
 from megatron_tokenformer import parallel_state
 
-__all__ = ["get_device", "build_model", "get_param_groups", "build_optimizer", "build_deepspeed_config",
-           "setup_model_and_optimizer", "apex_available"]
+__all__ = ["OptimizerOptions", "DeepSpeedOptions", "EngineOptions", "get_device", "build_model", "get_param_groups",
+           "build_optimizer", "build_deepspeed_config", "setup_model_and_optimizer", "apex_available"]
 
 
 def get_device(device_index: Optional[int]) -> torch.device:
@@ -64,12 +65,61 @@ def apex_available(cuda_available: Optional[bool] = None) -> bool:
         return False
 
 
+# --------------------------------------------------------------------------- options (from the flags)
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """AdamW and its learning-rate schedule (``--lr``, ``--weight-decay``, ``--adam-*``, ``--lr-*``)."""
+
+    lr: float
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None
+    lr_decay_style: str = "linear"
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
+
+
+@dataclass(frozen=True)
+class DeepSpeedOptions:
+    """What the generated DeepSpeed config holds: batch sizes, clipping, ZeRO stage, precision and loss scaling,
+    sequence parallelism, and the user's ``--deepspeed_config`` JSON (``deepspeed_json``, already reconciled
+    with the flags by :func:`arguments.validate_args`)."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    clip_grad: float = 1.0
+    zero_stage: int = 1
+    fp16: bool = False
+    bf16: bool = False
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0 ** 32
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+    sequence_parallel: bool = False
+    deepspeed_json: Optional[Mapping[str, Any]] = None
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Everything :func:`setup_model_and_optimizer` needs besides the model config: the init ``seed``, the
+    optimizer, the DeepSpeed config, and the old parameter-token rows kept frozen (``frozen_param_tokens``:
+    :func:`~megatron_tokenformer.training.param_token_freezing.resolve_frozen_counts`; None: train all)."""
+
+    seed: int
+    optimizer: OptimizerOptions
+    deepspeed: DeepSpeedOptions
+    frozen_param_tokens: Optional[Dict[str, int]] = None
+
+
 # --------------------------------------------------------------------------- model
-
-
-def build_model(args, config, seed: Optional[int] = None) -> torch.nn.Module:
-    """TokenformerLM (PP = 1) or a PipelineModule (PP > 1) for ``config``."""
-    seed = args.seed if seed is None else seed
+def build_model(seed: int, config) -> torch.nn.Module:
+    """TokenformerLM (PP = 1) or a PipelineModule (PP > 1) for ``config``, initialised from ``seed``."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         from megatron_tokenformer.model.language_model import TokenformerLM
         return TokenformerLM(config, seed=seed)
@@ -128,11 +178,11 @@ def get_param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
                      f"needs at least two (use fewer pipeline stages)")
 
 
-def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(options: OptimizerOptions, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW: apex FusedAdam on CUDA when importable, torch's AdamW otherwise (CPU included)."""
-    groups = get_param_groups(model, args.weight_decay)
-    kwargs = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                  weight_decay=args.weight_decay)
+    groups = get_param_groups(model, options.weight_decay)
+    kwargs = dict(lr=options.lr, betas=(options.adam_beta1, options.adam_beta2), eps=options.adam_eps,
+                  weight_decay=options.weight_decay)
     if apex_available():
         from apex.optimizers import FusedAdam
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
@@ -152,33 +202,33 @@ def _merge(base: dict, updates: dict) -> dict:
     return out
 
 
-def build_deepspeed_config(args) -> dict:
+def build_deepspeed_config(options: DeepSpeedOptions) -> dict:
     """The DeepSpeed config: the user's ``--deepspeed_config`` JSON (already reconciled with the flags
     by :func:`arguments.validate_args`) completed from the flags."""
-    user = getattr(args, "deepspeed_json", None) or {}
+    user = options.deepspeed_json or {}
     derived = {
-        "train_batch_size": args.global_batch_size,
-        "train_micro_batch_size_per_gpu": args.micro_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "gradient_clipping": float(args.clip_grad),
-        "zero_optimization": {"stage": int(args.zero_stage)},
+        "train_batch_size": options.global_batch_size,
+        "train_micro_batch_size_per_gpu": options.micro_batch_size,
+        "gradient_accumulation_steps": options.gradient_accumulation_steps,
+        "gradient_clipping": float(options.clip_grad),
+        "zero_optimization": {"stage": int(options.zero_stage)},
         # our optimizer object (torch AdamW / apex FusedAdam) is fine with ZeRO-1/2
         "zero_allow_untested_optimizer": True,
-        "fp16": {"enabled": bool(args.fp16)},
-        "bf16": {"enabled": bool(args.bf16)},
+        "fp16": {"enabled": bool(options.fp16)},
+        "bf16": {"enabled": bool(options.bf16)},
     }
-    if args.fp16:
+    if options.fp16:
         derived["fp16"].update({
-            "loss_scale": float(args.loss_scale) if args.loss_scale else 0,  # 0 = dynamic
-            "initial_scale_power": int(round(math.log2(args.initial_loss_scale))),
-            "loss_scale_window": int(args.loss_scale_window),
-            "hysteresis": int(args.hysteresis),
-            "min_loss_scale": float(args.min_loss_scale),
+            "loss_scale": float(options.loss_scale) if options.loss_scale else 0,  # 0 = dynamic
+            "initial_scale_power": int(round(math.log2(options.initial_loss_scale))),
+            "loss_scale_window": int(options.loss_scale_window),
+            "hysteresis": int(options.hysteresis),
+            "min_loss_scale": float(options.min_loss_scale),
         })
     cfg = _merge(user, derived)
-    if args.bf16:
+    if options.bf16:
         apply_bf16_gradient_precision(cfg)
-    if getattr(args, "sequence_parallel", False):
+    if options.sequence_parallel:
         # DeepSpeed's pipeline sends 1/TP of each activation (and gradient) per TP rank and all-gathers on
         # receipt, assuming they are replicated over the TP group; with sequence parallelism every TP rank
         # holds a different sequence chunk [b, s/p, d], so each rank sends its own whole tensor.
@@ -221,7 +271,7 @@ def apply_bf16_gradient_precision(cfg: dict) -> dict:
 # --------------------------------------------------------------------------- engine
 
 
-def setup_model_and_optimizer(args, config, device: Optional[torch.device] = None):
+def setup_model_and_optimizer(options: EngineOptions, config, device: Optional[torch.device] = None):
     """Build model, optimizer, LR schedule and the DeepSpeed engine.
 
     Returns ``(engine, optimizer, lr_scheduler)``; ``engine`` is a ``PipelineEngine`` when PP > 1.
@@ -233,19 +283,21 @@ def setup_model_and_optimizer(args, config, device: Optional[torch.device] = Non
 
     from megatron_tokenformer.training.lr_schedules import OptimizerParamScheduler
 
-    model = build_model(args, config)
+    model = build_model(options.seed, config)
     if device is not None and device.type == "cuda":
         model.to(device)  # before the optimizer: fused optimizers check the parameters' device
     from megatron_tokenformer.training.param_token_freezing import setup_param_token_freezing
-    freezer = setup_param_token_freezing(args, model)  # --train-only-new-param-tokens: before the optimizer
-    optimizer = build_optimizer(args, model)
-    scheduler = OptimizerParamScheduler(optimizer, max_lr=args.lr, min_lr=args.min_lr,
-                                        warmup_steps=args.lr_warmup_iters, decay_steps=args.lr_decay_iters,
-                                        decay_style=args.lr_decay_style,
-                                        override_opt_param_scheduler=args.override_opt_param_scheduler,
-                                        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
-    ds_config = build_deepspeed_config(args)
-    if args.fp16:
+    # --train-only-new-param-tokens: before the optimizer
+    freezer = setup_param_token_freezing(options.frozen_param_tokens, model)
+    opt = options.optimizer
+    optimizer = build_optimizer(opt, model)
+    scheduler = OptimizerParamScheduler(optimizer, max_lr=opt.lr, min_lr=opt.min_lr,
+                                        warmup_steps=opt.lr_warmup_iters, decay_steps=opt.lr_decay_iters,
+                                        decay_style=opt.lr_decay_style,
+                                        override_opt_param_scheduler=opt.override_opt_param_scheduler,
+                                        use_checkpoint_opt_param_scheduler=opt.use_checkpoint_opt_param_scheduler)
+    ds_config = build_deepspeed_config(options.deepspeed)
+    if options.deepspeed.fp16:
         deepspeed_boundary.allow_fp16_on_cpu()
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     engine, ds_optimizer, _, lr_scheduler = deepspeed.initialize(

@@ -2,7 +2,7 @@
 
 Exits: after ``--train-iters``; after an iteration that is a multiple of ``--exit-interval``; once
 ``--exit-duration-in-mins`` have passed; on SIGTERM, SIGINT, SIGHUP or SIGUSR1 (Slurm's pre-emption
-warning, see ``#SBATCH --signal``); when the rank's launcher ended (training/launcher_watch.py) or its
+warning, see ``#SBATCH --signal``); when the rank's launcher ended (training/supervision/launcher_watch.py) or its
 stdout/stderr could not be written (training/output_channel.py). All ranks agree on the decision (one
 all-reduce of a small vector: per kind of request, the lowest rank that made it), finish the
 iteration, save a checkpoint when ``--save`` is given, and return normally. Whichever rank noticed
@@ -19,19 +19,64 @@ import math
 import os
 import signal
 import time
-from typing import Iterator, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.training import flops as flops_lib
-from megatron_tokenformer.training import data_checks, launcher_watch, output_channel
-from megatron_tokenformer.training.numerics import NumericsCheck
+from megatron_tokenformer.training import data_checks, output_channel
+from megatron_tokenformer.training.supervision import launcher_watch
+from megatron_tokenformer.training.supervision.numerics import NumericsCheck, NumericsOptions
 from megatron_tokenformer.training.logging import (TensorBoardLogger, format_eval_line, format_train_line,
                                                    is_logging_rank, print_rank_0, print_rank_last)
 
-__all__ = ["get_batch", "build_data_iterators", "train_step", "evaluate", "train", "ExitSignalHandler", "EXIT_KINDS",
-           "local_exit_request", "agreed_exit_reason"]
+__all__ = ["DatasetOptions", "TrainingOptions", "build_datasets", "get_batch", "build_data_iterators", "train_step",
+           "evaluate", "train", "ExitSignalHandler", "EXIT_KINDS", "local_exit_request", "agreed_exit_reason"]
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """What :func:`build_datasets` sizes and reads: the data flags, the seed, and the sample counts' factors."""
+
+    data_path: Optional[List[str]]
+    split: str
+    mock_data: bool
+    data_cache_path: Optional[str]
+    seq_length: int
+    seed: int
+    train_iters: int
+    global_batch_size: int
+    eval_interval: int
+    eval_iters: int
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """The flags (and derived values) the loop reads: iterations and batch sizes, logging, evaluation, saving
+    and exit intervals, precision and its checks, the data-loader workers, MFU's peak."""
+
+    train_iters: int
+    global_batch_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    seq_length: int
+    lr: float
+    log_interval: int = 100
+    eval_interval: int = 1000
+    eval_iters: int = 100
+    save: Optional[str] = None
+    save_interval: Optional[int] = None
+    exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None
+    peak_tflops: Optional[float] = None
+    bf16: bool = False
+    fp16: bool = False
+    check_for_nan_in_loss_and_grad: bool = True
+    max_skipped_iterations: int = 100
+    tensor_model_parallel_size: int = 1
+    num_workers: int = 2
 
 
 # --------------------------------------------------------------------------- data
@@ -60,26 +105,26 @@ def _batches(loader, device, pipelined: bool, vocab_size: Optional[int] = None, 
             yield tokens, labels, loss_mask
 
 
-def build_datasets(args, tokenizer):
+def build_datasets(options: DatasetOptions, tokenizer):
     """(train, valid, test) datasets sized for the run (Megatron's sample counts)."""
     from megatron_tokenformer.data import gpt_dataset
-    gbs = args.global_batch_size
-    train_samples = args.train_iters * gbs
-    eval_runs = args.train_iters // args.eval_interval + 1
-    valid_samples = eval_runs * args.eval_iters * gbs
-    test_samples = args.eval_iters * gbs
-    if args.mock_data:
+    gbs = options.global_batch_size
+    train_samples = options.train_iters * gbs
+    eval_runs = options.train_iters // options.eval_interval + 1
+    valid_samples = eval_runs * options.eval_iters * gbs
+    test_samples = options.eval_iters * gbs
+    if options.mock_data:
         vocab = tokenizer.vocab_size
-        train = gpt_dataset.MockGPTDataset(train_samples, args.seq_length, vocab, seed=args.seed)
-        valid = gpt_dataset.MockGPTDataset(valid_samples, args.seq_length, vocab, seed=args.seed + 1) \
+        train = gpt_dataset.MockGPTDataset(train_samples, options.seq_length, vocab, seed=options.seed)
+        valid = gpt_dataset.MockGPTDataset(valid_samples, options.seq_length, vocab, seed=options.seed + 1) \
             if valid_samples > 0 else None
         return train, valid, None
     return gpt_dataset.build_train_valid_test_datasets(
-        args.data_path, args.split, args.seq_length, (train_samples, valid_samples, test_samples), args.seed,
-        cache_dir=args.data_cache_path, vocab_size=tokenizer.vocab_size)
+        options.data_path, options.split, options.seq_length, (train_samples, valid_samples, test_samples),
+        options.seed, cache_dir=options.data_cache_path, vocab_size=tokenizer.vocab_size)
 
 
-def build_data_iterators(args, train_ds, valid_ds, consumed_samples: int, iteration: int, device,
+def build_data_iterators(options: TrainingOptions, train_ds, valid_ds, consumed_samples: int, iteration: int, device,
                          pipelined: bool, vocab_size: Optional[int] = None):
     """Iterators over this rank's micro-batches (Megatron's sampler order; resumable).
 
@@ -90,15 +135,15 @@ def build_data_iterators(args, train_ds, valid_ds, consumed_samples: int, iterat
     pin = torch.device(device).type == "cuda"
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
-    train_loader = build_pretraining_data_loader(train_ds, consumed_samples, args.micro_batch_size, dp_rank, dp,
-                                                 num_workers=args.num_workers, pin_memory=pin)
+    train_loader = build_pretraining_data_loader(train_ds, consumed_samples, options.micro_batch_size, dp_rank, dp,
+                                                 num_workers=options.num_workers, pin_memory=pin)
     train_iter = _batches(train_loader, device, pipelined, vocab_size, "training")
     valid_iter = None
-    if valid_ds is not None and args.eval_iters > 0:
-        consumed_valid = (iteration // args.eval_interval) * args.eval_iters * args.global_batch_size
+    if valid_ds is not None and options.eval_iters > 0:
+        consumed_valid = (iteration // options.eval_interval) * options.eval_iters * options.global_batch_size
         consumed_valid = consumed_valid % len(valid_ds)
-        valid_loader = build_pretraining_data_loader(valid_ds, consumed_valid, args.micro_batch_size, dp_rank, dp,
-                                                     num_workers=args.num_workers, pin_memory=pin)
+        valid_loader = build_pretraining_data_loader(valid_ds, consumed_valid, options.micro_batch_size, dp_rank, dp,
+                                                     num_workers=options.num_workers, pin_memory=pin)
         valid_iter = _batches(valid_loader, device, pipelined, vocab_size, "validation")
     return train_iter, valid_iter
 
@@ -143,18 +188,18 @@ def _dp_average(value: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, valid_iter, args, pipelined: bool) -> float:
+def evaluate(engine, valid_iter, options: TrainingOptions, pipelined: bool) -> float:
     """Mean validation loss over ``--eval-iters`` global batches (averaged over data-parallel ranks)."""
     losses = []
     if pipelined:
-        for _ in range(args.eval_iters):
+        for _ in range(options.eval_iters):
             losses.append(engine.eval_batch(data_iter=valid_iter).detach().float())
         engine.module.train()
         data_checks.agree()  # [data_checks] no loss of a bad batch is reported
         return float(torch.stack(losses).mean())
     engine.eval()
-    for _ in range(args.eval_iters):
-        for _ in range(args.gradient_accumulation_steps):
+    for _ in range(options.eval_iters):
+        for _ in range(options.gradient_accumulation_steps):
             tokens, labels, loss_mask = next(valid_iter)
             losses.append(engine(tokens, labels, loss_mask).detach().float())
     engine.train()
@@ -215,7 +260,8 @@ class ExitSignalHandler:
 EXIT_KINDS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "launcher", "output", "duration")
 
 
-def local_exit_request(handler: ExitSignalHandler, args, start_time: float) -> Optional[Tuple[str, str]]:
+def local_exit_request(handler: ExitSignalHandler, options: TrainingOptions,
+                       start_time: float) -> Optional[Tuple[str, str]]:
     """``(kind, description)`` of this rank's own reason to stop now, or None."""
     if handler.received is not None:
         return handler.received, f"signal {handler.received}"
@@ -223,8 +269,8 @@ def local_exit_request(handler: ExitSignalHandler, args, start_time: float) -> O
         return "launcher", launcher_watch.reason()
     if output_channel.reason() is not None:
         return "output", output_channel.reason()
-    if args.exit_duration_in_mins is not None and (time.time() - start_time) / 60.0 > args.exit_duration_in_mins:
-        return "duration", f"--exit-duration-in-mins {args.exit_duration_in_mins}"
+    if options.exit_duration_in_mins is not None and (time.time() - start_time) / 60.0 > options.exit_duration_in_mins:
+        return "duration", f"--exit-duration-in-mins {options.exit_duration_in_mins}"
     return None
 
 
@@ -246,7 +292,7 @@ def _agree_on_exit(local_kind: Optional[str], device) -> Optional[Tuple[str, int
     return None
 
 
-def agreed_exit_reason(kind: str, requester: int, local: Optional[Tuple[str, str]], args) -> str:
+def agreed_exit_reason(kind: str, requester: int, local: Optional[Tuple[str, str]], options: TrainingOptions) -> str:
     """What a rank reports for the agreed exit: its own description when it made the same kind of
     request, else a description of the requester's (signals and the time limit read the same on every
     rank; the launcher and the output channel are named with the rank that noticed)."""
@@ -257,17 +303,17 @@ def agreed_exit_reason(kind: str, requester: int, local: Optional[Tuple[str, str
     if kind == "output":
         return f"the output channel closed (noticed by rank {requester})"
     if kind == "duration":
-        return f"--exit-duration-in-mins {args.exit_duration_in_mins}"
+        return f"--exit-duration-in-mins {options.exit_duration_in_mins}"
     return f"signal {kind}"
 
 
-def exit_check_due(iteration: int, args) -> bool:
+def exit_check_due(iteration: int, options: TrainingOptions) -> bool:
     """Whether the ranks agree on an exit after ``iteration``: at every ``--log-interval``, save and exit
     interval, and the last iteration -- not every iteration (the agreement waits for the device)."""
-    for interval in (args.log_interval, args.save_interval if args.save else None, args.exit_interval):
+    for interval in (options.log_interval, options.save_interval if options.save else None, options.exit_interval):
         if interval and iteration % interval == 0:
             return True
-    return iteration >= args.train_iters
+    return iteration >= options.train_iters
 
 
 def _synchronize(device) -> None:
@@ -279,8 +325,8 @@ def _synchronize(device) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-def _loss_scale(engine, args) -> float:
-    if not args.fp16:
+def _loss_scale(engine, options: TrainingOptions) -> float:
+    if not options.fp16:
         return 1.0
     from megatron_tokenformer.deepspeed_boundary import current_loss_scale
     return current_loss_scale(engine.optimizer)
@@ -297,12 +343,6 @@ def _grad_norm(engine) -> Optional[float]:
     return value if value >= 0 else float("nan")
 
 
-def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int, run_id: Optional[str]) -> None:
-    from megatron_tokenformer.checkpointing import io as checkpoint_io
-    checkpoint_io.save_checkpoint(engine, args, config, iteration, consumed_samples,
-                                  tokenizer_model=args.tokenizer_model, run_id=run_id)
-
-
 def _check_before_save(numerics, engine, pending_losses, iteration: int, pipelined: bool) -> None:
     """The losses not yet checked at a log line, and the gradient norm: no NaN weights are saved."""
     if not numerics.check_nan:
@@ -313,26 +353,31 @@ def _check_before_save(numerics, engine, pending_losses, iteration: int, pipelin
     numerics.check_values(losses, iteration, _grad_norm(engine))
 
 
-def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed_samples: int, device,
-          start_time: float, tensorboard: Optional[TensorBoardLogger] = None,
-          run_id: Optional[str] = None) -> Tuple[int, int, str]:
+def train(options: TrainingOptions, engine, config, train_iter, valid_iter, iteration: int, consumed_samples: int,
+          device, start_time: float, tensorboard: Optional[TensorBoardLogger] = None,
+          save: Optional[Callable[[int, int], None]] = None) -> Tuple[int, int, str]:
     """Run until ``--train-iters`` or an exit condition. Returns (iteration, consumed_samples, reason).
-    ``run_id``: recorded in every checkpoint this run saves (:func:`~..checkpointing.save_dir.prepare_save_dir`)."""
+
+    ``save(iteration, consumed_samples)``: writes a checkpoint into ``--save`` (the entry point's
+    ``checkpointing.io.save_checkpoint``); called at ``--save-interval`` and at the end when ``--save`` is set.
+    """
     from megatron_tokenformer.training.engine import is_pipeline_engine
     pipelined = is_pipeline_engine(engine)
     tensorboard = tensorboard or TensorBoardLogger(None)
-    gbs = args.global_batch_size
-    tokens_per_iter = gbs * args.seq_length
-    padded_vocab = config.padded_vocab_size(args.tensor_model_parallel_size)
+    gbs = options.global_batch_size
+    tokens_per_iter = gbs * options.seq_length
+    padded_vocab = config.padded_vocab_size(options.tensor_model_parallel_size)
     hw_flops_per_token = flops_lib.training_flops_per_token(config, padded_vocab, hardware=True)
     model_flops_per_token = flops_lib.training_flops_per_token(config, padded_vocab, hardware=False)
     tf32 = bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
-    peak = flops_lib.peak_tflops_for_device(args.peak_tflops,
-                                            flops_lib.training_precision(args.bf16, args.fp16, tf32))
+    peak = flops_lib.peak_tflops_for_device(options.peak_tflops,
+                                            flops_lib.training_precision(options.bf16, options.fp16, tf32))
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
     handler = ExitSignalHandler()
-    numerics = NumericsCheck(args, engine.skipped_steps)  # [numerics] NaN/Inf and fp16 skips end the run
+    # [numerics] NaN/Inf and fp16 skips end the run
+    numerics = NumericsCheck(NumericsOptions(options.fp16, options.check_for_nan_in_loss_and_grad,
+                                             options.max_skipped_iterations), engine.skipped_steps)
     interval_losses = []
     interval_start = time.time()
     interval_iters = 0
@@ -343,18 +388,18 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
     my_rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
     try:
-        while iteration < args.train_iters:
-            lr = engine.lr_scheduler.get_lr() if engine.lr_scheduler is not None else args.lr
-            loss = train_step(engine, train_iter, args.gradient_accumulation_steps, pipelined)
+        while iteration < options.train_iters:
+            lr = engine.lr_scheduler.get_lr() if engine.lr_scheduler is not None else options.lr
+            loss = train_step(engine, train_iter, options.gradient_accumulation_steps, pipelined)
             iteration += 1
             consumed_samples += gbs
             numerics.after_step(engine.skipped_steps, iteration)
             interval_losses.append(loss)
             interval_iters += 1
-            if exit_check_due(iteration, args):  # before this iteration is logged or saved
+            if exit_check_due(iteration, options):  # before this iteration is logged or saved
                 data_checks.agree()  # [data_checks] a batch with ids outside the vocabulary ends the run
 
-            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            if iteration % options.log_interval == 0 or iteration == options.train_iters:
                 losses = torch.stack(interval_losses)
                 if not pipelined:
                     losses = _dp_average(losses)
@@ -370,8 +415,8 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
                     tokens_per_sec = tokens_per_iter * interval_iters / max(elapsed, 1e-9)
                     tflops = tokens_per_sec * hw_flops_per_token / world / 1e12
                     mfu = (tokens_per_sec * model_flops_per_token / world / 1e12 / peak) if peak else None
-                    loss_scale = _loss_scale(engine, args)
-                    print(format_train_line(iteration, args.train_iters, consumed_samples,
+                    loss_scale = _loss_scale(engine, options)
+                    print(format_train_line(iteration, options.train_iters, consumed_samples,
                                             1000.0 * elapsed / interval_iters, lr, gbs, mean_loss, loss_scale,
                                             grad_norm, skipped, nan_iters, tokens_per_sec, tflops, mfu), flush=True)
                     tensorboard.add_scalars({
@@ -385,46 +430,46 @@ def train(args, engine, config, train_iter, valid_iter, iteration: int, consumed
                 skipped_at_start = engine.skipped_steps
                 interval_start = time.time()
 
-            if valid_iter is not None and args.eval_iters > 0 and iteration % args.eval_interval == 0:
-                val_loss = evaluate(engine, valid_iter, args, pipelined)
+            if valid_iter is not None and options.eval_iters > 0 and iteration % options.eval_interval == 0:
+                val_loss = evaluate(engine, valid_iter, options, pipelined)
                 print_rank_last(format_eval_line(iteration, val_loss))
                 tensorboard.add_scalars({"lm loss validation": val_loss,
                                          "lm loss validation ppl": math.exp(min(val_loss, 20.0))}, iteration)
                 interval_start = time.time()  # do not count evaluation as training time
 
-            if args.save and args.save_interval and iteration % args.save_interval == 0:
+            if options.save and options.save_interval and iteration % options.save_interval == 0:
                 _check_before_save(numerics, engine, interval_losses, iteration, pipelined)
-                save_checkpoint(engine, args, config, iteration, consumed_samples, run_id)
+                save(iteration, consumed_samples)
                 last_saved = iteration
                 interval_start = time.time()
 
             # ---- exit conditions (agreed by all ranks)
             # The agreement is a host sync: only at iterations where the host waits anyway (logging,
             # saving) -- a signal is acted on within --log-interval iterations.
-            if exit_check_due(iteration, args):
-                local = local_exit_request(handler, args, start_time)
+            if exit_check_due(iteration, options):
+                local = local_exit_request(handler, options, start_time)
                 agreed = _agree_on_exit(local[0] if local else None, device)
-                if agreed and iteration < args.train_iters:
+                if agreed and iteration < options.train_iters:
                     kind, requester = agreed
-                    reason = agreed_exit_reason(kind, requester, local, args)
+                    reason = agreed_exit_reason(kind, requester, local, options)
                     if requester == my_rank != 0 and local is not None and kind in ("launcher", "output"):
                         print(f"> rank {my_rank}: {local[1]}", flush=True)  # the detail rank 0 cannot name
                     break
-            if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
-                reason = f"--exit-interval {args.exit_interval}"
+            if options.exit_interval and iteration % options.exit_interval == 0 and iteration < options.train_iters:
+                reason = f"--exit-interval {options.exit_interval}"
                 break
 
         # the final save runs with the signal handler still installed: a signal now is the same request
         if reason != "train-iters":
             print_rank_0(f"exiting at iteration {iteration} ({reason})")
-        elif valid_iter is not None and args.eval_iters > 0 and iteration % args.eval_interval != 0:
-            val_loss = evaluate(engine, valid_iter, args, pipelined)
+        elif valid_iter is not None and options.eval_iters > 0 and iteration % options.eval_interval != 0:
+            val_loss = evaluate(engine, valid_iter, options, pipelined)
             print_rank_last(format_eval_line(iteration, val_loss, name="validation (end of training)"))
             tensorboard.add_scalars({"lm loss validation": val_loss,
                                      "lm loss validation ppl": math.exp(min(val_loss, 20.0))}, iteration)
-        if args.save and last_saved != iteration:
+        if options.save and last_saved != iteration:
             _check_before_save(numerics, engine, interval_losses, iteration, pipelined)
-            save_checkpoint(engine, args, config, iteration, consumed_samples, run_id)
+            save(iteration, consumed_samples)
         tensorboard.flush()
     finally:
         handler.restore()

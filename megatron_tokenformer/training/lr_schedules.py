@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 
+from megatron_tokenformer.errors import TokenformerError
+
 __all__ = ["OptimizerParamScheduler", "learning_rate", "reconcile_schedule", "ScheduleMismatchError",
            "SCHEDULE_FLAGS"]
 
@@ -34,7 +36,7 @@ SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "warmup_steps": "--lr-
                   "decay_steps": "--lr-decay-iters", "decay_style": "--lr-decay-style"}
 
 
-class ScheduleMismatchError(ValueError):
+class ScheduleMismatchError(TokenformerError, ValueError):
     """The checkpoint's learning-rate schedule differs from the flags (fields listed in the message)."""
 
 

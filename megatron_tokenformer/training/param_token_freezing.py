@@ -24,27 +24,42 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_tokenformer.deepspeed_boundary import base_optimizer, zero_fragment
+from megatron_tokenformer.errors import TokenformerError
 
-__all__ = ["ARG_KEY", "resolve_frozen_counts", "ParamTokenFreezer", "setup_param_token_freezing"]
+__all__ = ["ARG_KEY", "FreezingOptions", "resolve_frozen_counts", "ParamTokenFreezer", "setup_param_token_freezing"]
 
 ARG_KEY = "train_only_new_param_tokens_from"
 _FIELDS = ("qkv_num_param_tokens", "proj_num_param_tokens", "ffn_num_param_tokens")
 _KIND_FIELD = {"qkv": "qkv_num_param_tokens", "proj": "proj_num_param_tokens", "ffn": "ffn_num_param_tokens"}
 
 
-class FreezingError(ValueError):
+class FreezingError(TokenformerError, ValueError):
     """--train-only-new-param-tokens cannot be applied (message names the flag and the checkpoint)."""
 
 
-def resolve_frozen_counts(args, step_dir: Optional[str] = None) -> Optional[Dict[str, int]]:
+@dataclass(frozen=True)
+class FreezingOptions:
+    """The flags :func:`resolve_frozen_counts` reads (``--train-only-new-param-tokens``, ``--load``, the model's
+    family and token counts, after the checkpoint filled them in)."""
+
+    train_only_new_param_tokens: Optional[bool]
+    load: Optional[str]
+    model_type: str
+    qkv_num_param_tokens: int
+    proj_num_param_tokens: int
+    ffn_num_param_tokens: int
+
+
+def resolve_frozen_counts(options: FreezingOptions, step_dir: Optional[str] = None) -> Optional[Dict[str, int]]:
     """The old token counts per kind (``{"qkv_num_param_tokens": n_old, ...}``) this run keeps frozen, or None.
 
-    ``args.train_only_new_param_tokens``: True (the flag), False (``--no-...``: train all) or None (not
+    ``options.train_only_new_param_tokens``: True (the flag), False (``--no-...``: train all) or None (not
     given). With the flag: the loaded checkpoint's expansion report when it records a token growth (the
     last growth), else its saved arguments (a run that already froze). Without it: the saved arguments
     only (a resume keeps freezing), and nothing from a freshly grown checkpoint.
@@ -52,7 +67,7 @@ def resolve_frozen_counts(args, step_dir: Optional[str] = None) -> Optional[Dict
     """
     from megatron_tokenformer.checkpointing.format import files, metadata
 
-    wanted = getattr(args, "train_only_new_param_tokens", None)
+    wanted = options.train_only_new_param_tokens
     if wanted is False:
         return None
     growth = saved = None
@@ -71,20 +86,21 @@ def resolve_frozen_counts(args, step_dir: Optional[str] = None) -> Optional[Dict
     counts = (growth or saved) if wanted else (saved if growth is None else None)
     if counts is None:
         if wanted:
-            where = f"--load {args.load} ({step_dir})" if step_dir else "no --load checkpoint"
+            where = f"--load {options.load} ({step_dir})" if step_dir else "no --load checkpoint"
             raise FreezingError(f"--train-only-new-param-tokens needs a checkpoint grown by tools/expand_checkpoint.py "
                                 f"(--param-token-growth-factor or --*-num-param-tokens) or saved by a run with this "
                                 f"flag; {where} records no token growth")
         return None
-    if getattr(args, "model_type", "tokenformer") != "tokenformer":
+    if options.model_type != "tokenformer":
         raise FreezingError("--train-only-new-param-tokens applies to --model-type tokenformer only")
     # a kind the growth did not change keeps all its rows frozen: n_old = n
     for field in _FIELDS:
+        n = int(getattr(options, field))
         if counts[field] is None:
-            counts[field] = int(getattr(args, field))
-        if not 0 <= counts[field] <= int(getattr(args, field)):
+            counts[field] = n
+        if not 0 <= counts[field] <= n:
             raise FreezingError(f"--train-only-new-param-tokens: the checkpoint records {counts[field]} old tokens for "
-                                f"{field} but the model has {getattr(args, field)}")
+                                f"{field} but the model has {n}")
     return counts
 
 
@@ -175,13 +191,12 @@ class ParamTokenFreezer:
                 master[:count].copy_(saved.reshape(-1)[lo:lo + count].to(master.dtype))
 
 
-def setup_param_token_freezing(args, model: torch.nn.Module) -> Optional[ParamTokenFreezer]:
-    """Before the optimizer is built: resolve the frozen counts (recorded in ``args`` so checkpoints keep
-    them) and freeze ``model``; None when the run trains everything."""
+def setup_param_token_freezing(counts: Optional[Dict[str, int]], model: torch.nn.Module) -> Optional[ParamTokenFreezer]:
+    """Before the optimizer is built: freeze the old rows ``counts`` (:func:`resolve_frozen_counts`; the entry
+    point records them in the arguments under :data:`ARG_KEY`, so checkpoints keep them) of ``model``; None when
+    the run trains everything (``counts`` None)."""
     from megatron_tokenformer import parallel_state
 
-    counts = getattr(args, ARG_KEY) if hasattr(args, ARG_KEY) else resolve_frozen_counts(args)
-    setattr(args, ARG_KEY, counts)
     if counts is None:
         return None
     from megatron_tokenformer.training.logging import print_rank_0

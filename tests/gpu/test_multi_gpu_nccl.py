@@ -94,7 +94,7 @@ STOP = r"""
 import os, signal, sys, time
 from datetime import timedelta
 import torch, torch.distributed as dist
-from megatron_tokenformer.training import collective_timeout, failures
+from megatron_tokenformer.training.supervision import collective_timeout, failures
 rank = int(os.environ["RANK"]); torch.cuda.set_device(rank)
 collective_timeout.set_default_timeout(float(sys.argv[2]))
 collective_timeout.apply_nccl_environment("nccl", sys.argv[1])

@@ -193,8 +193,9 @@ def test_deepspeed_json_fills_flags_not_given(tmp_path):
     args = validated(["--deepspeed_config", str(path)], world_size=2)
     assert args.global_batch_size == 16 and args.gradient_accumulation_steps == 4
     assert args.clip_grad == 0.25 and args.bf16 and args.zero_stage == 2
-    from megatron_tokenformer.training.engine import build_deepspeed_config
-    cfg = build_deepspeed_config(args)
+    from megatron_tokenformer.arguments import options_from_args
+    from megatron_tokenformer.training.engine import DeepSpeedOptions, build_deepspeed_config
+    cfg = build_deepspeed_config(options_from_args(DeepSpeedOptions, args))
     assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000000}
     assert cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 2 == cfg["train_batch_size"]
 
@@ -340,3 +341,48 @@ def test_opt_param_scheduler_flags_both_spellings():
 def test_opt_param_scheduler_flags_exclude_each_other():
     msg = error_of(["--override-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler"], world_size=1)
     assert "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler" in msg
+
+
+def test_model_flags_are_generated_from_the_config_fields():
+    """The model-config flags (names, defaults, groups) come from config.FIELD_FLAGS; the reference is the flag
+    list the hand-written parser had, and every generated flag lands in its config field."""
+    import argparse as ap
+
+    from megatron_tokenformer.arguments import build_parser, core_config_from_args, parse_args, validate_args
+    from megatron_tokenformer.config import FIELD_FLAGS
+    reference = {  # flag: (default, --help group) before the generation
+        "--model-type": ("tokenformer", "model architecture"), "--num-layers": (None, "model architecture"),
+        "--hidden-size": (None, "model architecture"), "--num-attention-heads": (None, "model architecture"),
+        "--seq-length": (None, "model architecture"), "--max-position-embeddings": (None, "model architecture"),
+        "--make-vocab-size-divisible-by": (128, "model architecture"),
+        "--ffn-hidden-size": (None, "model architecture"), "--init-method-std": (0.02, "model architecture"),
+        "--qkv-num-param-tokens": (None, "tokenformer (Pattention)"),
+        "--proj-num-param-tokens": (None, "tokenformer (Pattention)"),
+        "--ffn-num-param-tokens": (None, "tokenformer (Pattention)"),
+        "--pattention-normalization": ("l2_norm_gelu", "tokenformer (Pattention)"),
+        "--value-init-std": (None, "tokenformer (Pattention)"), "--qkv-tau": (None, "tokenformer (Pattention)"),
+        "--proj-tau": (None, "tokenformer (Pattention)"), "--ffn-tau": (None, "tokenformer (Pattention)"),
+        "--rotary-percent": (0.25, "tokenformer (Pattention)"), "--checkpoint-activations": (False, "training"),
+        "--recompute-granularity": (None, "training"), "--recompute-method": (None, "training"),
+        "--recompute-num-layers": (None, "training"), "--fused-pattention-norm": (None, "training"),
+        "--sequence-parallel": (False, "parallelism")}
+    parser = build_parser()
+    found = {}
+    for group in parser._action_groups:
+        for action in group._group_actions:
+            for option in action.option_strings:
+                found[option] = (action.default, group.title)
+    assert {option: found[option] for option in reference} == reference
+    assert sorted("--" + flag.dest.replace("_", "-") for flag in FIELD_FLAGS.values()) == sorted(reference)
+    assert isinstance(next(a for a in parser._actions if "--fused-pattention-norm" in a.option_strings),
+                      ap.BooleanOptionalAction)
+
+    argv = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8",
+            "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--vocab-size", "50",
+            "--qkv-num-param-tokens", "6", "--value-init-std", "0.5", "--ffn-tau", "3", "--rotary-percent", "0.5",
+            "--recompute-granularity", "selective", "--pattention-normalization", "softmax"]
+    config = core_config_from_args(validate_args(parse_args(argv), 1), 50)
+    assert (config.num_layers, config.hidden_size, config.qkv_num_param_tokens, config.proj_num_param_tokens,
+            config.ffn_num_param_tokens, config.value_init, config.ffn_tau, config.qkv_tau, config.rotary_percent,
+            config.recompute_granularity, config.pattention_normalization, config.vocab_size) == \
+        (2, 16, 6, 16, 64, 0.5, 3.0, 6 ** 0.5, 0.5, "selective", "softmax", 50)

@@ -2,13 +2,12 @@
 --override-checkpoint-tokenizer), a changed --data-path said in one line, a changed --split on the same
 data refused unless --override-checkpoint-split. (apply_checkpoint_args: integration/checkpointing.)"""
 
-import argparse
 import json
 import os
 
 import pytest
 
-from megatron_tokenformer.checkpoint_args import CheckpointArgs, CheckpointMismatchError, check_resume_inputs
+from megatron_tokenformer.checkpoint_args import CheckpointArgs, CheckpointMismatchError, ResumeInputs, check_resume_inputs
 from megatron_tokenformer.checkpointing.format import files, metadata
 
 
@@ -35,9 +34,9 @@ def step(tmp_path):
 def _args(tmp_path, **kw):
     a = dict(tokenizer_model=str(tmp_path / "tok_a.model"), tokenizer_type="SentencePieceTokenizer",
              data_path=[str(tmp_path / "data" / "a")], split="969,30,1", finetune=False,
-             override_checkpoint_tokenizer=False, override_checkpoint_split=False)
+             override_checkpoint_tokenizer=False, override_checkpoint_split=False, vocab_file=None)
     a.update(kw)
-    return argparse.Namespace(**a)
+    return ResumeInputs(**a)
 
 
 def test_same_inputs_say_nothing(step, monkeypatch):

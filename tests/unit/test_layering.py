@@ -10,20 +10,19 @@ PACKAGE = "megatron_tokenformer"
 
 #: lowest first; a module may import its own layer and the layers before it
 LAYERS = [
-    {"config", "ops", "fileio"},
+    {"errors", "cli", "config", "ops", "fileio"},
     {"launch", "parallel_state", "deepspeed_boundary"},
     {"tensor_parallel"},
     {"model"},
     {"data"},
     {"checkpointing"},
-    {"training"},
-    {"evaluation", "arguments", "checkpoint_args", "testing", "__init__"},
+    {"training", "arguments", "checkpoint_args"},
+    {"evaluation", "testing", "__init__"},
     {"interop"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
-DOC_LINE = "config, ops, fileio < launch, parallel_state, deepspeed_boundary < tensor_parallel < model < data < " \
-           "checkpointing < training < " \
-           "evaluation, arguments, checkpoint_args, testing < interop"
+DOC_LINE = "errors, cli, config, ops, fileio < launch, parallel_state, deepspeed_boundary < tensor_parallel < " \
+           "model < data < checkpointing < training, arguments, checkpoint_args < evaluation, testing < interop"
 
 
 def package_modules():

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_tokenformer.errors import TokenformerError
+
 if TYPE_CHECKING:  # (tensor_file imports this module's errors)
     from megatron_tokenformer.checkpointing.format.tensor_file import LazyTensor
 
@@ -24,11 +26,11 @@ __all__ = ["FP32", "CheckpointFormatError", "CheckpointMismatchError", "ParamEnt
 FP32 = "fp32"
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(TokenformerError, ValueError):
     """A checkpoint folder is incomplete or inconsistent (missing shard, shapes that do not add up)."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(TokenformerError, ValueError):
     """The checkpoint does not fit the model described by the flags (fields listed in the message)."""
 
 

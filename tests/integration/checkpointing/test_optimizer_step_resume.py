@@ -29,7 +29,7 @@ def _worker(rank, port, phases, result_file):
     import torch
 
     from megatron_tokenformer import parallel_state
-    from megatron_tokenformer.arguments import core_config_from_args, parse_args, validate_args
+    from megatron_tokenformer.arguments import core_config_from_args, engine_options, parse_args, validate_args
     from megatron_tokenformer.checkpoint_args import apply_checkpoint_args
     from megatron_tokenformer.checkpointing import io
     from megatron_tokenformer.checkpointing.format import metadata
@@ -51,7 +51,7 @@ def _worker(rank, port, phases, result_file):
             engine_lib.get_param_groups(model, a.weight_decay), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2),
             eps=a.adam_eps, weight_decay=a.weight_decay)) if group_step else torch_optimizer
         tp_random.model_parallel_seed(args.seed)
-        engine, _, _ = engine_lib.setup_model_and_optimizer(args, config)
+        engine, _, _ = engine_lib.setup_model_and_optimizer(engine_options(args), config)
         base = engine.optimizer.optimizer
         assert type(base).__name__ == ("GroupStepAdamW" if group_step else "AdamW")
         iteration, consumed = io.load_checkpoint(engine, args, config)

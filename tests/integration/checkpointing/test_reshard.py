@@ -34,7 +34,7 @@ def _engine_worker(rank, world, port, layout, load_dir, save_dir, mode, result_d
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from megatron_tokenformer import parallel_state
-    from megatron_tokenformer.arguments import core_config_from_args, parse_args, validate_args
+    from megatron_tokenformer.arguments import core_config_from_args, engine_options, parse_args, validate_args
     from megatron_tokenformer.checkpointing import io
     from megatron_tokenformer.model.naming import canonical_parameter_names
     from megatron_tokenformer.tensor_parallel import random as tp_random
@@ -51,7 +51,7 @@ def _engine_worker(rank, world, port, layout, load_dir, save_dir, mode, result_d
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     parallel_state.initialize_model_parallel(tp, pp)
     tp_random.model_parallel_seed(args.seed)
-    engine, _, _ = setup_model_and_optimizer(args, config)
+    engine, _, _ = setup_model_and_optimizer(engine_options(args), config)
     iteration, consumed = io.load_checkpoint(engine, args, config)
     assert (iteration, consumed) == (10, 40), (iteration, consumed)
     assert engine.global_steps == 10 and engine.lr_scheduler.num_steps == 10

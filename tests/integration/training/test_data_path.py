@@ -4,7 +4,7 @@ blend the run consumes has the proportions Megatron's rule gives."""
 import numpy as np
 import pytest
 
-from megatron_tokenformer.arguments import parse_args, validate_args
+from megatron_tokenformer.arguments import options_from_args, parse_args, validate_args
 from megatron_tokenformer.data.indexed_dataset import IndexedDatasetBuilder
 from megatron_tokenformer.data.tokenizer import build_tokenizer
 from megatron_tokenformer.training import loop
@@ -37,7 +37,8 @@ def flags(prefixes, cache):
 
 def test_unweighted_data_path_blends_by_size(prefixes, tmp_path):
     args = validate_args(parse_args(flags(prefixes, str(tmp_path / "cache"))), 1)
-    train, valid, _ = loop.build_datasets(args, build_tokenizer(args.tokenizer_type, None, args.vocab_size))
+    train, valid, _ = loop.build_datasets(options_from_args(loop.DatasetOptions, args),
+                                          build_tokenizer(args.tokenizer_type, None, args.vocab_size))
     assert valid is None and len(train) == ITERS * GBS
     source = np.array([int(train[i]["text"][0]) for i in range(len(train))])
     tokens = {token: n_docs * DOC_LEN for token, n_docs in DOCS.values()}

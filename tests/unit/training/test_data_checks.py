@@ -1,7 +1,6 @@
 """training/data_checks.py: a batch id outside the vocabulary is found on the host, never reaches the model,
 and ends every rank with the same line (naming the .bin and the document) at the next agreement point."""
 
-import argparse
 
 import numpy as np
 import pytest
@@ -83,11 +82,11 @@ class RecordingEngine(torch.nn.Module):
 
 def test_the_loop_stops_before_logging_and_the_model_never_sees_the_id(tmp_path, capsys):
     ds = _dataset(tmp_path)
-    args = argparse.Namespace(global_batch_size=2, micro_batch_size=2, gradient_accumulation_steps=1, seq_length=8,
-                              train_iters=20, log_interval=5, eval_interval=1000, eval_iters=0, save=None,
-                              save_interval=None, exit_interval=None, exit_duration_in_mins=None, peak_tflops=None,
-                              bf16=False, fp16=False, lr=1e-3, tokenizer_model=None, tensor_model_parallel_size=1,
-                              num_workers=0)
+    args = loop.TrainingOptions(global_batch_size=2, micro_batch_size=2, gradient_accumulation_steps=1, seq_length=8,
+                                train_iters=20, log_interval=5, eval_interval=1000, eval_iters=0, save=None,
+                                save_interval=None, exit_interval=None, exit_duration_in_mins=None, peak_tflops=None,
+                                bf16=False, fp16=False, lr=1e-3, tensor_model_parallel_size=1, num_workers=0,
+                                check_for_nan_in_loss_and_grad=True, max_skipped_iterations=100)
     cfg = TokenformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=8, vocab_size=VOCAB,
                             qkv_num_param_tokens=4, proj_num_param_tokens=4, ffn_num_param_tokens=8)
     # the iteration whose batch holds the bad id (samples are served in order: 2 per iteration)

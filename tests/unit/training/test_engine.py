@@ -54,11 +54,10 @@ def test_no_apex_installed(monkeypatch):
 
 
 def _config_args(**overrides):
-    import argparse
     base = dict(global_batch_size=32, micro_batch_size=1, gradient_accumulation_steps=32, clip_grad=1.0,
                 zero_stage=1, fp16=False, bf16=False, deepspeed_json=None)
     base.update(overrides)
-    return argparse.Namespace(**base)
+    return engine_lib.DeepSpeedOptions(**base)
 
 
 def test_bf16_accumulates_and_reduces_gradients_in_fp32():

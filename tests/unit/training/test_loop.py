@@ -5,7 +5,6 @@ CPU; the collectives that make the host wait (exit agreement, data-parallel loss
 recorded per iteration.
 """
 
-import argparse
 
 import pytest
 import torch
@@ -43,9 +42,10 @@ def _args(**overrides):
     base = dict(global_batch_size=2, micro_batch_size=1, gradient_accumulation_steps=2, seq_length=8, train_iters=10,
                 log_interval=4, eval_interval=1000, eval_iters=0, save=None, save_interval=None, exit_interval=None,
                 exit_duration_in_mins=None, peak_tflops=None, bf16=False, fp16=False, lr=1e-3,
-                tokenizer_model=None, tensor_model_parallel_size=1, num_workers=0)
+                tensor_model_parallel_size=1, num_workers=0, check_for_nan_in_loss_and_grad=True,
+                max_skipped_iterations=100)
     base.update(overrides)
-    return argparse.Namespace(**base)
+    return loop.TrainingOptions(**base)
 
 
 def test_host_waits_only_at_log_intervals(monkeypatch, capsys):

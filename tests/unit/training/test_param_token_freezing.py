@@ -4,13 +4,12 @@ multi-process check that the rows really stay bitwise unchanged is
 tests/integration/checkpointing/test_train_only_new_param_tokens.py."""
 
 import json
-import types
 
 import pytest
 
 from megatron_tokenformer.checkpointing.format import files, metadata
-from megatron_tokenformer.training.param_token_freezing import (ARG_KEY, FreezingError, _local_old_rows,
-                                                                  resolve_frozen_counts)
+from megatron_tokenformer.training.param_token_freezing import (ARG_KEY, FreezingError, FreezingOptions,
+                                                                  _local_old_rows, resolve_frozen_counts)
 
 GROWN = {"qkv_num_param_tokens": 64, "proj_num_param_tokens": 64, "ffn_num_param_tokens": 256}
 
@@ -26,8 +25,7 @@ def step_dir(tmp_path, growth=None, record=None):
 
 
 def args_for(path, flag):
-    return types.SimpleNamespace(train_only_new_param_tokens=flag, load="ckpt",
-                                 model_type="tokenformer", **GROWN)
+    return FreezingOptions(train_only_new_param_tokens=flag, load="ckpt", model_type="tokenformer", **GROWN)
 
 
 def _resolve(path, flag):

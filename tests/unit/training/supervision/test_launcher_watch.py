@@ -1,4 +1,4 @@
-"""training/launcher_watch.py: a rank notices that its launcher died (without any training)."""
+"""training/supervision/launcher_watch.py: a rank notices that its launcher died (without any training)."""
 
 import os
 import signal
@@ -8,12 +8,12 @@ import time
 
 import psutil
 
-from megatron_tokenformer.training import launcher_watch
+from megatron_tokenformer.training.supervision import launcher_watch
 from tests.helpers import train_runs
 
 RANK = r"""
 import time
-from megatron_tokenformer.training import launcher_watch
+from megatron_tokenformer.training.supervision import launcher_watch
 chain = launcher_watch.start(interval=0.2)
 print("watching", [c[0] for c in chain], flush=True)
 deadline = time.time() + 60

@@ -16,24 +16,39 @@ the iteration; the entry point prints it and exits 1 without saving.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["NumericalFailure", "NumericsCheck"]
+from megatron_tokenformer.errors import EXIT_FAILED, TokenformerError
+
+__all__ = ["NumericalFailure", "NumericsOptions", "NumericsCheck"]
 
 
-class NumericalFailure(RuntimeError):
+class NumericalFailure(TokenformerError, RuntimeError):
     """Training diverged (one-line message naming the iteration)."""
+
+    exit_code = EXIT_FAILED
+    every_rank_prints = False  # every rank sees the same values: rank 0 says it
+
+
+@dataclass(frozen=True)
+class NumericsOptions:
+    """The flags of the checks: ``--fp16``, ``--check-for-nan-in-loss-and-grad``, ``--max-skipped-iterations``."""
+
+    fp16: bool = False
+    check_for_nan_in_loss_and_grad: bool = True
+    max_skipped_iterations: int = 100
 
 
 class NumericsCheck:
     """Per-run state of the checks (see the module docstring)."""
 
-    def __init__(self, args, skipped_steps: int):
-        self.fp16 = bool(getattr(args, "fp16", False))
-        self.check_nan = bool(getattr(args, "check_for_nan_in_loss_and_grad", True)) and not self.fp16
-        self.max_skipped = int(getattr(args, "max_skipped_iterations", 100) or 100)
+    def __init__(self, options: NumericsOptions, skipped_steps: int):
+        self.fp16 = bool(options.fp16)
+        self.check_nan = bool(options.check_for_nan_in_loss_and_grad) and not self.fp16
+        self.max_skipped = int(options.max_skipped_iterations)
         self._skipped = int(skipped_steps)
         self.consecutive_skips = 0
 

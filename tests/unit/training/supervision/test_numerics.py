@@ -1,17 +1,15 @@
-"""training/numerics.py: NaN/Inf losses and gradient norms, and fp16 overflow skips, end the run."""
-
-from types import SimpleNamespace
+"""training/supervision/numerics.py: NaN/Inf losses and gradient norms, and fp16 overflow skips, end the run."""
 
 import pytest
 import torch
 
-from megatron_tokenformer.training.numerics import NumericalFailure, NumericsCheck
+from megatron_tokenformer.training.supervision.numerics import NumericalFailure, NumericsCheck, NumericsOptions
 
 
 def _args(**kw):
     base = dict(fp16=False, check_for_nan_in_loss_and_grad=True, max_skipped_iterations=100)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return NumericsOptions(**base)
 
 
 def test_fp32_skipped_step_means_non_finite_gradient():

@@ -1,11 +1,11 @@
-"""The exit status line job scripts read to decide on requeueing (training/exit_status.py)."""
+"""The exit status line job scripts read to decide on requeueing (training/supervision/exit_status.py)."""
 
 import os
 import subprocess
 
 import pytest
 
-from megatron_tokenformer.training.exit_status import read_exit_status, status_line, write_exit_status
+from megatron_tokenformer.training.supervision.exit_status import read_exit_status, status_line, write_exit_status
 
 
 def test_status_lines():

@@ -1,12 +1,16 @@
-"""training/failures.run: an exit through SystemExit tears the process group down before the interpreter
+"""training/supervision/failures.run: an exit through SystemExit tears the process group down before the interpreter
 does (left to teardown, gloo sometimes aborted the process after its error line: exit -6)."""
 
 import pytest
 import torch.distributed as dist
 
+from megatron_tokenformer.arguments import ArgumentError
+from megatron_tokenformer.checkpointing.file_checks import CheckpointFileError
 from megatron_tokenformer.checkpointing.save_dir import SaveDirError, SaveFailedError
 from megatron_tokenformer.data.batch_check import TokenIdError
-from megatron_tokenformer.training import failures
+from megatron_tokenformer.errors import EXIT_BAD_INPUT
+from megatron_tokenformer.training.supervision import failures
+from megatron_tokenformer.training.supervision.numerics import NumericalFailure
 
 
 @pytest.fixture
@@ -24,7 +28,7 @@ def test_a_refused_start_destroys_the_process_group(gloo_group, capsys):
 
     with pytest.raises(SystemExit) as exc:
         failures.run(main, [])
-    assert exc.value.code == failures.EXIT_BAD_INPUT
+    assert exc.value.code == EXIT_BAD_INPUT
     assert not dist.is_initialized()
     assert capsys.readouterr().err.strip().splitlines() == [
         "pretrain_tokenformer.py: error: --save /x is in use by another run"]
@@ -69,3 +73,22 @@ def test_agreed_lines_are_printed_on_every_rank(monkeypatch, capsys, exc, code, 
     assert info.value.code == code
     err = capsys.readouterr().err
     assert err == (f"pretrain_tokenformer.py: error: {exc}\n" if printed_on_rank_1 else "")
+
+
+@pytest.mark.parametrize("exc, code, printed_on_rank_1", [
+    (NumericalFailure("iteration 2: the loss is NaN or Inf"), 1, False),
+    (CheckpointFileError("/c/global_step2/mp_rank_00_model_states.pt: truncated"), 2, False),
+    (ArgumentError("--num-attention-heads 3 must be divisible by --tensor-model-parallel-size 2"), 2, True),
+], ids=["numerics", "checkpoint-file", "any-other-package-error"])
+def test_every_package_error_ends_in_its_line_and_code(monkeypatch, capsys, exc, code, printed_on_rank_1):
+    """The rows of the module's table not covered above, and an error of the package the table does not list:
+    it ends in one line on every rank and exit 2 (before the one error base it kept its traceback)."""
+    monkeypatch.setenv("RANK", "1")
+
+    def main(argv):
+        raise exc
+
+    with pytest.raises(SystemExit) as info:
+        failures.run(main, [])
+    assert info.value.code == code
+    assert capsys.readouterr().err == (f"pretrain_tokenformer.py: error: {exc}\n" if printed_on_rank_1 else "")

@@ -12,7 +12,11 @@ fp16 overflow at --min-loss-scale       1    rank 0 (DeepSpeed's error, as one l
 a collective timed out / a peer died    1    every surviving rank, naming the silent rank
 =====================================  ====  ==============================================
 
-:func:`run` wraps the entry point's ``main``. Other exceptions keep their traceback (a bug).
+:func:`run` wraps the entry point's ``main``. Every error of the package derives from
+:class:`megatron_tokenformer.errors.TokenformerError`, which carries its exit code and whether every rank
+prints its line (``every_rank_prints``); the two failures that are not the package's own (a collective
+that failed, DeepSpeed's fp16 scale floor) are recognised here. Other exceptions keep their traceback
+(a bug).
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "run", "print_error", "destroy_process_group_quietly"]
+from megatron_tokenformer.cli import print_error
+from megatron_tokenformer.errors import EXIT_FAILED, TokenformerError
 
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
+__all__ = ["run", "destroy_process_group_quietly"]
 
 
 def _rank() -> int:
@@ -38,13 +42,6 @@ def _rank() -> int:
         return int(os.environ.get("RANK", "0") or 0)
     except ValueError:
         return 0
-
-
-def print_error(prog: str, message: str) -> None:
-    text = " ".join(str(message).split("\n")).strip()
-    sys.stdout.flush()
-    sys.stderr.write(f"{prog}: error: {text}\n")
-    sys.stderr.flush()
 
 
 def run(main: Callable[[Optional[Sequence[str]]], int], argv=None, prog: str = "pretrain_tokenformer.py") -> int:
@@ -75,28 +72,14 @@ def destroy_process_group_quietly() -> None:
 
 
 def _run(main, argv, prog: str) -> int:
-    from megatron_tokenformer.checkpointing.file_checks import CheckpointFileError
-    from megatron_tokenformer.checkpointing.save_dir import SaveDirError, SaveFailedError
-    from megatron_tokenformer.data.batch_check import TokenIdError
-    from megatron_tokenformer.training.numerics import NumericalFailure
     try:
         return main(argv)
-    except (SaveDirError, CheckpointFileError) as exc:
-        if _rank() == 0:
+    except TokenformerError as exc:  # the error says its exit code and whether every rank prints it
+        if exc.every_rank_prints or _rank() == 0:
             print_error(prog, str(exc))
-        raise SystemExit(EXIT_BAD_INPUT)
-    except TokenIdError as exc:  # every rank: the same agreed line naming the file and document
-        print_error(prog, str(exc))
-        raise SystemExit(EXIT_BAD_INPUT)
-    except SaveFailedError as exc:  # every rank: each holds the same agreed line (a rank's log may be all one sees)
-        print_error(prog, str(exc))
-        raise SystemExit(EXIT_FAILED)
-    except NumericalFailure as exc:
-        if _rank() == 0:
-            print_error(prog, str(exc))
-        raise SystemExit(EXIT_FAILED)
+        raise SystemExit(exc.exit_code)
     except RuntimeError as exc:
-        from megatron_tokenformer.training import collective_timeout
+        from megatron_tokenformer.training.supervision import collective_timeout
         if not collective_timeout.is_collective_failure(exc):
             raise
         try:

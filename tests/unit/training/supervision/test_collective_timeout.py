@@ -1,4 +1,4 @@
-"""training/collective_timeout.py: a stopped rank makes the others fail within the timeout, naming it.
+"""training/supervision/collective_timeout.py: a stopped rank makes the others fail within the timeout, naming it.
 
 Two bare gloo processes (no model): rank 1 stops itself (SIGSTOP); rank 0's all-reduce on a group
 created after set_default_timeout must fail within that timeout, and the diagnosis must name rank 1.
@@ -10,13 +10,13 @@ import sys
 import psutil
 import pytest
 
-from megatron_tokenformer.training import collective_timeout
+from megatron_tokenformer.training.supervision import collective_timeout
 from tests.helpers import train_runs
 
 WORKER = r"""
 import os, signal, sys, time
 import torch, torch.distributed as dist
-from megatron_tokenformer.training import collective_timeout
+from megatron_tokenformer.training.supervision import collective_timeout
 collective_timeout.set_default_timeout(float(sys.argv[1]))
 dist.init_process_group("gloo")
 group = dist.new_group(ranks=[0, 1])          # created like parallel_state's groups: no explicit timeout
@@ -253,7 +253,7 @@ def test_diagnosis_store_operations_are_bounded_and_stop_after_one_failure():
 
     import torch.distributed as dist
 
-    from megatron_tokenformer.training.collective_timeout import _DeadlineStore
+    from megatron_tokenformer.training.supervision.collective_timeout import _DeadlineStore
     from megatron_tokenformer.launch import find_free_port
     port = find_free_port()
     store = dist.TCPStore("127.0.0.1", port, 1, True, timeout=_td(seconds=120))
