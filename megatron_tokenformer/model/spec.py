@@ -29,7 +29,7 @@ from torch import nn
 
 from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, MODEL_TYPES, FamilyFields, TokenformerConfig
 from megatron_tokenformer.model.block import TokenformerBlock
-from megatron_tokenformer.model.transformer import TransformerBlock
+from megatron_tokenformer.model.transformer import MODEL_TYPE as TRANSFORMER_MODEL_TYPE, TransformerBlock
 
 __all__ = ["ParamInfo", "ModelSpec", "config_parameter_counts", "TokenformerSpec", "TransformerSpec", "get_spec", "MODEL_SPECS",
            "PARAM_KINDS", "GROW_PARAM_TOKENS", "GROW_NET2NET_WIDTH", "UnknownParameterError",
@@ -215,7 +215,7 @@ class TransformerSpec(ModelSpec):
     ``L (8 d^2 + 4 d f + 4 T d) + 2 d V``. Grows in width by Net2Net.
     """
 
-    name = "transformer"
+    name = TRANSFORMER_MODEL_TYPE
     block_class = TransformerBlock
     growth_rule = GROW_NET2NET_WIDTH
     _TABLE = {

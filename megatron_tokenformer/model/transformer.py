@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_tokenformer.config import TokenformerConfig
+from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, TokenformerConfig
 from megatron_tokenformer.model.attention import ParallelAttention
 from megatron_tokenformer.model.layernorm import LayerNorm
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
@@ -49,14 +49,16 @@ from megatron_tokenformer.tensor_parallel.layers import (ColumnParallelLinear, R
 
 __all__ = ["TransformerAttention", "ParallelMLP", "TransformerBlock", "transformer_config"]
 
+#: the ``model_type`` of this family (its spec, ``model/spec.py``, names this module's block)
+MODEL_TYPE = "transformer"
+
 
 def transformer_config(**kwargs) -> TokenformerConfig:
     """A :class:`TokenformerConfig` for the baseline GPT: ``model_type="transformer"``, parametric
     block LayerNorms and ``ffn_hidden_size = 4 * hidden_size`` unless given. The Pattention token
     counts are unused by this model; they default to ``hidden_size`` (the config requires them)."""
-    from megatron_tokenformer.model.spec import TransformerSpec  # the registry imports this module
-    kwargs.setdefault("model_type", TransformerSpec.name)
-    for name, value in TransformerSpec().config_fields.recommended.items():
+    kwargs.setdefault("model_type", MODEL_TYPE)
+    for name, value in MODEL_FAMILY_FIELDS[MODEL_TYPE].recommended.items():
         kwargs.setdefault(name, value)  # parametric block LayerNorms
     for name in ("qkv_num_param_tokens", "proj_num_param_tokens"):
         kwargs.setdefault(name, kwargs["hidden_size"])
