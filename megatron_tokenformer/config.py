@@ -63,10 +63,10 @@ NOT_STORED = ("fused_pattention_norm",)
 
 
 @dataclasses.dataclass
-class TokenformerConfig:
+class ModelConfig:
     """Hyper-parameters of the language model (docs/design.md §2), of every family.
 
-    The name is historical (Tokenformer was the first family; :data:`ModelConfig` is the same class):
+    :data:`TokenformerConfig` is the same class under its first name (Tokenformer was the first family):
     ``model_type`` says which family the record describes, :data:`MODEL_FAMILY_FIELDS` which fields
     that family uses. The baseline GPT stores the Pattention fields too (unused) so that one JSON
     schema reads every checkpoint.
@@ -281,5 +281,5 @@ class TokenformerConfig:
         return cls.from_dict(data)
 
 
-#: The same class under the name that says what it is: the config of any model family.
-ModelConfig = TokenformerConfig
+#: The first name of :class:`ModelConfig` (the same class; checkpoints and user code name it).
+TokenformerConfig = ModelConfig
