@@ -9,5 +9,6 @@ from megatron_tokenformer.model.pattention import Pattention, normalize_pattenti
 from megatron_tokenformer.model.pipeline import get_layer_specs
 from megatron_tokenformer.model.spec import config_parameter_counts, get_spec
 
-__all__ = ["GPTModel", "KVCache", "LanguageModelEmbedding", "Pattention", "TokenformerEmbedding", "TokenformerLM", "config_parameter_counts", "get_layer_specs", "get_spec",
-           "language_model_loss", "normalize_pattention_scores"]
+__all__ = ["GPTModel", "KVCache", "LanguageModelEmbedding", "Pattention", "TokenformerEmbedding", "TokenformerLM",
+           "config_parameter_counts", "get_layer_specs", "get_spec", "language_model_loss",
+           "normalize_pattention_scores"]

@@ -69,7 +69,8 @@ class KVCache:
         return 0 if self.keys[layer] is None else self.keys[layer].shape[2]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Add k, v [b, h/p, s, head_dim] after ``layer``'s cached positions; returns all of them [b, h/p, t + s, head_dim]."""
+        """Add k, v [b, h/p, s, head_dim] after ``layer``'s cached positions; returns all of them
+        [b, h/p, t + s, head_dim]."""
         if self.keys[layer] is not None:
             k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
         self.keys[layer], self.values[layer] = k, v

@@ -25,7 +25,8 @@ def test_model_package_exports_both_names():
     from megatron_tokenformer import model
     from megatron_tokenformer.model import GPTModel, LanguageModelEmbedding, TokenformerEmbedding, TokenformerLM
     assert GPTModel is TokenformerLM and LanguageModelEmbedding is TokenformerEmbedding
-    assert {"GPTModel", "TokenformerLM", "LanguageModelEmbedding", "TokenformerEmbedding", "KVCache"} <= set(model.__all__)
+    names = {"GPTModel", "TokenformerLM", "LanguageModelEmbedding", "TokenformerEmbedding", "KVCache"}
+    assert names <= set(model.__all__)
 
 
 def test_the_first_names_build_the_baseline_gpt_too():
