@@ -51,10 +51,10 @@ def parameter_layout(config) -> Dict[str, Tuple[Tuple[int, ...], Optional[int], 
     """canonical name -> (full shape with the vocabulary trimmed, TP partition dim or None, is-vocab)
     of the model ``config`` describes (built once on the meta device, TP = PP = 1)."""
     from megatron_tokenformer.checkpointing.naming import vocab_parameters
-    from megatron_tokenformer.model import TokenformerLM
+    from megatron_tokenformer.model import GPTModel
 
     with torch.device("meta"):
-        model = TokenformerLM(config)
+        model = GPTModel(config)
     vocab = vocab_parameters(model)
     out = {}
     for name, p in model.named_parameters():
