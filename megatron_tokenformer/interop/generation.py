@@ -13,6 +13,7 @@ Generation of a sequence stops at the end-of-document token (kept out of the tex
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
@@ -64,7 +65,7 @@ def load_model_for_inference(load_dir: str, iteration: Optional[int] = None):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
         try:
-            model = GPTModel(config)
+            model = GPTModel(inference_config(config))
         except ValueError as exc:
             raise GenerationError(f"--load {load_dir}: the model does not fit tensor parallel size {tp}: "
                                   f"{exc}") from None
@@ -81,6 +82,13 @@ def load_model_for_inference(load_dir: str, iteration: Optional[int] = None):
         view.close()
     model.eval()
     return model, model.config, step_dir
+
+
+def inference_config(config):
+    """``config`` for decoding: sequence parallelism off. A decoding step runs one position, which does
+    not split over the TP ranks; the field is a runtime one (a checkpoint trained with it computes the
+    same function without it), so generation at any TP reads a checkpoint trained with or without it."""
+    return dataclasses.replace(config, sequence_parallel=False)
 
 
 def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:

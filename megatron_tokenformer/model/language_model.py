@@ -110,8 +110,11 @@ class GPTModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 loss_mask: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        hidden = self.embedding(input_ids)
         config = self.config
+        if kv_cache is not None and sequence_parallel_enabled(config):
+            raise ValueError("decoding with a KV cache needs sequence_parallel off (one new position does not "
+                             "split over the tensor-parallel ranks)")
+        hidden = self.embedding(input_ids)
         if kv_cache is not None:
             for layer in self.layers:
                 hidden = layer(hidden, kv_cache)

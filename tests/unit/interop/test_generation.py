@@ -2,6 +2,8 @@
 process and at every step of a greedy run at TP 1 and 2), and the sampling rules (temperature, top-k,
 top-p) against a direct computation."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -77,6 +79,35 @@ def test_cache_equals_recompute_at_every_step(gen_pool, model_type):
     if len(results) > 1:  # TP 2 computes the TP 1 function (init is independent of the TP size)
         torch.testing.assert_close(results[0], check_cached_steps_equal_recompute(0, 1, model_type),
                                    rtol=1e-5, atol=1e-5)
+
+
+def check_sequence_parallel_checkpoint(rank, world, load_dir):
+    """A checkpoint whose config says sequence_parallel (a run trained with it) generates at any TP."""
+    from megatron_tokenformer.interop.generation import load_model_for_inference
+    model, config, _ = load_model_for_inference(load_dir)
+    assert not config.sequence_parallel
+    tokens = generate_tokens(model, [5, 6, 7, 8], SamplingOptions(max_new_tokens=6, greedy=True))
+    if world > 1:  # the model itself refuses a cache with sequence parallelism on (one clear line)
+        sp_model = TokenformerLM(dataclasses.replace(model.config, sequence_parallel=True), seed=11).eval()
+        with pytest.raises(ValueError, match="needs sequence_parallel off"):
+            forward_step(sp_model, torch.tensor([[5]]), KVCache.empty(2))
+    return tokens
+
+
+def test_sequence_parallel_checkpoint_generates_at_any_tp(gen_pool, tmp_path_factory):
+    from megatron_tokenformer.interop.checkpoint_format import write_checkpoint
+    model = tiny("tokenformer")
+    save = str(tmp_path_factory.mktemp("sp_ckpt") / "ckpt")
+    config = dataclasses.replace(model.config, sequence_parallel=True)
+    tensors = {n: p.detach() for n, p in model.named_parameters()}
+    tensors["embedding.word_embeddings.weight"] = tensors["embedding.word_embeddings.weight"][:90]  # no padding
+    write_checkpoint(save, config, tensors, {})
+    results = gen_pool.run(check_sequence_parallel_checkpoint, save)
+    ids = [5, 6, 7, 8]  # the reference: argmax of the full model's last logits, one token at a time
+    for _ in range(6):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]))[0, -1, :90].argmax()))
+    assert results == [ids[4:]] * len(results)
 
 
 def test_stops_at_eod_and_position_limit():
