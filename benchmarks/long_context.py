@@ -32,18 +32,18 @@ SECTION = "## Long context: grown Tokenformer vs Net2Net Transformer (issue 11)"
 
 
 def configs(seq: int, args):
-    from megatron_tokenformer.config import TokenformerConfig
+    from megatron_tokenformer.config import ModelConfig
     n = args.n_small * args.growth
-    tokenformer = TokenformerConfig(num_layers=args.layers, hidden_size=args.d, num_attention_heads=args.heads,
-                                    seq_length=seq, vocab_size=args.vocab, qkv_num_param_tokens=n,
-                                    proj_num_param_tokens=n, ffn_num_param_tokens=4 * n,
-                                    qkv_tau=(args.n_small ** 0.5), proj_tau=(args.n_small ** 0.5),
-                                    ffn_tau=((4 * args.n_small) ** 0.5))  # a grown model keeps the small tau
-    transformer = TokenformerConfig(num_layers=args.layers, hidden_size=args.wide_d,
-                                    num_attention_heads=args.heads * args.wide_d // args.d, seq_length=seq,
-                                    vocab_size=args.vocab, qkv_num_param_tokens=1, proj_num_param_tokens=1,
-                                    ffn_num_param_tokens=1, model_type="transformer", ffn_hidden_size=args.wide_ffn,
-                                    block_layernorm="parametric")
+    tokenformer = ModelConfig(num_layers=args.layers, hidden_size=args.d, num_attention_heads=args.heads,
+                              seq_length=seq, vocab_size=args.vocab, qkv_num_param_tokens=n,
+                              proj_num_param_tokens=n, ffn_num_param_tokens=4 * n,
+                              qkv_tau=(args.n_small ** 0.5), proj_tau=(args.n_small ** 0.5),
+                              ffn_tau=((4 * args.n_small) ** 0.5))  # a grown model keeps the small tau
+    transformer = ModelConfig(num_layers=args.layers, hidden_size=args.wide_d,
+                              num_attention_heads=args.heads * args.wide_d // args.d, seq_length=seq,
+                              vocab_size=args.vocab, qkv_num_param_tokens=1, proj_num_param_tokens=1,
+                              ffn_num_param_tokens=1, model_type="transformer", ffn_hidden_size=args.wide_ffn,
+                              block_layernorm="parametric")
     return {"Tokenformer grown": tokenformer.resolve_taus(), "Transformer Net2Net": transformer.resolve_taus()}
 
 
@@ -64,8 +64,8 @@ def crossover(cfgs) -> float:
 
 
 def make_model(config):
-    from megatron_tokenformer.model import TokenformerLM  # builds the baseline blocks for model_type transformer
-    return TokenformerLM(config)
+    from megatron_tokenformer.model import GPTModel  # builds the baseline blocks for model_type transformer
+    return GPTModel(config)
 
 
 def time_steps(model, seq: int, vocab: int, steps: int) -> float:

@@ -140,7 +140,7 @@ MODES = [(False, None), (False, "selective"), (False, "full"), (True, None), (Tr
 
 
 def _block_measurements(tp):
-    from megatron_tokenformer.config import TokenformerConfig
+    from megatron_tokenformer.config import ModelConfig
     from megatron_tokenformer.model.block import TokenformerBlock
     from megatron_tokenformer.model.language_model import prepare_config
     from megatron_tokenformer.model.recompute import checkpointed
@@ -155,8 +155,8 @@ def _block_measurements(tp):
                       sequence_parallel=sp, recompute_granularity="selective" if recompute == "selective" else None)
         for kind in ("tokenformer", "transformer"):
             if kind == "tokenformer":
-                cfg = prepare_config(TokenformerConfig(qkv_num_param_tokens=h, proj_num_param_tokens=h,
-                                                       ffn_num_param_tokens=2 * h, **common))
+                cfg = prepare_config(ModelConfig(qkv_num_param_tokens=h, proj_num_param_tokens=h,
+                                                 ffn_num_param_tokens=2 * h, **common))
                 block = TokenformerBlock(cfg, 1)
             else:
                 cfg = prepare_config(transformer_config(**common))

@@ -111,18 +111,18 @@ def _free_port() -> int:
 
 
 def run_plain(iters: int, warmup: int, threads: int) -> Dict[str, float]:
-    """The same training in a plain loop: TokenformerLM, torch AdamW, clipping, the same batches."""
+    """The same training in a plain loop: GPTModel, torch AdamW, clipping, the same batches."""
     import torch
 
-    from megatron_tokenformer.config import TokenformerConfig
+    from megatron_tokenformer.config import ModelConfig
     from megatron_tokenformer.data.gpt_dataset import MockGPTDataset
-    from megatron_tokenformer.model import TokenformerLM
+    from megatron_tokenformer.model import GPTModel
 
     torch.set_num_threads(threads)
     vocab = TEXT_VOCAB + 1
-    cfg = TokenformerConfig(vocab_size=vocab, **MODEL)
+    cfg = ModelConfig(vocab_size=vocab, **MODEL)
     torch.manual_seed(SEED)
-    model = TokenformerLM(cfg, seed=SEED)
+    model = GPTModel(cfg, seed=SEED)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
@@ -155,15 +155,15 @@ def _count_worker(rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
 
     from megatron_tokenformer import parallel_state
-    from megatron_tokenformer.config import TokenformerConfig
-    from megatron_tokenformer.model import TokenformerLM
+    from megatron_tokenformer.config import ModelConfig
+    from megatron_tokenformer.model import GPTModel
     from megatron_tokenformer.tensor_parallel import count_collectives
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(world, 1)
-    cfg = TokenformerConfig(vocab_size=TEXT_VOCAB + 1, **MODEL)
-    model = TokenformerLM(cfg, seed=SEED)
+    cfg = ModelConfig(vocab_size=TEXT_VOCAB + 1, **MODEL)
+    model = GPTModel(cfg, seed=SEED)
     text = torch.randint(0, TEXT_VOCAB, (MBS, MODEL["seq_length"] + 1))
     with count_collectives() as fwd:
         loss = model(text[:, :-1], text[:, 1:])

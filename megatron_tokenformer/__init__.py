@@ -3,15 +3,21 @@
 The public names are imported lazily so that ``import megatron_tokenformer`` stays cheap and does
 not pull in DeepSpeed or torch.distributed state:
 
-    from megatron_tokenformer import Pattention, TokenformerConfig, TokenformerLM
+    from megatron_tokenformer import GPTModel, ModelConfig, Pattention
+
+``GPTModel`` and ``ModelConfig`` build and describe every model family (the Tokenformer and the baseline
+GPT); ``TokenformerLM`` and ``TokenformerConfig`` are the same objects under their first names.
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "GPTModel": "megatron_tokenformer.model.language_model",
+    "LanguageModelEmbedding": "megatron_tokenformer.model.language_model",
     "ModelConfig": "megatron_tokenformer.config",
     "Pattention": "megatron_tokenformer.model.pattention",
     "TokenformerConfig": "megatron_tokenformer.config",
+    "TokenformerEmbedding": "megatron_tokenformer.model.language_model",
     "TokenformerLM": "megatron_tokenformer.model.language_model",
 }
 

@@ -99,10 +99,10 @@ def _tau_flag(what: str) -> Flag:
 
 
 @dataclasses.dataclass
-class TokenformerConfig:
+class ModelConfig:
     """Hyper-parameters of the language model (docs/design.md §2), of every family.
 
-    The name is historical (Tokenformer was the first family; :data:`ModelConfig` is the same class):
+    :data:`TokenformerConfig` is the same class under its first name (Tokenformer was the first family):
     ``model_type`` says which family the record describes, :data:`MODEL_FAMILY_FIELDS` which fields
     that family uses. The baseline GPT stores the Pattention fields too (unused) so that one JSON
     schema reads every checkpoint.
@@ -358,21 +358,21 @@ class TokenformerConfig:
         return cls.from_dict(data)
 
 
-#: The same class under the name that says what it is: the config of any model family.
-ModelConfig = TokenformerConfig
+#: The first name of :class:`ModelConfig` (the same class; checkpoints and user code name it).
+TokenformerConfig = ModelConfig
 
 _SIZE_NAMES = {"tensor_model_parallel_size": "the tensor-model-parallel size",
                "pipeline_model_parallel_size": "the pipeline-model-parallel size"}
 
 
 def _plain_name(field: str) -> str:
-    """How :meth:`TokenformerConfig.validate` names a field by default: the field itself."""
+    """How :meth:`ModelConfig.validate` names a field by default: the field itself."""
     return _SIZE_NAMES.get(field, field)
 
 
 def _resolved_flags() -> Dict[str, Flag]:
     flags = {}
-    for f in dataclasses.fields(TokenformerConfig):
+    for f in dataclasses.fields(ModelConfig):
         flag = f.metadata.get("flag")
         if flag is not None:
             default = flag.default

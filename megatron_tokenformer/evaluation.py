@@ -50,7 +50,7 @@ def load_model(load_dir: str, iteration: Optional[int] = None):
     """(model in eval mode, its config, the step folder) from a checkpoint directory."""
     from megatron_tokenformer.checkpointing.format import files
     from megatron_tokenformer.checkpointing.format.view import CheckpointView
-    from megatron_tokenformer.model import TokenformerLM
+    from megatron_tokenformer.model import GPTModel
 
     if not os.path.isdir(load_dir):
         raise EvaluationError(f"--load {load_dir}: no such directory")
@@ -60,7 +60,7 @@ def load_model(load_dir: str, iteration: Optional[int] = None):
     view = CheckpointView(step_dir)
     try:
         config = view.config
-        model = TokenformerLM(config)
+        model = GPTModel(config)
         params = dict(model.named_parameters())
         missing = sorted(set(params) - set(view.params))
         extra = sorted(set(view.params) - set(params))

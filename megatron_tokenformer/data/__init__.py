@@ -19,7 +19,7 @@ from .indexed_dataset import (
 )
 from .samplers import MegatronPretrainingSampler, build_pretraining_data_loader
 from .text_inputs import BadInputError
-from .tokenizer import NullTokenizer, SentencePieceTokenizer, TokenizerError, build_tokenizer
+from .tokenizer import NullTokenizer, SentencePieceTokenizer, Tokenizer, TokenizerError, build_tokenizer
 
 __all__ = [
     "BadInputError",
@@ -33,6 +33,7 @@ __all__ = [
     "MockGPTDataset",
     "NullTokenizer",
     "SentencePieceTokenizer",
+    "Tokenizer",
     "TokenizerError",
     "best_fitting_dtype",
     "build_pretraining_data_loader",

@@ -16,7 +16,7 @@ import json
 import os
 from typing import Iterable, Iterator, List, Optional, Sequence
 
-from megatron_tokenformer.data.tokenizer import TokenizerError
+from megatron_tokenformer.data.tokenizer_base import TokenizerError
 
 __all__ = ["HFTokenizer", "resolve_hf_tokenizer_file", "train_byte_level_bpe", "EOD_CANDIDATES"]
 

@@ -4,8 +4,9 @@
 ``build_tokenizer("HFTokenizer", vocab_file=tokenizer.json)`` (GPT-NeoX's name),
 ``build_tokenizer("HuggingFaceTokenizer", tokenizer_model=tokenizer.json or a folder holding one)``
 (Megatron's name; both are :class:`~megatron_tokenformer.data.hf_tokenizer.HFTokenizer`, through the
-``tokenizers`` library) or ``build_tokenizer("NullTokenizer", vocab_size=V)`` return an object with
-``.vocab_size .eod .pad .tokenize(text) -> list[int] .detokenize(ids) -> str``.
+``tokenizers`` library) or ``build_tokenizer("NullTokenizer", vocab_size=V)`` return a
+:class:`~megatron_tokenformer.data.tokenizer_base.Tokenizer`: ``.vocab_size .eod .pad
+.tokenize(text) -> list[int] .tokenize_batch(texts) .detokenize(ids) -> str``.
 
 Special tokens of a model trained by :func:`train_sentencepiece` (and ``tools/train_tokenizer.py``):
 
@@ -23,9 +24,10 @@ import os
 import re
 from typing import Iterable, Iterator, List, Optional, Sequence
 
-from megatron_tokenformer.errors import TokenformerError
+from megatron_tokenformer.data.tokenizer_base import Tokenizer, TokenizerError
 
 __all__ = [
+    "Tokenizer",
     "TokenizerError",
     "SentencePieceTokenizer",
     "NullTokenizer",
@@ -37,10 +39,6 @@ __all__ = [
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HFTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 HF_TOKENIZER_TYPES = ("HFTokenizer", "HuggingFaceTokenizer")
-
-
-class TokenizerError(TokenformerError, ValueError):
-    """A tokenizer that cannot be built; the message names the file or flag."""
 
 
 class SentencePieceTokenizer:
@@ -156,7 +154,8 @@ class NullTokenizer:
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
-                    vocab_size: Optional[int] = None, num_threads: int = 1, vocab_file: Optional[str] = None):
+                    vocab_size: Optional[int] = None, num_threads: int = 1,
+                    vocab_file: Optional[str] = None) -> Tokenizer:
     """Megatron-style factory. Raises ``TokenizerError`` naming the flag or the file."""
     if tokenizer_type in HF_TOKENIZER_TYPES:
         from megatron_tokenformer.data.hf_tokenizer import HFTokenizer, resolve_hf_tokenizer_file
@@ -174,7 +173,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
     )
 
 
-def load_tokenizer_file(path: str):
+def load_tokenizer_file(path: str) -> Tokenizer:
     """The tokenizer a checkpoint stores (``tokenizer.model``): a Hugging Face ``tokenizer.json``
     (JSON) or a sentencepiece model (protobuf), told apart by the file's content."""
     return build_tokenizer(tokenizer_file_type(path), tokenizer_model=path)

@@ -50,11 +50,11 @@ def check_torch_file(path: str) -> Optional[str]:
 def parameter_layout(config) -> Dict[str, Tuple[Tuple[int, ...], Optional[int], bool]]:
     """canonical name -> (full shape with the vocabulary trimmed, TP partition dim or None, is-vocab)
     of the model ``config`` describes (built once on the meta device, TP = PP = 1)."""
+    from megatron_tokenformer.model import GPTModel
     from megatron_tokenformer.model.naming import vocab_parameters
-    from megatron_tokenformer.model import TokenformerLM
 
     with torch.device("meta"):
-        model = TokenformerLM(config)
+        model = GPTModel(config)
     vocab = vocab_parameters(model)
     out = {}
     for name, p in model.named_parameters():

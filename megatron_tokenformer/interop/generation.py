@@ -1,11 +1,10 @@
 """Text generation with this system's model (any TP; PP = 1 model built from a checkpoint of any layout).
 
-A KV cache holds each layer's rotated keys and values of the rank's own heads ([b, h/p, t, head_dim]);
-Pattention keeps no per-sequence state, so nothing else is cached. A step runs the model's own
-modules (LayerNorms, ``attention.project_qkv`` / ``project_output`` (the TP collectives), the FFN,
-the tied logits), so the cached computation is the training model's function; only the token-token
-attention is done here, over the cached keys. ``use_cache=False`` recomputes the whole prefix every
-step (the reference the cache is tested against).
+A step runs the model's own forward over the new positions with a
+:class:`~megatron_tokenformer.model.attention.KVCache` (each layer's rotated keys and values of the
+rank's own heads; Pattention keeps no per-sequence state, so nothing else is cached): the cached
+computation is the training model's function, attention included. ``use_cache=False`` recomputes
+the whole prefix every step (the reference the cache is tested against).
 
 Sampling: greedy (argmax), or temperature -> top-k -> top-p (nucleus) -> multinomial from a
 ``torch.Generator`` seeded identically on every TP rank (all ranks draw the same token).
@@ -14,16 +13,16 @@ Generation of a sequence stops at the end-of-document token (kept out of the tex
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.errors import TokenformerError
-from megatron_tokenformer.model.rotary import apply_rotary_pos_emb
+from megatron_tokenformer.model.attention import KVCache
 
 __all__ = ["SamplingOptions", "load_model_for_inference", "generate_tokens", "GenerationError"]
 
@@ -59,7 +58,7 @@ def load_model_for_inference(load_dir: str, iteration: Optional[int] = None):
     """(model in eval mode at the current TP, config, step folder). parallel_state must be initialised
     (or not at all, for TP = 1); each rank reads only its slice."""
     from megatron_tokenformer.interop.checkpoint_format import FP32, open_step
-    from megatron_tokenformer.model import TokenformerLM
+    from megatron_tokenformer.model import GPTModel
 
     view = open_step(load_dir, iteration)
     try:
@@ -67,7 +66,7 @@ def load_model_for_inference(load_dir: str, iteration: Optional[int] = None):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
         try:
-            model = TokenformerLM(config)
+            model = GPTModel(inference_config(config))
         except ValueError as exc:
             raise GenerationError(f"--load {load_dir}: the model does not fit tensor parallel size {tp}: "
                                   f"{exc}") from None
@@ -86,6 +85,13 @@ def load_model_for_inference(load_dir: str, iteration: Optional[int] = None):
     return model, model.config, step_dir
 
 
+def inference_config(config):
+    """``config`` for decoding: sequence parallelism off. A decoding step runs one position, which does
+    not split over the TP ranks; the field is a runtime one (a checkpoint trained with it computes the
+    same function without it), so generation at any TP reads a checkpoint trained with or without it."""
+    return dataclasses.replace(config, sequence_parallel=False)
+
+
 def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     """Vocab-parallel [..., V/p] -> [..., V] on every rank."""
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
@@ -94,42 +100,11 @@ def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     return gather_from_tensor_model_parallel_region(logits)
 
 
-def _attention_cached(attn, x, cache, offset):
-    """One attention call over new positions [offset, offset + s), extending ``cache`` (a dict)."""
-    q, k, v = attn.project_qkv(x)
-    b, s, _ = q.shape
-    shape = (b, s, attn.num_heads_per_partition, attn.head_dim)
-    q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-    if attn.rotary_emb is not None:
-        cos, sin = attn.rotary_emb(offset + s, device=q.device)
-        cos, sin = cos[offset:], sin[offset:]
-        q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if cache is not None:
-        if "k" in cache:
-            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-        cache["k"], cache["v"] = k, v
-    total = k.shape[2]
-    if total == s:
-        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        positions = torch.arange(offset, offset + s, device=q.device)
-        mask = torch.arange(total, device=q.device)[None, :] <= positions[:, None]
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    ctx = ctx.transpose(1, 2).reshape(b, s, attn.hidden_size_per_partition)
-    return attn.project_output(ctx)
-
-
 @torch.no_grad()
-def forward_step(model, ids: torch.Tensor, caches: Optional[List[dict]], offset: int) -> torch.Tensor:
-    """ids [b, s] at positions [offset, offset + s) -> full-vocabulary logits [b, s, V] (fp32,
-    padding columns removed)."""
-    hidden = model.embedding(ids)
-    for i, layer in enumerate(model.layers):
-        cache = caches[i] if caches is not None else None
-        hidden = hidden + _attention_cached(layer.attention, layer.input_layernorm(hidden), cache, offset)
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    logits = _gather_vocab(model.embedding.logits(model.final_layernorm(hidden)))
+def forward_step(model, ids: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
+    """ids [b, s] -> full-vocabulary logits [b, s, V] (fp32, padding columns removed). With ``kv_cache``
+    the ids follow its cached positions (and are appended to it); without, they are the whole sequence."""
+    logits = _gather_vocab(model(ids, kv_cache=kv_cache))
     return logits[..., : model.config.vocab_size].float()
 
 
@@ -163,18 +138,16 @@ def generate_tokens(model, prompt_ids: List[int], opts: SamplingOptions, eod: Op
         raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the model's positions end at {limit}")
     gen = torch.Generator().manual_seed(int(opts.seed))
     ids = list(prompt_ids)
-    caches = [dict() for _ in model.layers] if opts.use_cache else None
+    cache = KVCache.empty(len(model.layers)) if opts.use_cache else None
     new: List[int] = []
-    offset = 0
     step_ids = torch.tensor([ids], dtype=torch.long)
     for _ in range(opts.max_new_tokens):
         if len(ids) >= limit:
             break
         if opts.use_cache:
-            logits = forward_step(model, step_ids, caches, offset)
-            offset += step_ids.shape[1]
+            logits = forward_step(model, step_ids, cache)
         else:
-            logits = forward_step(model, torch.tensor([ids], dtype=torch.long), None, 0)
+            logits = forward_step(model, torch.tensor([ids], dtype=torch.long), None)
         token = int(_choose(logits[:, -1], opts, gen)[0])
         if opts.stop_at_eod and eod is not None and token == eod:
             break

@@ -23,14 +23,14 @@ class HFImportError(TokenformerError, ValueError):
 
 
 def _config_from_hf(cfg: Dict[str, object], path: str):
-    from megatron_tokenformer.config import TokenformerConfig
+    from megatron_tokenformer.config import ModelConfig
 
     ours = cfg.get("megatron_tokenformer_config")
     if not isinstance(ours, dict):
         raise HFImportError(f"--input {path}: config.json has no megatron_tokenformer_config (not a folder written "
                             "by tools/export_hf.py)")
     try:
-        return TokenformerConfig.from_dict(dict(ours)).validate()
+        return ModelConfig.from_dict(dict(ours)).validate()
     except ValueError as exc:
         raise HFImportError(f"--input {path}/config.json: {exc}") from None
 

@@ -86,9 +86,9 @@ def _expand_attention_config(value, num_layers: int):
 
 
 def official_model_config(neox: Dict[str, Any], vocab_size: int):
-    """Our TokenformerConfig for the official config ``neox``; refuses (naming the field) whatever this
+    """Our ModelConfig for the official config ``neox``; refuses (naming the field) whatever this
     model cannot represent."""
-    from megatron_tokenformer.config import TokenformerConfig
+    from megatron_tokenformer.config import ModelConfig
 
     def get(name, default=None):
         return neox.get(name, default)
@@ -150,7 +150,7 @@ def official_model_config(neox: Dict[str, Any], vocab_size: int):
     eps = float(get("layernorm_epsilon", 1e-5))
     seq = get("seq_length")
     n_qkv, n_proj, n_ffn = get("qkv_slot_num"), get("proj_slot_num"), get("ffn_slot_num")
-    return TokenformerConfig(
+    return ModelConfig(
         num_layers=L, hidden_size=d, num_attention_heads=heads, seq_length=seq,
         max_position_embeddings=max(int(get("max_position_embeddings") or seq), seq), vocab_size=int(vocab_size),
         make_vocab_size_divisible_by=int(get("make_vocab_size_divisible_by", 128)),

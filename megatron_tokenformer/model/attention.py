@@ -20,18 +20,24 @@ is all-gathered along the sequence instead of copied (backward: reduce-scatter i
 all-reduce), and the output projection reduce-scatters along the sequence instead of all-reducing
 (output [b, s/p, d]). Selective recomputation (``recompute_granularity="selective"``) recomputes
 :meth:`ParallelAttention.core_attention` in backward.
+
+Incremental decoding (``interop/generation.py``): ``forward(x, kv_cache=cache)`` takes the new positions
+only, rotates them at their absolute positions and attends over the cached keys and values of the
+earlier ones, appending the new keys and values to the :class:`KVCache` in place. Pattention keeps no
+per-sequence state, so nothing else is cached; the projections and their collectives are the same.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_tokenformer import parallel_state
-from megatron_tokenformer.config import TokenformerConfig
+from megatron_tokenformer.config import ModelConfig
 from megatron_tokenformer.model.recompute import checkpointed
 from megatron_tokenformer.model.rotary import RotaryEmbedding, apply_rotary_pos_emb
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
@@ -42,10 +48,40 @@ from megatron_tokenformer.tensor_parallel.pattention import ParallelPattention, 
 from megatron_tokenformer.tensor_parallel.utils import divide
 
 
-class ParallelAttention(nn.Module):
-    """Base class: causal attention over this rank's heads. forward: [b, s, d] -> [b, s, d]."""
+@dataclass
+class KVCache:
+    """Keys and values of the positions already processed, per layer, for incremental decoding.
 
-    def __init__(self, config: TokenformerConfig, layer_number: int):
+    ``keys[i]``, ``values[i]``: layer i's (0-based: ``layer_number - 1``) keys (rotated) and values of this
+    rank's heads, [b, h/p, t, head_dim], or None before the first step. :meth:`ParallelAttention.forward`
+    appends to them in place; layer i's new positions start at ``length(i)``.
+    """
+
+    keys: List[Optional[torch.Tensor]]
+    values: List[Optional[torch.Tensor]]
+
+    @classmethod
+    def empty(cls, num_layers: int) -> "KVCache":
+        return cls([None] * num_layers, [None] * num_layers)
+
+    def length(self, layer: int) -> int:
+        """Positions cached for ``layer`` (0-based)."""
+        return 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Add k, v [b, h/p, s, head_dim] after ``layer``'s cached positions; returns all of them
+        [b, h/p, t + s, head_dim]."""
+        if self.keys[layer] is not None:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class ParallelAttention(nn.Module):
+    """Base class: causal attention over this rank's heads. forward: [b, s, d] -> [b, s, d] (optionally
+    over a :class:`KVCache` of earlier positions)."""
+
+    def __init__(self, config: ModelConfig, layer_number: int):
         super().__init__()
         world = parallel_state.get_tensor_model_parallel_world_size()
         self.hidden_size = config.hidden_size
@@ -72,20 +108,40 @@ class ParallelAttention(nn.Module):
     def project_output(self, context: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: [b, s, d/p] (local heads) -> context [b, s, d/p]."""
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """q, k, v: [b, s, d/p] (local heads) -> context [b, s, d/p].
+
+        With ``kv_cache`` the s positions follow the ``kv_cache.length(layer)`` cached ones: they are rotated
+        at their absolute positions, appended to the cache, and attend to every cached position and to
+        the new ones up to their own.
+        """
         b, s, _ = q.shape
         shape = (b, s, self.num_heads_per_partition, self.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        layer = self.layer_number - 1
+        past = 0 if kv_cache is None else kv_cache.length(layer)
         if self.rotary_emb is not None:
-            cos, sin = self.rotary_emb(s, device=q.device)
+            cos, sin = self.rotary_emb(past + s, device=q.device)
+            cos, sin = cos[past:], sin[past:]
             q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
-        context = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.append(layer, k, v)
+        if past == 0:
+            context = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new position past + i sees keys 0 .. past + i
+            positions = torch.arange(past, past + s, device=q.device)
+            mask = torch.arange(past + s, device=q.device)[None, :] <= positions[:, None]
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return context.transpose(1, 2).reshape(b, s, self.hidden_size_per_partition)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """x [b, s, d] -> [b, s, d]. ``kv_cache``: see :meth:`core_attention` (then not recomputed:
+        the cache is appended to once)."""
         q, k, v = self.project_qkv(x)
+        if kv_cache is not None:
+            return self.project_output(self.core_attention(q, k, v, kv_cache))
         if self.selective_recompute:
             return self.project_output(checkpointed(self.core_attention, q, k, v))
         return self.project_output(self.core_attention(q, k, v))
@@ -99,7 +155,7 @@ class TokenformerAttention(ParallelAttention):
     ``value_param_tokens`` [n/p, d].
     """
 
-    def __init__(self, config: TokenformerConfig, layer_number: int, seed: int = 1234):
+    def __init__(self, config: ModelConfig, layer_number: int, seed: int = 1234):
         super().__init__(config, layer_number)
         d = config.hidden_size
         dtype = config.torch_dtype

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
-from megatron_tokenformer.config import TokenformerConfig
-from megatron_tokenformer.model.attention import TokenformerAttention
+from megatron_tokenformer.config import ModelConfig
+from megatron_tokenformer.model.attention import KVCache, TokenformerAttention
 from megatron_tokenformer.model.layernorm import LayerNorm
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
 from megatron_tokenformer.tensor_parallel.pattention import ParallelPattention
@@ -22,7 +24,7 @@ class TokenformerBlock(nn.Module):
     [b, s/p, d] (this rank's sequence chunk) -> [b, s/p, d].
     """
 
-    def __init__(self, config: TokenformerConfig, layer_number: int, seed: int = 1234):
+    def __init__(self, config: ModelConfig, layer_number: int, seed: int = 1234):
         super().__init__()
         d = config.hidden_size
         dtype = config.torch_dtype
@@ -41,6 +43,8 @@ class TokenformerBlock(nn.Module):
                                       reduce_output=True, params_dtype=dtype, sequence_parallel=sp,
                                       fused_norm=config.fused_pattention_norm)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(self.input_layernorm(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """``kv_cache``: the attention's keys and values of earlier positions (incremental decoding;
+        :class:`~megatron_tokenformer.model.attention.KVCache`, appended to in place)."""
+        hidden_states = hidden_states + self.attention(self.input_layernorm(hidden_states), kv_cache)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))

@@ -1,6 +1,6 @@
 """Canonical parameter names: the same name for a parameter at every parallel layout.
 
-The canonical name is the name in the PP = 1 model (:class:`~megatron_tokenformer.model.TokenformerLM`):
+The canonical name is the name in the PP = 1 model (:class:`~megatron_tokenformer.model.GPTModel`):
 ``embedding.word_embeddings.weight``, ``layers.{i}.attention.query.key_param_tokens``, ...,
 ``final_layernorm.weight``. With TP the shapes differ but the names do not. With PP > 1 DeepSpeed's
 ``PipelineModule`` names parameters by layer index (``3.mlp.key_param_tokens``) or tied key
@@ -16,7 +16,7 @@ from typing import Dict, Set
 
 import torch
 
-from megatron_tokenformer.model.language_model import TokenformerEmbedding
+from megatron_tokenformer.model.language_model import LanguageModelEmbedding
 from megatron_tokenformer.model.layernorm import LayerNorm
 from megatron_tokenformer.model.spec import MODEL_SPECS
 from megatron_tokenformer.tensor_parallel.layers import VocabParallelEmbedding
@@ -31,7 +31,7 @@ def layer_prefix(layer: torch.nn.Module, where: str) -> str:
         return prefix if prefix.endswith(".") or prefix == "" else prefix + "."
     if isinstance(layer, tuple(spec.block_class for spec in MODEL_SPECS.values())):
         return f"layers.{layer.layer_number - 1}."
-    if isinstance(layer, TokenformerEmbedding):
+    if isinstance(layer, LanguageModelEmbedding):
         return "embedding."
     if isinstance(layer, LayerNorm):
         return "final_layernorm."
@@ -48,7 +48,7 @@ def _is_pipeline_module(module: torch.nn.Module) -> bool:
 
 
 def canonical_parameter_names(module: torch.nn.Module) -> Dict[str, str]:
-    """``{local parameter name: canonical name}`` for a TokenformerLM or a PipelineModule stage."""
+    """``{local parameter name: canonical name}`` for a GPTModel or a PipelineModule stage."""
     if not _is_pipeline_module(module):
         return {name: name for name, _ in module.named_parameters()}
     out: Dict[str, str] = {}

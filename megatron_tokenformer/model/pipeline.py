@@ -1,11 +1,12 @@
-"""DeepSpeed pipeline layer specs for the Tokenformer LM.
+"""DeepSpeed pipeline layer specs for the language model (either family).
 
-The layer sequence is exactly TokenformerLM's, with the same module classes and the same
+The layer sequence is exactly GPTModel's, with the same module classes and the same
 (seed, layer number, tag)-based init, so a PipelineModule at any PP computes the same function from
-the same initial weights as ``TokenformerLM(config, seed)``::
+the same initial weights as ``GPTModel(config, seed)``::
 
-    TiedLayerSpec("embed", TokenformerEmbedding)       input_ids -> hidden          (first stage)
-    LayerSpec(TokenformerBlock, layer_number=i + 1)    hidden -> hidden             (x num_layers)
+    TiedLayerSpec("embed", LanguageModelEmbedding)     input_ids -> hidden          (first stage)
+    LayerSpec(TokenformerBlock, layer_number=i + 1)    hidden -> hidden             (x num_layers; the
+                                                       family's block: TransformerBlock for the GPT)
     LayerSpec(LayerNorm, parametric)                   final LayerNorm
     TiedLayerSpec("embed", ..., forward_fn=logits)     hidden -> vocab-parallel logits (last stage)
     loss_fn = pipeline_loss_fn(logits, (labels, loss_mask))
@@ -27,8 +28,8 @@ from typing import List
 
 import torch
 
-from megatron_tokenformer.config import TokenformerConfig
-from megatron_tokenformer.model.language_model import (TokenformerEmbedding, get_block_class, language_model_loss,
+from megatron_tokenformer.config import ModelConfig
+from megatron_tokenformer.model.language_model import (LanguageModelEmbedding, get_block_class, language_model_loss,
                                                        prepare_config)
 from megatron_tokenformer.model.layernorm import LayerNorm
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
@@ -37,7 +38,7 @@ TIED_EMBEDDING_KEY = "embed"
 TIED_WEIGHT_ATTR = "word_embeddings.weight"
 
 
-def embedding_forward(module: TokenformerEmbedding, inputs) -> torch.Tensor:
+def embedding_forward(module: LanguageModelEmbedding, inputs) -> torch.Tensor:
     """First pipeline layer: ``(input_ids,)`` or ``input_ids`` [b, s] -> hidden [b, s, d]."""
     if isinstance(inputs, (tuple, list)):
         if len(inputs) != 1:
@@ -46,7 +47,7 @@ def embedding_forward(module: TokenformerEmbedding, inputs) -> torch.Tensor:
     return module(inputs)
 
 
-def logits_forward(module: TokenformerEmbedding, hidden_states: torch.Tensor) -> torch.Tensor:
+def logits_forward(module: LanguageModelEmbedding, hidden_states: torch.Tensor) -> torch.Tensor:
     """Last pipeline layer: hidden [b, s, d] -> vocab-parallel logits [b, s, V_pad/p] (tied weights)."""
     return module.logits(hidden_states)
 
@@ -60,17 +61,17 @@ def pipeline_loss_fn(logits: torch.Tensor, labels) -> torch.Tensor:
     return language_model_loss(logits, labels, loss_mask)
 
 
-def get_layer_specs(config: TokenformerConfig, seed: int = 1234) -> List:
+def get_layer_specs(config: ModelConfig, seed: int = 1234) -> List:
     """The DeepSpeed LayerSpec / TiedLayerSpec list of the Tokenformer LM (config copied, taus resolved)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     config = prepare_config(config)
-    specs = [TiedLayerSpec(TIED_EMBEDDING_KEY, TokenformerEmbedding, config, seed, forward_fn=embedding_forward,
+    specs = [TiedLayerSpec(TIED_EMBEDDING_KEY, LanguageModelEmbedding, config, seed, forward_fn=embedding_forward,
                            tied_weight_attr=TIED_WEIGHT_ATTR)]
     block_class = get_block_class(config)  # the model family's block (model/spec.py)
     specs += [LayerSpec(block_class, config, i + 1, seed) for i in range(config.num_layers)]
     specs.append(LayerSpec(LayerNorm, config.hidden_size, config.layernorm_epsilon, True,
                            params_dtype=config.torch_dtype, sequence_parallel=sequence_parallel_enabled(config)))
-    specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, TokenformerEmbedding, config, seed, forward_fn=logits_forward,
+    specs.append(TiedLayerSpec(TIED_EMBEDDING_KEY, LanguageModelEmbedding, config, seed, forward_fn=logits_forward,
                                tied_weight_attr=TIED_WEIGHT_ATTR))
     return specs

@@ -27,10 +27,10 @@ from typing import Dict, Optional, Tuple, Type, Union
 
 from torch import nn
 
-from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, MODEL_TYPES, FamilyFields, TokenformerConfig
+from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, MODEL_TYPES, FamilyFields, ModelConfig
 from megatron_tokenformer.errors import TokenformerError
 from megatron_tokenformer.model.block import TokenformerBlock
-from megatron_tokenformer.model.transformer import TransformerBlock
+from megatron_tokenformer.model.transformer import MODEL_TYPE as TRANSFORMER_MODEL_TYPE, TransformerBlock
 
 __all__ = ["ParamInfo", "ModelSpec", "config_parameter_counts", "TokenformerSpec", "TransformerSpec", "get_spec", "MODEL_SPECS",
            "PARAM_KINDS", "GROW_PARAM_TOKENS", "GROW_NET2NET_WIDTH", "UnknownParameterError",
@@ -136,14 +136,14 @@ class ModelSpec:
         return (int(m.group(1)), m.group(2)) if m else None
 
     # -- sizes
-    def forward_flops_per_token(self, config: TokenformerConfig, padded_vocab_size: int) -> float:
+    def forward_flops_per_token(self, config: ModelConfig, padded_vocab_size: int) -> float:
         raise NotImplementedError
 
-    def block_parameter_counts(self, config: TokenformerConfig) -> Dict[str, int]:
+    def block_parameter_counts(self, config: ModelConfig) -> Dict[str, int]:
         """``{"attention": ..., "mlp": ...}`` parameters of all blocks together (no LayerNorms)."""
         raise NotImplementedError
 
-    def parameter_counts(self, config: TokenformerConfig, tensor_model_parallel_size: int = 1,
+    def parameter_counts(self, config: ModelConfig, tensor_model_parallel_size: int = 1,
                          include_embedding: bool = True, include_padding: bool = False) -> Dict[str, int]:
         """Global (all TP ranks together) parameter counts of the model ``config`` describes, from the
         config alone: ``{"embedding", "attention", "mlp", "layernorm", "total"}``.
@@ -216,7 +216,7 @@ class TransformerSpec(ModelSpec):
     ``L (8 d^2 + 4 d f + 4 T d) + 2 d V``. Grows in width by Net2Net.
     """
 
-    name = "transformer"
+    name = TRANSFORMER_MODEL_TYPE
     block_class = TransformerBlock
     growth_rule = GROW_NET2NET_WIDTH
     _TABLE = {
@@ -248,7 +248,7 @@ class TransformerSpec(ModelSpec):
         return {"attention": layers * 4 * (d * d + d), "mlp": layers * (2 * d * f + f + d)}
 
 
-def config_parameter_counts(config: TokenformerConfig, tensor_model_parallel_size: int = 1,
+def config_parameter_counts(config: ModelConfig, tensor_model_parallel_size: int = 1,
                             include_embedding: bool = True, include_padding: bool = False) -> Dict[str, int]:
     """Parameter counts of the model ``config`` describes, from the config alone (its family's
     :meth:`ModelSpec.parameter_counts`). For the counts of an instantiated, distributed model see
@@ -261,7 +261,7 @@ MODEL_SPECS: Dict[str, ModelSpec] = {spec.name: spec for spec in (TokenformerSpe
 assert tuple(MODEL_SPECS) == MODEL_TYPES, "one spec per model family of config.MODEL_FAMILY_FIELDS"
 
 
-def get_spec(config_or_type: Union[TokenformerConfig, str, None]) -> ModelSpec:
+def get_spec(config_or_type: Union[ModelConfig, str, None]) -> ModelSpec:
     """The spec of a model config (its ``model_type``) or of a ``model_type`` string.
 
     An object without ``model_type`` (an older config) is a Tokenformer. ValueError for an unknown type.

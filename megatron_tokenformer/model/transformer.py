@@ -34,14 +34,14 @@ Block LayerNorms follow ``config.block_layernorm``; use ``"parametric"`` for a s
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_tokenformer.config import TokenformerConfig
-from megatron_tokenformer.model.attention import ParallelAttention
+from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, ModelConfig
+from megatron_tokenformer.model.attention import KVCache, ParallelAttention
 from megatron_tokenformer.model.layernorm import LayerNorm
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
 from megatron_tokenformer.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
@@ -49,19 +49,21 @@ from megatron_tokenformer.tensor_parallel.layers import (ColumnParallelLinear, R
 
 __all__ = ["TransformerAttention", "ParallelMLP", "TransformerBlock", "transformer_config"]
 
+#: the ``model_type`` of this family (its spec, ``model/spec.py``, names this module's block)
+MODEL_TYPE = "transformer"
 
-def transformer_config(**kwargs) -> TokenformerConfig:
-    """A :class:`TokenformerConfig` for the baseline GPT: ``model_type="transformer"``, parametric
+
+def transformer_config(**kwargs) -> ModelConfig:
+    """A :class:`ModelConfig` for the baseline GPT: ``model_type="transformer"``, parametric
     block LayerNorms and ``ffn_hidden_size = 4 * hidden_size`` unless given. The Pattention token
     counts are unused by this model; they default to ``hidden_size`` (the config requires them)."""
-    from megatron_tokenformer.model.spec import TransformerSpec  # the registry imports this module
-    kwargs.setdefault("model_type", TransformerSpec.name)
-    for name, value in TransformerSpec().config_fields.recommended.items():
+    kwargs.setdefault("model_type", MODEL_TYPE)
+    for name, value in MODEL_FAMILY_FIELDS[MODEL_TYPE].recommended.items():
         kwargs.setdefault(name, value)  # parametric block LayerNorms
     for name in ("qkv_num_param_tokens", "proj_num_param_tokens"):
         kwargs.setdefault(name, kwargs["hidden_size"])
     kwargs.setdefault("ffn_num_param_tokens", 4 * kwargs["hidden_size"])
-    return TokenformerConfig(**kwargs)
+    return ModelConfig(**kwargs)
 
 
 class TransformerAttention(ParallelAttention):
@@ -72,7 +74,7 @@ class TransformerAttention(ParallelAttention):
     forward: [b, s, d] replicated -> [b, s, d] replicated.
     """
 
-    def __init__(self, config: TokenformerConfig, layer_number: int, seed: int = 1234):
+    def __init__(self, config: ModelConfig, layer_number: int, seed: int = 1234):
         super().__init__(config, layer_number)
         d = config.hidden_size
         common = dict(seed=seed, layer_number=layer_number, params_dtype=config.torch_dtype)
@@ -105,7 +107,7 @@ class ParallelMLP(nn.Module):
     forward: [b, s, d] replicated -> [b, s, d] replicated (one all-reduce).
     """
 
-    def __init__(self, config: TokenformerConfig, layer_number: int, seed: int = 1234):
+    def __init__(self, config: ModelConfig, layer_number: int, seed: int = 1234):
         super().__init__()
         d, f = config.hidden_size, config.ffn_hidden_size
         common = dict(seed=seed, layer_number=layer_number, params_dtype=config.torch_dtype,
@@ -128,7 +130,7 @@ class TransformerBlock(nn.Module):
     concepts coincide. forward: hidden [b, s, d] (replicated on the TP group) -> [b, s, d].
     """
 
-    def __init__(self, config: TokenformerConfig, layer_number: int, seed: int = 1234):
+    def __init__(self, config: ModelConfig, layer_number: int, seed: int = 1234):
         super().__init__()
         d, dtype = config.hidden_size, config.torch_dtype
         parametric = config.block_layernorm == "parametric"
@@ -146,6 +148,8 @@ class TransformerBlock(nn.Module):
         """Checkpoint name prefix of this block at any pipeline layout (see model/naming.py)."""
         return f"layers.{self.layer_number - 1}."
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(self.input_layernorm(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """``kv_cache``: the attention's keys and values of earlier positions (incremental decoding;
+        :class:`~megatron_tokenformer.model.attention.KVCache`, appended to in place)."""
+        hidden_states = hidden_states + self.attention(self.input_layernorm(hidden_states), kv_cache)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))

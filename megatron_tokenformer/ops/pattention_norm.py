@@ -25,6 +25,26 @@ Two implementations of the same function:
 The elementwise regions are separate functions (:func:`norm_forward_elementwise`,
 :func:`norm_backward_local`, :func:`norm_backward_elementwise`) so a fused (compiled) variant can
 replace them without touching the reductions.
+
+Where the three backwards differ (all work in the compute dtype -- fp32, float64 for float64 inputs --
+and compute dV = Sᵀ dO with S rounded to the input dtype, as in forward):
+
+- the autograd composition (``lean=False``) differentiates through the ops it ran, in the compute dtype,
+  from the fp32 copies autograd saved (A, A², the scaled scores, exp): nothing is recomputed.
+- the plain lean kernels (:class:`ElementwiseKernels`) recompute S = f(A) in backward from the saved A
+  (input dtype) and the fp32 statistics, then apply the closed-form derivative
+  (:func:`norm_backward_elementwise`, docs/design.md §9) instead of autograd's chain of ops: the same
+  function, rounded differently (within 1e-6 relative in fp32; with bf16 inputs both round A, S and dS
+  to bf16 at the same places). Across the row-sum reduction they keep the fp32 partial result
+  (dz, or dS with GeLU(A) and GeLU'(A), or dS with softmax(A)) and the upcast A.
+- the fused kernels (:class:`FusedElementwiseKernels`) keep only dS in the input dtype across the
+  reduction and recompute the fp32 partial result from A and dS in the second half: the same formulas
+  on the same inputs in the same precision, so recomputation itself changes no value; what differs from
+  the plain kernels is what Inductor generates (its erf/exp, fused multiply-adds, the order of the row
+  sums): fp32 rounding differences only. At TP 1 both do the backward in one step per tensor.
+
+``tests/unit/ops/test_pattention_norm.py`` and ``test_pattention_norm_fused.py`` bound all three against
+each other and the formulas (fp32 1e-6 relative, bf16 2e-2, float64 gradcheck).
 """
 
 from __future__ import annotations
@@ -362,7 +382,10 @@ def probe_fused_kernels(device, compile_fn: Optional[Callable] = None) -> Option
         return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
+@functools.lru_cache(maxsize=None)
 def elementwise_kernels(normalization: str, fused: bool = False) -> ElementwiseKernels:
+    """The kernels of one variant, built once per process and shared by every call (they hold no
+    per-call state; the compiled steps are cached in :data:`_COMPILED`)."""
     check_normalization(normalization)
     return FusedElementwiseKernels(normalization) if fused else ElementwiseKernels(normalization)
 
@@ -378,10 +401,18 @@ def _reduced_statistics(scores: Sequence[torch.Tensor], kernels: ElementwiseKern
     return [(torch.rsqrt(q + eps),) for q in sq]
 
 
+#: The non-tensor arguments of :meth:`PattentionNormCombine.forward`, in order, before the k scores and
+#: k value tensors: ``needs_input_grad[NUM_NON_TENSOR_ARGS + i]`` is A_i's, ``[NUM_NON_TENSOR_ARGS + k + i]``
+#: V_i's, and backward returns one None for each of them first.
+NON_TENSOR_ARGS = ("kernels", "taus", "ns", "eps", "sum_reduce", "max_reduce", "k")
+NUM_NON_TENSOR_ARGS = len(NON_TENSOR_ARGS)
+
+
 class PattentionNormCombine(torch.autograd.Function):
     """O_i = f(A_i) V_i for k Pattentions sharing one normalisation, saving only A_i, the row statistics and V_i.
 
-    forward(ctx, kernels, taus, ns, eps, sum_reduce, max_reduce, k, A_1..A_k, V_1..V_k):
+    forward(ctx, kernels, taus, ns, eps, sum_reduce, max_reduce, k, A_1..A_k, V_1..V_k) (the
+    :data:`NON_TENSOR_ARGS`, then the tensors):
     kernels: the :class:`ElementwiseKernels` of the normalisation (plain or fused);
     A_i [..., n_i_local] scores, V_i [n_i_local, d_i] value tokens (same dtype as A_i) ->
     O_i [..., d_i] (partial sums over this rank's tokens when the tokens are partitioned).
@@ -423,7 +454,7 @@ class PattentionNormCombine(torch.autograd.Function):
                 s, row_dot, state = kernels.backward_local(a_in, st, torch.matmul(g, v.t()), tau, n)
                 row_dots.append(row_dot)
                 states.append(state)
-            if ctx.needs_input_grad[7 + k + i]:
+            if ctx.needs_input_grad[NUM_NON_TENSOR_ARGS + k + i]:
                 grad_values.append(s.reshape(-1, s.shape[-1]).t().matmul(g.reshape(-1, g.shape[-1])))
             else:
                 grad_values.append(None)
@@ -432,7 +463,7 @@ class PattentionNormCombine(torch.autograd.Function):
             row_dots = _reduce_batched(row_dots, ctx.sum_reduce)
             grad_scores = [kernels.backward_finish(a_in, st, state, rd, tau, n)
                            for a_in, st, state, rd, tau, n in zip(scores, stats, states, row_dots, ctx.taus, ctx.ns)]
-        return (None,) * 7 + tuple(grad_scores) + tuple(grad_values)
+        return (None,) * NUM_NON_TENSOR_ARGS + tuple(grad_scores) + tuple(grad_values)
 
 
 def pattention_normalize_combine(scores: Sequence[torch.Tensor], values: Sequence[torch.Tensor], normalization: str,
@@ -465,16 +496,20 @@ def pattention_normalize_combine(scores: Sequence[torch.Tensor], values: Sequenc
                                             max_reduce, len(scores), *scores, *values))
 
 
+class _SumOverPartitions(torch.autograd.Function):
+    """An autograd-aware sum over the token partitions from a plain one: ``reduce`` forward, ``reduce``
+    of the gradient backward (the gradient of a sum over ranks is the sum of the ranks' gradients)."""
+
+    @staticmethod
+    def forward(ctx, reduce, x):
+        ctx.reduce = reduce
+        return reduce(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, ctx.reduce(grad)
+
+
 def _autograd_sum(reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An autograd-aware sum over partitions from a plain one: the sum forward, the sum backward."""
-
-    class _Sum(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return reduce(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return reduce(grad)
-
-    return _Sum.apply
+    """``reduce`` (a plain sum over partitions) as an autograd-aware one (:class:`_SumOverPartitions`)."""
+    return functools.partial(_SumOverPartitions.apply, reduce)

@@ -111,6 +111,9 @@ class _LinearFromSequenceParallelRegion(torch.autograd.Function):
     for one more all-gather per backward.
     """
 
+    #: forward's arguments before the weights (x, num_weights): W_i's ``needs_input_grad`` index is this + i
+    WEIGHTS_START = 2
+
     @staticmethod
     def forward(ctx, x, num_weights, *params):
         weights, biases = params[:num_weights], params[num_weights:]
@@ -136,7 +139,8 @@ class _LinearFromSequenceParallelRegion(torch.autograd.Function):
             term = g.matmul(w)
             grad_input = term if grad_input is None else grad_input.add_(term)
             flat_grad = g.reshape(-1, g.shape[-1])
-            grad_weights.append(flat_grad.t().matmul(flat_input) if ctx.needs_input_grad[2 + i] else None)
+            wants_grad = ctx.needs_input_grad[_LinearFromSequenceParallelRegion.WEIGHTS_START + i]
+            grad_weights.append(flat_grad.t().matmul(flat_input) if wants_grad else None)
             grad_biases.append(flat_grad.sum(dim=0) if ctx.has_bias else None)
         if grad_input is None:
             grad_input = torch.zeros_like(full)

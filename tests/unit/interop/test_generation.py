@@ -1,5 +1,8 @@
-"""interop/generation.py in one process: the KV-cache step equals recomputing the prefix (both model
-types), and the sampling rules (temperature, top-k, top-p) against a direct computation."""
+"""interop/generation.py: the KV-cache step equals recomputing the prefix (both model types, in one
+process and at every step of a greedy run at TP 1 and 2), and the sampling rules (temperature, top-k,
+top-p) against a direct computation."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -7,7 +10,8 @@ import torch
 from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.interop.generation import (GenerationError, SamplingOptions, _choose, forward_step,
                                                      generate_tokens)
-from megatron_tokenformer.model import TokenformerLM
+from megatron_tokenformer.model import KVCache, TokenformerLM
+from tests.helpers import dist_pool
 
 
 def tiny(model_type):
@@ -24,9 +28,9 @@ def test_cached_logits_equal_full_recompute(model_type):
     ids = torch.randint(0, 90, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(ids)[..., :90].float()
-    caches = [dict() for _ in model.layers]
-    parts = [forward_step(model, ids[:, :5], caches, 0), forward_step(model, ids[:, 5:6], caches, 5),
-             forward_step(model, ids[:, 6:], caches, 6)]
+    cache = KVCache.empty(len(model.layers))
+    parts = [forward_step(model, ids[:, :5], cache), forward_step(model, ids[:, 5:6], cache),
+             forward_step(model, ids[:, 6:], cache)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -42,6 +46,68 @@ def test_greedy_with_cache_equals_without(model_type):
         with torch.no_grad():
             ids.append(int(model(torch.tensor([ids]))[0, -1, :90].argmax()))
     assert ids[3:] == a
+
+
+def check_cached_steps_equal_recompute(rank, world, model_type):
+    """A greedy run of 8 steps over a cache (prompt of 4, then one token a step, one step of 2): the
+    logits of each step's new positions equal the no-cache forward of the whole prefix at those positions."""
+    model = tiny(model_type)
+    cache = KVCache.empty(len(model.layers))
+    ids = torch.tensor([[5, 17, 3, 60]])
+    new = ids
+    steps = []
+    for step in range(8):
+        cached = forward_step(model, new, cache)
+        full = forward_step(model, ids, None)
+        torch.testing.assert_close(cached, full[:, -new.shape[1]:], rtol=1e-5, atol=1e-5)
+        assert cache.length(0) == cache.length(1) == ids.shape[1]
+        token = full[:, -1].argmax(-1, keepdim=True)
+        new = torch.cat([token, (token + 1) % 90], dim=1) if step == 4 else token
+        ids = torch.cat([ids, new], dim=1)
+        steps.append(cached[:, -1])
+    return torch.cat(steps)
+
+
+gen_pool = dist_pool.pool_fixture(1, 2)
+
+
+@pytest.mark.parametrize("model_type", ["tokenformer", "transformer"])
+def test_cache_equals_recompute_at_every_step(gen_pool, model_type):
+    results = gen_pool.run(check_cached_steps_equal_recompute, model_type)
+    for other in results[1:]:  # every TP rank sees the full-vocabulary logits
+        torch.testing.assert_close(other, results[0], rtol=0, atol=0)
+    if len(results) > 1:  # TP 2 computes the TP 1 function (init is independent of the TP size)
+        torch.testing.assert_close(results[0], check_cached_steps_equal_recompute(0, 1, model_type),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def check_sequence_parallel_checkpoint(rank, world, load_dir):
+    """A checkpoint whose config says sequence_parallel (a run trained with it) generates at any TP."""
+    from megatron_tokenformer.interop.generation import load_model_for_inference
+    model, config, _ = load_model_for_inference(load_dir)
+    assert not config.sequence_parallel
+    tokens = generate_tokens(model, [5, 6, 7, 8], SamplingOptions(max_new_tokens=6, greedy=True))
+    if world > 1:  # the model itself refuses a cache with sequence parallelism on (one clear line)
+        sp_model = TokenformerLM(dataclasses.replace(model.config, sequence_parallel=True), seed=11).eval()
+        with pytest.raises(ValueError, match="needs sequence_parallel off"):
+            forward_step(sp_model, torch.tensor([[5]]), KVCache.empty(2))
+    return tokens
+
+
+def test_sequence_parallel_checkpoint_generates_at_any_tp(gen_pool, tmp_path_factory):
+    from megatron_tokenformer.interop.checkpoint_format import write_checkpoint
+    model = tiny("tokenformer")
+    save = str(tmp_path_factory.mktemp("sp_ckpt") / "ckpt")
+    config = dataclasses.replace(model.config, sequence_parallel=True)
+    tensors = {n: p.detach() for n, p in model.named_parameters()}
+    tensors["embedding.word_embeddings.weight"] = tensors["embedding.word_embeddings.weight"][:90]  # no padding
+    write_checkpoint(save, config, tensors, {})
+    results = gen_pool.run(check_sequence_parallel_checkpoint, save)
+    ids = [5, 6, 7, 8]  # the reference: argmax of the full model's last logits, one token at a time
+    for _ in range(6):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]))[0, -1, :90].argmax()))
+    assert results == [ids[4:]] * len(results)
 
 
 def test_stops_at_eod_and_position_limit():

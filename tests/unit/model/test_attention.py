@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_tokenformer.config import TokenformerConfig
-from megatron_tokenformer.model.attention import TokenformerAttention
+from megatron_tokenformer.model.attention import KVCache, TokenformerAttention
 from megatron_tokenformer.model.language_model import prepare_config
 from tests.helpers import dist_pool, plain_reference
 from tests.helpers.tp_gather import full_parameters, shard
@@ -64,6 +64,24 @@ def check_causal(rank, world):
     assert (a[:, 5:] - b[:, 5:]).abs().amin(dim=-1).gt(0).all(), "later positions see the change"
 
 
+def check_kv_cache_equals_whole_sequence(rank, world):
+    """The sequence in chunks of 5, 1 and 2 positions over a KVCache (layer 2 of a 2-layer cache) equals
+    the plain causal attention of the whole sequence; the cache holds every position's keys and values."""
+    cfg = prepare_config(config(rotary_percent=0.5))
+    attn = TokenformerAttention(cfg, layer_number=2, seed=7)
+    full = {n: t.double() for n, t in full_parameters(attn, world).items()}
+    x = sample(5)
+    want = plain_reference.tokenformer_attention(x.double(), full, "", HEADS, cfg.pattention_normalization,
+                                                 {"qkv": cfg.qkv_tau, "proj": cfg.proj_tau},
+                                                 cfg.norm_epsilon_pattention, cfg.rotary_dim, cfg.rotary_base)
+    cache = KVCache.empty(2)
+    with torch.no_grad():
+        parts = [attn(x[:, :5], cache), attn(x[:, 5:6], cache), attn(x[:, 6:], cache)]
+    torch.testing.assert_close(torch.cat(parts, dim=1).double(), want, **TOL)
+    assert cache.keys[0] is None and cache.length(1) == S
+    assert cache.keys[1].shape == cache.values[1].shape == (B, HEADS // world, S, D // HEADS)
+
+
 def check_head_split(rank, world):
     attn = TokenformerAttention(prepare_config(config()), layer_number=1, seed=7)
     assert (attn.head_dim, attn.num_heads_per_partition, attn.hidden_size_per_partition) == \
@@ -85,6 +103,10 @@ def test_matches_plain_causal_attention(tp_pool, normalization, rotary_percent):
 
 def test_is_causal(tp_pool):
     tp_pool.run(check_causal)
+
+
+def test_kv_cache_equals_whole_sequence(tp_pool):
+    tp_pool.run(check_kv_cache_equals_whole_sequence)
 
 
 def test_heads_split_over_ranks(tp_pool):

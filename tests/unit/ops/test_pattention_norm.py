@@ -247,3 +247,36 @@ def check_tensor_parallel(rank, world):
                 else:
                     rel = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
                     assert rel < 2e-2, (normalization, rel)
+
+
+def test_the_function_names_its_non_tensor_arguments():
+    """NON_TENSOR_ARGS is forward's signature between ctx and the tensors; the value tensors' gradients
+    are looked up behind them: V's gradient is None exactly when V does not require it."""
+    import inspect
+
+    from megatron_tokenformer.ops.pattention_norm import NON_TENSOR_ARGS, NUM_NON_TENSOR_ARGS, PattentionNormCombine
+    params = list(inspect.signature(PattentionNormCombine.forward).parameters)
+    assert params[0] == "ctx" and params[-1] == "tensors"
+    assert tuple(params[1:-1]) == NON_TENSOR_ARGS and NUM_NON_TENSOR_ARGS == len(NON_TENSOR_ARGS)
+    a, v, w = make(20, n=8, d_out=4)
+    a2, v2, _ = make(21, n=12, d_out=4)
+    a, a2, v2 = a.requires_grad_(), a2.requires_grad_(), v2.requires_grad_()
+    outs = pattention_normalize_combine([a, a2], [v, v2], "l2_norm_gelu", [1.0, 2.0], [8, 12])
+    (outs[0] * w).sum().backward(retain_graph=True)
+    (outs[1] * w).sum().backward()
+    assert v.grad is None and v2.grad is not None and a.grad is not None and a2.grad is not None
+    _, ga, _ = run(a.detach(), v, w, "l2_norm_gelu", False, tau=1.0)
+    assert rel_err(a.grad, ga) <= 1e-6
+
+
+def test_one_function_and_one_kernel_set_per_variant():
+    """No class is built per call: the kernels are cached per (normalisation, fused); the autograd
+    composition's cross-partition sum is one module-level Function (its gradient is the sum too)."""
+    from megatron_tokenformer.ops.pattention_norm import _autograd_sum, _SumOverPartitions, elementwise_kernels
+    assert elementwise_kernels("softmax") is elementwise_kernels("softmax")
+    assert elementwise_kernels("softmax", True) is not elementwise_kernels("softmax")
+    first, second = _autograd_sum(lambda t: 2 * t), _autograd_sum(lambda t: 3 * t)
+    assert first.func.__self__ is second.func.__self__ is _SumOverPartitions
+    x = torch.ones(3, requires_grad=True)
+    second(x).sum().backward()
+    assert torch.equal(second(x).detach(), torch.full((3,), 3.0)) and torch.equal(x.grad, torch.full((3,), 3.0))

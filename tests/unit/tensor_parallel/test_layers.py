@@ -257,3 +257,11 @@ def test_padding_mask_does_not_copy_the_logits():
     torch.testing.assert_close(logits, want, **TOL)
     logits.backward(torch.ones_like(logits).masked_fill(torch.isinf(logits), 0.0))
     torch.testing.assert_close(h.grad, torch.ones(2, 3, vocab, dtype=F64) @ emb.weight.detach()[:vocab], **TOL)
+
+
+def test_sequence_parallel_linear_names_where_its_weights_start():
+    import inspect
+
+    from megatron_tokenformer.tensor_parallel.layers import _LinearFromSequenceParallelRegion as fn
+    params = list(inspect.signature(fn.forward).parameters)
+    assert params[0] == "ctx" and params[-1] == "params" and len(params[1:-1]) == fn.WEIGHTS_START
