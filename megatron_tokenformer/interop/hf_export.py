@@ -171,7 +171,9 @@ def export_hf(load: str, save: str, iteration: Optional[int] = None, dtype: str 
         pad = ids["pad"] if ids else None
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(hf_config_dict(config, dtype, eod, pad), f, indent=2, sort_keys=True)
-        gen = {"_from_model_config": False, "do_sample": False, "max_length": int(config.seq_length)}
+        # only what generation needs from us (the special ids): a max_length here would make transformers
+        # warn on every generate(max_new_tokens=...), and sampling defaults are transformers' own
+        gen = {"_from_model_config": False}
         if ids:
             gen.update(bos_token_id=eod, eos_token_id=eod, pad_token_id=pad)
         with open(os.path.join(staging, "generation_config.json"), "w") as f:

@@ -13,19 +13,28 @@ import torch
 import torch.nn.functional as F
 
 
-def pattention(x, keys, values, normalization, tau, eps=1e-6):
-    """Pattention(x) = f(x Kᵀ) V. keys [n, d_in], values [n, d_out]."""
-    a = x @ keys.T
+def pattention_scores(a, normalization, tau, n, eps=1e-6):
+    """f(A) of docs/design.md §1 over the last dim of the scores A [..., n_local]: tau (the temperature) and n
+    (the GLOBAL parameter-token count, the softmax scale) as the layer has them.
+
+        l2_norm_gelu:  GeLU(tau A / sqrt(sum A² + eps))
+        gelu_l2_norm:  tau GeLU(A) / sqrt(sum GeLU(A)² + eps)
+        softmax:       n softmax(A)
+    """
     if normalization == "l2_norm_gelu":
-        s = F.gelu(tau * a / torch.sqrt((a * a).sum(-1, keepdim=True) + eps))
-    elif normalization == "gelu_l2_norm":
+        return F.gelu(tau * a / torch.sqrt((a * a).sum(-1, keepdim=True) + eps))
+    if normalization == "gelu_l2_norm":
         g = F.gelu(a)
-        s = tau * g / torch.sqrt((g * g).sum(-1, keepdim=True) + eps)
-    elif normalization == "softmax":
-        s = keys.shape[0] * torch.softmax(a, dim=-1)
-    else:
-        raise ValueError(normalization)
-    return s @ values
+        return tau * g / torch.sqrt((g * g).sum(-1, keepdim=True) + eps)
+    if normalization == "softmax":
+        return n * torch.softmax(a, dim=-1)
+    raise ValueError(normalization)
+
+
+def pattention(x, keys, values, normalization, tau, eps=1e-6):
+    """Pattention(x) = f(x Kᵀ) V. x [..., d_in], keys [n, d_in], values [n, d_out] -> [..., d_out]. The one
+    reference Pattention of the tests: pass float64 tensors."""
+    return pattention_scores(x @ keys.T, normalization, tau, keys.shape[0], eps) @ values
 
 
 def rotary(x, rotary_dim, base=10000.0, positions=None):

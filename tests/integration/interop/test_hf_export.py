@@ -136,6 +136,44 @@ def test_generate_cache_equals_no_cache_equals_hf(random_ckpt, tmp_path, capsys)
     assert torch.equal(s1, s2) and int(s1.max()) < hf.config.vocab_size
 
 
+def test_generation_config_sets_only_what_generation_needs(random_ckpt, tmp_path, capsys):
+    """generation_config.json holds the special token ids and no max_length: with max_length set, every
+    generate(max_new_tokens=...) logged transformers' "Both max_new_tokens and max_length" warning."""
+    import logging
+    import warnings
+
+    hf_dir = str(tmp_path / "hf")
+    assert export_hf.main(["--load", random_ckpt, "--save", hf_dir]) == 0
+    capsys.readouterr()
+    gen = json.load(open(os.path.join(hf_dir, "generation_config.json")))
+    assert "max_length" not in gen and "max_new_tokens" not in gen, gen
+    hf, tok = _hf(hf_dir)
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == \
+        (tok.eos_token_id, tok.eos_token_id, tok.pad_token_id)
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record.getMessage())
+
+    handler = Records()
+    capsys.readouterr()  # what loading printed (a progress bar)
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = hf.generate(**tok(["the cat sat on"], return_tensors="pt"), max_new_tokens=3)
+    finally:
+        root.removeHandler(handler)
+    assert out.shape[1] == len(tok("the cat sat on")["input_ids"]) + 3
+    said = handler.records + [str(w.message) for w in caught] + capsys.readouterr().err.splitlines()
+    assert not said, said
+
+
 def test_generate_tp2_equals_tp1(random_ckpt, capsys):
     assert generate.main(["--load", random_ckpt, "--prompt", PROMPTS[1], "--greedy", "--max-new-tokens", "10",
                           "--ids"]) == 0

@@ -1,7 +1,8 @@
-"""model/block.py: TokenformerBlock against the block written out in plain float64 torch, at TP 1 and 2.
+"""model/block.py: TokenformerBlock against the block written out in plain float64 torch, at TP 1, 2 and 4.
 
 Reference (tests/helpers/plain_reference.tokenformer_block): X + Attention(LN(X)), then
-+ Pattention_FFN(LN(X)), from the TP = 1 parameters each rank gathers from the shards.
++ Pattention_FFN(LN(X)), from the TP = 1 parameters each rank gathers from the shards; those must be
+exactly the TP = 1 block's (built in the test process: initialisation does not depend on the layout).
 """
 
 import pytest
@@ -25,9 +26,14 @@ def config(**overrides):
     return TokenformerConfig(**base)
 
 
-def check_matches_reference(rank, world, normalization, block_layernorm):
+def make_block(normalization, block_layernorm):
     cfg = prepare_config(config(pattention_normalization=normalization, block_layernorm=block_layernorm))
-    block = TokenformerBlock(cfg, layer_number=2, seed=11)
+    return cfg, TokenformerBlock(cfg, layer_number=2, seed=11)
+
+
+def check_matches_reference(rank, world, normalization, block_layernorm):
+    cfg, block = make_block(normalization, block_layernorm)
+    init = {n: t.detach().float() for n, t in full_parameters(block, world).items()}
     parametric = block_layernorm == "parametric"
     expected = {f"attention.{m}.{k}_param_tokens" for m in ("query", "key", "value", "dense")
                 for k in ("key", "value")} | {"mlp.key_param_tokens", "mlp.value_param_tokens"}
@@ -53,6 +59,7 @@ def check_matches_reference(rank, world, normalization, block_layernorm):
     for name, p in block.named_parameters():
         torch.testing.assert_close(p.grad.double(), shard(full[name].grad, p, rank, world), **TOL,
                                    msg=lambda m, name=name: f"{name}: {m}")
+    return init
 
 
 def check_layer_number_seeds_the_init(rank, world):
@@ -81,7 +88,7 @@ def check_fused_norm_equals_plain(rank, world):
         assert (fused - plain).abs().max() <= 1e-5 * plain.abs().max(), (fused - plain).abs().max()
 
 
-tp_pool = dist_pool.pool_fixture(1, 2)
+tp_pool = dist_pool.pool_fixture(1, 2, 4)
 tp2_pool = dist_pool.pool_fixture(2)  # the same TP = 2 ranks
 
 
@@ -89,7 +96,11 @@ tp2_pool = dist_pool.pool_fixture(2)  # the same TP = 2 ranks
                                                            ("gelu_l2_norm", "parametric"),
                                                            ("softmax", "nonparametric")])
 def test_matches_plain_block(tp_pool, normalization, block_layernorm):
-    tp_pool.run(check_matches_reference, normalization, block_layernorm)
+    gathered = tp_pool.run(check_matches_reference, normalization, block_layernorm)
+    _, tp1 = make_block(normalization, block_layernorm)  # this process has no group: the TP = 1 block
+    for rank, init in enumerate(gathered):
+        for name, p in tp1.named_parameters():
+            assert torch.equal(init[name], p.detach()), f"rank {rank}: {name} is not the TP = 1 init"
 
 
 def test_layer_number_seeds_the_init(tp_pool):

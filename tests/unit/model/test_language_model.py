@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model import TokenformerLM
+from tests.helpers import plain_reference
 
 
 def tiny_config(**overrides):
@@ -16,18 +17,6 @@ def tiny_config(**overrides):
                 make_vocab_size_divisible_by=8, init_method_std=0.2, value_init=0.3)
     base.update(overrides)
     return TokenformerConfig(**base)
-
-
-def ref_pattention(x, keys, values, normalization, tau, eps):
-    a = x @ keys.T
-    if normalization == "l2_norm_gelu":
-        s = F.gelu(tau * a / torch.sqrt((a * a).sum(-1, keepdim=True) + eps))
-    elif normalization == "gelu_l2_norm":
-        g = F.gelu(a)
-        s = tau * g / torch.sqrt((g * g).sum(-1, keepdim=True) + eps)
-    else:
-        s = keys.shape[0] * torch.softmax(a, dim=-1)
-    return s @ values
 
 
 def ref_rotary(x, rotary_dim, base):
@@ -53,8 +42,8 @@ def ref_lm_loss(params, cfg, ids, labels, loss_mask):
             "mlp": math.sqrt(cfg.ffn_num_param_tokens)}
 
     def pat(x, prefix, kind):
-        return ref_pattention(x, params[prefix + ".key_param_tokens"], params[prefix + ".value_param_tokens"],
-                              norm, taus[kind], eps)
+        return plain_reference.pattention(x, params[prefix + ".key_param_tokens"],
+                                          params[prefix + ".value_param_tokens"], norm, taus[kind], eps)
 
     def block_ln(x, name):
         if cfg.block_layernorm == "parametric":

@@ -4,25 +4,17 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_tokenformer import Pattention
+from tests.helpers import plain_reference
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 
 
 def reference(x, keys, values, normalization, tau, eps=1e-6):
-    """Plain float64 Pattention: A = X Kᵀ, S = f(A) over the n tokens, O = S V."""
-    a = x.double() @ keys.double().T
-    n = keys.shape[0]
-    if normalization == "l2_norm_gelu":
-        s = F.gelu(tau * a / torch.sqrt((a * a).sum(-1, keepdim=True) + eps))
-    elif normalization == "gelu_l2_norm":
-        g = F.gelu(a)
-        s = tau * g / torch.sqrt((g * g).sum(-1, keepdim=True) + eps)
-    else:
-        s = n * torch.softmax(a, dim=-1)
-    return s @ values.double()
+    """Plain float64 Pattention (tests/helpers/plain_reference.pattention): A = X Kᵀ, S = f(A) over the n
+    tokens, O = S V."""
+    return plain_reference.pattention(x.double(), keys.double(), values.double(), normalization, tau, eps)
 
 
 def assert_close_scaled(got, ref, tol=1e-5):

@@ -11,16 +11,15 @@ The reference is ``pattention_normalize_combine(..., lean=False)``: normalize_pa
 torch ops differentiated by autograd, itself checked against a float64 re-derivation of docs/design.md §1
 in tests/unit/model/test_pattention.py) followed by S V. At TP = 2 / 4 each spawned rank holds a
 contiguous block of the n tokens and the reference is the full single-process computation
-(:func:`check_tensor_parallel`, run inside the TP = 2 and 4 workers of
-tests/unit/tensor_parallel/test_tp_equivalence.py).
+(:func:`check_tensor_parallel`, on the session's shared TP = 2 and 4 pools of tests/helpers/dist_pool.py).
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_tokenformer.ops.pattention_norm import check_normalization, normalize_pattention_scores
 from megatron_tokenformer.ops.pattention_norm import NORMALIZATIONS, pattention_normalize_combine
+from tests.helpers import dist_pool, plain_reference
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 EPS = 1e-6
@@ -31,14 +30,8 @@ def scores(*shape, seed=0):
 
 
 def formula(a, normalization, tau, n):
-    """f(A) in float64 (n = global token count, used by softmax)."""
-    a = a.double()
-    if normalization == "l2_norm_gelu":
-        return F.gelu(tau * a / torch.sqrt((a * a).sum(-1, keepdim=True) + EPS))
-    if normalization == "gelu_l2_norm":
-        g = F.gelu(a)
-        return tau * g / torch.sqrt((g * g).sum(-1, keepdim=True) + EPS)
-    return n * torch.softmax(a, dim=-1)
+    """f(A) in float64 (n = global token count, used by softmax): tests/helpers/plain_reference."""
+    return plain_reference.pattention_scores(a.double(), normalization, tau, n, EPS)
 
 
 @pytest.mark.parametrize("normalization", NORMS)
@@ -223,8 +216,7 @@ def test_saved_bytes_below_autograd_path(normalization, dtype):
 
 
 def check_tensor_parallel(rank, world):
-    """Run on every rank of a TP = world gloo group (by the spawned workers of
-    tests/unit/tensor_parallel/test_tp_equivalence.py, which already hold one, to save a spawn)."""
+    """Run on every rank of a TP = world gloo group (test_lean_function_at_tensor_parallel)."""
     from megatron_tokenformer.tensor_parallel.mappings import (all_reduce_max_no_grad, all_reduce_sum_no_grad,
                                                                reduce_from_tensor_model_parallel_region)
     chunk = slice(rank * N // world, (rank + 1) * N // world)
@@ -247,6 +239,13 @@ def check_tensor_parallel(rank, world):
                 else:
                     rel = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
                     assert rel < 2e-2, (normalization, rel)
+
+
+tp_pool = dist_pool.pool_fixture(2, 4)  # the pools the tensor_parallel tests hold too (one spawn per session)
+
+
+def test_lean_function_at_tensor_parallel(tp_pool):
+    tp_pool.run(check_tensor_parallel)
 
 
 def test_the_function_names_its_non_tensor_arguments():

@@ -1,11 +1,12 @@
-"""tensor_parallel/layers.py against nn.Linear / nn.Embedding / a plain matmul, at TP 1 (this process) and 2.
+"""tensor_parallel/layers.py against nn.Linear / nn.Embedding / a plain matmul, at TP 1 (this process), 2 and 4.
 
 On every rank the full weight is rebuilt by all-gathering the shards with torch.distributed directly
 (tests/helpers/tp_gather.py, not through the code under test); the reference module is then a plain torch layer with that weight,
 run on the full input in float64. The parallel layer's output must be the rank's part of the reference
 output, its parameter gradients the rank's slices of the reference gradients, and the input gradient
 the reference input gradient (sums over ranks happen inside the layer). Upstream gradients are the
-same on every rank when the output is replicated, so the loss is counted once.
+same on every rank when the output is replicated, so the loss is counted once. The gathered weights
+must be exactly the TP = 1 layer's (built in the test process): initialisation does not depend on the layout.
 """
 
 import pytest
@@ -31,8 +32,21 @@ def part(t, dim, rank, world):
     return t.chunk(world, dim=dim)[rank]
 
 
+def column(gather_output=False):
+    return ColumnParallelLinear(8, 12, gather_output=gather_output, init_std=0.5, seed=3, tag="c", params_dtype=F64)
+
+
+def row_layer(input_is_parallel=True):
+    return RowParallelLinear(12, 6, input_is_parallel=input_is_parallel, init_std=0.5, seed=3, tag="r",
+                             params_dtype=F64)
+
+
+def embedding():
+    return VocabParallelEmbedding(12, 4, vocab_size=11, init_std=0.5, seed=3, tag="e", params_dtype=F64)
+
+
 def check_column(rank, world, gather_output):
-    col = ColumnParallelLinear(8, 12, gather_output=gather_output, init_std=0.5, seed=3, tag="c", params_dtype=F64)
+    col = column(gather_output)
     assert col.weight.shape == (12 // world, 8) and col.bias.shape == (12 // world,)
     assert col.weight.partition_dim == 0 and col.bias.tensor_model_parallel
     with torch.no_grad():
@@ -55,11 +69,11 @@ def check_column(rank, world, gather_output):
     torch.testing.assert_close(col.weight.grad, part(ref.weight.grad, 0, rank, world), **TOL)
     torch.testing.assert_close(col.bias.grad, part(ref.bias.grad, 0, rank, world), **TOL)
     torch.testing.assert_close(xp.grad, xr.grad, **TOL)
+    return ref.weight.detach()
 
 
 def check_row(rank, world, input_is_parallel):
-    row = RowParallelLinear(12, 6, input_is_parallel=input_is_parallel, init_std=0.5, seed=3, tag="r",
-                            params_dtype=F64)
+    row = row_layer(input_is_parallel)
     assert row.weight.shape == (6, 12 // world) and row.bias.shape == (6,)
     assert row.weight.partition_dim == 1 and not row.bias.tensor_model_parallel
     with torch.no_grad():
@@ -80,11 +94,12 @@ def check_row(rank, world, input_is_parallel):
     torch.testing.assert_close(row.bias.grad, ref.bias.grad, **TOL)
     want_dx = xr.grad if not input_is_parallel else part(xr.grad, -1, rank, world)
     torch.testing.assert_close(xp.grad, want_dx, **TOL)
+    return ref.weight.detach()
 
 
 def check_embedding(rank, world):
     vocab, padded = 11, 12
-    emb = VocabParallelEmbedding(padded, 4, vocab_size=vocab, init_std=0.5, seed=3, tag="e", params_dtype=F64)
+    emb = embedding()
     assert emb.weight.shape == (padded // world, 4)
     assert (emb.vocab_start_index, emb.vocab_end_index) == (rank * padded // world, (rank + 1) * padded // world)
     weight = full_tensor(emb.weight, 0, world)
@@ -100,6 +115,7 @@ def check_embedding(rank, world):
     torch.testing.assert_close(out, out_ref.detach(), **TOL)
     out.backward(g)
     torch.testing.assert_close(emb.weight.grad, part(ref.weight.grad, 0, rank, world), **TOL)
+    return weight
 
 
 def check_embedding_refuses_ids_outside_the_vocabulary(rank, world):
@@ -143,11 +159,11 @@ def check_errors(rank, world):
         assert ColumnParallelLinear(4, 7).weight.shape == (7, 4) and RowParallelLinear(7, 4).weight.shape == (4, 7)
         assert VocabParallelEmbedding(7, 4).weight.shape == (7, 4)
         return
-    with pytest.raises(ValueError, match=r"c: output size \(7\) is not divisible by 2"):
+    with pytest.raises(ValueError, match=rf"c: output size \(7\) is not divisible by {world}"):
         ColumnParallelLinear(4, 7, tag="c")
-    with pytest.raises(ValueError, match=r"r: input size \(7\) is not divisible by 2"):
+    with pytest.raises(ValueError, match=rf"r: input size \(7\) is not divisible by {world}"):
         RowParallelLinear(7, 4, tag="r")
-    with pytest.raises(ValueError, match=r"padded vocabulary size \(7\) is not divisible by 2"):
+    with pytest.raises(ValueError, match=rf"padded vocabulary size \(7\) is not divisible by {world}"):
         VocabParallelEmbedding(7, 4)
 
 
@@ -181,17 +197,22 @@ def check_sequence_parallel_linear(rank, world):
     torch.testing.assert_close(x.grad, ref_x.grad.chunk(world, dim=1)[rank], **TOL)
 
 
-tp_pool = dist_pool.pool_fixture(1, 2)
+tp_pool = dist_pool.pool_fixture(1, 2, 4)
+
+
+def assert_tp1_init(gathered, tp1_weight):
+    for rank, weight in enumerate(gathered):
+        assert torch.equal(weight, tp1_weight.detach()), f"rank {rank}: the gathered weight is not the TP = 1 init"
 
 
 @pytest.mark.parametrize("gather_output", [False, True], ids=["local-output", "gather-output"])
 def test_column_parallel_linear_matches_nn_linear(tp_pool, gather_output):
-    tp_pool.run(check_column, gather_output)
+    assert_tp1_init(tp_pool.run(check_column, gather_output), column(gather_output).weight)
 
 
 @pytest.mark.parametrize("input_is_parallel", [True, False], ids=["parallel-input", "replicated-input"])
 def test_row_parallel_linear_matches_nn_linear(tp_pool, input_is_parallel):
-    tp_pool.run(check_row, input_is_parallel)
+    assert_tp1_init(tp_pool.run(check_row, input_is_parallel), row_layer(input_is_parallel).weight)
 
 
 def test_sequence_parallel_linear_keeps_the_local_chunk(tp_pool):
@@ -199,7 +220,7 @@ def test_sequence_parallel_linear_keeps_the_local_chunk(tp_pool):
 
 
 def test_vocab_parallel_embedding_matches_nn_embedding(tp_pool):
-    tp_pool.run(check_embedding)
+    assert_tp1_init(tp_pool.run(check_embedding), embedding().weight)
 
 
 def test_embedding_and_cross_entropy_refuse_ids_outside_the_vocabulary(tp_pool):

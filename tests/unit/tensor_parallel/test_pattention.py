@@ -1,7 +1,8 @@
-"""tensor_parallel/pattention.py: ParallelPattention against the Pattention formula, at TP 1 and 2.
+"""tensor_parallel/pattention.py: ParallelPattention against the Pattention formula, at TP 1, 2 and 4.
 
 Each rank gathers the full key/value parameter tokens (tests/helpers/tp_gather.py) and runs the plain
-float64 formula (tests/helpers/plain_reference.pattention). Partial outputs (``reduce_output=False``)
+float64 formula (tests/helpers/plain_reference.pattention); the gathered tokens must be exactly the
+TP = 1 layer's (built in the test process: initialisation does not depend on the layout). Partial outputs (``reduce_output=False``)
 and partial input gradients (``copy_input=False``) are summed over the ranks with torch.distributed
 directly before the comparison. The collective counter checks that several layers' statistics
 travel in one all-reduce.
@@ -32,7 +33,9 @@ def layer(normalization, n=16, **kw):
 
 def inputs():
     gen = torch.Generator().manual_seed(9)
-    return torch.randn(2, 5, 12, generator=gen), torch.randn(2, 5, 10, generator=gen)
+    x, g = torch.randn(2, 5, 12, generator=gen), torch.randn(2, 5, 10, generator=gen)
+    x[0, 0] = 0.0  # an all-zero row: finite outputs and gradients (the norms' eps), as the formula
+    return x, g
 
 
 def sum_over_ranks(t, world):
@@ -62,6 +65,7 @@ def check_matches_formula(rank, world, normalization, partial):
     for name, p in pat.named_parameters():
         torch.testing.assert_close(p.grad.double(), shard(full[name].grad, p, rank, world), **TOL,
                                    msg=lambda m, name=name: f"{name}: {m}")
+    return {name: t.detach().float() for name, t in full.items()}
 
 
 def check_batched_statistics(rank, world, normalization):
@@ -89,13 +93,17 @@ def check_errors(rank, world):
     assert "num_param_tokens=16 (%d per rank)" % (16 // world) in repr(layer("softmax"))
 
 
-tp_pool = dist_pool.pool_fixture(1, 2)
+tp_pool = dist_pool.pool_fixture(1, 2, 4)
 
 
 @pytest.mark.parametrize("normalization", NORMS)
 @pytest.mark.parametrize("partial", [False, True], ids=["full", "partial-in-and-out"])
 def test_matches_pattention_formula(tp_pool, normalization, partial):
-    tp_pool.run(check_matches_formula, normalization, partial)
+    gathered = tp_pool.run(check_matches_formula, normalization, partial)
+    tp1 = layer(normalization)  # this process has no group: the TP = 1 layer
+    for rank, full in enumerate(gathered):
+        for name, p in tp1.named_parameters():
+            assert torch.equal(full[name], p.detach()), f"rank {rank}: {name} is not the TP = 1 init"
 
 
 @pytest.mark.parametrize("normalization", ["l2_norm_gelu", "softmax"])

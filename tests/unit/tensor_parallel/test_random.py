@@ -146,11 +146,12 @@ def check_seeds_per_rank(rank, world):
     default = torch.rand(6)
     with get_rng_tracker().fork():
         tracked = torch.rand(6)
+    after = torch.rand(6)
     # the tracker's default-stream seed is the same on all ranks: check it against a peer too
-    gathered = [torch.empty(6) for _ in range(world)]
-    dist.all_gather(gathered, default, group=parallel_state.get_tensor_model_parallel_group())
-    assert all(torch.equal(t, default) for t in gathered)
-    return default, tracked
+    gathered = [torch.empty(12) for _ in range(world)]
+    dist.all_gather(gathered, torch.cat([default, after]), group=parallel_state.get_tensor_model_parallel_group())
+    assert all(torch.equal(t, gathered[rank]) for t in gathered)
+    return default, tracked, after
 
 
 def check_init_on_ranks(rank, world):
@@ -158,14 +159,17 @@ def check_init_on_ranks(rank, world):
     return shard
 
 
-tp_pool = dist_pool.pool_fixture(2)
+tp_pool = dist_pool.pool_fixture(2, 4)
 
 
 def test_tracker_seeds_per_tensor_parallel_rank(tp_pool):
     results = tp_pool.run(check_seeds_per_rank)
-    for rank, (default, tracked) in enumerate(results):
-        assert torch.equal(default, draws(123)), rank
+    for rank, (default, tracked, after) in enumerate(results):
+        # the default stream is shared by the ranks and skips what ran inside fork()
+        assert torch.equal(torch.cat([default, after]), draws(123, 12)), rank
         assert torch.equal(tracked, draws(123 + 2718 + rank)), rank
+    tracked = [t for _, t, _ in results]
+    assert all(not torch.equal(tracked[0], t) for t in tracked[1:]), "every rank forks a stream of its own"
 
 
 def test_init_partitioned_uses_the_tensor_parallel_rank(tp_pool):
