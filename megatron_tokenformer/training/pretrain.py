@@ -18,10 +18,20 @@ __all__ = ["PROG", "main", "pretrain"]
 PROG = "pretrain_tokenformer.py"
 
 
+#: how long a rank that does not print a refusal waits before it exits: a launcher ends the whole job at the
+#: first rank's exit (torchrun sends SIGTERM), which must not come before the printing rank wrote its line
+QUIET_RANK_GRACE_S = 5.0
+
+
 def _fail(message: str, rank: int) -> None:
-    """One line ``pretrain_tokenformer.py: error: message`` when ``rank`` is 0, then exit 2 (bad input)."""
+    """One line ``pretrain_tokenformer.py: error: message`` when ``rank`` is 0, then exit 2 (bad input).
+
+    Every rank sees the same refusal (the flags are the same); only ``rank`` 0 prints it, and the others
+    exit :data:`QUIET_RANK_GRACE_S` later so that a launcher's end-of-job signal cannot cut the line off."""
     if rank == 0:
         print_error(PROG, message)
+    else:
+        time.sleep(QUIET_RANK_GRACE_S)
     raise SystemExit(EXIT_BAD_INPUT)
 
 
