@@ -2,10 +2,10 @@
 
 Each rank gathers the full key/value parameter tokens (tests/helpers/tp_gather.py) and runs the plain
 float64 formula (tests/helpers/plain_reference.pattention); the gathered tokens must be exactly the
-TP = 1 layer's (built in the test process: initialisation does not depend on the layout). Partial outputs (``reduce_output=False``)
-and partial input gradients (``copy_input=False``) are summed over the ranks with torch.distributed
-directly before the comparison. The collective counter checks that several layers' statistics
-travel in one all-reduce.
+TP = 1 layer's (built in the test process: initialisation does not depend on the layout). Partial
+outputs (``reduce_output=False``) and partial input gradients (``copy_input=False``) are summed over
+the ranks with torch.distributed directly before the comparison. The collective counter checks that
+several layers' statistics travel in one all-reduce.
 """
 
 import math
