@@ -96,11 +96,17 @@ def test_sharded_bf16_export_loads(trained, tmp_path):
         assert torch.equal(view.read(name), src.read(name).to(torch.bfloat16).float()), name
 
 
-def test_generate_cache_equals_no_cache_equals_hf(random_ckpt, tmp_path, capsys):
-    hf_dir = str(tmp_path / "hf")
+@pytest.fixture(scope="module")
+def random_export(random_ckpt, tmp_path_factory):
+    """random_ckpt exported once for the generation tests."""
+    hf_dir = str(tmp_path_factory.mktemp("random_export") / "hf")
     assert export_hf.main(["--load", random_ckpt, "--save", hf_dir]) == 0
+    return hf_dir
+
+
+def test_generate_cache_equals_no_cache_equals_hf(random_ckpt, random_export, capsys):
     capsys.readouterr()
-    hf, tok = _hf(hf_dir)
+    hf, tok = _hf(random_export)
     outs = {}
     for flags in ([], ["--no-kv-cache"]):
         assert generate.main(["--load", random_ckpt, "--prompt"] + PROMPTS[:2] +
@@ -136,18 +142,15 @@ def test_generate_cache_equals_no_cache_equals_hf(random_ckpt, tmp_path, capsys)
     assert torch.equal(s1, s2) and int(s1.max()) < hf.config.vocab_size
 
 
-def test_generation_config_sets_only_what_generation_needs(random_ckpt, tmp_path, capsys):
+def test_generation_config_sets_only_what_generation_needs(random_export, capsys):
     """generation_config.json holds the special token ids and no max_length: with max_length set, every
     generate(max_new_tokens=...) logged transformers' "Both max_new_tokens and max_length" warning."""
     import logging
     import warnings
 
-    hf_dir = str(tmp_path / "hf")
-    assert export_hf.main(["--load", random_ckpt, "--save", hf_dir]) == 0
-    capsys.readouterr()
-    gen = json.load(open(os.path.join(hf_dir, "generation_config.json")))
+    gen = json.load(open(os.path.join(random_export, "generation_config.json")))
     assert "max_length" not in gen and "max_new_tokens" not in gen, gen
-    hf, tok = _hf(hf_dir)
+    hf, tok = _hf(random_export)
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == \
         (tok.eos_token_id, tok.eos_token_id, tok.pad_token_id)
 
