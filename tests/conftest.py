@@ -81,6 +81,7 @@ LONG_GROUPS = (SLURM_GROUP, "layouts", "tests/integration/multinode/test_slurm_m
                "tests/integration/training/test_convergence_precision.py",
                "tests/integration/training/test_bf16_accumulation.py", "tests/test_zygote.py",
                "tests/docs/test_interop_commands.py", "tests/docs/test_workflow_commands.py",
+               "tests/examples/test_cpu_quickstart.py",
                "tests/integration/operations/test_failures.py", "tests/integration/training/test_exits.py",
                "tests/integration/training/test_bad_token_ids.py", "tests/test_suite_groups.py",
                "tests/integration/multinode/test_harness.py")

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from tests.helpers import zygote
+
 from tests.helpers.train_runs import free_port
 
 pytestmark = pytest.mark.slow
@@ -26,9 +28,11 @@ SHORT = dict(ITERS="2", CORPUS_MB="0.5", VOCAB="512")
 
 
 def script_env(**extra):
+    """The script's environment; its Python (``$PYTHON``, which the printed commands name too) runs script runs
+    forked by this worker's fork server (tests/helpers/zygote.py: shim_env)."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORK", "CKPT", "LOG_INTERVAL")}
-    env.update(SHORT, PYTHON=sys.executable, MASTER_PORT=str(free_port()), **extra)
-    return env
+    env.update(SHORT, MASTER_PORT=str(free_port()), **extra)
+    return zygote.shim_env(dict(env, PYTHON=sys.executable))
 
 
 def next_commands(stdout):
@@ -65,14 +69,16 @@ def test_trains_saves_beside_the_earlier_checkpoint_and_prints_the_next_commands
     assert re.search(r"lm loss [0-9.]+ \(first log line\) -> [0-9.]+ \(last\)", proc.stdout)
     cmds = next_commands(proc.stdout)
     assert [re.search(r"tools/(\w+)\.py", c).group(1) for c in cmds] == ["generate", "expand_checkpoint", "export_hf"]
-    assert all(c.startswith(sys.executable + " tools/") for c in cmds), cmds  # as run from the repository root
+    python = script_env()["PYTHON"]
+    assert all(c.startswith(python + " tools/") for c in cmds), cmds  # as run from the repository root
 
 
 def test_printed_commands_work_as_printed(quickstart):
     work, proc = quickstart
     cmds = next_commands(proc.stdout)
-    runs = [subprocess.Popen(["bash", "-c", c], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for c in cmds]
+    env = script_env()
+    runs = [subprocess.Popen(["bash", "-c", c], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for c in cmds]
     outs = [p.communicate(timeout=600) for p in runs]
     for c, p, (out, err) in zip(cmds, runs, outs):
         assert p.returncode == 0, (c, out[-2000:], err[-2000:])
