@@ -440,7 +440,7 @@ _NAMED_BY_FLAG = ("vocab_size", "tensor_model_parallel_size", "pipeline_model_pa
 
 
 def _check_model_config(args: argparse.Namespace) -> None:
-    """The model config these flags describe, checked by its one rule set (``TokenformerConfig.validate``);
+    """The model config these flags describe, checked by its one rule set (``ModelConfig.validate``);
     the error names the flags."""
     core_config_from_args(args, args.vocab_size or 1)
 

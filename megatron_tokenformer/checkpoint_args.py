@@ -22,7 +22,7 @@ from megatron_tokenformer.checkpointing.format.metadata import read_meta
 __all__ = ["CheckpointArgs", "ResumeInputs", "apply_checkpoint_args", "CheckpointMismatchError", "ARCHITECTURE_FIELDS",
            "SOFT_FIELDS", "CHECKPOINT_ONLY_FIELDS", "check_resume_inputs", "file_digest"]
 
-# args dest -> TokenformerConfig field. Shapes and the computed function depend on all of them.
+# args dest -> ModelConfig field. Shapes and the computed function depend on all of them.
 ARCHITECTURE_FIELDS = {
     "num_layers": "num_layers",
     "hidden_size": "hidden_size",
@@ -48,7 +48,7 @@ CHECKPOINT_ONLY_FIELDS = ("qkv_tau", "proj_tau", "ffn_tau")
 @dataclass
 class CheckpointArgs:
     """The checkpoint the flags were reconciled with: its step folder and model config (a dict of
-    TokenformerConfig fields)."""
+    ModelConfig fields)."""
 
     step_dir: str
     model_config: Dict[str, Any]

@@ -58,7 +58,7 @@ MODEL_FAMILY_FIELDS: Dict[str, FamilyFields] = {
 MODEL_TYPES = tuple(MODEL_FAMILY_FIELDS)
 
 
-#: Config fields that are not written by :meth:`TokenformerConfig.to_dict` (chosen per run, per machine).
+#: Config fields that are not written by :meth:`ModelConfig.to_dict` (chosen per run, per machine).
 NOT_STORED = ("fused_pattention_norm",)
 
 # --------------------------------------------------------------------------- command-line flags of the fields
@@ -227,7 +227,7 @@ class ModelConfig:
             return 2.0 / (self.num_layers * math.sqrt(self.hidden_size))
         return float(self.value_init)
 
-    def resolve_taus(self) -> "TokenformerConfig":
+    def resolve_taus(self) -> "ModelConfig":
         """Replace tau=None by sqrt(n) (in place, once) and return self."""
         if self.qkv_tau is None:
             self.qkv_tau = math.sqrt(self.qkv_num_param_tokens)
@@ -244,7 +244,7 @@ class ModelConfig:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.params_dtype]
 
     # --- checks -----------------------------------------------------------------------------------
-    def validate(self, tp: int = 1, pp: int = 1, name: Callable[[str], str] = None) -> "TokenformerConfig":
+    def validate(self, tp: int = 1, pp: int = 1, name: Callable[[str], str] = None) -> "ModelConfig":
         """Raise ValueError with a message naming the offending field(s); return self when valid.
 
         ``name``: how a message names a field, and the sizes ``tensor_model_parallel_size`` /
@@ -329,7 +329,7 @@ class ModelConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "TokenformerConfig":
+    def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -347,7 +347,7 @@ class ModelConfig:
         atomic_write_text(os.fspath(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", fsync=False)
 
     @classmethod
-    def from_json(cls, path: Union[str, os.PathLike]) -> "TokenformerConfig":
+    def from_json(cls, path: Union[str, os.PathLike]) -> "ModelConfig":
         try:
             with open(path) as f:
                 data = json.load(f)

@@ -1,6 +1,6 @@
 """Model, optimizer and DeepSpeed engine construction.
 
-* PP = 1: the plain :class:`~megatron_tokenformer.model.TokenformerLM` in a ``DeepSpeedEngine``, with
+* PP = 1: the plain :class:`~megatron_tokenformer.model.GPTModel` in a ``DeepSpeedEngine``, with
   ``mpu=parallel_state`` so that gradient all-reduces run over the data-parallel group and the
   gradient norm is summed over the tensor-parallel group.
 * PP > 1: a ``deepspeed.pipe.PipelineModule`` built from the model's layer specs (the tied embedding
@@ -119,10 +119,10 @@ class EngineOptions:
 
 # --------------------------------------------------------------------------- model
 def build_model(seed: int, config) -> torch.nn.Module:
-    """TokenformerLM (PP = 1) or a PipelineModule (PP > 1) for ``config``, initialised from ``seed``."""
+    """GPTModel (PP = 1) or a PipelineModule (PP > 1) for ``config``, initialised from ``seed``."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        from megatron_tokenformer.model.language_model import TokenformerLM
-        return TokenformerLM(config, seed=seed)
+        from megatron_tokenformer.model.language_model import GPTModel
+        return GPTModel(config, seed=seed)
 
     import functools
 

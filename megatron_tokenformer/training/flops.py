@@ -117,7 +117,7 @@ def training_precision(bf16: bool, fp16: bool, tf32_allowed: bool) -> str:
 
 def training_flops_per_token(config, padded_vocab_size: int, recompute: Optional[bool] = None,
                              hardware: bool = True) -> float:
-    """FLOPs per trained token for a :class:`TokenformerConfig`.
+    """FLOPs per trained token for a :class:`ModelConfig`.
 
     ``hardware=True`` includes the recomputed forward when activations are checkpointed (4 F),
     ``hardware=False`` gives the model FLOPs (3 F) used for MFU.

@@ -7,7 +7,7 @@ Every step folder has one, whatever stores its tensors::
                         "canonical" (written by tools/expand_checkpoint.py: one full tensor per file)
     iteration           optimizer steps taken
     consumed_samples    training samples consumed
-    model_config        TokenformerConfig.to_dict() (tau included)
+    model_config        ModelConfig.to_dict() (tau included)
     args                the training flags (JSON-compatible copy)
     layout              tensor/pipeline/data parallel sizes, world size (+ zero_stage, precision)
     tokenizer           {"file": "tokenizer.model" or null, "source": path it was copied from}
@@ -83,7 +83,7 @@ def versions() -> Dict[str, str]:
 
 def build_meta(kind: str, config, args_dict: Dict[str, Any], layout: Dict[str, Any], iteration: int,
                consumed_samples: int, tokenizer_source: Optional[str], has_tokenizer: bool) -> Dict[str, Any]:
-    """The metadata of a step folder (module docstring); ``config`` is a TokenformerConfig."""
+    """The metadata of a step folder (module docstring); ``config`` is a ModelConfig."""
     return {
         "format_version": FORMAT_VERSION,
         "kind": kind,

@@ -41,7 +41,7 @@ _INDEXERS = {KIND_DEEPSPEED: index_deepspeed_step, KIND_CANONICAL: index_canonic
 class CheckpointView:
     """Canonical, lazily-read view of one step folder (see the module docstring).
 
-    Attributes: ``step_dir``, ``meta`` (:mod:`.metadata`), ``kind``, ``config`` (TokenformerConfig),
+    Attributes: ``step_dir``, ``meta`` (:mod:`.metadata`), ``kind``, ``config`` (ModelConfig),
     ``layout``, ``params`` (name -> :class:`~.entries.ParamEntry`), ``state_keys``, ``keys``
     (``['fp32'] + state_keys``), ``reset_optimizer`` (False), ``training_state``, ``iteration``.
     """
@@ -50,7 +50,7 @@ class CheckpointView:
         """``verify``: check every file first (structure, allowed pickle globals, checksums:
         :func:`~megatron_tokenformer.checkpointing.file_checks.verify_step`); False only where the caller
         has (training's collective check)."""
-        from megatron_tokenformer.config import TokenformerConfig
+        from megatron_tokenformer.config import ModelConfig
 
         self.step_dir = os.path.abspath(step_dir)
         if verify:
@@ -59,7 +59,7 @@ class CheckpointView:
         self.meta = read_meta(self.step_dir)
         self.kind = self.meta.get("kind")
         try:
-            self.config = TokenformerConfig.from_dict(self.meta["model_config"])
+            self.config = ModelConfig.from_dict(self.meta["model_config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointFormatError(f"{self.step_dir}/{META_FILE}: invalid model_config ({exc})") from None
         self.layout: Dict[str, Any] = dict(self.meta.get("layout", {}))
