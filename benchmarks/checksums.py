@@ -92,6 +92,7 @@ def time_save(states, out_dir, checksums_on):
 
 def time_load(step, checksums_on):
     import torch
+
     from megatron_tokenformer.checkpointing import file_checks
     with _Timer() as t:
         if checksums_on:
@@ -176,7 +177,7 @@ def main():
         states = {os.path.basename(f): torch.load(f, map_location="cpu", weights_only=False) for f in _pt_files(step)}
         rows = []
         saved = os.path.join(workdir, "saved")
-        ops = (("save (DeepSpeed's checkpoint engine, fsync)", lambda on: time_save(states, saved, on)),
+        ops = (("save (DeepSpeed's checkpoint engine, fsync)", lambda on: time_save(states, saved, on)),  # noqa: F821 - bound above, deleted after use
                ("load (checks + torch.load of every file)", lambda on: time_load(step, on)),
                ("expand_checkpoint reshard, --no-fsync", lambda on: time_expand(src, os.path.join(workdir, "out"), on)))
         for name, fn in ops:

@@ -131,7 +131,7 @@ def main(argv=None):
             batches.append(cur)
 
         def encode_only():
-            return sum(len(x) for b in batches for x in tok.tokenize_batch(b, append_eod=True))
+            return sum(len(x) for b in batches for x in tok.tokenize_batch(b, append_eod=True))  # noqa: F821 - bound above, deleted after use
 
         load_before = os.getloadavg()
 

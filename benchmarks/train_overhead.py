@@ -14,7 +14,6 @@ may be shared).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import re
@@ -99,7 +98,7 @@ def run_pretrain(nproc: int, tp: int, iters: int, warmup: int, threads: int) -> 
     text = "".join(lines)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{text[-4000:]}")
-    (i0, t0, c0), (i1, t1, c1) = marks[0], marks[-1]  # first mark = end of the warm-up interval
+    (i0, _, c0), (i1, _, c1) = marks[0], marks[-1]  # first mark = end of the warm-up interval
     tokens = (i1 - i0) * GBS * MODEL["seq_length"]
     ms = [float(x) for x in re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", text)][1:]
     return {"wall": GBS * MODEL["seq_length"] * 1000.0 * len(ms) / sum(ms), "cpu": tokens / (c1 - c0)}

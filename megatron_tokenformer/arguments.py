@@ -30,8 +30,15 @@ import os
 import sys
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Tuple, Type, TypeVar
 
-from megatron_tokenformer.config import (ARCHITECTURE, FIELD_FLAGS, MODEL_FAMILY_FIELDS, PARALLELISM, PATTENTION,
-                                         TRAINING, ModelConfig)
+from megatron_tokenformer.config import (
+    ARCHITECTURE,
+    FIELD_FLAGS,
+    MODEL_FAMILY_FIELDS,
+    PARALLELISM,
+    PATTENTION,
+    TRAINING,
+    ModelConfig,
+)
 from megatron_tokenformer.data.blending import parse_data_prefix
 from megatron_tokenformer.data.gpt_dataset import parse_split
 from megatron_tokenformer.errors import TokenformerError

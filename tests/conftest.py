@@ -28,8 +28,6 @@ ignored and the suite runs as before.
 
 import os
 
-import pytest
-
 SLURM_GROUP = "slurm"
 
 # folder (relative to tests/) -> group: session-scoped fixtures live in these folders' conftest.py

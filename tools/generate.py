@@ -47,8 +47,12 @@ def _main(argv) -> int:
     import torch
 
     from megatron_tokenformer import parallel_state
-    from megatron_tokenformer.interop.generation import (SamplingOptions, generate_tokens, iter_prompts,
-                                                         load_model_for_inference)
+    from megatron_tokenformer.interop.generation import (
+        SamplingOptions,
+        generate_tokens,
+        iter_prompts,
+        load_model_for_inference,
+    )
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -17,10 +17,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_tokenformer.cli import ToolError, run_tool  # noqa: E402
-from megatron_tokenformer.data.preprocess import check_preprocess_outputs_apart, existing_outputs, preprocess  # noqa: E402,E501
-from megatron_tokenformer.fileio import OverlapError  # noqa: E402
 from megatron_tokenformer.data.hf_tokenizer import resolve_hf_tokenizer_file  # noqa: E402
+from megatron_tokenformer.data.preprocess import check_preprocess_outputs_apart, existing_outputs, preprocess  # noqa: E402,E501
 from megatron_tokenformer.data.tokenizer import HF_TOKENIZER_TYPES, TOKENIZER_TYPES  # noqa: E402
+from megatron_tokenformer.fileio import OverlapError  # noqa: E402
 
 
 def get_args(argv=None):

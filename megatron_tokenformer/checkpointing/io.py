@@ -37,8 +37,12 @@ from megatron_tokenformer.checkpointing.format.entries import FP32, CheckpointFo
 from megatron_tokenformer.checkpointing.format.metadata import build_meta
 from megatron_tokenformer.checkpointing.format.tensor_file import TorchFile, materialize
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
-from megatron_tokenformer.checkpointing.optimizer_step import (adam_step_conversion, describe_optimizer,
-                                                               saved_step_layout, set_adam_step)
+from megatron_tokenformer.checkpointing.optimizer_step import (
+    adam_step_conversion,
+    describe_optimizer,
+    saved_step_layout,
+    set_adam_step,
+)
 from megatron_tokenformer.checkpointing.reshard import layout_tuple as _layout_tuple
 from megatron_tokenformer.checkpointing.reshard import param_slices as _param_slices
 from megatron_tokenformer.fileio import durable_write

@@ -30,10 +30,10 @@ from elsewhere the maximum is computed once by a chunked scan of the .bin.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
-import functools
 import struct
 from enum import Enum
 from typing import Optional, Sequence

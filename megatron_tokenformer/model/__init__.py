@@ -3,8 +3,13 @@ blocks, the language model of both (GPTModel, first named TokenformerLM), pipeli
 model-family specs (model/spec.py) and canonical parameter names (model/naming.py)."""
 
 from megatron_tokenformer.model.attention import KVCache
-from megatron_tokenformer.model.language_model import (GPTModel, LanguageModelEmbedding, TokenformerEmbedding,
-                                                       TokenformerLM, language_model_loss)
+from megatron_tokenformer.model.language_model import (
+                                                       GPTModel,
+                                                       LanguageModelEmbedding,
+                                                       TokenformerEmbedding,
+                                                       TokenformerLM,
+                                                       language_model_loss,
+)
 from megatron_tokenformer.model.pattention import Pattention, normalize_pattention_scores
 from megatron_tokenformer.model.pipeline import get_layer_specs
 from megatron_tokenformer.model.spec import config_parameter_counts, get_spec

@@ -41,9 +41,11 @@ from megatron_tokenformer.config import ModelConfig
 from megatron_tokenformer.model.recompute import checkpointed
 from megatron_tokenformer.model.rotary import RotaryEmbedding, apply_rotary_pos_emb
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
-from megatron_tokenformer.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                           gather_from_tensor_model_parallel_region,
-                                                           reduce_scatter_to_tensor_model_parallel_region)
+from megatron_tokenformer.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_scatter_to_tensor_model_parallel_region,
+)
 from megatron_tokenformer.tensor_parallel.pattention import ParallelPattention, parallel_pattention_partial_outputs
 from megatron_tokenformer.tensor_parallel.utils import divide
 

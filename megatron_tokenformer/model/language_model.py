@@ -23,8 +23,8 @@ from megatron_tokenformer.config import ModelConfig
 from megatron_tokenformer.model.attention import KVCache
 from megatron_tokenformer.model.layernorm import LayerNorm
 from megatron_tokenformer.model.recompute import run_layers
-from megatron_tokenformer.model.spec import get_spec
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
+from megatron_tokenformer.model.spec import get_spec
 from megatron_tokenformer.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_tokenformer.tensor_parallel.layers import VocabParallelEmbedding, parallel_lm_logits
 

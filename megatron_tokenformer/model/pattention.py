@@ -18,8 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_tokenformer.ops.pattention_norm import (NORMALIZATIONS, check_normalization,
-                                                       normalize_pattention_scores, pattention_normalize_combine)
+from megatron_tokenformer.ops.pattention_norm import (
+    NORMALIZATIONS,
+    check_normalization,
+    normalize_pattention_scores,
+    pattention_normalize_combine,
+)
 
 __all__ = ["Pattention", "NORMALIZATIONS", "normalize_pattention_scores"]
 

@@ -29,8 +29,12 @@ from typing import List
 import torch
 
 from megatron_tokenformer.config import ModelConfig
-from megatron_tokenformer.model.language_model import (LanguageModelEmbedding, get_block_class, language_model_loss,
-                                                       prepare_config)
+from megatron_tokenformer.model.language_model import (
+    LanguageModelEmbedding,
+    get_block_class,
+    language_model_loss,
+    prepare_config,
+)
 from megatron_tokenformer.model.layernorm import LayerNorm
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
 

@@ -30,7 +30,8 @@ from torch import nn
 from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, MODEL_TYPES, FamilyFields, ModelConfig
 from megatron_tokenformer.errors import TokenformerError
 from megatron_tokenformer.model.block import TokenformerBlock
-from megatron_tokenformer.model.transformer import MODEL_TYPE as TRANSFORMER_MODEL_TYPE, TransformerBlock
+from megatron_tokenformer.model.transformer import MODEL_TYPE as TRANSFORMER_MODEL_TYPE
+from megatron_tokenformer.model.transformer import TransformerBlock
 
 __all__ = ["ParamInfo", "ModelSpec", "config_parameter_counts", "TokenformerSpec", "TransformerSpec", "get_spec", "MODEL_SPECS",
            "PARAM_KINDS", "GROW_PARAM_TOKENS", "GROW_NET2NET_WIDTH", "UnknownParameterError",

@@ -44,8 +44,11 @@ from megatron_tokenformer.config import MODEL_FAMILY_FIELDS, ModelConfig
 from megatron_tokenformer.model.attention import KVCache, ParallelAttention
 from megatron_tokenformer.model.layernorm import LayerNorm
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
-from megatron_tokenformer.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                                         linear_from_sequence_parallel_region)
+from megatron_tokenformer.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    linear_from_sequence_parallel_region,
+)
 
 __all__ = ["TransformerAttention", "ParallelMLP", "TransformerBlock", "transformer_config"]
 

@@ -15,13 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_tokenformer import parallel_state
-from megatron_tokenformer.tensor_parallel.mappings import _all_gather_seq, _reduce_scatter_seq
-from megatron_tokenformer.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                           gather_from_sequence_parallel_region,
-                                                           gather_from_tensor_model_parallel_region,
-                                                           reduce_from_tensor_model_parallel_region,
-                                                           reduce_scatter_to_sequence_parallel_region,
-                                                           scatter_to_tensor_model_parallel_region)
+from megatron_tokenformer.tensor_parallel.mappings import (
+    _all_gather_seq,
+    _reduce_scatter_seq,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
 from megatron_tokenformer.tensor_parallel.random import init_partitioned_, set_tensor_model_parallel_attributes
 from megatron_tokenformer.tensor_parallel.utils import VocabUtility, check_token_ids, divide
 

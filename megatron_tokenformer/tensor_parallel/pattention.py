@@ -24,14 +24,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_tokenformer import parallel_state
-from megatron_tokenformer.ops.pattention_norm import (check_normalization, normalize_pattention_scores,
-                                                     pattention_normalize_combine)
-from megatron_tokenformer.tensor_parallel.mappings import (all_reduce_max_no_grad, all_reduce_norm,
-                                                           all_reduce_sum_no_grad,
-                                                           copy_to_tensor_model_parallel_region,
-                                                           reduce_scatter_to_sequence_parallel_region,
-                                                           reduce_from_tensor_model_parallel_region)
+from megatron_tokenformer.ops.pattention_norm import (
+    check_normalization,
+    normalize_pattention_scores,
+    pattention_normalize_combine,
+)
 from megatron_tokenformer.tensor_parallel.layers import linear_from_sequence_parallel_region
+from megatron_tokenformer.tensor_parallel.mappings import (
+    all_reduce_max_no_grad,
+    all_reduce_norm,
+    all_reduce_sum_no_grad,
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron_tokenformer.tensor_parallel.random import init_partitioned_, set_tensor_model_parallel_attributes
 
 

@@ -57,9 +57,9 @@ def apex_available(cuda_available: Optional[bool] = None) -> bool:
     if not cuda_available:
         return False
     try:
-        from apex.optimizers import FusedAdam  # noqa: F401
-        from apex.multi_tensor_apply import multi_tensor_applier
         import amp_C
+        from apex.multi_tensor_apply import multi_tensor_applier
+        from apex.optimizers import FusedAdam  # noqa: F401
         return bool(getattr(multi_tensor_applier, "available", False)) and hasattr(amp_C, "multi_tensor_adam")
     except Exception:
         return False

@@ -36,9 +36,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_tokenformer.model.spec import get_spec
+from megatron_tokenformer.model.spec import get_spec, transformer_forward_flops_per_token
 from megatron_tokenformer.model.spec import tokenformer_forward_flops_per_token as forward_flops_per_token
-from megatron_tokenformer.model.spec import transformer_forward_flops_per_token
 
 __all__ = ["forward_flops_per_token", "transformer_forward_flops_per_token", "training_flops_per_token", "peak_tflops_for_device",
            "PEAK_TFLOPS", "DEVICE_NAMES", "peak_tflops", "training_precision"]

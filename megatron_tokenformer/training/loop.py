@@ -25,12 +25,18 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 
 from megatron_tokenformer import parallel_state
-from megatron_tokenformer.training import flops as flops_lib
 from megatron_tokenformer.training import data_checks, output_channel
+from megatron_tokenformer.training import flops as flops_lib
+from megatron_tokenformer.training.logging import (
+    TensorBoardLogger,
+    format_eval_line,
+    format_train_line,
+    is_logging_rank,
+    print_rank_0,
+    print_rank_last,
+)
 from megatron_tokenformer.training.supervision import launcher_watch
 from megatron_tokenformer.training.supervision.numerics import NumericsCheck, NumericsOptions
-from megatron_tokenformer.training.logging import (TensorBoardLogger, format_eval_line, format_train_line,
-                                                   is_logging_rank, print_rank_0, print_rank_last)
 
 __all__ = ["DatasetOptions", "TrainingOptions", "build_datasets", "get_batch", "build_data_iterators", "train_step",
            "evaluate", "train", "ExitSignalHandler", "EXIT_KINDS", "local_exit_request", "agreed_exit_reason"]

@@ -89,8 +89,8 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
     problem = launch.network_problem(env)
     if problem:
         _fail(problem, env.local_rank)  # the first rank of each host that sees it
-    import torch
     import deepspeed
+    import torch
 
     from megatron_tokenformer import parallel_state
     from megatron_tokenformer.arguments import core_config_from_args, describe, engine_options
@@ -98,8 +98,12 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
     from megatron_tokenformer.tensor_parallel import random as tp_random
     from megatron_tokenformer.training import engine as engine_lib
     from megatron_tokenformer.training import loop
-    from megatron_tokenformer.training.logging import (TensorBoardLogger, count_model_parameters,
-                                                       format_parameter_summary, print_rank_0)
+    from megatron_tokenformer.training.logging import (
+        TensorBoardLogger,
+        count_model_parameters,
+        format_parameter_summary,
+        print_rank_0,
+    )
 
     # ---- tokenizer and model config (cheap, still before the process group)
     try:
@@ -167,8 +171,8 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
 
     iteration, consumed_samples = 0, 0
     if args.load:
-        from megatron_tokenformer.checkpointing import io as checkpoint_io
         from megatron_tokenformer.checkpointing import file_checks
+        from megatron_tokenformer.checkpointing import io as checkpoint_io
         from megatron_tokenformer.checkpointing.format import files as checkpoint_files
         try:
             step_dir = checkpoint_files.resolve_step_dir(args.load)

@@ -8,6 +8,7 @@ import torch
 from megatron_tokenformer.checkpointing.format import checksums
 from tests.helpers.paths import load_benchmark
 
+
 def test_save_timing_writes_the_files_and_with_checksums_their_manifest(tmp_path):
     bench = load_benchmark("checksums")
     states = {"a.pt": {"w": torch.arange(12.0)}, "b.pt": {"v": torch.ones(3)}}

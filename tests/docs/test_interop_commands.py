@@ -19,7 +19,6 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
 
 from tests.helpers import zygote  # noqa: E402

@@ -17,7 +17,6 @@ import sys
 import pytest
 
 from tests.helpers import zygote
-
 from tests.helpers.train_runs import free_port
 
 pytestmark = pytest.mark.slow

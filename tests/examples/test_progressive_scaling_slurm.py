@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from tests.helpers import slurm_jobs as S
 from tests.helpers import corpus_gen, train_runs
+from tests.helpers import slurm_jobs as S
 from tests.unit.test_launch import LOCAL_CLUSTER, slurm_cluster  # noqa: F401 - the local Slurm cluster fixture
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -67,7 +67,7 @@ def _submit(recipe, stage, log, dependency=None):
     return SLURM.sbatch(args + [SCRIPT], env=train_runs.env({"OMP_NUM_THREADS": ""}), cwd=str(recipe))
 
 
-def test_stage_requeues_at_its_time_limit_and_the_next_stage_grows_the_finished_checkpoint(slurm_cluster,
+def test_stage_requeues_at_its_time_limit_and_the_next_stage_grows_the_finished_checkpoint(slurm_cluster,  # noqa: F811 - the fixture
                                                                                            tiny_recipe):
     log1, log2 = tiny_recipe / "stage1.out", tiny_recipe / "stage2.out"
     j1 = _submit(tiny_recipe, "124M", log1)

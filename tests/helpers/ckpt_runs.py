@@ -11,10 +11,11 @@ import subprocess
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from tests.helpers.paths import REPO_ROOT as ROOT
+
 SCRIPT = os.path.join(ROOT, "pretrain_tokenformer.py")
 
 # Process handling (free ports, a clean environment, kill-on-timeout) is shared with the training tests.
-from tests.helpers.train_runs import communicate_or_kill, env, free_port, start, warm_launch  # noqa: E402
+from tests.helpers.train_runs import communicate_or_kill, env, start, warm_launch  # noqa: E402
 
 # A tiny Tokenformer; global batch 4 = micro batch 2 x gradient accumulation x DP (DP 1 or 2).
 ARCH = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",

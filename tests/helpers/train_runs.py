@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 from megatron_tokenformer.launch import find_free_port as free_port  # noqa: F401  (the one free-port helper)
 from tests.helpers.paths import REPO_ROOT as ROOT
+
 SCRIPT = os.path.join(ROOT, "pretrain_tokenformer.py")
 VENV_BIN = os.path.dirname(sys.executable)
 

@@ -1,10 +1,7 @@
 """tools/build_local_corpus.py: deterministic, bounded, valid JSON-lines from local files."""
 
 import json
-import os
-import sys
 
-from tests.helpers.paths import REPO_ROOT as REPO
 from tests.helpers.paths import load_tool
 
 build_local_corpus = load_tool("build_local_corpus")

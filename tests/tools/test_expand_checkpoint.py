@@ -252,6 +252,7 @@ def test_takes_the_save_lock_of_training(tool, source, capsys, monkeypatch):
     success and one result silently replaced the other)."""
     import signal
     import socket
+
     from megatron_tokenformer.checkpointing import expand
     work, src = source
     dst = os.path.join(work, "locked")

@@ -7,8 +7,9 @@ import sys
 import numpy as np
 
 from tests.helpers.paths import REPO_ROOT as REPO
-SCRIPT = os.path.join(REPO, "tools", "merge_datasets.py")
 from tests.helpers.paths import load_tool
+
+SCRIPT = os.path.join(REPO, "tools", "merge_datasets.py")
 
 merge_datasets = load_tool("merge_datasets")
 

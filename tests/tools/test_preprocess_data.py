@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from tests.helpers.paths import REPO_ROOT as REPO
-SCRIPT = os.path.join(REPO, "tools", "preprocess_data.py")
 from tests.helpers.paths import load_tool
+
+SCRIPT = os.path.join(REPO, "tools", "preprocess_data.py")
 
 preprocess_data = load_tool("preprocess_data")
 

@@ -6,7 +6,6 @@ import random
 import subprocess
 import sys
 
-
 from tests.helpers.paths import REPO_ROOT as REPO
 from tests.helpers.paths import load_tool
 

@@ -2,16 +2,13 @@
 raised before any process group exists (so no rank waits for another)."""
 
 import json
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from megatron_tokenformer.arguments import ArgumentError, build_parser, parse_args, validate_args
-
 from tests.helpers import train_runs
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",

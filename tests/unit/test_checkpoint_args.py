@@ -7,7 +7,12 @@ import os
 
 import pytest
 
-from megatron_tokenformer.checkpoint_args import CheckpointArgs, CheckpointMismatchError, ResumeInputs, check_resume_inputs
+from megatron_tokenformer.checkpoint_args import (
+    CheckpointArgs,
+    CheckpointMismatchError,
+    ResumeInputs,
+    check_resume_inputs,
+)
 from megatron_tokenformer.checkpointing.format import files, metadata
 
 

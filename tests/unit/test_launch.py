@@ -15,7 +15,6 @@ import sys
 import pytest
 
 from megatron_tokenformer import launch
-
 from tests.helpers import train_runs
 
 ITERS = 3

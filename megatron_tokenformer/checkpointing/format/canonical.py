@@ -18,10 +18,20 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
-from megatron_tokenformer.checkpointing.format.checksums import (MANIFEST_PREFIX, ChecksumRecorder, HashingWriter,
-                                                                 metadata_entry)
-from megatron_tokenformer.checkpointing.format.entries import (FP32, CheckpointFormatError, CheckpointIndex, Fragment,
-                                                               LocalTensor, ParamEntry)
+from megatron_tokenformer.checkpointing.format.checksums import (
+    MANIFEST_PREFIX,
+    ChecksumRecorder,
+    HashingWriter,
+    metadata_entry,
+)
+from megatron_tokenformer.checkpointing.format.entries import (
+    FP32,
+    CheckpointFormatError,
+    CheckpointIndex,
+    Fragment,
+    LocalTensor,
+    ParamEntry,
+)
 from megatron_tokenformer.checkpointing.format.files import CANONICAL_DIR, META_FILE
 from megatron_tokenformer.checkpointing.format.metadata import write_json
 from megatron_tokenformer.checkpointing.format.tensor_file import LazyTensor, TorchFile

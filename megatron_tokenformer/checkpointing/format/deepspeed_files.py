@@ -28,8 +28,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_tokenformer.checkpointing.format.entries import (FP32, CheckpointFormatError, CheckpointIndex, Fragment,
-                                                               LocalTensor, ParamEntry)
+from megatron_tokenformer.checkpointing.format.entries import (
+    FP32,
+    CheckpointFormatError,
+    CheckpointIndex,
+    Fragment,
+    LocalTensor,
+    ParamEntry,
+)
 from megatron_tokenformer.checkpointing.format.files import META_FILE
 from megatron_tokenformer.checkpointing.format.metadata import jsonable
 from megatron_tokenformer.checkpointing.format.tensor_file import LazyTensor, TorchFile, materialize

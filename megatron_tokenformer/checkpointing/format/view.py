@@ -25,8 +25,13 @@ import torch
 
 from megatron_tokenformer.checkpointing.format.canonical import Copy, Fill, index_canonical_step
 from megatron_tokenformer.checkpointing.format.deepspeed_files import index_deepspeed_step
-from megatron_tokenformer.checkpointing.format.entries import (FP32, CheckpointFormatError, CheckpointIndex,
-                                                               LocalTensor, ParamEntry)
+from megatron_tokenformer.checkpointing.format.entries import (
+    FP32,
+    CheckpointFormatError,
+    CheckpointIndex,
+    LocalTensor,
+    ParamEntry,
+)
 from megatron_tokenformer.checkpointing.format.files import META_FILE, resolve_step_dir
 from megatron_tokenformer.checkpointing.format.metadata import KIND_CANONICAL, KIND_DEEPSPEED, read_meta
 from megatron_tokenformer.checkpointing.format.tensor_file import TorchFile

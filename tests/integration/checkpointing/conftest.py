@@ -1,7 +1,5 @@
 """Shared, lazily built training runs for the checkpoint tests (each runs once per session)."""
 
-import os
-import sys
 
 import pytest
 

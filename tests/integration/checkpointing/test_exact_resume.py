@@ -179,8 +179,8 @@ def test_kill_during_save_resumes_from_previous_step(straight_runs, ckpt_workdir
 
 def _reference_loss(step_dir, samples):
     """lm loss of the checkpoint's weights on the given mock samples, computed without DeepSpeed."""
-    from megatron_tokenformer.checkpointing.reshard import load_module_from_view
     from megatron_tokenformer.checkpointing.format.view import CheckpointView
+    from megatron_tokenformer.checkpointing.reshard import load_module_from_view
     from megatron_tokenformer.data.gpt_dataset import MockGPTDataset
     from megatron_tokenformer.model import TokenformerLM
     with CheckpointView(step_dir) as view:

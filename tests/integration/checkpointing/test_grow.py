@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.helpers import ckpt_runs as R
 from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_checkpoint
-from megatron_tokenformer.checkpointing.grow import interleaved_positions
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
+from megatron_tokenformer.checkpointing.grow import interleaved_positions
+from tests.helpers import ckpt_runs as R
 
 pytestmark = pytest.mark.slow
 

@@ -6,12 +6,12 @@ import subprocess
 
 import pytest
 
-from tests.helpers import ckpt_runs as R
-from tests.helpers.train_runs import warm_launch
 from megatron_tokenformer.arguments import core_config_from_args, parse_args
 from megatron_tokenformer.checkpoint_args import apply_checkpoint_args
 from megatron_tokenformer.checkpointing import io
 from megatron_tokenformer.config import TokenformerConfig
+from tests.helpers import ckpt_runs as R
+from tests.helpers.train_runs import warm_launch
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,9 @@ def test_resume_checks_the_tokenizer_content_and_the_data(tmp_path):
     resuming with tokenizer B of the same vocabulary size is refused (before: accepted, and the next step
     shipped B), another --split of X is refused, another --data-path trains with one note line."""
     import json
+
     import numpy as np
+
     from megatron_tokenformer.data.preprocess import preprocess
     from megatron_tokenformer.data.tokenizer import train_sentencepiece
     rng = np.random.default_rng(0)

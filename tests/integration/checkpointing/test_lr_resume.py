@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from tests.helpers import ckpt_runs as R
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.training.lr_schedules import learning_rate
+from tests.helpers import ckpt_runs as R
 
 pytestmark = pytest.mark.slow
 

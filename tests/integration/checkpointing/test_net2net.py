@@ -13,14 +13,13 @@ import pytest
 import torch
 
 from megatron_tokenformer.checkpointing.expand import ExpandOptions
-from megatron_tokenformer.checkpointing.net2net import (Net2NetError, plan_from_options, plan_widening,
-                                                        widen_state_dict)
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
+from megatron_tokenformer.checkpointing.net2net import Net2NetError, plan_from_options, plan_widening, widen_state_dict
 from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model import TokenformerLM
 from megatron_tokenformer.model.transformer import transformer_config
-
 from tests.helpers.paths import REPO_ROOT as ROOT
+
 VOCAB = 61
 
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.helpers import ckpt_runs as R
 from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_checkpoint
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
+from tests.helpers import ckpt_runs as R
 
 pytestmark = pytest.mark.slow
 

@@ -153,7 +153,7 @@ def test_stopped_rank_ends_the_run_within_the_timeout():
 
 
 @pytest.mark.slurm
-def test_scancel_signal_to_an_srun_step_saves_and_exits(slurm_cluster, tmp_path):
+def test_scancel_signal_to_an_srun_step_saves_and_exits(slurm_cluster, tmp_path):  # noqa: F811 - the fixture
     """SIGTERM to srun itself makes Slurm end the step with SIGKILL ("srun: forcing job termination"):
     no process can save then. The signal that reaches the tasks is Slurm's own: scancel --signal=TERM."""
     save = str(tmp_path / "ckpt")

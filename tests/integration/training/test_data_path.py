@@ -8,7 +8,6 @@ from megatron_tokenformer.arguments import options_from_args, parse_args, valida
 from megatron_tokenformer.data.indexed_dataset import IndexedDatasetBuilder
 from megatron_tokenformer.data.tokenizer import build_tokenizer
 from megatron_tokenformer.training import loop
-
 from tests.helpers import train_runs
 
 DOC_LEN = 32

@@ -16,7 +16,6 @@ minutes together.
 """
 
 import math
-import os
 
 import pytest
 

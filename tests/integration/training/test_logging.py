@@ -1,17 +1,19 @@
 """Log line format, evaluation line, parameter counts and TensorBoard scalars."""
 
 import math
-import os
 import re
-import sys
 
 import pytest
 
 from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model import TokenformerLM
-from megatron_tokenformer.training.logging import (TensorBoardLogger, count_model_parameters, format_eval_line,
-                                                   format_parameter_summary, format_train_line)
-
+from megatron_tokenformer.training.logging import (
+    TensorBoardLogger,
+    count_model_parameters,
+    format_eval_line,
+    format_parameter_summary,
+    format_train_line,
+)
 from tests.helpers import train_runs
 
 

@@ -12,8 +12,8 @@ import math
 import torch
 
 from megatron_tokenformer.arguments import core_config_from_args, parse_args, validate_args
-from megatron_tokenformer.checkpointing.grow import GrownView, plan_growth
 from megatron_tokenformer.checkpointing.format.entries import FP32, ParamEntry
+from megatron_tokenformer.checkpointing.grow import GrownView, plan_growth
 from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model import TokenformerLM
 

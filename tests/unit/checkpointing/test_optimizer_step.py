@@ -119,10 +119,16 @@ def test_get_adam_step_reads_either_place():
 
 
 # --- a whole optimizer state loaded by the other implementation (DeepSpeed's same-layout load) ----------
-from megatron_tokenformer.checkpointing.optimizer_step import (STEP_IN_PARAM_GROUP, STEP_PER_PARAMETER,  # noqa: E402
-                                                               adam_step_conversion, convert_loaded_adam_step,
-                                                               convert_state_dict_step, describe_optimizer,
-                                                               saved_step_layout, step_layout)
+from megatron_tokenformer.checkpointing.optimizer_step import (  # noqa: E402
+    STEP_IN_PARAM_GROUP,
+    STEP_PER_PARAMETER,
+    adam_step_conversion,
+    convert_loaded_adam_step,
+    convert_state_dict_step,
+    describe_optimizer,
+    saved_step_layout,
+    step_layout,
+)
 
 
 def _two_params():

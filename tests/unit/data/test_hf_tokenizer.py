@@ -8,7 +8,6 @@ import pytest
 
 pytest.importorskip("tokenizers")
 
-from megatron_tokenformer.data.hf_tokenizer import train_byte_level_bpe  # noqa: E402
 from megatron_tokenformer.data.indexed_dataset import IndexedDataset  # noqa: E402
 from megatron_tokenformer.data.tokenizer import TokenizerError, build_tokenizer, load_tokenizer_file  # noqa: E402
 from tests.helpers.paths import load_tool  # noqa: E402

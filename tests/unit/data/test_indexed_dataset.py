@@ -31,9 +31,12 @@ def independent_read(prefix):
     code, = struct.unpack_from("<B", raw, 17)
     n_seq, n_doc = struct.unpack_from("<QQ", raw, 18)
     off = 34
-    lengths = np.frombuffer(raw, "<i4", n_seq, off); off += 4 * n_seq
-    pointers = np.frombuffer(raw, "<i8", n_seq, off); off += 8 * n_seq
-    docs = np.frombuffer(raw, "<i8", n_doc, off); off += 8 * n_doc
+    lengths = np.frombuffer(raw, "<i4", n_seq, off)
+    off += 4 * n_seq
+    pointers = np.frombuffer(raw, "<i8", n_seq, off)
+    off += 8 * n_seq
+    docs = np.frombuffer(raw, "<i8", n_doc, off)
+    off += 8 * n_doc
     assert off == len(raw)
     dtype = np.dtype(CODES[code]).newbyteorder("<")
     data = open(prefix + ".bin", "rb").read()

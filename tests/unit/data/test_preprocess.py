@@ -9,7 +9,6 @@ from megatron_tokenformer.data.indexed_dataset import IndexedDataset
 from megatron_tokenformer.data.preprocess import preprocess
 from megatron_tokenformer.data.text_inputs import BadInputError
 from megatron_tokenformer.data.tokenizer import SentencePieceTokenizer, TokenizerError
-
 from tests.helpers.corpus_gen import make_documents, write_blank_line_text, write_jsonl
 
 

@@ -5,8 +5,14 @@ import json
 
 import pytest
 
-from megatron_tokenformer.data.text_inputs import (BadInputError, expand_inputs, file_format, iter_chunks,
-                                                   iter_documents, parse_chunk)
+from megatron_tokenformer.data.text_inputs import (
+    BadInputError,
+    expand_inputs,
+    file_format,
+    iter_chunks,
+    iter_documents,
+    parse_chunk,
+)
 
 TEXT = "first doc\nline two\n\n\n  \nsecond doc\n\t\nthird\n"
 TEXT_DOCS = ["first doc\nline two", "second doc", "third"]

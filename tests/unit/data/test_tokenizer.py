@@ -9,7 +9,6 @@ from megatron_tokenformer.data.tokenizer import (
     build_tokenizer,
     train_sentencepiece,
 )
-
 from tests.helpers.corpus_gen import make_documents
 
 

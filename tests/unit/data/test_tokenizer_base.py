@@ -47,7 +47,8 @@ def test_an_object_without_the_members_is_no_tokenizer():
 def test_one_error_type_from_every_module():
     assert tokenizer.TokenizerError is TokenizerError
     assert hf_tokenizer.TokenizerError is TokenizerError
-    from megatron_tokenformer.data import Tokenizer as package_protocol, TokenizerError as package_error
+    from megatron_tokenformer.data import Tokenizer as package_protocol
+    from megatron_tokenformer.data import TokenizerError as package_error
     assert package_error is TokenizerError and package_protocol is Tokenizer
     with pytest.raises(TokenizerError, match="--vocab-size"):
         tokenizer.build_tokenizer("NullTokenizer")

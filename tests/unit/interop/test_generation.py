@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from megatron_tokenformer.config import TokenformerConfig
-from megatron_tokenformer.interop.generation import (GenerationError, SamplingOptions, _choose, forward_step,
-                                                     generate_tokens)
+from megatron_tokenformer.interop.generation import (
+    GenerationError,
+    SamplingOptions,
+    _choose,
+    forward_step,
+    generate_tokens,
+)
 from megatron_tokenformer.model import KVCache, TokenformerLM
 from tests.helpers import dist_pool
 

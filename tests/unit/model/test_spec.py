@@ -8,8 +8,14 @@ import pytest
 from megatron_tokenformer.config import MODEL_TYPES, TokenformerConfig
 from megatron_tokenformer.model import TokenformerLM
 from megatron_tokenformer.model.block import TokenformerBlock
-from megatron_tokenformer.model.spec import (GROW_NET2NET_WIDTH, GROW_PARAM_TOKENS, PARAM_KINDS,
-                                             UnknownParameterError, config_parameter_counts, get_spec)
+from megatron_tokenformer.model.spec import (
+    GROW_NET2NET_WIDTH,
+    GROW_PARAM_TOKENS,
+    PARAM_KINDS,
+    UnknownParameterError,
+    config_parameter_counts,
+    get_spec,
+)
 from megatron_tokenformer.model.transformer import TransformerBlock, transformer_config
 
 D, F_MLP, VOCAB = 16, 24, 37

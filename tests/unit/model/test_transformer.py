@@ -282,7 +282,7 @@ def check_init(rank, world, ref_path):
     model = TokenformerLM(tiny_config(), seed=SEED)
     params = dict(model.named_parameters())
     assert sorted(params) == sorted(ref["params"])
-    d, h = 32, 4
+    d = 32
     for name, p in params.items():
         assert torch.equal(p.detach(), shard_of(ref["params"][name], p, rank, world)), f"init of {name}"
     # each rank's Q/K/V rows are exactly its heads' rows (head-major): heads [r h/p, (r+1) h/p)

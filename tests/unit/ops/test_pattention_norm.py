@@ -17,8 +17,12 @@ contiguous block of the n tokens and the reference is the full single-process co
 import pytest
 import torch
 
-from megatron_tokenformer.ops.pattention_norm import check_normalization, normalize_pattention_scores
-from megatron_tokenformer.ops.pattention_norm import NORMALIZATIONS, pattention_normalize_combine
+from megatron_tokenformer.ops.pattention_norm import (
+    NORMALIZATIONS,
+    check_normalization,
+    normalize_pattention_scores,
+    pattention_normalize_combine,
+)
 from tests.helpers import dist_pool, plain_reference
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
@@ -217,8 +221,11 @@ def test_saved_bytes_below_autograd_path(normalization, dtype):
 
 def check_tensor_parallel(rank, world):
     """Run on every rank of a TP = world gloo group (test_lean_function_at_tensor_parallel)."""
-    from megatron_tokenformer.tensor_parallel.mappings import (all_reduce_max_no_grad, all_reduce_sum_no_grad,
-                                                               reduce_from_tensor_model_parallel_region)
+    from megatron_tokenformer.tensor_parallel.mappings import (
+        all_reduce_max_no_grad,
+        all_reduce_sum_no_grad,
+        reduce_from_tensor_model_parallel_region,
+    )
     chunk = slice(rank * N // world, (rank + 1) * N // world)
     for dtype in (torch.float32, torch.bfloat16):
         for normalization in NORMALIZATIONS:

@@ -13,8 +13,7 @@ here shares the same few compiled kernels per normalisation.
 import pytest
 import torch
 
-from megatron_tokenformer.ops.pattention_norm import (NORMALIZATIONS, elementwise_kernels,
-                                                       pattention_normalize_combine)
+from megatron_tokenformer.ops.pattention_norm import NORMALIZATIONS, elementwise_kernels, pattention_normalize_combine
 from tests.unit.ops.test_pattention_norm import make, rel_err, saved_bytes
 
 

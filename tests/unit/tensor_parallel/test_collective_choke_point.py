@@ -20,7 +20,6 @@ from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model.language_model import TokenformerLM
 from megatron_tokenformer.tensor_parallel import mappings
 from megatron_tokenformer.testing import spawn_gloo
-
 from tests.helpers.paths import REPO_ROOT
 
 

@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_tokenformer.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                                         VocabParallelEmbedding, linear_from_sequence_parallel_region,
-                                                         parallel_lm_logits)
+from megatron_tokenformer.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    linear_from_sequence_parallel_region,
+    parallel_lm_logits,
+)
 from tests.helpers import dist_pool
 from tests.helpers.tp_gather import full_tensor
 

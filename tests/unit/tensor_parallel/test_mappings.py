@@ -9,6 +9,7 @@ sums are exact and everything is compared with torch.equal.
 """
 
 import os
+
 import pytest
 import torch
 

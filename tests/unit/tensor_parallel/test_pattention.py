@@ -16,9 +16,11 @@ import torch.distributed as dist
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.tensor_parallel import mappings
-from megatron_tokenformer.tensor_parallel.pattention import (ParallelPattention,
-                                                             normalize_parallel_pattention_scores,
-                                                             parallel_pattention_partial_outputs)
+from megatron_tokenformer.tensor_parallel.pattention import (
+    ParallelPattention,
+    normalize_parallel_pattention_scores,
+    parallel_pattention_partial_outputs,
+)
 from tests.helpers import dist_pool, plain_reference
 from tests.helpers.tp_gather import full_parameters, shard
 

@@ -13,10 +13,16 @@ import torch.distributed as dist
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.tensor_parallel import random as tp_random
-from megatron_tokenformer.tensor_parallel.random import (get_cuda_rng_tracker, get_rng_tracker, init_partitioned_,
-                                                         master_normal, model_parallel_cuda_manual_seed,
-                                                         model_parallel_seed, parameter_seed,
-                                                         set_tensor_model_parallel_attributes)
+from megatron_tokenformer.tensor_parallel.random import (
+    get_cuda_rng_tracker,
+    get_rng_tracker,
+    init_partitioned_,
+    master_normal,
+    model_parallel_cuda_manual_seed,
+    model_parallel_seed,
+    parameter_seed,
+    set_tensor_model_parallel_attributes,
+)
 from tests.helpers import dist_pool
 
 

@@ -3,8 +3,6 @@
 import sys
 import types
 
-import pytest
-
 from megatron_tokenformer.training import engine as engine_lib
 
 

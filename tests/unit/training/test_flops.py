@@ -6,9 +6,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model import TokenformerLM
-from megatron_tokenformer.training.flops import (DEVICE_NAMES, PEAK_TFLOPS, forward_flops_per_token, peak_tflops,
-                                                 peak_tflops_for_device, training_flops_per_token,
-                                                 training_precision)
+from megatron_tokenformer.training.flops import (
+    DEVICE_NAMES,
+    PEAK_TFLOPS,
+    forward_flops_per_token,
+    peak_tflops,
+    peak_tflops_for_device,
+    training_flops_per_token,
+    training_precision,
+)
 
 
 def test_forward_flops_match_torch_flop_counter():

@@ -188,6 +188,7 @@ def test_a_second_sigterm_seconds_later_terminates_at_once(after_s, survives):
     import signal
     import subprocess
     import sys
+
     from tests.helpers import train_runs
     r = subprocess.run([sys.executable, "-c", REPEAT, str(after_s)], env=train_runs.env(), capture_output=True,
                        text=True, timeout=120)
@@ -203,6 +204,7 @@ def test_closed_stdout_is_an_exit_request_not_a_crash(monkeypatch):
     there (and would save), train() returns normally naming the reason."""
     import os
     import sys
+
     from megatron_tokenformer.training import output_channel
     r, w = os.pipe()
     os.close(r)

@@ -5,8 +5,12 @@ import math
 import pytest
 import torch
 
-from megatron_tokenformer.training.lr_schedules import (OptimizerParamScheduler, ScheduleMismatchError, learning_rate,
-                                                        reconcile_schedule)
+from megatron_tokenformer.training.lr_schedules import (
+    OptimizerParamScheduler,
+    ScheduleMismatchError,
+    learning_rate,
+    reconcile_schedule,
+)
 
 
 def test_warmup_then_linear_decay():

@@ -8,8 +8,13 @@ import json
 import pytest
 
 from megatron_tokenformer.checkpointing.format import files, metadata
-from megatron_tokenformer.training.param_token_freezing import (ARG_KEY, FreezingError, FreezingOptions,
-                                                                  _local_old_rows, resolve_frozen_counts)
+from megatron_tokenformer.training.param_token_freezing import (
+    ARG_KEY,
+    FreezingError,
+    FreezingOptions,
+    _local_old_rows,
+    resolve_frozen_counts,
+)
 
 GROWN = {"qkv_num_param_tokens": 64, "proj_num_param_tokens": 64, "ffn_num_param_tokens": 256}
 

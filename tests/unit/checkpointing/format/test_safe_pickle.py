@@ -55,6 +55,7 @@ def _legit_objects():
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
+
     from megatron_tokenformer.checkpointing.io import _rng_state
     random.seed(3)
     np.random.seed(3)

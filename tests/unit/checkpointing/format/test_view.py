@@ -4,8 +4,8 @@ other layouts, byte locations, against the full tensors the folder was built fro
 import pytest
 import torch
 
-from megatron_tokenformer.checkpointing.format.view import CheckpointView, open_checkpoint
 from megatron_tokenformer.checkpointing.format import files
+from megatron_tokenformer.checkpointing.format.view import CheckpointView, open_checkpoint
 from tests.helpers.deepspeed_layout import KEYS, PARAMS, VOCAB, full, write_step_folder
 
 EMB, KEYP, LN = list(PARAMS)

@@ -170,6 +170,7 @@ TORCH_NCCL_HEADER = "include/torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp"
 def test_nccl_environment_names_exist_in_the_installed_torch(tmp_path):
     """Every variable we set is one the installed torch reads (its C++ headers ship with the wheel)."""
     import os
+
     import torch
     root = os.path.dirname(torch.__file__)
     texts = ""
@@ -217,7 +218,9 @@ def check_diagnosis_group_is_a_star(rank, world):
     group, created the plain way, opens world - 1 on every rank); its monitored barrier works."""
     import time
     from datetime import timedelta
+
     import torch.distributed as dist
+
     from megatron_tokenformer.tensor_parallel.mappings import monitored_barrier
     before = _tcp_connections()
     group = collective_timeout.create_diagnosis_group()
@@ -253,8 +256,8 @@ def test_diagnosis_store_operations_are_bounded_and_stop_after_one_failure():
 
     import torch.distributed as dist
 
-    from megatron_tokenformer.training.supervision.collective_timeout import _DeadlineStore
     from megatron_tokenformer.launch import find_free_port
+    from megatron_tokenformer.training.supervision.collective_timeout import _DeadlineStore
     port = find_free_port()
     store = dist.TCPStore("127.0.0.1", port, 1, True, timeout=_td(seconds=120))
     bounded = _DeadlineStore(store, 1.0)
