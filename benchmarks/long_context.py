@@ -161,14 +161,16 @@ def main(argv=None) -> int:
              f"{4 * args.n_small * args.growth}, {params[names[0]]:,} parameters; **{names[1]}** L={args.layers} "
              f"d={args.wide_d} MLP={args.wide_ffn}, {params[names[1]]:,} parameters; vocabulary {args.vocab}.", "",
              "| sequence | forward FLOPs/token, Tokenformer (attention share) | forward FLOPs/token, Transformer "
-             "(attention share) | FLOPs ratio T/TF | measured tokens per CPU-s, Tokenformer | measured tokens per CPU-s, Transformer | "
+             "(attention share) | FLOPs ratio T/TF | measured tokens per CPU-s, Tokenformer | "
+             "measured tokens per CPU-s, Transformer | "
              "speed ratio TF/T |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row, (seq, tps) in zip(rows, measured):
         (f1, s1), (f2, s2) = row[names[0]], row[names[1]]
         lines.append(f"| {seq} | {f1 / 1e6:.2f} M ({s1:.0%}) | {f2 / 1e6:.2f} M ({s2:.0%}) | {f2 / f1:.2f} | "
                      f"{tps[names[0]]:.0f} | {tps[names[1]]:.0f} | {tps[names[0]] / tps[names[1]]:.2f} |")
     if t_cross <= 0.5:
-        cross = (f"The formula's crossover is at T = {max(0.0, t_cross):.0f}: at these sizes the grown Tokenformer needs "
+        cross = (f"The formula's crossover is at T = {max(0.0, t_cross):.0f}: at these sizes the grown "
+                 "Tokenformer needs "
                  "fewer forward FLOPs per token than the widened Transformer at every sequence length, and the gap "
                  f"grows linearly with T (attention costs 4 T d per layer, d = {args.d} against {args.wide_d}).")
     else:

@@ -93,7 +93,8 @@ def pattention_vs_mlp(T=2048, d=512, n=2048, repeats=5):
 
         # (the fused kernels keep the same tensors -- tests/unit/ops/test_pattention_norm_fused.py -- and
         # torch.compile does not run under the recording dispatch mode, so they are timed, not measured)
-        sizes = {"lean": retained_bytes(patt(True)), "autograd": retained_bytes(patt(False)), "mlp": retained_bytes(mlp)}
+        sizes = {"lean": retained_bytes(patt(True)), "autograd": retained_bytes(patt(False)),
+                 "mlp": retained_bytes(mlp)}
         rows.append((str(dtype).replace("torch.", ""), sizes))
         if dtype == torch.float32:
             times = {"lean": [], "fused": [], "autograd": [], "mlp": []}
@@ -197,7 +198,8 @@ def _goals(rows, best) -> str:
     mem = max(sz["lean"] / sz["mlp"] for _, sz in rows)
     t, tf = best["lean"] / best["mlp"], best["fused"] / best["mlp"]
     return (f"Goals of issue 10: saved bytes <= 1.0x the MLP in fp32 and bf16: {'met' if mem <= 1.0 else 'NOT met'} "
-            f"({mem:.2f}x at most; the fused kernels keep the same tensors); fwd+bwd time <= 1.10x the MLP: with the fused "
+            f"({mem:.2f}x at most; the fused kernels keep the same tensors); fwd+bwd time <= 1.10x the MLP: "
+            "with the fused "
             f"kernels (`--fused-pattention-norm`) {'met' if tf <= 1.10 else 'NOT met'} ({tf:.2f}x), with the plain "
             f"eager kernels (the CPU default) {'met' if t <= 1.10 else 'NOT met'} ({t:.2f}x: the backward recomputes "
             "the normalisation in several eager passes over T x n). The matmuls are the same as the MLP's. Timings "
@@ -220,10 +222,11 @@ def render(rows, best, blocks) -> str:
     out += ["", f"Forward + backward, CPU fp32, best of interleaved repeats (compilation excluded): lean "
                 f"{best['lean'] * 1e3:.0f} ms, lean with fused kernels {best['fused'] * 1e3:.0f} ms, autograd "
                 f"composition {best['autograd'] * 1e3:.0f} ms, MLP {best['mlp'] * 1e3:.0f} ms: fused / MLP = "
-                f"**{best['fused'] / best['mlp']:.2f}**, lean / MLP = {best['lean'] / best['mlp']:.2f}, autograd / MLP = "
-                f"{best['autograd'] / best['mlp']:.2f}.",
+                f"**{best['fused'] / best['mlp']:.2f}**, lean / MLP = {best['lean'] / best['mlp']:.2f}, "
+                f"autograd / MLP = {best['autograd'] / best['mlp']:.2f}.",
             "", _goals(rows, best),
-            "", "**One block per rank per micro-batch** (s = {s}, b = {b}, h = {h}, a = {a}; Tokenformer n_qkv = n_o = h,"
+            "", "**One block per rank per micro-batch** (s = {s}, b = {b}, h = {h}, a = {a};"
+                " Tokenformer n_qkv = n_o = h,"
                 " n_ffn = 2h; Transformer f = 4h; both 12 h^2 parameters per layer), measured against the"
                 " formula:".format(**SHAPE), "",
             "| model | TP | sequence parallel | recompute | measured (MiB) | formula (MiB) | measured / formula |"

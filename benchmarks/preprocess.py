@@ -197,9 +197,12 @@ machine is shared with other jobs; load average (1 min) {load_before[0]:.1f} bef
 
 | what | tokens/s | cores busy | ratio |
 | --- | ---: | ---: | ---: |
-| limit: sentencepiece `Encode` of the same documents, 1 process, 1 thread, no I/O | {limit:,.0f} | {c_limit / t_limit:.2f} | 1.00 |
-| `preprocess_data.py --workers 1` (read + encode in 1 worker + write .bin/.idx) | {rates[1]:,.0f} | {cpu[1]:.2f} | {rates[1] / limit:.2f} of the limit (goal >= 0.9) |
-| `preprocess_data.py --workers 2` | {rates[2]:,.0f} | {cpu[2]:.2f} | {rates[2] / rates[1]:.2f}x the 1-worker rate (goal >= 1.6) |
+| limit: sentencepiece `Encode` of the same documents, 1 process, 1 thread, no I/O | \
+{limit:,.0f} | {c_limit / t_limit:.2f} | 1.00 |
+| `preprocess_data.py --workers 1` (read + encode in 1 worker + write .bin/.idx) | {rates[1]:,.0f} | \
+{cpu[1]:.2f} | {rates[1] / limit:.2f} of the limit (goal >= 0.9) |
+| `preprocess_data.py --workers 2` | {rates[2]:,.0f} | {cpu[2]:.2f} | \
+{rates[2] / rates[1]:.2f}x the 1-worker rate (goal >= 1.6) |
 
 With one worker the pool process does the decoding, document splitting, encoding and packing
 while the main process reads and writes in parallel; what separates it from the limit is the

@@ -278,7 +278,8 @@ jobs disturbs far less than the wall clock.
 | what ({threads} thread{'s' if threads > 1 else ''} each) | tokens/s (wall) | ratio | tokens per CPU-s | ratio |
 | --- | ---: | ---: | ---: | ---: |
 {row("plain PyTorch loop: same model class, torch AdamW, clipping, same mock batches", "plain", "plain")}
-{row("`pretrain_tokenformer.py` (1,1,1): DeepSpeed engine, ZeRO-1, LR schedule, data loader, logging", "engine", "plain")}
+{row("`pretrain_tokenformer.py` (1,1,1): DeepSpeed engine, ZeRO-1, LR schedule, data loader, logging",
+     "engine", "plain")}
 
 Goal: ratio >= 0.90.
 

@@ -121,8 +121,9 @@ class ModelConfig:
     whole blocks, "selective": only the attention core; None: nothing), ``recompute_method``
     ("uniform": chunks of ``recompute_num_layers`` blocks, "block": the first ``recompute_num_layers``
     blocks of each pipeline stage; full only), ``recompute_num_layers``, ``fused_pattention_norm`` (the
-    Pattention normalisation's elementwise steps compiled by ``torch.compile``; same function). ``checkpoint_activations=True``
-    is the old spelling of ``recompute_granularity="full"`` (uniform, 1 layer); the two are kept in step.
+    Pattention normalisation's elementwise steps compiled by ``torch.compile``; same function).
+    ``checkpoint_activations=True`` is the old spelling of ``recompute_granularity="full"`` (uniform, 1 layer);
+    the two are kept in step.
     """
 
     num_layers: int = _field(flag=Flag(ARCHITECTURE, "positive_int", "number of transformer blocks"))

@@ -48,8 +48,8 @@ __all__ = ["TESTED_DEEPSPEED", "TESTED_TORCH", "TESTED_PYTHON", "parse_version",
            "version_warning", "installed_version", "check_versions",
            "MUON_OPTIMIZER", "ORIGINAL_MUON", "DeferredModule", "load_real_module", "defer_deepspeed_muon_modules",
            "skip_cpu_shm_comm_build", "allow_fp16_on_cpu", "pipe_topology",
-           "GROUP_STEP_OPTIMIZERS", "base_optimizer", "ZeroFragment", "zero_fragment", "current_loss_scale", "restore_loss_scaler",
-           "optimizer_state_replaced", "SaveWrites", "guarded_checkpoint_writes"]
+           "GROUP_STEP_OPTIMIZERS", "base_optimizer", "ZeroFragment", "zero_fragment", "current_loss_scale",
+           "restore_loss_scaler", "optimizer_state_replaced", "SaveWrites", "guarded_checkpoint_writes"]
 
 #: [lowest, first untested) release of each package the code is tested with (setup.py pins the same)
 TESTED_DEEPSPEED: Tuple[Tuple[int, ...], Tuple[int, ...]] = ((0, 19), (0, 20))
@@ -178,7 +178,8 @@ def defer_deepspeed_muon_modules() -> bool:
         return False  # a DeepSpeed without Muon
     placeholder = type("MuonWithAuxAdam", (), {"__doc__": "Placeholder: no optimizer of this process is a Muon "
                                                           "optimizer (megatron_tokenformer.deepspeed_boundary)."})
-    sys.modules[MUON_OPTIMIZER] = DeferredModule(MUON_OPTIMIZER, specs[MUON_OPTIMIZER], {"MuonWithAuxAdam": placeholder})
+    sys.modules[MUON_OPTIMIZER] = DeferredModule(MUON_OPTIMIZER, specs[MUON_OPTIMIZER],
+                                                 {"MuonWithAuxAdam": placeholder})
     sys.modules[ORIGINAL_MUON] = DeferredModule(ORIGINAL_MUON, specs[ORIGINAL_MUON], {"muon_update": _muon_update})
     return True
 

@@ -131,7 +131,8 @@ python {probe} a b
 torchrun --standalone --nproc_per_node 2 {probe} c
 OMP_NUM_THREADS=2 $PYTHON {probe}
 PYTHONPATH={tmp_path / 'other'} python {probe}
-python -c 'import os, psutil; print({{"c": int(os.environ["PROBE_SERVER"]) in [p.pid for p in psutil.Process().parents()]}})'
+python -c 'import os, psutil; print({{"c": int(os.environ["PROBE_SERVER"]) in \
+[p.pid for p in psutil.Process().parents()]}})'
 PROBE_EXIT=3 python {probe} || echo "exit $?"
 """
     proc = subprocess.run(["bash", "-c", script], env=dict(env, PROBE_SERVER=str(server)), capture_output=True,

@@ -20,8 +20,8 @@ The conversion is a pipeline of named steps (:func:`expand_checkpoint`): :func:`
 
 Crash safety (:func:`megatron_tokenformer.fileio.replace_dir`): everything is written below
 ``<save>.partial-<pid>/``, fsynced, and renamed to ``<save>`` at the very end; any error before that
-leaves ``<save>`` untouched (nothing half-written). ``no_fsync`` skips the fsyncs (faster on a scratch disk; a machine crash right after
-the tool returns can then lose data the rename already published).
+leaves ``<save>`` untouched (nothing half-written). ``no_fsync`` skips the fsyncs (faster on a scratch disk;
+a machine crash right after the tool returns can then lose data the rename already published).
 """
 
 from __future__ import annotations

@@ -214,7 +214,8 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
             meta = build_meta(metadata.KIND_DEEPSPEED, config, _args_dict(args), current_layout(engine), iteration,
                               consumed_samples, tokenizer_model, has_tok)
             meta["run_id"] = run_id  # [save_dir] which run wrote the step
-            meta["optimizer"] = describe_optimizer(deepspeed_boundary.base_optimizer(engine.optimizer))  # where it keeps Adam's step
+            # where it keeps Adam's step
+            meta["optimizer"] = describe_optimizer(deepspeed_boundary.base_optimizer(engine.optimizer))
             meta["checksums"] = checksums.metadata_entry(_world())
             metadata.write_json(os.path.join(partial_dir, files.META_FILE), meta)
             recorder.record_file(os.path.join(partial_dir, files.META_FILE))

@@ -43,9 +43,11 @@ from typing import List, NamedTuple, Optional
 from megatron_tokenformer.checkpointing.format import files, metadata
 from megatron_tokenformer.errors import EXIT_FAILED, TokenformerError
 
-__all__ = ["LOCK_FILE", "EXCLUSIVE_LOCK_FILE", "FLOCK_UNSUPPORTED", "holder_is_dead", "SaveDirError", "SaveFailedError", "SaveDirLock", "check_ownership",
+__all__ = ["LOCK_FILE", "EXCLUSIVE_LOCK_FILE", "FLOCK_UNSUPPORTED", "holder_is_dead", "SaveDirError", "SaveFailedError",
+           "SaveDirLock", "check_ownership",
            "probe_writable", "os_error_text", "describe_save_error", "free_space_warning", "checkpoint_bytes",
-           "prune_own_checkpoints", "resumes_from_save", "PreparedSaveDir", "prepare_save_dir", "agree_on_save", "holder_info"]
+           "prune_own_checkpoints", "resumes_from_save", "PreparedSaveDir", "prepare_save_dir", "agree_on_save",
+           "holder_info"]
 
 LOCK_FILE = "tokenformer_save.lock"
 _PROBE_BYTES = 1 << 20

@@ -6,8 +6,8 @@ The canonical name is the name in the PP = 1 model (:class:`~megatron_tokenforme
 ``PipelineModule`` names parameters by layer index (``3.mlp.key_param_tokens``) or tied key
 (``tied_modules.embed.word_embeddings.weight``); :func:`canonical_parameter_names` maps them back
 using the layer objects: a layer may declare ``canonical_prefix`` (str), otherwise a
-model family's block (:mod:`~megatron_tokenformer.model.spec`) maps to ``layers.{layer_number - 1}.``, the embedding to ``embedding.`` and
-a final LayerNorm to ``final_layernorm.``.
+model family's block (:mod:`~megatron_tokenformer.model.spec`) maps to ``layers.{layer_number - 1}.``, the embedding
+to ``embedding.`` and a final LayerNorm to ``final_layernorm.``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
     S = f(A)        normalised over the n parameter tokens
     O = S V         [..., d_out]    V: value parameter tokens [n, d_out]
 
-The drop-in single-device layer. f(A) V is :func:`megatron_tokenformer.ops.pattention_norm.pattention_normalize_combine`,
+The drop-in single-device layer. f(A) V is
+:func:`megatron_tokenformer.ops.pattention_norm.pattention_normalize_combine`,
 the one memory-lean autograd function shared with the tensor-parallel ``ParallelPattention`` (no reduction
 here: all n tokens are local). No biases.
 """

@@ -33,8 +33,8 @@ from megatron_tokenformer.model.block import TokenformerBlock
 from megatron_tokenformer.model.transformer import MODEL_TYPE as TRANSFORMER_MODEL_TYPE
 from megatron_tokenformer.model.transformer import TransformerBlock
 
-__all__ = ["ParamInfo", "ModelSpec", "config_parameter_counts", "TokenformerSpec", "TransformerSpec", "get_spec", "MODEL_SPECS",
-           "PARAM_KINDS", "GROW_PARAM_TOKENS", "GROW_NET2NET_WIDTH", "UnknownParameterError",
+__all__ = ["ParamInfo", "ModelSpec", "config_parameter_counts", "TokenformerSpec", "TransformerSpec", "get_spec",
+           "MODEL_SPECS", "PARAM_KINDS", "GROW_PARAM_TOKENS", "GROW_NET2NET_WIDTH", "UnknownParameterError",
            "tokenformer_forward_flops_per_token", "transformer_forward_flops_per_token"]
 
 #: growth rules (``ModelSpec.growth_rule``)

@@ -159,7 +159,8 @@ def norm_backward_local(a: torch.Tensor, stats: Sequence[torch.Tensor], grad_s: 
                         tau: float, n: int):
     """The elementwise backward before the reduction, in one pass over A (one erf, one exp).
 
-    a, grad_s: [..., n_local] (compute dtype); grad_s may be overwritten. Returns ``(S, row_dot, partial)``: S = f(A) recomputed (for
+    a, grad_s: [..., n_local] (compute dtype); grad_s may be overwritten.
+    Returns ``(S, row_dot, partial)``: S = f(A) recomputed (for
     dV = Sᵀ dO), this rank's part of the one row sum backward needs ([...]; summed over all n tokens by
     the caller), and what :func:`norm_backward_elementwise` needs after the reduction:
 

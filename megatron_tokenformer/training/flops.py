@@ -39,8 +39,8 @@ from typing import Optional
 from megatron_tokenformer.model.spec import get_spec, transformer_forward_flops_per_token
 from megatron_tokenformer.model.spec import tokenformer_forward_flops_per_token as forward_flops_per_token
 
-__all__ = ["forward_flops_per_token", "transformer_forward_flops_per_token", "training_flops_per_token", "peak_tflops_for_device",
-           "PEAK_TFLOPS", "DEVICE_NAMES", "peak_tflops", "training_precision"]
+__all__ = ["forward_flops_per_token", "transformer_forward_flops_per_token", "training_flops_per_token",
+           "peak_tflops_for_device", "PEAK_TFLOPS", "DEVICE_NAMES", "peak_tflops", "training_precision"]
 
 #: dense (no sparsity) peak TFLOP/s of one device per matmul precision, from the vendors' data sheets
 PEAK_TFLOPS = {

@@ -10,8 +10,9 @@ The schedule is a function of the number of optimizer updates already taken, ``k
     cosine ``min_lr + (max_lr - min_lr) * (1 + cos(pi * r)) / 2``
 * from ``decay_steps`` on: ``min_lr`` (``max_lr`` for constant).
 
-The decay part is Megatron's; Megatron's warmup starts from 0 at ``k = 0``. DeepSpeed calls :meth:`step` after every applied optimizer step (not after an
-fp16 step skipped for overflow) and saves :meth:`state_dict` in its checkpoints.
+The decay part is Megatron's; Megatron's warmup starts from 0 at ``k = 0``. DeepSpeed calls :meth:`step` after
+every applied optimizer step (not after an fp16 step skipped for overflow) and saves :meth:`state_dict` in its
+checkpoints.
 
 On resume (:meth:`OptimizerParamScheduler.load_state_dict`) the step count is restored and the
 schedule's shape is reconciled as Megatron does (:func:`reconcile_schedule`): a checkpoint whose

@@ -139,5 +139,6 @@ def name_lost(silent: Sequence[int], text: str, me: Optional[int] = None) -> str
     lost = lost_ranks_in_text(text, me)
     if lost:
         hosts = list(dict.fromkeys(_HOSTS[r][0] for r in lost))
-        return f"a rank on host{'s' if len(hosts) > 1 else ''} {', '.join(hosts)} ({describe_ranks(lost).split(' (')[0]})"
+        return (f"a rank on host{'s' if len(hosts) > 1 else ''} {', '.join(hosts)} "
+                f"({describe_ranks(lost).split(' (')[0]})")
     return "another rank"

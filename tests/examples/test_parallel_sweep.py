@@ -109,7 +109,8 @@ def test_tiny_sweep_end_to_end_and_reuse(tmp_path):
     for arm in ("Tokenformer x2 from scratch", "Transformer Net2Net-widened", "Transformer wide from scratch"):
         assert re.search(rf"^\| {arm} \| [\de.-]+ \| 1 \| [\d,]+ \| 6 \|", report, flags=re.M), arm
     # the comparisons across streams: grown vs x2 from scratch, Net2Net vs wide, grown vs Net2Net
-    for pair in ((grown, "Tokenformer x2 from scratch"), ("Transformer Net2Net-widened", "Transformer wide from scratch"),
+    for pair in ((grown, "Tokenformer x2 from scratch"),
+                 ("Transformer Net2Net-widened", "Transformer wide from scratch"),
                  (grown, "Transformer Net2Net-widened")):
         assert re.search(rf"^\| {re.escape(pair[0])} \| {re.escape(pair[1])} \|", report, flags=re.M), pair
     # every stream shared one tokenizer and dataset

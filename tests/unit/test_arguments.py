@@ -295,7 +295,8 @@ def test_recompute_flags_as_megatron():
     # --checkpoint-activations is full / uniform / 1 layer
     args = validated(["--checkpoint-activations"], 1)
     assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == ("full", "uniform", 1)
-    args = validated(["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "2"], 1)
+    args = validated(["--recompute-granularity", "full", "--recompute-method", "block",
+                      "--recompute-num-layers", "2"], 1)
     assert args.checkpoint_activations and (args.recompute_method, args.recompute_num_layers) == ("block", 2)
     args = validated(["--recompute-granularity", "selective"], 1)
     assert not args.checkpoint_activations and args.recompute_method is None
@@ -306,7 +307,8 @@ def test_recompute_flags_as_megatron():
 
 @pytest.mark.parametrize("extra, world, needle", [
     (["--checkpoint-activations", "--recompute-granularity", "selective"], 1, "--checkpoint-activations means"),
-    (["--recompute-granularity", "selective", "--recompute-method", "uniform"], 1, "apply to --recompute-granularity 'full' only"),
+    (["--recompute-granularity", "selective", "--recompute-method", "uniform"], 1,
+     "apply to --recompute-granularity 'full' only"),
     (["--recompute-num-layers", "2"], 1, "apply to --recompute-granularity 'full' only"),
     (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "3",
       "--pipeline-model-parallel-size", "2"], 2, "exceeds the 2 blocks of a pipeline stage"),

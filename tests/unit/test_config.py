@@ -38,7 +38,8 @@ def test_resolve_taus_once():
 @pytest.mark.parametrize("overrides, tp, pp, message", [
     ({"hidden_size": 60}, 1, 1, r"hidden_size \(60\) is not divisible by num_attention_heads \(8\)"),
     ({}, 16, 1, r"num_attention_heads \(8\) is not divisible by the tensor-model-parallel size \(16\)"),
-    ({"qkv_num_param_tokens": 18}, 4, 1, r"qkv_num_param_tokens \(18\) is not divisible by the tensor-model-parallel size \(4\)"),
+    ({"qkv_num_param_tokens": 18}, 4, 1,
+     r"qkv_num_param_tokens \(18\) is not divisible by the tensor-model-parallel size \(4\)"),
     ({"proj_num_param_tokens": 6}, 4, 1, r"proj_num_param_tokens \(6\)"),
     ({"ffn_num_param_tokens": 66}, 4, 1, r"ffn_num_param_tokens \(66\)"),
     ({}, 1, 3, r"num_layers \(4\) is not divisible by the pipeline-model-parallel size \(3\)"),

@@ -380,7 +380,8 @@ def test_only_the_boundary_reaches_into_deepspeed():
                     or folder.startswith(os.path.join(package, "checkpointing", "format")):
                 continue
             with open(path) as f:
-                bad += [f"{os.path.relpath(path, REPO_ROOT)}:{line}: {what}" for line, what in deepspeed_reaches(f.read())]
+                bad += [f"{os.path.relpath(path, REPO_ROOT)}:{line}: {what}"
+                        for line, what in deepspeed_reaches(f.read())]
     assert not bad, "DeepSpeed internals outside megatron_tokenformer/deepspeed_boundary.py:\n" + "\n".join(bad)
 
 

@@ -74,7 +74,8 @@ def test_check_outputs_apart_refuses_every_overlap(tree, monkeypatch, out, inp, 
 def test_check_outputs_apart_accepts_neighbours(tree, monkeypatch):
     tmp_path, run = tree
     monkeypatch.chdir(tmp_path)
-    for out in ("runs/run10", "runs/run1_hf", "runs/run", str(tmp_path / "elsewhere")):   # a name prefix is not a parent
+    # a name prefix is not a parent
+    for out in ("runs/run10", "runs/run1_hf", "runs/run", str(tmp_path / "elsewhere")):
         fileio.check_outputs_apart([("--save", out)], [("--load", "runs/run1"), ("--load", "link")])
 
 

@@ -54,7 +54,8 @@ def _check_layout(rank, world, tp, pp):
         "tensor": (ps.get_tensor_model_parallel_group(), [rank - tp_rank + t for t in range(tp)]),
         "pipeline": (ps.get_pipeline_model_parallel_group(), [p * dp * tp + dp_rank * tp + tp_rank for p in range(pp)]),
         "data": (ps.get_data_parallel_group(), [pp_rank * dp * tp + d * tp + tp_rank for d in range(dp)]),
-        "model": (ps.get_model_parallel_group(), [p * dp * tp + dp_rank * tp + t for p in range(pp) for t in range(tp)]),
+        "model": (ps.get_model_parallel_group(),
+                  [p * dp * tp + dp_rank * tp + t for p in range(pp) for t in range(tp)]),
     }
     for name, (group, members) in groups.items():
         t = torch.tensor([float(rank), 1.0])

@@ -21,7 +21,8 @@ from megatron_tokenformer.errors import TokenformerError
 if TYPE_CHECKING:  # (tensor_file imports this module's errors)
     from megatron_tokenformer.checkpointing.format.tensor_file import LazyTensor
 
-__all__ = ["FP32", "CheckpointFormatError", "CheckpointMismatchError", "ParamEntry", "Fragment", "LocalTensor", "CheckpointIndex"]
+__all__ = ["FP32", "CheckpointFormatError", "CheckpointMismatchError", "ParamEntry", "Fragment", "LocalTensor",
+           "CheckpointIndex"]
 
 FP32 = "fp32"
 

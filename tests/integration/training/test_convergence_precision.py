@@ -90,7 +90,8 @@ def fp32_losses():
 
 
 def test_bf16_pipeline_run_has_no_nan(fp32_losses):
-    out = train_runs.check_ok(train_runs.run(train_runs.warm_launch(2, MOCK + ["--bf16"] + train_runs.layout_args(1, 2)),
+    out = train_runs.check_ok(train_runs.run(train_runs.warm_launch(2, MOCK + ["--bf16"]
+                                                                    + train_runs.layout_args(1, 2)),
                                              timeout=180))
     rows = train_runs.parse_iterations(out)
     assert len(rows) == 12

@@ -58,7 +58,8 @@ def _rows(log):
     return rows
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=lambda l: "tp%d_pp%d_dp%d_zero%d" % l[:4] + ("_recompute" if l[4] else ""))
+@pytest.mark.parametrize("layout", LAYOUTS[1:],
+                         ids=lambda l: "tp%d_pp%d_dp%d_zero%d" % l[:4] + ("_recompute" if l[4] else ""))
 def test_layout_matches_single_rank(layout_logs, layout):
     base = _rows(layout_logs[LAYOUTS[0]])
     rows = _rows(layout_logs[layout])

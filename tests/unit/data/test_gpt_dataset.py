@@ -141,7 +141,8 @@ def test_read_only_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(gd._FileLock, "acquire", refuse)
     ds2 = GPTDataset(IndexedDataset(prefix), "train", (0, 25), 40, 8, seed=3, cache_dir=cache)
     assert not ds2.built_cache and np.array_equal(ds1.shuffle_idx, ds2.shuffle_idx)
-    with pytest.raises(IndexedDatasetError, match=r"cannot build the sample index in .*ro .*writable --data-cache-path"):
+    with pytest.raises(IndexedDatasetError,
+                       match=r"cannot build the sample index in .*ro .*writable --data-cache-path"):
         GPTDataset(IndexedDataset(prefix), "train", (0, 25), 40, 8, seed=4, cache_dir=cache)
     # a cache folder that cannot be created
     blocker = tmp_path / "file"
@@ -153,7 +154,8 @@ def test_read_only_cache(tmp_path, monkeypatch):
 def _build_in_process(prefix, cache_dir, barrier, queue):
     barrier.wait()  # start together: both race to build the same cache
     ds = GPTDataset(IndexedDataset(prefix), "train", (0, 200), 3000, 32, seed=11, cache_dir=cache_dir)
-    queue.put((os.getpid(), ds.built_cache, [np.asarray(a).tobytes() for a in (ds.doc_idx, ds.sample_idx, ds.shuffle_idx)],
+    queue.put((os.getpid(), ds.built_cache,
+               [np.asarray(a).tobytes() for a in (ds.doc_idx, ds.sample_idx, ds.shuffle_idx)],
                [ds[i]["text"].tolist() for i in (0, 1, len(ds) - 1)]))
 
 
@@ -163,7 +165,8 @@ def test_concurrent_builders_agree(tmp_path):
     prefix, _ = make_data(tmp_path / "d", n_docs=200, max_len=60)
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_build_in_process, args=(prefix, str(tmp_path / "c"), barrier, queue)) for _ in range(2)]
+    procs = [ctx.Process(target=_build_in_process, args=(prefix, str(tmp_path / "c"), barrier, queue))
+             for _ in range(2)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=120) for _ in procs]

@@ -20,7 +20,8 @@ def tiny_config(**overrides):
 
 
 def ref_rotary(x, rotary_dim, base):
-    """x [b, s, h, hd]: rotate channel pairs (j, j + rotary_dim/2), j < rotary_dim/2, by angle pos * base^(-2j/rotary_dim)."""
+    """x [b, s, h, hd]: rotate channel pairs (j, j + rotary_dim/2), j < rotary_dim/2,
+    by angle pos * base^(-2j/rotary_dim)."""
     if rotary_dim == 0:
         return x
     half = rotary_dim // 2

@@ -1,7 +1,8 @@
 """tensor_parallel/layers.py against nn.Linear / nn.Embedding / a plain matmul, at TP 1 (this process), 2 and 4.
 
 On every rank the full weight is rebuilt by all-gathering the shards with torch.distributed directly
-(tests/helpers/tp_gather.py, not through the code under test); the reference module is then a plain torch layer with that weight,
+(tests/helpers/tp_gather.py, not through the code under test); the reference module is then a plain torch layer
+with that weight,
 run on the full input in float64. The parallel layer's output must be the rank's part of the reference
 output, its parameter gradients the rank's slices of the reference gradients, and the input gradient
 the reference input gradient (sums over ranks happen inside the layer). Upstream gradients are the

@@ -119,7 +119,8 @@ def _write_pipeline_zero0_folder(step_dir):
         client = {"params": plist, "pipeline_rank": stage, "tensor_rank": 0, "iteration": 2, "consumed_samples": 8,
                   "tied_weights": {tied: want["embedding.word_embeddings.weight"]["fp32"]},
                   "optimizer_groups": [[local for local, _ in params]]}
-        state = {i: {"step": torch.tensor(2.0), "exp_avg": want[canon]["exp_avg"], "exp_avg_sq": want[canon]["exp_avg_sq"]}
+        state = {i: {"step": torch.tensor(2.0), "exp_avg": want[canon]["exp_avg"],
+                     "exp_avg_sq": want[canon]["exp_avg_sq"]}
                  for i, (_, canon) in enumerate(params)}
         torch.save({ds.CLIENT_STATE_KEY: client, "module": None, "optimizer": {"state": state, "param_groups": []},
                     "global_steps": 2, "lr_scheduler": {"num_steps": 2}}, ds.model_states_file(step_dir, stage))
