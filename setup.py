@@ -28,7 +28,7 @@ setup(
         "xxhash>=3",  # checkpoint checksums (megatron_tokenformer/checkpointing/format/checksums.py)
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3", "matplotlib>=3.5"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3", "matplotlib>=3.5", "ruff>=0.6"],
         "plots": ["matplotlib>=3.5"],
         # models in and out (docs/interop.md): Hugging Face tokenizers/export, lm-evaluation-harness
         "hf": ["transformers>=5.24", "tokenizers>=0.20", "safetensors>=0.4", "lm-eval>=0.4.13", "accelerate>=0.26",

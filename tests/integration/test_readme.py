@@ -23,6 +23,8 @@ def test_ci_runs_exactly_the_readme_test_command():
                                text=True, check=True).stdout.strip()
     assert extracted == readme_cmd
     assert "pytest" in readme_cmd and "pip install -e" in readme_cmd
+    # the linter (pyproject.toml) gates the suite
+    assert readme_cmd.index("ruff check .") < readme_cmd.index("python -m pytest")
 
 
 def test_quickstart_command_points_at_existing_script():
