@@ -19,7 +19,8 @@ Sequence parallel (:mod:`megatron_tokenformer.model.sequence_parallel`): the inp
 is all-gathered along the sequence instead of copied (backward: reduce-scatter instead of the
 all-reduce), and the output projection reduce-scatters along the sequence instead of all-reducing
 (output [b, s/p, d]). Selective recomputation (``recompute_granularity="selective"``) recomputes
-:meth:`ParallelAttention.core_attention` in backward.
+:meth:`ParallelAttention.core_attention` in backward. Context parallel: the core attends over the whole
+sequence split over the context-parallel ranks (:mod:`megatron_tokenformer.model.context_parallel`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.config import TokenformerConfig
+from megatron_tokenformer.model.context_parallel import context_parallel_attention
 from megatron_tokenformer.model.recompute import checkpointed
 from megatron_tokenformer.model.rotary import RotaryEmbedding, apply_rotary_pos_emb
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
@@ -77,6 +79,8 @@ class ParallelAttention(nn.Module):
         b, s, _ = q.shape
         shape = (b, s, self.num_heads_per_partition, self.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        if parallel_state.get_context_parallel_world_size() > 1:  # the sequence is split over ranks
+            return context_parallel_attention(q, k, v, self.rotary_emb).reshape(b, s, self.hidden_size_per_partition)
         if self.rotary_emb is not None:
             cos, sin = self.rotary_emb(s, device=q.device)
             q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
