@@ -174,7 +174,9 @@ def build_deepspeed_config(args) -> dict:
     by :func:`arguments.validate_args`) completed from the flags."""
     user = getattr(args, "deepspeed_json", None) or {}
     derived = {
-        "train_batch_size": args.global_batch_size,
+        # DeepSpeed's data-parallel group is DP x CP (parallel_state.deepspeed_mpu / get_topology): it counts
+        # each context-parallel rank's part of a sample as a sample of its own
+        "train_batch_size": args.global_batch_size * getattr(args, "context_parallel_size", 1),
         "train_micro_batch_size_per_gpu": args.micro_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "gradient_clipping": float(args.clip_grad),
@@ -283,7 +285,7 @@ def setup_model_and_optimizer(args, config, device: Optional[torch.device] = Non
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     engine, ds_optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-        mpu=None if pipelined else parallel_state)
+        mpu=None if pipelined else parallel_state.deepspeed_mpu())
     engine.param_token_freezer = freezer
     return engine, ds_optimizer, lr_scheduler
 
