@@ -340,3 +340,31 @@ def test_opt_param_scheduler_flags_both_spellings():
 def test_opt_param_scheduler_flags_exclude_each_other():
     msg = error_of(["--override-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler"], world_size=1)
     assert "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler" in msg
+
+
+# ----------------------------------------------------------------------------- --context-parallel-size
+
+
+def test_context_parallel_layout_is_derived_and_shown_in_help():
+    args = validated(["--context-parallel-size", "2", "--tensor-model-parallel-size", "2", "--global-batch-size", "8"],
+                     world_size=8)
+    assert (args.context_parallel_size, args.data_parallel_size, args.gradient_accumulation_steps) == (2, 2, 2)
+    assert "--context-parallel-size" in build_parser().format_help()
+
+
+@pytest.mark.parametrize("extra, world, needle", [
+    (["--context-parallel-size", "3"], 4,
+     "--context-parallel-size (3) x --tensor-model-parallel-size (1) x --pipeline-model-parallel-size (1) = 3 does "
+     "not divide the world size (4 ranks)"),
+    (["--context-parallel-size", "2", "--tensor-model-parallel-size", "2"], 6,
+     "--context-parallel-size (2) x --tensor-model-parallel-size (2) x --pipeline-model-parallel-size (1) = 4 does "
+     "not divide the world size (6 ranks)"),
+    (["--context-parallel-size", "4", "--seq-length", "36"], 4,
+     "--seq-length (36) must be a multiple of 2 x --context-parallel-size (4) = 8"),
+    (["--context-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "36"],
+     4, "--seq-length (36) must be a multiple of 2 x --context-parallel-size (2) x --tensor-model-parallel-size (2) "
+        "(--sequence-parallel) = 8"),
+])
+def test_invalid_context_parallel_layouts_are_one_line(extra, world, needle):
+    msg = error_of(extra, world)
+    assert needle in msg and "\n" not in msg, msg
