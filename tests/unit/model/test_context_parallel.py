@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.config import TokenformerConfig
 from megatron_tokenformer.model import TokenformerLM
+from megatron_tokenformer.model import context_parallel as cp_attention
 from megatron_tokenformer.model.context_parallel import context_parallel_attention
 from megatron_tokenformer.model.rotary import RotaryEmbedding
 from megatron_tokenformer.model.transformer import transformer_config
@@ -100,3 +101,44 @@ def test_lm_loss_and_reduced_gradients_match_unsplit_run(cp_pool, family):
 
 
 cp_pool = dist_pool.pool_fixture(2, 4)
+
+
+# --- the two implementations of chunk attention, one process -------------------------------------------
+@pytest.mark.parametrize("impl", ["chunked", "sdpa"])
+@pytest.mark.parametrize("tile", [None, 40], ids=["one-tile", "tiled"])
+def test_chunk_attention_matches_causal_attention_rows(monkeypatch, impl, tile):
+    """Query chunks at global positions (0, 12) and (4, 8) of a 16-token sequence (the two chunks CP ranks 0
+    and 1 of CP 2 hold) against the rows of the unsplit causal attention; float64, forward and backward.
+    ``tile``: score tiles of 40 elements force several query-row tiles per chunk."""
+    if tile is not None:
+        monkeypatch.setattr(cp_attention, "TILE_ELEMENTS", tile)
+    q, k, v, g = (_randn(B, H, S, HD, seed=s) for s in (5, 6, 7, 8))
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = plain_reference.causal_attention(*(t.transpose(1, 2) for t in ref)).view(B, S, H, HD).transpose(1, 2)
+    want.backward(g)
+    fn = cp_attention.chunk_causal_attention if impl == "chunked" else cp_attention.sdpa_lower_right_attention
+    for starts in ((0, 12), (4, 8)):
+        rows = torch.cat([torch.arange(st, st + 4) for st in starts])
+        mine = [q[:, :, rows].clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_()]
+        out = fn(*mine, starts, 4)
+        torch.testing.assert_close(out, want.detach()[:, :, rows], rtol=1e-12, atol=1e-12)
+        out.backward(g[:, :, rows])
+        torch.testing.assert_close(mine[0].grad, ref[0].grad[:, :, rows], rtol=1e-12, atol=1e-12)
+        # this rank's queries' share of dK, dV: the reference's restricted to these query rows
+        part = [t.clone().requires_grad_() for t in (q, k, v)]
+        sub = plain_reference.causal_attention(*(t.transpose(1, 2) for t in part)).view(B, S, H, HD).transpose(1, 2)
+        sub[:, :, rows].backward(g[:, :, rows])
+        torch.testing.assert_close(mine[1].grad, part[1].grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mine[2].grad, part[2].grad, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_implementation_by_device():
+    assert cp_attention.attention_implementation("cuda") == "sdpa"
+    assert cp_attention.attention_implementation("cpu") == "chunked"
+    assert cp_attention._row_tiles(4, 12, 1) == [(0, 4)]
+    monkey = cp_attention.TILE_ELEMENTS
+    try:
+        cp_attention.TILE_ELEMENTS = 40  # 40 // (2 x 16 keys) = 1 row per tile
+        assert cp_attention._row_tiles(4, 12, 2) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    finally:
+        cp_attention.TILE_ELEMENTS = monkey
