@@ -70,16 +70,17 @@ def formula_bytes(s, cp, h=H, a=HEADS, b=B, e=E, rotary_dim=4, n_qkv=H, n_o=H, n
             + 2 * 4 * m * rotary_dim)        # cos, sin at this rank's global positions (fp32)
 
 
-def _measure(rank, world, seq, out_dir, time_it):
+def measure_on_rank(seq, time_it=False):
+    """On a rank of an initialised context-parallel group: one block's retained bytes, the counted
+    context-parallel collectives of a forward + backward, and (``time_it``) its best CPU time of 3."""
     from megatron_tokenformer import parallel_state
     from megatron_tokenformer.model.block import TokenformerBlock
     from megatron_tokenformer.tensor_parallel.mappings import count_collectives
 
-    torch.set_num_threads(1)
-    parallel_state.initialize_model_parallel(1, 1, world)
     memory = _memory_module()
     block = TokenformerBlock(_config(seq), 1)
-    x = torch.randn(B, seq // world, H, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    cp, rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    x = torch.randn(B, seq // cp, H, generator=torch.Generator().manual_seed(rank), requires_grad=True)
     block(x).sum().backward()  # warm-up (rotary tables)
     retained = memory.retained_bytes(lambda: block(x * 1.0))
     with count_collectives("context") as log:
@@ -92,7 +93,14 @@ def _measure(rank, world, seq, out_dir, time_it):
             block(x).sum().backward()
             times.append(time.process_time() - t0)
         cpu = min(times)
-    torch.save({"retained": retained, "log": log, "cpu": cpu}, os.path.join(out_dir, f"rank{rank}.pt"))
+    return {"retained": retained, "log": log, "cpu": cpu}
+
+
+def _measure(rank, world, seq, out_dir, time_it):
+    from megatron_tokenformer import parallel_state
+    torch.set_num_threads(1)
+    parallel_state.initialize_model_parallel(1, 1, world)
+    torch.save(measure_on_rank(seq, time_it), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def measure(seq, cp, time_it=False):
