@@ -132,8 +132,8 @@ def _main(argv=None) -> int:
     tp_random.model_parallel_seed(args.seed)
 
     print_rank_0(f"> launcher: {env.launcher}, world size {env.world_size} = TP {args.tensor_model_parallel_size}"
-                 f" x PP {args.pipeline_model_parallel_size} x CP {args.context_parallel_size} x DP {args.data_parallel_size}; "
-                 f"backend {backend}; "
+                 f" x PP {args.pipeline_model_parallel_size} x CP {args.context_parallel_size}"
+                 f" x DP {args.data_parallel_size}; backend {backend}; "
                  f"gradient accumulation {args.gradient_accumulation_steps}")
     print_rank_0(f"> hosts: {rank_hosts.summary()}")
     print_rank_0(describe(args))

@@ -22,8 +22,8 @@ block, causally. A dense [s/cp, s] mask handed to ``scaled_dot_product_attention
 backward (as fp32 on the CPU kernel: 4·s²/cp bytes per layer, more than everything else at long sequences),
 so the function does what a flash kernel does with the bottom-right causal alignment: forward keeps only
 q, the gathered K and V, the output and the fp32 log-sum-exp of each query row; backward recomputes each
-chunk's probabilities from them (P = exp(q kᵀ·scale − lse); dV = Pᵀ dO; dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O));
-dQ = dS K·scale; dK = dSᵀ Q·scale). The scores exist only transiently, in tiles of at most
+chunk's probabilities from them (P = exp(q kᵀ·scale − lse); dV = Pᵀ dO;
+dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)); dQ = dS K·scale; dK = dSᵀ Q·scale). The scores exist only transiently, in tiles of at most
 :data:`TILE_ELEMENTS` (query rows of a chunk against their keys).
 
 Per layer and rank: forward all-gather of 2·b·s·h·d_h/cp elements handed to the collective

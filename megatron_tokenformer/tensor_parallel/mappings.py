@@ -165,8 +165,8 @@ def _collective(kind: str, tensor: torch.Tensor, group=None) -> torch.Tensor:
 
 def all_reduce_over(tensor: torch.Tensor, group: str = "world", op: str = "sum") -> torch.Tensor:
     """Sum (``op="sum"``) or max (``op="max"``) of ``tensor`` over ``group`` ("world", "data",
-    "data_context", "context" or "tensor"), outside autograd. The tensor must be on the communication device. Returns a new
-    tensor (the input itself when the group has one rank)."""
+    "data_context", "context" or "tensor"), outside autograd. The tensor must be on the communication device.
+    Returns a new tensor (the input itself when the group has one rank)."""
     if op not in ("sum", "max"):
         raise ValueError(f"unknown reduction {op!r}; expected 'sum' or 'max'")
     with torch.no_grad():
