@@ -1,7 +1,8 @@
 """Context parallelism end to end: the tiny model of the layout tests, for 4 iterations, at context-parallel
 size 2 and 4, with TP 2, PP 2, sequence parallelism (with selective recomputation) and full recomputation,
-for both model families (and DP 2 x CP 2 with ZeRO-2 for the Tokenformer) gives the loss of the same run without context parallelism (1e-5 relative; gradient norm 1e-4) at every
-iteration -- the same global batch (4 samples), the same weights, the loss the mean over every token.
+for both model families (and DP 2 x CP 2 with ZeRO-2 for the Tokenformer) gives the loss of the same run
+without context parallelism (1e-5 relative; gradient norm 1e-4) at every iteration -- the same global batch
+(4 samples), the same weights, the loss the mean over every token.
 
 The Tokenformer's CP 2 run also saves at iteration 2: a CP 1 run resumed from that checkpoint continues the
 CP 1 trajectory (checkpoints do not depend on the context-parallel size).
