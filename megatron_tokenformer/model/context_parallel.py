@@ -8,13 +8,15 @@ positions) are all-gathered over the context-parallel group in ONE collective,
 [2, b, s/cp, h, d_h] -> [2, b, s, h, d_h], and put in position order; backward reduce-scatters dK and dV, so
 each rank receives the sum over all ranks' queries of its own keys' and values' gradients.
 
-Two implementations of the same function (:func:`attention_implementation` chooses by device):
+Three implementations of the same function (:func:`attention_implementation` chooses by device):
 
 - ``"sdpa"`` (CUDA): per local query chunk, ``scaled_dot_product_attention`` with torch's bottom-right
   causal bias (``causal_lower_right``), which the flash / memory-efficient CUDA kernels apply without
   materialising a mask;
-- ``"chunked"`` (elsewhere; torch's CPU kernel would materialise and keep that bias as a dense fp32 mask):
-  :class:`ChunkCausalAttention` below.
+- ``"cpu_flash"`` (CPU; torch's SDPA would materialise and keep that bias as a dense fp32 mask there):
+  :class:`CpuFlashChunkCausalAttention`, torch's CPU flash kernel on the keys before a chunk and on its
+  diagonal block, merged by log-sum-exp;
+- ``"chunked"`` (other devices): :class:`ChunkCausalAttention` below, plain torch ops.
 
 The attention itself (:class:`ChunkCausalAttention`): local query chunk j, starting at global position
 p_j, attends to the keys [0, p_j + c) -- all keys before the chunk, unmasked, and the chunk's own diagonal
@@ -45,7 +47,8 @@ from megatron_tokenformer.model.rotary import RotaryEmbedding, apply_rotary_pos_
 from megatron_tokenformer.tensor_parallel.context_parallel import gathered_positions, local_positions, rank_chunks
 from megatron_tokenformer.tensor_parallel.mappings import gather_from_context_parallel_region
 
-__all__ = ["ChunkCausalAttention", "chunk_causal_attention", "sdpa_lower_right_attention", "attention_implementation",
+__all__ = ["ChunkCausalAttention", "CpuFlashChunkCausalAttention", "chunk_causal_attention",
+           "cpu_flash_chunk_causal_attention", "sdpa_lower_right_attention", "attention_implementation",
            "context_parallel_attention"]
 
 
@@ -122,12 +125,75 @@ class ChunkCausalAttention(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
+class CpuFlashChunkCausalAttention(torch.autograd.Function):
+    """The function of :class:`ChunkCausalAttention` on torch's CPU flash-attention kernel: per query chunk,
+    one call over the keys before it (no mask) and one over its diagonal block (causal, square), merged by
+    their log-sum-exp (o = Σ exp(lse_i − lse)·o_i, lse = log Σ exp lse_i). Backward runs the kernel's backward
+    on each part with the MERGED output and log-sum-exp, which gives each part's exact share of dQ, dK, dV
+    (the probabilities exp(q kᵀ·scale − lse) and rowsum(dO ⊙ O) are those of the whole softmax)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, starts, chunk, scale):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        acc = _stats_dtype(q)
+        out_all = torch.empty_like(q)  # q's memory layout: the caller's transpose back is then a view
+        lse_all = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
+        for j, start in enumerate(starts):
+            q_j = q[:, :, j * chunk:(j + 1) * chunk]
+            out, lse = flash(q_j, k[:, :, start:start + chunk], v[:, :, start:start + chunk], 0.0, True, scale=scale)
+            if start > 0:
+                out_past, lse_past = flash(q_j, k[:, :, :start], v[:, :, :start], 0.0, False, scale=scale)
+                merged = torch.logaddexp(lse.to(acc), lse_past.to(acc))
+                out = (torch.exp(lse.to(acc) - merged)[..., None] * out.to(acc)
+                       + torch.exp(lse_past.to(acc) - merged)[..., None] * out_past.to(acc)).to(q.dtype)
+                lse = merged
+            out_all[:, :, j * chunk:(j + 1) * chunk] = out
+            lse_all[:, :, j * chunk:(j + 1) * chunk] = lse
+        out, lse = out_all, lse_all
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.starts, ctx.chunk, ctx.scale = tuple(starts), chunk, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        q, k, v, out, lse = ctx.saved_tensors
+        chunk, scale = ctx.chunk, ctx.scale
+        acc = _stats_dtype(q)
+        grad_out = grad_out.contiguous()
+        dq = torch.empty_like(q)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for j, start in enumerate(ctx.starts):
+            rows, diag = slice(j * chunk, (j + 1) * chunk), slice(start, start + chunk)
+            args = (grad_out[:, :, rows], q[:, :, rows])
+            saved = (out[:, :, rows], lse[:, :, rows])
+            dq_j, dk_j, dv_j = backward(*args, k[:, :, diag], v[:, :, diag], *saved, 0.0, True, scale=scale)
+            dk[:, :, diag] += dk_j.to(acc)
+            dv[:, :, diag] += dv_j.to(acc)
+            dq_j = dq_j.to(acc)
+            if start > 0:
+                dq_p, dk_p, dv_p = backward(*args, k[:, :, :start], v[:, :, :start], *saved, 0.0, False, scale=scale)
+                dq_j = dq_j + dq_p.to(acc)
+                dk[:, :, :start] += dk_p.to(acc)
+                dv[:, :, :start] += dv_p.to(acc)
+            dq[:, :, rows] = dq_j.to(q.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
 def chunk_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: Sequence[int],
                            chunk: int) -> torch.Tensor:
     """Causal attention of query chunks at global positions ``starts`` (each ``chunk`` long) over keys in
     position order. q: [b, h, len(starts)·chunk, d]; k, v: [b, h, s, d] -> [b, h, len(starts)·chunk, d]."""
     return ChunkCausalAttention.apply(q, k, v, tuple(int(s) for s in starts), int(chunk),
                                       1.0 / math.sqrt(q.shape[-1]))
+
+
+def cpu_flash_chunk_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: Sequence[int],
+                                     chunk: int) -> torch.Tensor:
+    """:func:`chunk_causal_attention` on torch's CPU flash-attention kernel (:class:`CpuFlashChunkCausalAttention`)."""
+    return CpuFlashChunkCausalAttention.apply(q, k, v, tuple(int(s) for s in starts), int(chunk),
+                                              1.0 / math.sqrt(q.shape[-1]))
 
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -147,17 +213,16 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     order = torch.argsort(gathered_positions(seq, cp, device=q.device))
     k_all, v_all = kv.index_select(2, order).transpose(2, 3).unbind(0)  # [b, h, s, d_h] each, position order
     starts = [c * chunk for c in rank_chunks(cp, rank)]
-    if attention_implementation(q.device.type) == "sdpa":
-        context = sdpa_lower_right_attention(q.transpose(1, 2), k_all, v_all, starts, chunk)
-    else:
-        context = chunk_causal_attention(q.transpose(1, 2), k_all, v_all, starts, chunk)
-    return context.transpose(1, 2)
+    kernel = {"sdpa": sdpa_lower_right_attention, "cpu_flash": cpu_flash_chunk_causal_attention,
+              "chunked": chunk_causal_attention}[attention_implementation(q.device.type)]
+    return kernel(q.transpose(1, 2), k_all, v_all, starts, chunk).transpose(1, 2)
 
 
 def attention_implementation(device_type: str) -> str:
     """``"sdpa"`` on CUDA (flash / memory-efficient kernels apply the bottom-right causal bias without a
-    mask), ``"chunked"`` elsewhere (the CPU kernel would keep a dense fp32 [c, s] mask per chunk)."""
-    return "sdpa" if device_type == "cuda" else "chunked"
+    mask), ``"cpu_flash"`` on the CPU (torch's CPU flash kernel, two calls per chunk merged by log-sum-exp:
+    its SDPA entry point would keep a dense fp32 [c, s] mask), ``"chunked"`` elsewhere (plain torch ops)."""
+    return {"cuda": "sdpa", "cpu": "cpu_flash"}.get(device_type, "chunked")
 
 
 def sdpa_lower_right_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: Sequence[int],

@@ -104,7 +104,7 @@ cp_pool = dist_pool.pool_fixture(2, 4)
 
 
 # --- the two implementations of chunk attention, one process -------------------------------------------
-@pytest.mark.parametrize("impl", ["chunked", "sdpa"])
+@pytest.mark.parametrize("impl", ["chunked", "cpu_flash", "sdpa"])
 @pytest.mark.parametrize("tile", [None, 40], ids=["one-tile", "tiled"])
 def test_chunk_attention_matches_causal_attention_rows(monkeypatch, impl, tile):
     """Query chunks at global positions (0, 12) and (4, 8) of a 16-token sequence (the two chunks CP ranks 0
@@ -116,7 +116,8 @@ def test_chunk_attention_matches_causal_attention_rows(monkeypatch, impl, tile):
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
     want = plain_reference.causal_attention(*(t.transpose(1, 2) for t in ref)).view(B, S, H, HD).transpose(1, 2)
     want.backward(g)
-    fn = cp_attention.chunk_causal_attention if impl == "chunked" else cp_attention.sdpa_lower_right_attention
+    fn = {"chunked": cp_attention.chunk_causal_attention, "cpu_flash": cp_attention.cpu_flash_chunk_causal_attention,
+          "sdpa": cp_attention.sdpa_lower_right_attention}[impl]
     for starts in ((0, 12), (4, 8)):
         rows = torch.cat([torch.arange(st, st + 4) for st in starts])
         mine = [q[:, :, rows].clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_()]
@@ -134,7 +135,8 @@ def test_chunk_attention_matches_causal_attention_rows(monkeypatch, impl, tile):
 
 def test_attention_implementation_by_device():
     assert cp_attention.attention_implementation("cuda") == "sdpa"
-    assert cp_attention.attention_implementation("cpu") == "chunked"
+    assert cp_attention.attention_implementation("cpu") == "cpu_flash"
+    assert cp_attention.attention_implementation("xpu") == "chunked"
     assert cp_attention._row_tiles(4, 12, 1) == [(0, 4)]
     monkey = cp_attention.TILE_ELEMENTS
     try:
