@@ -137,8 +137,8 @@ def render(memory_rows, speed, budget_rows, comm_rows, budget_mib) -> str:
     s, cpu1, cpu2 = speed
     out += ["", f"**Throughput** at sequence {s} (forward + backward of the block, best of 3, CPU seconds summed "
                 f"over the ranks): CP 1 {s / cpu1:,.0f} tokens per CPU-second, CP 2 {s / cpu2:,.0f}: CP 2 / CP 1 = "
-                f"**{cpu1 / cpu2:.2f}** (the split adds the K, V gather and the chunked attention; the causal work "
-                "per rank is balanced).",
+                f"**{cpu1 / cpu2:.2f}** (the split adds the K, V gather and a second flash-kernel call per query chunk, "
+                "merged by log-sum-exp; the causal work per rank is balanced).",
             "", f"**Longest sequence in a per-rank budget of {budget_mib} MiB** (one block's activations; the formula, "
                 "confirmed by measuring at that length):", "",
             "| CP | longest sequence | measured there (MiB) | formula at +1024 (MiB) |", "| ---: | ---: | ---: | ---: |"]
