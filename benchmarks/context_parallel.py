@@ -135,6 +135,9 @@ def render(memory_rows, speed, budget_rows, comm_rows, budget_mib) -> str:
         kv = 2 * E * s * B * H if cp > 1 else 0
         out.append(f"| {s} | {cp} | {m / mib:.2f} | {f / mib:.2f} | {m / f:.3f} | {kv / mib:.2f} | {m / base[s]:.2f} |")
     s, cpu1, cpu2 = speed
+    out += ["", "Read: every term falls by CP except the gathered K, V of the whole sequence (and its position "
+                "index), so the saving flattens with CP: at CP 4 they are 40% of what a rank keeps here. That term "
+                "is what a ring (K, V passed around, O(s/cp)) would remove."]
     out += ["", f"**Throughput** at sequence {s} (forward + backward of the block, best of 3, CPU seconds summed "
                 f"over the ranks): CP 1 {s / cpu1:,.0f} tokens per CPU-second, CP 2 {s / cpu2:,.0f}: CP 2 / CP 1 = "
                 f"**{cpu1 / cpu2:.2f}** (the split adds the K, V gather and a second flash-kernel call per query chunk, "
