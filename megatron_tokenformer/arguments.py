@@ -196,6 +196,10 @@ def build_parser(prog: str = "pretrain_tokenformer.py") -> argparse.ArgumentPars
                    help="ranks that split each Pattention's parameter tokens (and the vocabulary)")
     g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1,
                    help="pipeline stages (1F1B schedule); layers split by parameter count")
+    g.add_argument("--context-parallel-size", type=_positive_int, default=1,
+                   help="ranks that split each sequence (2 x CP chunks, rank r keeping chunks r and 2CP-1-r; K/V "
+                        "all-gathered in attention); world = TP x PP x CP x DP; the sequence length must be a "
+                        "multiple of 2 x CP (x TP with --sequence-parallel)")
     _add_model_flags(g, PARALLELISM)
     g.add_argument("--zero-stage", type=int, default=1, choices=[1, 2],
                    help="ZeRO stage: 1 shards optimizer states over data-parallel ranks (any pipeline size), "
@@ -472,10 +476,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
 
     # ---- layout
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    cp = args.context_parallel_size
     _check(world_size % (tp * pp) == 0,
            f"--tensor-model-parallel-size ({tp}) x --pipeline-model-parallel-size ({pp}) = {tp * pp} "
            f"does not divide the world size ({world_size} ranks)")
-    dp = world_size // (tp * pp)
+    _check(world_size % (tp * pp * cp) == 0,
+           f"--context-parallel-size ({cp}) x --tensor-model-parallel-size ({tp}) x --pipeline-model-parallel-size "
+           f"({pp}) = {tp * pp * cp} does not divide the world size ({world_size} ranks)")
+    dp = world_size // (tp * pp * cp)
     args.data_parallel_size = dp
     _check(args.zero_stage in (1, 2), f"--zero-stage {args.zero_stage}: only ZeRO stages 1 and 2 are supported "
                                       f"(DeepSpeed 0.19's non-ZeRO path does not count pipeline-parallel "
@@ -491,7 +499,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     gbs = args.global_batch_size
     _check(gbs % (mbs * dp) == 0,
            f"--global-batch-size ({gbs}) must be a multiple of --micro-batch-size ({mbs}) x data-parallel size "
-           f"({dp} = {world_size} ranks / (TP {tp} x PP {pp})) = {mbs * dp}")
+           f"({dp} = {world_size} ranks / (TP {tp} x PP {pp}{f' x CP {cp}' if cp > 1 else ''})) = {mbs * dp}")
     args.gradient_accumulation_steps = gbs // (mbs * dp)
     ga_json = args.deepspeed_json.get("gradient_accumulation_steps")
     if ga_json not in (None, "auto"):
@@ -533,6 +541,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
                    f"blocks of a pipeline stage (--recompute-method block)")
     if tp == 1:
         args.sequence_parallel = False  # nothing to split (as Megatron)
+    if cp > 1:  # the load-balanced causal split: 2 x CP chunks, each split again over TP with sequence parallelism
+        multiple = 2 * cp * (tp if args.sequence_parallel else 1)
+        _check(args.seq_length % multiple == 0,
+               f"--seq-length ({args.seq_length}) must be a multiple of 2 x --context-parallel-size ({cp})"
+               + (f" x --tensor-model-parallel-size ({tp}) (--sequence-parallel)" if args.sequence_parallel else "")
+               + f" = {multiple}")
     cuda = _cuda_available()
     args._fused_pattention_norm_explicit = args.fused_pattention_norm is not None  # (for fused_norm_after_probe)
     args.fused_pattention_norm = resolve_fused_pattention_norm(args.fused_pattention_norm, cuda,

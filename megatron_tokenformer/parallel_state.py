@@ -1,9 +1,17 @@
-"""Tensor-, pipeline- and data-parallel process groups.
+"""Tensor-, context-, pipeline- and data-parallel process groups.
 
 The rank layout is DeepSpeed's ``PipeModelDataParallelTopology``: axes (pipe, data, model) with the
-model (tensor-parallel) axis fastest, so the ranks of one tensor-parallel group are adjacent::
+model (tensor-parallel) axis fastest, so the ranks of one tensor-parallel group are adjacent. Context
+parallelism (``--context-parallel-size`` cp, Megatron's order tp < cp < dp < pp) sits between the
+tensor and data axes::
 
-    global_rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+    global_rank = pp_rank * (dp * cp * tp) + dp_rank * (cp * tp) + cp_rank * tp + tp_rank
+
+so DeepSpeed, which knows no context parallelism, sees a (pipe, data, model) topology whose data axis
+is DP x CP (data index dp_rank * cp + cp_rank): parameters are replicated over CP as over DP, so
+gradients are reduced (and ZeRO partitions) over the DP x CP group
+(``get_data_parallel_group(with_context_parallel=True)``; :func:`deepspeed_mpu` hands DeepSpeed that
+group). The data-parallel group proper (the sampler's rank) is DP only.
 
 Names follow Megatron-LM (``get_tensor_model_parallel_group`` ...). The module object itself can be
 handed to ``deepspeed.initialize(mpu=parallel_state)``: it also provides the names DeepSpeed calls
@@ -27,13 +35,17 @@ _TENSOR_MODEL_PARALLEL_GROUP = None
 _PIPELINE_MODEL_PARALLEL_GROUP = None
 _DATA_PARALLEL_GROUP = None
 _MODEL_PARALLEL_GROUP = None
+_CONTEXT_PARALLEL_GROUP = None
+_DATA_CONTEXT_PARALLEL_GROUP = None
 
 _TENSOR_MODEL_PARALLEL_RANKS: Optional[List[int]] = None
 _PIPELINE_MODEL_PARALLEL_RANKS: Optional[List[int]] = None
 _DATA_PARALLEL_RANKS: Optional[List[int]] = None
 _MODEL_PARALLEL_RANKS: Optional[List[int]] = None
+_CONTEXT_PARALLEL_RANKS: Optional[List[int]] = None
+_DATA_CONTEXT_PARALLEL_RANKS: Optional[List[int]] = None
 
-_SIZES = None  # (tp, pp, dp) once initialised
+_SIZES = None  # (tp, pp, dp, cp) once initialised
 _TOPOLOGY = None
 _COMMUNICATION_DEVICE: Optional[torch.device] = None
 
@@ -66,35 +78,42 @@ def get_communication_device() -> torch.device:
     return _COMMUNICATION_DEVICE
 
 
-def rank_layout(world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int):
+def rank_layout(world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                context_parallel_size: int = 1):
     """The rank lists of every group, without creating any process group.
 
-    Returns a dict with keys ``"tensor"``, ``"pipeline"``, ``"data"``, ``"model"``, each a list of
-    rank lists (one list per group). Raises ValueError when the sizes do not tile the world.
+    Returns a dict with keys ``"tensor"``, ``"pipeline"``, ``"data"``, ``"model"``, ``"context"`` and
+    ``"data_context"`` (the DP x CP ranks of one (pipeline, tensor) position), each a list of rank lists
+    (one list per group). Raises ValueError when the sizes do not tile the world.
     """
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
-        raise ValueError(
-            f"tensor_model_parallel_size ({tp}) and pipeline_model_parallel_size ({pp}) must be >= 1")
-    if world_size % (tp * pp) != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) x "
-            f"pipeline_model_parallel_size ({pp}) = {tp * pp}")
-    dp = world_size // (tp * pp)
+    tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+    if tp < 1 or pp < 1 or cp < 1:
+        raise ValueError(f"tensor_model_parallel_size ({tp}), pipeline_model_parallel_size ({pp}) and "
+                         f"context_parallel_size ({cp}) must be >= 1")
+    if world_size % (tp * pp * cp) != 0:
+        what = (f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp})" if cp == 1 else
+                f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp}) x "
+                f"context_parallel_size ({cp})")
+        raise ValueError(f"world size {world_size} is not divisible by {what} = {tp * pp * cp}")
+    dp = world_size // (tp * pp * cp)
 
-    def rank(p, d, t):
-        return p * (dp * tp) + d * tp + t
+    def rank(p, d, c, t):
+        return p * (dp * cp * tp) + d * (cp * tp) + c * tp + t
 
+    P, D, C, T = range(pp), range(dp), range(cp), range(tp)
     return {
-        "tensor": [[rank(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)],
-        "pipeline": [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)],
-        "data": [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)],
-        "model": [[rank(p, d, t) for p in range(pp) for t in range(tp)] for d in range(dp)],
+        "tensor": [[rank(p, d, c, t) for t in T] for p in P for d in D for c in C],
+        "pipeline": [[rank(p, d, c, t) for p in P] for d in D for c in C for t in T],
+        "data": [[rank(p, d, c, t) for d in D] for p in P for c in C for t in T],
+        "model": [[rank(p, d, c, t) for p in P for t in T] for d in D for c in C],
+        "context": [[rank(p, d, c, t) for c in C] for p in P for d in D for t in T],
+        "data_context": [[rank(p, d, c, t) for d in D for c in C] for p in P for t in T],
     }
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1,
-                              pipeline_model_parallel_size: int = 1) -> None:
+                              pipeline_model_parallel_size: int = 1,
+                              context_parallel_size: int = 1) -> None:
     """Create the process groups. ``torch.distributed`` must be initialised; every rank must call this.
 
     Works with any backend (gloo on CPU, nccl on GPU): the groups use the default backend.
@@ -102,6 +121,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     global _TENSOR_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP
     global _MODEL_PARALLEL_GROUP, _TENSOR_MODEL_PARALLEL_RANKS, _PIPELINE_MODEL_PARALLEL_RANKS
     global _DATA_PARALLEL_RANKS, _MODEL_PARALLEL_RANKS, _SIZES, _TOPOLOGY
+    global _CONTEXT_PARALLEL_GROUP, _CONTEXT_PARALLEL_RANKS, _DATA_CONTEXT_PARALLEL_GROUP, _DATA_CONTEXT_PARALLEL_RANKS
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel() needs torch.distributed to be initialised first "
                            "(torch.distributed.init_process_group or deepspeed.init_distributed)")
@@ -109,7 +129,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
         raise RuntimeError("model parallel groups are already initialised; call destroy_model_parallel() first")
     world = dist.get_world_size()
     me = dist.get_rank()
-    layout = rank_layout(world, tensor_model_parallel_size, pipeline_model_parallel_size)
+    layout = rank_layout(world, tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size)
 
     def build(kind):
         mine = None
@@ -123,8 +143,11 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     _PIPELINE_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_RANKS = build("pipeline")
     _DATA_PARALLEL_GROUP, _DATA_PARALLEL_RANKS = build("data")
     _MODEL_PARALLEL_GROUP, _MODEL_PARALLEL_RANKS = build("model")
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    _SIZES = (tp, pp, world // (tp * pp))
+    tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+    if cp > 1:  # the same groups as "data" (and no new process group) when cp = 1
+        _CONTEXT_PARALLEL_GROUP, _CONTEXT_PARALLEL_RANKS = build("context")
+        _DATA_CONTEXT_PARALLEL_GROUP, _DATA_CONTEXT_PARALLEL_RANKS = build("data_context")
+    _SIZES = (tp, pp, world // (tp * pp * cp), cp)
     _TOPOLOGY = None
 
 
@@ -137,6 +160,9 @@ def destroy_model_parallel() -> None:
     global _TENSOR_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP
     global _MODEL_PARALLEL_GROUP, _TENSOR_MODEL_PARALLEL_RANKS, _PIPELINE_MODEL_PARALLEL_RANKS
     global _DATA_PARALLEL_RANKS, _MODEL_PARALLEL_RANKS, _SIZES, _TOPOLOGY
+    global _CONTEXT_PARALLEL_GROUP, _CONTEXT_PARALLEL_RANKS, _DATA_CONTEXT_PARALLEL_GROUP, _DATA_CONTEXT_PARALLEL_RANKS
+    _CONTEXT_PARALLEL_GROUP = _DATA_CONTEXT_PARALLEL_GROUP = None
+    _CONTEXT_PARALLEL_RANKS = _DATA_CONTEXT_PARALLEL_RANKS = None
     _TENSOR_MODEL_PARALLEL_GROUP = _PIPELINE_MODEL_PARALLEL_GROUP = None
     _DATA_PARALLEL_GROUP = _MODEL_PARALLEL_GROUP = None
     _TENSOR_MODEL_PARALLEL_RANKS = _PIPELINE_MODEL_PARALLEL_RANKS = None
@@ -210,21 +236,46 @@ get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
 get_pipe_parallel_rank = get_pipeline_model_parallel_rank
 
 
-# --- data parallel -----------------------------------------------------------------------------
-def get_data_parallel_group():
+# --- data parallel (with_context_parallel: the DP x CP ranks that hold the same parameters) ----------
+def get_data_parallel_group(with_context_parallel: bool = False):
+    if with_context_parallel and _DATA_CONTEXT_PARALLEL_RANKS is not None:
+        return _DATA_CONTEXT_PARALLEL_GROUP
     return _DATA_PARALLEL_GROUP
 
 
-def get_data_parallel_world_size() -> int:
+def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
+    if with_context_parallel and _DATA_CONTEXT_PARALLEL_RANKS is not None:
+        return _size_of(_DATA_CONTEXT_PARALLEL_RANKS)
     return _size_of(_DATA_PARALLEL_RANKS)
 
 
-def get_data_parallel_rank() -> int:
+def get_data_parallel_rank(with_context_parallel: bool = False) -> int:
+    if with_context_parallel and _DATA_CONTEXT_PARALLEL_RANKS is not None:
+        return _rank_in(_DATA_CONTEXT_PARALLEL_RANKS)
     return _rank_in(_DATA_PARALLEL_RANKS)
 
 
-def get_data_parallel_group_ranks() -> List[int]:
-    return [_global_rank()] if _DATA_PARALLEL_RANKS is None else list(_DATA_PARALLEL_RANKS)
+def get_data_parallel_group_ranks(with_context_parallel: bool = False) -> List[int]:
+    ranks = _DATA_CONTEXT_PARALLEL_RANKS if with_context_parallel and _DATA_CONTEXT_PARALLEL_RANKS is not None \
+        else _DATA_PARALLEL_RANKS
+    return [_global_rank()] if ranks is None else list(ranks)
+
+
+# --- context parallel: the ranks that split the same sequences (docs/design.md, context parallelism) ---
+def get_context_parallel_group():
+    return _CONTEXT_PARALLEL_GROUP
+
+
+def get_context_parallel_world_size() -> int:
+    return _size_of(_CONTEXT_PARALLEL_RANKS)
+
+
+def get_context_parallel_rank() -> int:
+    return _rank_in(_CONTEXT_PARALLEL_RANKS)
+
+
+def get_context_parallel_ranks() -> List[int]:
+    return [_global_rank()] if _CONTEXT_PARALLEL_RANKS is None else list(_CONTEXT_PARALLEL_RANKS)
 
 
 # --- model parallel = tensor x pipeline ranks of one data-parallel replica (DeepSpeed's "mpu") ----
@@ -240,14 +291,49 @@ def get_model_parallel_rank() -> int:
     return _rank_in(_MODEL_PARALLEL_RANKS)
 
 
+class _DeepSpeedMPU:
+    """What ``deepspeed.initialize(mpu=...)`` calls, with the data-parallel names answering for the
+    DP x CP group (gradient reduction, ZeRO partitioning, DeepSpeed's batch-size arithmetic)."""
+
+    def __getattr__(self, name):  # everything else: this module's function of that name
+        try:
+            return globals()[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @staticmethod
+    def get_data_parallel_group():
+        return get_data_parallel_group(with_context_parallel=True)
+
+    @staticmethod
+    def get_data_parallel_world_size():
+        return get_data_parallel_world_size(with_context_parallel=True)
+
+    @staticmethod
+    def get_data_parallel_rank():
+        return get_data_parallel_rank(with_context_parallel=True)
+
+    @staticmethod
+    def get_data_parallel_group_ranks():
+        return get_data_parallel_group_ranks(with_context_parallel=True)
+
+
+def deepspeed_mpu():
+    """The model-parallel unit for ``deepspeed.initialize`` at PP = 1: this module itself without context
+    parallelism; with it, a view whose data-parallel group is DP x CP."""
+    import sys
+    return sys.modules[__name__] if get_context_parallel_world_size() == 1 else _DeepSpeedMPU()
+
+
 def get_topology():
-    """DeepSpeed's ``PipeModelDataParallelTopology`` for the current sizes (created lazily).
+    """DeepSpeed's ``PipeModelDataParallelTopology`` for the current sizes (created lazily): its data axis
+    is DP x CP (data index ``dp_rank * cp + cp_rank``, the same global ranks as this module's layout).
 
     Without initialised groups it describes a single process (1, 1, 1).
     """
     global _TOPOLOGY
     if _TOPOLOGY is None:
         from megatron_tokenformer.deepspeed_boundary import pipe_topology
-        tp, pp, dp = _SIZES if _SIZES is not None else (1, 1, 1)
-        _TOPOLOGY = pipe_topology(num_pp=pp, num_mp=tp, num_dp=dp)
+        tp, pp, dp, cp = _SIZES if _SIZES is not None else (1, 1, 1, 1)
+        _TOPOLOGY = pipe_topology(num_pp=pp, num_mp=tp, num_dp=dp * cp)
     return _TOPOLOGY

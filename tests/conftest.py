@@ -76,6 +76,7 @@ LONG_GROUPS = (SLURM_GROUP, "layouts", "tests/integration/multinode/test_slurm_m
                "tests/examples/test_parallel_sweep.py", "tests/integration/multinode/test_host_faults.py",
                "tests/examples/test_cpu_repro.py", "tests/integration/multinode/test_runner_signals.py",
                "tests/integration/multinode/test_network_checks.py", "interop",
+               "tests/integration/training/test_context_parallel.py",
                "tests/integration/training/test_convergence_precision.py",
                "tests/integration/training/test_bf16_accumulation.py", "tests/test_zygote.py",
                "tests/docs/test_interop_commands.py", "tests/docs/test_workflow_commands.py",

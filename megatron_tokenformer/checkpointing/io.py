@@ -91,9 +91,13 @@ def _agree(ok: bool) -> bool:
 def current_layout(engine=None) -> Dict[str, Any]:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    dp = parallel_state.get_data_parallel_world_size()
+    # the ranks holding the same parameters: DP x CP (context-parallel ranks are data-parallel replicas to
+    # DeepSpeed, which writes one ZeRO shard per rank of that group), so the files read like a CP = 1 checkpoint
+    dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
     layout = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "data_parallel_size": dp,
               "world_size": _world()}
+    if parallel_state.get_context_parallel_world_size() > 1:
+        layout["context_parallel_size"] = parallel_state.get_context_parallel_world_size()
     if engine is not None:
         layout["zero_stage"] = int(engine.zero_optimization_stage())
         layout["precision"] = "bf16" if engine.bfloat16_enabled() else ("fp16" if engine.fp16_enabled() else "fp32")
@@ -175,7 +179,7 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
         "params": parameter_map(module),
         "pipeline_rank": parallel_state.get_pipeline_model_parallel_rank(),
         "tensor_rank": parallel_state.get_tensor_model_parallel_rank(),
-        "data_parallel_rank": parallel_state.get_data_parallel_rank(),
+        "data_parallel_rank": parallel_state.get_data_parallel_rank(with_context_parallel=True),
         "iteration": int(iteration),
         "consumed_samples": int(consumed_samples),
     }

@@ -25,6 +25,8 @@ Incremental decoding (``interop/generation.py``): ``forward(x, kv_cache=cache)``
 only, rotates them at their absolute positions and attends over the cached keys and values of the
 earlier ones, appending the new keys and values to the :class:`KVCache` in place. Pattention keeps no
 per-sequence state, so nothing else is cached; the projections and their collectives are the same.
+Context parallel: the core attends over the whole sequence split over the context-parallel ranks
+(:mod:`megatron_tokenformer.model.context_parallel`; not with a KV cache: generation runs without CP).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch import nn
 
 from megatron_tokenformer import parallel_state
 from megatron_tokenformer.config import ModelConfig
+from megatron_tokenformer.model.context_parallel import context_parallel_attention
 from megatron_tokenformer.model.recompute import checkpointed
 from megatron_tokenformer.model.rotary import RotaryEmbedding, apply_rotary_pos_emb
 from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabled
@@ -121,6 +124,8 @@ class ParallelAttention(nn.Module):
         b, s, _ = q.shape
         shape = (b, s, self.num_heads_per_partition, self.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        if parallel_state.get_context_parallel_world_size() > 1:  # the sequence is split over ranks
+            return context_parallel_attention(q, k, v, self.rotary_emb).reshape(b, s, self.hidden_size_per_partition)
         layer = self.layer_number - 1
         past = 0 if kv_cache is None else kv_cache.length(layer)
         if self.rotary_emb is not None:

@@ -27,6 +27,7 @@ from megatron_tokenformer.model.sequence_parallel import sequence_parallel_enabl
 from megatron_tokenformer.model.spec import get_spec
 from megatron_tokenformer.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_tokenformer.tensor_parallel.layers import VocabParallelEmbedding, parallel_lm_logits
+from megatron_tokenformer.tensor_parallel.mappings import all_reduce_loss_over_context_parallel, all_reduce_over
 
 
 def get_block_class(config: ModelConfig):
@@ -71,12 +72,26 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor,
     """Mean cross-entropy over the unmasked tokens (fp32 scalar, identical on all TP ranks).
 
     logits: [b, s, V_pad/p] vocab-parallel; labels: [b, s] long; loss_mask: [b, s] float or None (all ones).
+    Context parallel (s = this rank's s/cp tokens): the mean over the tokens of the whole sequences,
+    identical on all CP ranks (:func:`context_parallel_loss`).
     """
     losses = vocab_parallel_cross_entropy(logits, labels)
+    if parallel_state.get_context_parallel_world_size() > 1:
+        return context_parallel_loss(losses, loss_mask)
     if loss_mask is None:
         return losses.mean()
     loss_mask = loss_mask.to(losses.dtype)
     return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+def context_parallel_loss(losses: torch.Tensor, loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """losses, loss_mask: [b, s/cp] of this context-parallel rank -> Σ CE·mask over the CP group / Σ mask over
+    the CP group: the loss of the whole sequences (the number a CP = 1 run computes). Its backward carries
+    cp times this rank's share, which the DP x CP gradient averaging divides again
+    (:func:`~megatron_tokenformer.tensor_parallel.mappings.all_reduce_loss_over_context_parallel`)."""
+    mask = torch.ones_like(losses) if loss_mask is None else loss_mask.to(losses.dtype)
+    count = all_reduce_over(mask.sum(), "context")
+    return all_reduce_loss_over_context_parallel((losses * mask).sum()) / count.clamp(min=1.0)
 
 
 class GPTModel(nn.Module):

@@ -38,6 +38,16 @@ holds positions [r*s/p, (r+1)*s/p)):
 - ``reduce_scatter_to_sequence_parallel_region``: forward reduce-scatter along the sequence (replaces
   the output all-reduce of a row-parallel layer), backward all-gather.
 
+Context parallelism (``--context-parallel-size`` cp; :mod:`megatron_tokenformer.tensor_parallel.context_parallel`
+holds the split of each sequence over the cp ranks of the context-parallel group):
+
+- ``gather_from_context_parallel_region``: forward all-gather along the sequence over the context-parallel
+  group (rank order: rank r's local tokens at block r), backward reduce-scatter (every rank's queries
+  contributed to the gradient of every gathered key and value). The attention's K and V travel in it.
+- ``all_reduce_loss_over_context_parallel``: forward sum over the context-parallel group (every rank then
+  holds the loss of the whole sequence); backward the gradient times cp, because the gradient reduction
+  averages over DP x CP ranks while each rank's backward carries only its own tokens' share.
+
 Element counts recorded are the numel of the tensor handed to the collective on this rank (for
 all-gather: the local input; for reduce-scatter: the full input).
 """
@@ -56,39 +66,49 @@ import torch.distributed as dist
 from megatron_tokenformer import parallel_state
 
 _COLLECTIVE_LOG: Optional[List[Tuple[str, int]]] = None
+_COLLECTIVE_LOG_GROUP = "tensor"  # which group's collectives the active counter records
 
 
 @contextlib.contextmanager
-def count_collectives():
-    """Record every tensor-parallel collective issued inside the block.
+def count_collectives(group: str = "tensor"):
+    """Record every collective over ``group`` (``"tensor"``, the default, or ``"context"``) issued inside
+    the block.
 
     Yields a list that fills with ``(kind, numel)`` tuples, kind in ``all_reduce``,
     ``all_reduce_max``, ``all_gather``, ``reduce_scatter``. Collectives are recorded even when the
     group has a single rank (where they are skipped), so counts can be checked anywhere.
     Nested contexts are not supported.
     """
-    global _COLLECTIVE_LOG
+    global _COLLECTIVE_LOG, _COLLECTIVE_LOG_GROUP
     if _COLLECTIVE_LOG is not None:
         raise RuntimeError("count_collectives() contexts cannot be nested")
+    if group not in ("tensor", "context"):
+        raise ValueError(f"count_collectives: group must be 'tensor' or 'context', got {group!r}")
     log: List[Tuple[str, int]] = []
-    _COLLECTIVE_LOG = log
+    _COLLECTIVE_LOG, _COLLECTIVE_LOG_GROUP = log, group
     try:
         yield log
     finally:
-        _COLLECTIVE_LOG = None
+        _COLLECTIVE_LOG, _COLLECTIVE_LOG_GROUP = None, "tensor"
 
 
 _KINDS = ("all_reduce", "all_reduce_max", "all_gather", "reduce_scatter")
-_GROUP_NAMES = ("tensor", "data", "world")
+_GROUP_NAMES = ("tensor", "context", "data", "data_context", "world")
 _GUARD = False  # set by install_collective_guard()
 
 
 def _resolve_group(group):
-    """``None``/``"tensor"``/``"data"``/``"world"`` or a process group -> (process group, its size)."""
+    """``None``/``"tensor"``/``"context"``/``"data"``/``"data_context"`` (DP x CP)/``"world"`` or a process
+    group -> (process group, its size)."""
     if group is None or group == "tensor":
         return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
+    if group == "context":
+        return parallel_state.get_context_parallel_group(), parallel_state.get_context_parallel_world_size()
     if group == "data":
         return parallel_state.get_data_parallel_group(), parallel_state.get_data_parallel_world_size()
+    if group == "data_context":
+        return (parallel_state.get_data_parallel_group(with_context_parallel=True),
+                parallel_state.get_data_parallel_world_size(with_context_parallel=True))
     if group == "world":
         initialised = dist.is_available() and dist.is_initialized()
         return None, (dist.get_world_size() if initialised else 1)
@@ -109,13 +129,14 @@ def _collective(kind: str, tensor: torch.Tensor, group=None) -> torch.Tensor:
 
     kind: ``all_reduce`` (sum), ``all_reduce_max``,
     ``all_gather`` (concatenate along dim 0), ``reduce_scatter`` (sum, keep this rank's dim-0 block).
-    group: ``None`` or ``"tensor"`` (the tensor-parallel group), ``"data"``, ``"world"``, or a
-    process group. Returns a new tensor; with a single rank, the input itself (never modify it in place).
-    Only tensor-parallel collectives are recorded by :func:`count_collectives`.
+    group: ``None`` or ``"tensor"`` (the tensor-parallel group), ``"context"``, ``"data"``,
+    ``"data_context"``, ``"world"``, or a process group. Returns a new tensor; with a single rank, the
+    input itself (never modify it in place). Only tensor-parallel (or, when asked, context-parallel)
+    collectives are recorded by :func:`count_collectives`.
     """
     if kind not in _KINDS:
         raise ValueError(f"unknown collective kind {kind!r}; expected one of {_KINDS}")
-    if _COLLECTIVE_LOG is not None and (group is None or group == "tensor"):
+    if _COLLECTIVE_LOG is not None and (group or "tensor") == _COLLECTIVE_LOG_GROUP:
         _COLLECTIVE_LOG.append((kind, tensor.numel()))
     if _GUARD:
         _check_device(kind, tensor, group)
@@ -143,9 +164,9 @@ def _collective(kind: str, tensor: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def all_reduce_over(tensor: torch.Tensor, group: str = "world", op: str = "sum") -> torch.Tensor:
-    """Sum (``op="sum"``) or max (``op="max"``) of ``tensor`` over ``group`` ("world", "data" or
-    "tensor"), outside autograd. The tensor must be on the communication device. Returns a new
-    tensor (the input itself when the group has one rank)."""
+    """Sum (``op="sum"``) or max (``op="max"``) of ``tensor`` over ``group`` ("world", "data",
+    "data_context", "context" or "tensor"), outside autograd. The tensor must be on the communication device.
+    Returns a new tensor (the input itself when the group has one rank)."""
     if op not in ("sum", "max"):
         raise ValueError(f"unknown reduction {op!r}; expected 'sum' or 'max'")
     with torch.no_grad():
@@ -471,3 +492,58 @@ def all_reduce_sum_no_grad(x: torch.Tensor) -> torch.Tensor:
     does its own backward and calls this for the forward and backward row statistics)."""
     with torch.no_grad():
         return _collective("all_reduce", x.detach())
+
+
+# --- context parallelism (the sequence dimension, over the context-parallel group) ----------------
+def _all_gather_seq_context(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """[..., s_local (dim), ...] on every context-parallel rank -> [..., cp * s_local, ...], rank r's
+    tokens at block r."""
+    world = parallel_state.get_context_parallel_world_size()
+    gathered = _collective("all_gather", x.movedim(dim, 0), "context")
+    if world == 1:
+        return x
+    return gathered.movedim(0, dim).contiguous()
+
+
+def _reduce_scatter_seq_context(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """[..., cp * s_local, ...] partial sums -> this rank's block [..., s_local, ...] of their sum."""
+    world = parallel_state.get_context_parallel_world_size()
+    out = _collective("reduce_scatter", x.movedim(dim, 0), "context")
+    if world == 1:
+        return x
+    return out.movedim(0, dim).contiguous()
+
+
+class _GatherFromContextParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim):
+        ctx.dim = dim
+        return _all_gather_seq_context(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq_context(grad, ctx.dim), None
+
+
+class _AllReduceLossOverContextParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _collective("all_reduce", x, "context")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * parallel_state.get_context_parallel_world_size()
+
+
+def gather_from_context_parallel_region(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """All-gather along the sequence dimension ``dim`` over the context-parallel group:
+    [.., s_local, ..] -> [.., cp * s_local, ..] (rank r's tokens at block r, in the rank's own order).
+    Backward: reduce-scatter (the gathered tensor's gradient is a per-rank partial sum)."""
+    return _GatherFromContextParallelRegion.apply(x, dim)
+
+
+def all_reduce_loss_over_context_parallel(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the context-parallel group forward (each rank's share of a loss -> the whole loss, the same
+    on every rank); backward the gradient times cp: the gradient reduction averages over DP x CP ranks
+    (DeepSpeed divides by their number), each of which back-propagates only its own tokens' share."""
+    return _AllReduceLossOverContextParallel.apply(x)

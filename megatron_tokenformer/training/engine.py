@@ -102,6 +102,7 @@ class DeepSpeedOptions:
     hysteresis: int = 2
     min_loss_scale: float = 1.0
     sequence_parallel: bool = False
+    context_parallel_size: int = 1
     deepspeed_json: Optional[Mapping[str, Any]] = None
 
 
@@ -207,7 +208,9 @@ def build_deepspeed_config(options: DeepSpeedOptions) -> dict:
     by :func:`arguments.validate_args`) completed from the flags."""
     user = options.deepspeed_json or {}
     derived = {
-        "train_batch_size": options.global_batch_size,
+        # DeepSpeed's data-parallel group is DP x CP (parallel_state.deepspeed_mpu / get_topology): it counts
+        # each context-parallel rank's part of a sample as a sample of its own
+        "train_batch_size": options.global_batch_size * options.context_parallel_size,
         "train_micro_batch_size_per_gpu": options.micro_batch_size,
         "gradient_accumulation_steps": options.gradient_accumulation_steps,
         "gradient_clipping": float(options.clip_grad),
@@ -302,7 +305,7 @@ def setup_model_and_optimizer(options: EngineOptions, config, device: Optional[t
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     engine, ds_optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-        mpu=None if pipelined else parallel_state)
+        mpu=None if pipelined else parallel_state.deepspeed_mpu())
     engine.param_token_freezer = freezer
     return engine, ds_optimizer, lr_scheduler
 

@@ -29,7 +29,7 @@ def is_logging_rank() -> bool:
     if not torch.distributed.is_initialized():
         return True
     return (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_data_parallel_rank() == 0)
+            and ps.get_data_parallel_rank(with_context_parallel=True) == 0)
 
 
 def print_rank_0(message: str) -> None:
@@ -152,7 +152,7 @@ def count_model_parameters(model: torch.nn.Module, config) -> Tuple[List[Dict[st
         if not _is_partitioned(p) and tp_rank != 0:
             continue
         local[pp_rank, PARAM_KINDS.index(kind(name))] += p.numel()
-    if ps.get_data_parallel_rank() != 0:
+    if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
         local.zero_()
     if torch.distributed.is_initialized():
         from megatron_tokenformer.tensor_parallel.mappings import all_reduce_over

@@ -25,6 +25,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 
 from megatron_tokenformer import parallel_state
+from megatron_tokenformer.tensor_parallel.context_parallel import split_batch_on_this_rank
 from megatron_tokenformer.training import data_checks, output_channel
 from megatron_tokenformer.training import flops as flops_lib
 from megatron_tokenformer.training.logging import (
@@ -105,6 +106,8 @@ def _batches(loader, device, pipelined: bool, vocab_size: Optional[int] = None, 
         # [data_checks] ids outside the vocabulary: found on the host, replaced, agreed at the next agree()
         batch = dict(batch, text=data_checks.check_batch(batch, loader.dataset, vocab_size, split))
         tokens, labels, loss_mask = get_batch(batch, device)
+        # context parallel: this rank's two chunks of every sequence (tensor_parallel/context_parallel.py)
+        tokens, labels, loss_mask = split_batch_on_this_rank(tokens, labels, loss_mask)
         if pipelined:
             yield (tokens,), (labels, loss_mask)
         else:

@@ -143,7 +143,8 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
     # [timeout] under NCCL: errors reach Python (our line), flight-recorder dumps into the --save folder
     collective_timeout.apply_nccl_environment(backend, args.save)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
-    parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                             args.context_parallel_size)
     collective_timeout.create_diagnosis_group()
     from megatron_tokenformer.training import rank_hosts  # [rank_hosts] a failure can name the lost host
     rank_hosts.gather()
@@ -155,7 +156,8 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
     tp_random.model_parallel_seed(args.seed)
 
     print_rank_0(f"> launcher: {env.launcher}, world size {env.world_size} = TP {args.tensor_model_parallel_size}"
-                 f" x PP {args.pipeline_model_parallel_size} x DP {args.data_parallel_size}; backend {backend}; "
+                 f" x PP {args.pipeline_model_parallel_size} x CP {args.context_parallel_size}"
+                 f" x DP {args.data_parallel_size}; backend {backend}; "
                  f"gradient accumulation {args.gradient_accumulation_steps}")
     print_rank_0(f"> hosts: {rank_hosts.summary()}")
     print_rank_0(describe(args))

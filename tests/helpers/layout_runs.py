@@ -24,7 +24,8 @@ TRAIN = ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters",
 CONCURRENCY = 2
 TIMEOUT = 240
 
-Layout = Tuple  # (tp, pp, dp, zero stage, 0/1 recomputation or a tuple of extra flags)
+Layout = Tuple  # (tp, pp, dp, zero stage, 0/1 recomputation or a tuple of extra flags; --context-parallel-size
+                #  among them multiplies the ranks)
 
 
 def layout_flags(layout: Layout):
@@ -36,7 +37,9 @@ def layout_flags(layout: Layout):
 
 def command(layout: Layout):
     tp, pp, dp = layout[:3]
-    return train_runs.warm_launch(tp * pp * dp, layout_flags(layout))
+    extra = layout[4] if isinstance(layout[4], tuple) else ()
+    cp = int(extra[extra.index("--context-parallel-size") + 1]) if "--context-parallel-size" in extra else 1
+    return train_runs.warm_launch(tp * pp * cp * dp, layout_flags(layout))
 
 
 def run_all(layouts: Iterable[Layout], what: str) -> Dict[Layout, str]:

@@ -385,3 +385,31 @@ def test_model_flags_are_generated_from_the_config_fields():
             config.ffn_num_param_tokens, config.value_init, config.ffn_tau, config.qkv_tau, config.rotary_percent,
             config.recompute_granularity, config.pattention_normalization, config.vocab_size) == \
         (2, 16, 6, 16, 64, 0.5, 3.0, 6 ** 0.5, 0.5, "selective", "softmax", 50)
+
+
+# ----------------------------------------------------------------------------- --context-parallel-size
+
+
+def test_context_parallel_layout_is_derived_and_shown_in_help():
+    args = validated(["--context-parallel-size", "2", "--tensor-model-parallel-size", "2", "--global-batch-size", "8"],
+                     world_size=8)
+    assert (args.context_parallel_size, args.data_parallel_size, args.gradient_accumulation_steps) == (2, 2, 2)
+    assert "--context-parallel-size" in build_parser().format_help()
+
+
+@pytest.mark.parametrize("extra, world, needle", [
+    (["--context-parallel-size", "3"], 4,
+     "--context-parallel-size (3) x --tensor-model-parallel-size (1) x --pipeline-model-parallel-size (1) = 3 does "
+     "not divide the world size (4 ranks)"),
+    (["--context-parallel-size", "2", "--tensor-model-parallel-size", "2"], 6,
+     "--context-parallel-size (2) x --tensor-model-parallel-size (2) x --pipeline-model-parallel-size (1) = 4 does "
+     "not divide the world size (6 ranks)"),
+    (["--context-parallel-size", "4", "--seq-length", "36"], 4,
+     "--seq-length (36) must be a multiple of 2 x --context-parallel-size (4) = 8"),
+    (["--context-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "36"],
+     4, "--seq-length (36) must be a multiple of 2 x --context-parallel-size (2) x --tensor-model-parallel-size (2) "
+        "(--sequence-parallel) = 8"),
+])
+def test_invalid_context_parallel_layouts_are_one_line(extra, world, needle):
+    msg = error_of(extra, world)
+    assert needle in msg and "\n" not in msg, msg
