@@ -148,7 +148,8 @@ def render(memory_rows, speed, budget_rows, comm_rows, budget_mib) -> str:
             "", f"**Longest sequence in a per-rank budget of {budget_mib} MiB** (one block's activations; the "
                 "formula, "
                 "confirmed by measuring at that length):", "",
-            "| CP | longest sequence | measured there (MiB) | formula at +1024 (MiB) |", "| ---: | ---: | ---: | ---: |"]
+            "| CP | longest sequence | measured there (MiB) | formula at +1024 (MiB) |",
+            "| ---: | ---: | ---: | ---: |"]
     for cp, s, m in budget_rows:
         out.append(f"| {cp} | {s} | {m / mib:.2f} | {formula_bytes(s + 1024, cp) / mib:.2f} |")
     out += ["", "**Communication per layer and rank** (counted at the choke point in one forward + backward; elements "
