@@ -201,7 +201,7 @@ def test_cpu_batch_script_under_sbatch(slurm_cluster, tmp_path):
     result = train_runs.run(cmd, timeout=300, cwd=str(tmp_path))
     text = log.read_text() if log.exists() else ""
     assert result.returncode == 0, result.stdout + text[-4000:]
-    assert "> launcher: slurm, world size 2 = TP 2 x PP 1 x DP 1" in text, text[-3000:]
+    assert "> launcher: slurm, world size 2 = TP 2 x PP 1 x CP 1 x DP 1" in text, text[-3000:]
     rows = train_runs.parse_iterations(text)
     assert [r["iteration"] for r in rows] == [5, 10]
     assert all(r["number of nan iterations"] == 0 for r in rows)

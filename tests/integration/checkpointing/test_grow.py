@@ -17,6 +17,7 @@ from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_chec
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from megatron_tokenformer.checkpointing.grow import interleaved_positions
 from tests.helpers import ckpt_runs as R
+from tests.helpers import train_runs
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +123,7 @@ def _tp2_worker(rank, world, port, dirs, out_dir):
 def test_growth_preserves_logits_tp2(sources, ckpt_workdir):
     src, grown = sources[2]
     dirs = dict(grown, source=src)
-    mp.spawn(_tp2_worker, args=(2, R.free_port(), dirs, ckpt_workdir), nprocs=2, join=True)
+    mp.spawn(_tp2_worker, args=(2, train_runs.free_port(), dirs, ckpt_workdir), nprocs=2, join=True)
     tp1_logits, tp1_loss = _evaluate(sources[1][0])
     real_entries = 0
     for rank in range(2):

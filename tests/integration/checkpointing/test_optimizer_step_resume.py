@@ -16,6 +16,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from tests.helpers import ckpt_runs as R
+from tests.helpers import train_runs
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +90,7 @@ def test_torch_checkpoint_into_apex_layout_and_back(straight_runs, ckpt_workdir)
     group_save = os.path.join(ckpt_workdir, "adam_step_group")
     phases = [(src, group_save, True), (group_save, os.path.join(ckpt_workdir, "adam_step_back"), False)]
     result_file = os.path.join(ckpt_workdir, "adam_step.json")
-    mp.spawn(_worker, args=(R.free_port(), phases, result_file), nprocs=1, join=True)
+    mp.spawn(_worker, args=(train_runs.free_port(), phases, result_file), nprocs=1, join=True)
     with open(result_file) as f:
         got, back = json.load(f)
     assert got["iteration"] == 10

@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from megatron_tokenformer.checkpointing.expand import ExpandOptions, expand_checkpoint
 from megatron_tokenformer.checkpointing.format.view import CheckpointView
 from tests.helpers import ckpt_runs as R
+from tests.helpers import train_runs
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +85,7 @@ def _engine_worker(rank, world, port, layout, load_dir, save_dir, mode, result_d
 def _spawn(layout, load_dir, save_dir, mode, result_dir):
     world = layout[0] * layout[1] * layout[2]
     os.makedirs(result_dir, exist_ok=True)
-    mp.spawn(_engine_worker, args=(world, R.free_port(), layout, load_dir, save_dir, mode, result_dir),
+    mp.spawn(_engine_worker, args=(world, train_runs.free_port(), layout, load_dir, save_dir, mode, result_dir),
              nprocs=world, join=True)
     counts = [int(open(os.path.join(result_dir, f"rank{r}.ok")).read()) for r in range(world)]
     assert all(c > 0 for c in counts)

@@ -185,7 +185,7 @@ def reference(cluster, side_by_side):
     j = jobs["reference"]
     assert cluster.wait_ended(j["job"], 900, j["log"]) in ("COMPLETED", "GONE"), S.read(j["log"])[-4000:]
     text = S.read(j["log"])
-    assert "> launcher: slurm, world size 2 = TP 1 x PP 1 x DP 2" in text
+    assert "> launcher: slurm, world size 2 = TP 1 x PP 1 x CP 1 x DP 2" in text
     losses = _losses(text)
     assert sorted(losses) == list(range(1, ITERS + 1))
     return losses
@@ -198,7 +198,7 @@ def test_two_node_job_equals_the_one_node_job(cluster, side_by_side, reference):
     text = S.read(j["log"])
     hosts = [h.name for h in cluster.hosts]
     assert f"2 tasks on {hosts[0][:-1]}[0-1]" in text or f"2 tasks on {hosts[0]},{hosts[1]}" in text, text[:2000]
-    assert "> launcher: slurm, world size 2 = TP 1 x PP 1 x DP 2" in text
+    assert "> launcher: slurm, world size 2 = TP 1 x PP 1 x CP 1 x DP 2" in text
     assert f"> exit status: finished {ITERS}/{ITERS}" in text
     _measure("2 nodes vs 1 node, largest loss difference",
              _assert_on_trajectory(_losses(text), reference, range(1, ITERS + 1)))
