@@ -7,7 +7,6 @@ network runs before the process group exists; each failure ends in one line (``s
 
 from __future__ import annotations
 
-import gc
 import time
 from typing import Optional, Sequence
 
@@ -234,11 +233,4 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
     if torch.distributed.is_initialized():
         mappings.barrier()
         torch.distributed.destroy_process_group()
-    # every gloo group destroyed now, its threads joined, not at the interpreter's teardown (where a group still
-    # referenced -- by our module globals, or by the engine's reference cycles -- can be destroyed with its threads
-    # joinable: "terminate called without an active exception", exit -6 after "done"; seen once under srun)
-    engine = train_iter = valid_iter = save = None
-    parallel_state.destroy_model_parallel()
-    collective_timeout.forget_diagnosis_group()
-    gc.collect()
     return 0

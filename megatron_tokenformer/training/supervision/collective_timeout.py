@@ -152,13 +152,6 @@ def create_diagnosis_group():
     return _DIAGNOSIS_GROUP
 
 
-def forget_diagnosis_group() -> None:
-    """Drop the reference to the diagnosis group (after ``destroy_process_group``: the group object can then be
-    freed while the interpreter is alive)."""
-    global _DIAGNOSIS_GROUP
-    _DIAGNOSIS_GROUP = None
-
-
 def is_collective_failure(exc: BaseException) -> bool:
     """True for the errors a failed collective raises (timeouts, closed connections)."""
     import torch.distributed as dist
