@@ -164,18 +164,6 @@ def render(memory_rows, speed, budget_rows, comm_rows, budget_mib) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_section(text: str) -> None:
-    path = os.path.join(ROOT, "docs", "benchmarks.md")
-    doc = open(path).read()
-    if SECTION in doc:
-        start = doc.index(SECTION)
-        nxt = doc.find("\n## ", start + len(SECTION))
-        doc = doc[:start] + text + (doc[nxt + 1:] if nxt != -1 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    open(path, "w").write(doc)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write", action="store_true", help="replace the section in docs/benchmarks.md")
@@ -205,7 +193,7 @@ def main(argv=None) -> int:
     text = render(memory_rows, (args.speed_seq, cpu1, cpu2), budget_rows, comm_rows, args.budget_mib)
     print(text)
     if args.write:
-        write_section(text)
+        _memory_module().write_section(text, SECTION)
     return 0
 
 

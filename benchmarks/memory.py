@@ -240,12 +240,13 @@ def render(rows, best, blocks) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, section: str = SECTION) -> None:
+    """Replace ``section`` (its heading line) of docs/benchmarks.md with ``text``, or append it."""
     path = os.path.join(ROOT, "docs", "benchmarks.md")
     doc = open(path).read()
-    if SECTION in doc:
-        start = doc.index(SECTION)
-        nxt = doc.find("\n## ", start + len(SECTION))
+    if section in doc:
+        start = doc.index(section)
+        nxt = doc.find("\n## ", start + len(section))
         doc = doc[:start] + text + (doc[nxt + 1:] if nxt != -1 else "")
     else:
         doc = doc.rstrip("\n") + "\n\n" + text
