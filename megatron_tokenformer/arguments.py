@@ -44,6 +44,7 @@ from megatron_tokenformer.data.gpt_dataset import parse_split
 from megatron_tokenformer.errors import TokenformerError
 
 if TYPE_CHECKING:
+    from megatron_tokenformer.checkpointing.options import CheckpointOptions
     from megatron_tokenformer.training.engine import EngineOptions
 
 R = TypeVar("R")
@@ -665,6 +666,14 @@ def engine_options(args: argparse.Namespace) -> "EngineOptions":
     return EngineOptions(seed=args.seed, optimizer=options_from_args(OptimizerOptions, args),
                          deepspeed=options_from_args(DeepSpeedOptions, args),
                          frozen_param_tokens=vars(args).get(ARG_KEY))
+
+
+def checkpoint_options(args: argparse.Namespace) -> "CheckpointOptions":
+    """:class:`~megatron_tokenformer.checkpointing.options.CheckpointOptions` of these validated flags; its
+    ``run_args`` (what every step records) is a copy of the namespace as it is now."""
+    from megatron_tokenformer.checkpointing.options import CheckpointOptions
+    fields = [f.name for f in dataclasses.fields(CheckpointOptions) if f.name != "run_args"]
+    return CheckpointOptions(**{name: vars(args)[name] for name in fields}, run_args=dict(vars(args)))
 
 
 def describe(args: argparse.Namespace, keys: Optional[Iterable[str]] = None) -> str:

@@ -245,8 +245,8 @@ def check_fits(source: CheckpointSource, view: CheckpointView, layout: Dict[str,
         raise ExpandError(f"the target does not fit the layout (--target-tensor-model-parallel-size "
                           f"{layout['tensor_model_parallel_size']}, --target-pipeline-model-parallel-size "
                           f"{layout['pipeline_model_parallel_size']}): {exc}") from None
-    args = view.meta.get("args", {})
-    gbs, mbs = args.get("global_batch_size"), args.get("micro_batch_size")
+    recorded = view.meta.get("args", {})  # the source run's flags
+    gbs, mbs = recorded.get("global_batch_size"), recorded.get("micro_batch_size")
     if isinstance(gbs, int) and isinstance(mbs, int) and gbs % (mbs * layout["data_parallel_size"]):
         log(f"note: the source run's global batch {gbs} is not a multiple of micro batch {mbs} x target data "
             f"parallel size {layout['data_parallel_size']}; pass a matching --micro-batch-size when training")

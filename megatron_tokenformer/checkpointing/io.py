@@ -43,6 +43,7 @@ from megatron_tokenformer.checkpointing.optimizer_step import (
     saved_step_layout,
     set_adam_step,
 )
+from megatron_tokenformer.checkpointing.options import CheckpointOptions
 from megatron_tokenformer.checkpointing.reshard import layout_tuple as _layout_tuple
 from megatron_tokenformer.checkpointing.reshard import param_slices as _param_slices
 from megatron_tokenformer.fileio import durable_write
@@ -146,19 +147,19 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- save
-def _args_dict(args) -> Dict[str, Any]:
-    return metadata.jsonable({k: v for k, v in vars(args).items() if not k.startswith("_")})
+def _args_dict(options: CheckpointOptions) -> Dict[str, Any]:
+    return metadata.jsonable({k: v for k, v in options.run_args.items() if not k.startswith("_")})
 
 
-def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
+def save_checkpoint(engine, options: CheckpointOptions, config, iteration: int, consumed_samples: int,
                     tokenizer_model: Optional[str] = None, run_id: Optional[str] = None) -> str:
-    """Save step ``iteration`` into ``args.save`` (all ranks call this). Returns the step folder.
+    """Save step ``iteration`` into ``options.save`` (all ranks call this). Returns the step folder.
 
     ``run_id``: this run's id (:func:`~.save_dir.prepare_save_dir`), recorded in the step's metadata;
     ``--keep-last-n-checkpoints`` then prunes older steps of that id. Crash safety: see
     :mod:`.format.files`.
     """
-    save_dir = os.path.abspath(args.save)
+    save_dir = os.path.abspath(options.save)
     tag = files.step_tag(iteration)
     partial_tag = tag + files.PARTIAL_SUFFIX
     partial_dir = os.path.join(save_dir, partial_tag)
@@ -215,7 +216,7 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
                 shutil.copyfile(tokenizer_model, os.path.join(partial_dir, files.TOKENIZER_FILE))
                 recorder.record_file(os.path.join(partial_dir, files.TOKENIZER_FILE))
                 has_tok = True
-            meta = build_meta(metadata.KIND_DEEPSPEED, config, _args_dict(args), current_layout(engine), iteration,
+            meta = build_meta(metadata.KIND_DEEPSPEED, config, _args_dict(options), current_layout(engine), iteration,
                               consumed_samples, tokenizer_model, has_tok)
             meta["run_id"] = run_id  # [save_dir] which run wrote the step
             # where it keeps Adam's step
@@ -232,7 +233,7 @@ def save_checkpoint(engine, args, config, iteration: int, consumed_samples: int,
         try:
             files.publish_step_dir(partial_dir, final_dir)
             files.update_latest(save_dir, tag)
-            deleted = save_dir_lib.prune_own_checkpoints(save_dir, getattr(args, "keep_last_n_checkpoints", None),
+            deleted = save_dir_lib.prune_own_checkpoints(save_dir, options.keep_last_n_checkpoints,
                                                          run_id)
             msg = f"saved checkpoint {final_dir} (iteration {iteration}) in {time.time() - start:.2f} s"
             if deleted:
@@ -265,13 +266,13 @@ def check_config_matches(config, ckpt_config: Dict[str, Any], step_dir: str) -> 
 
 
 # --------------------------------------------------------------------------- load
-def load_checkpoint(engine, args, config) -> Tuple[int, int]:
-    """Load ``args.load`` (all ranks call this). Returns (iteration, consumed_samples); (0, 0) if none.
+def load_checkpoint(engine, options: CheckpointOptions, config) -> Tuple[int, int]:
+    """Load ``options.load`` (all ranks call this). Returns (iteration, consumed_samples); (0, 0) if none.
 
     The caller runs :func:`~.file_checks.verify_step_files` on the step first (pretrain_tokenformer.py
     does): DeepSpeed's loader below unpickles its files with ``torch.load``, so they must have passed the
     allowlist and their checksums before this is called."""
-    load = getattr(args, "load", None)
+    load = options.load
     if not load:
         return 0, 0
     step_dir = files.resolve_step_dir(load)
@@ -281,9 +282,9 @@ def load_checkpoint(engine, args, config) -> Tuple[int, int]:
     start = time.time()
     meta = metadata.read_meta(step_dir)
     check_config_matches(config, meta.get("model_config", {}), step_dir)
-    finetune = bool(getattr(args, "finetune", False))
-    load_optim = not finetune and not getattr(args, "no_load_optim", False)
-    load_rng = not finetune and not getattr(args, "no_load_rng", False)
+    finetune = options.finetune
+    load_optim = not finetune and not options.no_load_optim
+    load_rng = not finetune and not options.no_load_rng
     here = current_layout(engine)
     saved = meta.get("layout", {})
     same_layout = (meta.get("kind") == metadata.KIND_DEEPSPEED and _layout_tuple(saved) == _layout_tuple(here)

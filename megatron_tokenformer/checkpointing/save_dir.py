@@ -41,6 +41,7 @@ import uuid
 from typing import List, NamedTuple, Optional
 
 from megatron_tokenformer.checkpointing.format import files, metadata
+from megatron_tokenformer.checkpointing.options import CheckpointOptions
 from megatron_tokenformer.errors import EXIT_FAILED, TokenformerError
 
 __all__ = ["LOCK_FILE", "EXCLUSIVE_LOCK_FILE", "FLOCK_UNSUPPORTED", "holder_is_dead", "SaveDirError", "SaveFailedError",
@@ -379,10 +380,10 @@ def _same_folder(a: str, b: str) -> bool:
     return os.path.realpath(os.path.abspath(a)) == os.path.realpath(os.path.abspath(b))
 
 
-def resumes_from_save(args) -> Optional[str]:
+def resumes_from_save(options: CheckpointOptions) -> Optional[str]:
     """The step folder of ``--save`` this run resumes from, or None (see the module docstring)."""
-    load, save = getattr(args, "load", None), getattr(args, "save", None)
-    if not load or not save or getattr(args, "finetune", False) or not _same_folder(load, save):
+    load, save = options.load, options.save
+    if not load or not save or options.finetune or not _same_folder(load, save):
         return None
     try:
         return files.resolve_step_dir(load)
@@ -514,22 +515,21 @@ class PreparedSaveDir(NamedTuple):
     run_id: Optional[str]
 
 
-def prepare_save_dir(args) -> PreparedSaveDir:
-    """The start-up checks of the module docstring (every rank calls this; raises SaveDirError on all).
-    ``args`` is only read."""
-    if not getattr(args, "save", None):
+def prepare_save_dir(options: CheckpointOptions) -> PreparedSaveDir:
+    """The start-up checks of the module docstring (every rank calls this; raises SaveDirError on all)."""
+    if not options.save:
         return PreparedSaveDir(None, None)
     dist = _dist()
     rank = dist.get_rank() if dist is not None else 0
-    save_dir = os.path.abspath(args.save)
+    save_dir = os.path.abspath(options.save)
     lock, error, warnings = None, None, []
-    resumed = resumes_from_save(args)
+    resumed = resumes_from_save(options)
     run_id = (_run_id_of(resumed) if resumed else None) or uuid.uuid4().hex
     try:
         if rank == 0:
             probe_writable(save_dir, rank)
             lock = SaveDirLock(save_dir).acquire()
-            warnings = check_ownership(save_dir, resumed, bool(getattr(args, "overwrite_checkpoints", False)))
+            warnings = check_ownership(save_dir, resumed, options.overwrite_checkpoints)
     except SaveDirError as exc:
         error = str(exc)
     if error is None and rank != 0:

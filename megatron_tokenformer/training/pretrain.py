@@ -149,8 +149,10 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
     from megatron_tokenformer.training import rank_hosts  # [rank_hosts] a failure can name the lost host
     rank_hosts.gather()
     # [save_dir] --save: lock, ownership, write probe -- before the model is built
+    from megatron_tokenformer.arguments import checkpoint_options
     from megatron_tokenformer.checkpointing import save_dir as save_dir_lib
-    save_lock, run_id = save_dir_lib.prepare_save_dir(args)  # noqa: F841 - the lock is held until the process ends
+    checkpointing = checkpoint_options(args)  # (what every step records: the flags as they are from here on)
+    save_lock, run_id = save_dir_lib.prepare_save_dir(checkpointing)  # noqa: F841 - the lock is held until the process ends
 
     torch.manual_seed(args.seed)
     tp_random.model_parallel_seed(args.seed)
@@ -183,7 +185,7 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
         if step_dir is not None:  # [file_checks] a truncated file: one line naming it, every rank ends
             file_checks.verify_step_files(step_dir)
         try:
-            iteration, consumed_samples = checkpoint_io.load_checkpoint(engine, args, config)
+            iteration, consumed_samples = checkpoint_io.load_checkpoint(engine, checkpointing, config)
         except (ValueError, FileNotFoundError) as exc:  # a checkpoint that does not fit: one clear line
             _fail(str(exc), env.rank)
         except (RuntimeError, OSError, EOFError) as exc:  # [file_checks] unreadable on this rank
@@ -216,8 +218,8 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
     from megatron_tokenformer.checkpointing import io as checkpoint_io
 
     def save(at_iteration: int, samples: int) -> None:  # (the checkpoint records the arguments)
-        checkpoint_io.save_checkpoint(engine, args, config, at_iteration, samples, tokenizer_model=args.tokenizer_model,
-                                      run_id=run_id)
+        checkpoint_io.save_checkpoint(engine, checkpointing, config, at_iteration, samples,
+                                      tokenizer_model=args.tokenizer_model, run_id=run_id)
 
     iteration, consumed_samples, reason = loop.train(training, engine, config, train_iter, valid_iter, iteration,
                                                      consumed_samples, device, start_time, tensorboard, save)

@@ -259,3 +259,46 @@ def test_the_walker_sees_function_local_and_relative_imports():
 def test_design_doc_states_this_order():
     with open(os.path.join(REPO_ROOT, "docs", "design.md")) as f:
         assert DOC_LINE in f.read(), f"docs/design.md should state the layer order: {DOC_LINE}"
+
+
+# --------------------------------------------------------------------------- the argument namespace
+#: the modules that parse the flags and build the typed option records from them (the entry point's side);
+#: every other module receives records, never the namespace
+NAMESPACE_READERS = {f"{PACKAGE}.arguments", f"{PACKAGE}.checkpoint_args", f"{PACKAGE}.cli",
+                     f"{PACKAGE}.training.pretrain"}
+
+
+def namespace_uses(source: str):
+    """Line numbers where ``source`` reads or writes a namespace named ``args``: ``args.x``,
+    ``getattr(args, ...)``, ``setattr(args, ...)``, ``vars(args)``."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args":
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in ("getattr", "setattr", "vars", "hasattr") and node.args \
+                and isinstance(node.args[0], ast.Name) and node.args[0].id == "args":
+            lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def test_below_the_entry_point_no_module_takes_the_argument_namespace():
+    found = []
+    for module, path in sorted(package_modules().items()):
+        if module in NAMESPACE_READERS:
+            continue
+        with open(path, encoding="utf-8") as f:
+            found += [f"{module} line {line}" for line in namespace_uses(f.read())]
+    assert not found, "reads the argument namespace (take a typed options record instead): " + "; ".join(found)
+
+
+def test_the_namespace_finder_sees_every_form():
+    source = ("def f(args, other):\n"
+              "    a = args.save\n"
+              "    b = getattr(args, 'load', None)\n"
+              "    setattr(args, 'x', 1)\n"
+              "    d = vars(args)\n"
+              "    e = other.args\n"
+              "    g = getattr(other, 'args')\n"
+              "    return hasattr(args, 'y')\n")
+    assert namespace_uses(source) == [2, 3, 4, 5, 8]

@@ -30,7 +30,13 @@ def _worker(rank, port, phases, result_file):
     import torch
 
     from megatron_tokenformer import parallel_state
-    from megatron_tokenformer.arguments import core_config_from_args, engine_options, parse_args, validate_args
+    from megatron_tokenformer.arguments import (
+        checkpoint_options,
+        core_config_from_args,
+        engine_options,
+        parse_args,
+        validate_args,
+    )
     from megatron_tokenformer.checkpoint_args import apply_checkpoint_args
     from megatron_tokenformer.checkpointing import io
     from megatron_tokenformer.checkpointing.format import metadata
@@ -55,7 +61,7 @@ def _worker(rank, port, phases, result_file):
         engine, _, _ = engine_lib.setup_model_and_optimizer(engine_options(args), config)
         base = engine.optimizer.optimizer
         assert type(base).__name__ == ("GroupStepAdamW" if group_step else "AdamW")
-        iteration, consumed = io.load_checkpoint(engine, args, config)
+        iteration, consumed = io.load_checkpoint(engine, checkpoint_options(args), config)
 
         def steps():
             out = []
@@ -73,7 +79,7 @@ def _worker(rank, port, phases, result_file):
             engine.backward(loss)
             engine.step()
         after_step = steps()
-        io.save_checkpoint(engine, args, config, iteration + 1, consumed + 4)
+        io.save_checkpoint(engine, checkpoint_options(args), config, iteration + 1, consumed + 4)
         meta = metadata.read_meta(os.path.join(save_dir, f"global_step{iteration + 1}"))
         results.append({"iteration": iteration, "after_load": after_load, "after_step": after_step,
                         "optimizer": meta.get("optimizer")})

@@ -35,7 +35,13 @@ def _engine_worker(rank, world, port, layout, load_dir, save_dir, mode, result_d
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from megatron_tokenformer import parallel_state
-    from megatron_tokenformer.arguments import core_config_from_args, engine_options, parse_args, validate_args
+    from megatron_tokenformer.arguments import (
+        checkpoint_options,
+        core_config_from_args,
+        engine_options,
+        parse_args,
+        validate_args,
+    )
     from megatron_tokenformer.checkpointing import io
     from megatron_tokenformer.model.naming import canonical_parameter_names
     from megatron_tokenformer.tensor_parallel import random as tp_random
@@ -53,7 +59,7 @@ def _engine_worker(rank, world, port, layout, load_dir, save_dir, mode, result_d
     parallel_state.initialize_model_parallel(tp, pp)
     tp_random.model_parallel_seed(args.seed)
     engine, _, _ = setup_model_and_optimizer(engine_options(args), config)
-    iteration, consumed = io.load_checkpoint(engine, args, config)
+    iteration, consumed = io.load_checkpoint(engine, checkpoint_options(args), config)
     assert (iteration, consumed) == (10, 40), (iteration, consumed)
     assert engine.global_steps == 10 and engine.lr_scheduler.num_steps == 10
 
@@ -74,7 +80,7 @@ def _engine_worker(rank, world, port, layout, load_dir, save_dir, mode, result_d
             checked += 1
         assert torch.equal(p.detach(), view.read_tp_slice(names[name], "fp32", r, w, padded))
     if mode == "reshard-and-save":
-        io.save_checkpoint(engine, args, config, iteration, consumed)
+        io.save_checkpoint(engine, checkpoint_options(args), config, iteration, consumed)
     view.close()
     with open(os.path.join(result_dir, f"rank{rank}.ok"), "w") as f:
         f.write(str(checked))

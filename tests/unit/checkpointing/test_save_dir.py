@@ -1,5 +1,6 @@
 """checkpointing/save_dir.py: the --save lock, ownership, pruning, write probe, free space, failed saves."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 
 from megatron_tokenformer.checkpointing import save_dir
 from megatron_tokenformer.checkpointing.format import files, metadata
+from megatron_tokenformer.checkpointing.options import CheckpointOptions
 from tests.helpers import train_runs
 
 HOLD = ("import sys, time; from megatron_tokenformer.checkpointing.save_dir import SaveDirLock; "
@@ -74,17 +76,14 @@ def test_resumes_from_save_only_for_the_same_folder(tmp_path):
     step = _step(folder, 4)
     files.update_latest(folder, "global_step4")
 
-    class A:
-        pass
-    a = A()
-    a.save, a.load, a.finetune = folder, folder + "/", False
+    a = CheckpointOptions(save=folder, load=folder + "/", finetune=False)
     assert save_dir.resumes_from_save(a) == step
     os.symlink(folder, str(tmp_path / "link"))
-    a.load = str(tmp_path / "link")
+    a = dataclasses.replace(a, load=str(tmp_path / "link"))
     assert save_dir.resumes_from_save(a) is not None
-    a.finetune = True
+    a = dataclasses.replace(a, finetune=True)
     assert save_dir.resumes_from_save(a) is None
-    a.finetune, a.load = False, str(tmp_path / "typo")
+    a = dataclasses.replace(a, finetune=False, load=str(tmp_path / "typo"))
     assert save_dir.resumes_from_save(a) is None
 
 
@@ -151,10 +150,14 @@ def test_prepare_save_dir_returns_the_run_id_and_leaves_the_arguments_alone(tmp_
     """The run id is returned, never set on the argument namespace: a fresh run gets a new one, a run
     resuming from --save continues the id recorded in the step it resumes from."""
     import argparse
+
+    from megatron_tokenformer.arguments import checkpoint_options
     folder = str(tmp_path / "save")
-    fresh = argparse.Namespace(save=folder, load=None, finetune=False, overwrite_checkpoints=False)
+    flags = dict(load=None, finetune=False, no_load_optim=False, no_load_rng=False, keep_last_n_checkpoints=None,
+                 overwrite_checkpoints=False)
+    fresh = argparse.Namespace(save=folder, **flags)
     before = dict(vars(fresh))
-    lock, run_id = save_dir.prepare_save_dir(fresh)
+    lock, run_id = save_dir.prepare_save_dir(checkpoint_options(fresh))
     try:
         assert vars(fresh) == before and lock.held
         assert isinstance(run_id, str) and len(run_id) == 32 and int(run_id, 16) >= 0
@@ -162,13 +165,13 @@ def test_prepare_save_dir_returns_the_run_id_and_leaves_the_arguments_alone(tmp_
         lock.release()
     _step(folder, 4, run_id="0123abcd" * 4)
     files.update_latest(folder, "global_step4")
-    resumed = argparse.Namespace(save=folder, load=folder, finetune=False, overwrite_checkpoints=False)
+    resumed = argparse.Namespace(save=folder, **dict(flags, load=folder))
     before = dict(vars(resumed))
-    lock, run_id = save_dir.prepare_save_dir(resumed)
+    lock, run_id = save_dir.prepare_save_dir(checkpoint_options(resumed))
     lock.release()
     assert run_id == "0123abcd" * 4 and vars(resumed) == before
-    again = save_dir.prepare_save_dir(argparse.Namespace(save=folder, load=folder, finetune=True,
-                                                         overwrite_checkpoints=True))
+    again = save_dir.prepare_save_dir(CheckpointOptions(save=folder, load=folder, finetune=True,
+                                                        overwrite_checkpoints=True))
     again.lock.release()
     assert again.run_id not in (None, "0123abcd" * 4)             # --finetune: a new run, a new id
-    assert save_dir.prepare_save_dir(argparse.Namespace(save=None)) == (None, None)
+    assert save_dir.prepare_save_dir(CheckpointOptions(save=None)) == (None, None)
