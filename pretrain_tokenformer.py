@@ -14,7 +14,6 @@ Launch with any of::
 
 from __future__ import annotations
 
-import sys
 import time
 
 _START_TIME = time.time()  # before the imports: the log's start-up time includes them
@@ -26,4 +25,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    from megatron_tokenformer.training.supervision.failures import end_process
+
+    end_process(code)  # exit handlers run, then no interpreter teardown of torch's objects (failures.py)

@@ -21,14 +21,16 @@ that failed, DeepSpeed's fp16 scale floor) are recognised here. Other exceptions
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
-from typing import Callable, Optional, Sequence
+import threading
+from typing import Callable, NoReturn, Optional, Sequence
 
 from megatron_tokenformer.cli import print_error
 from megatron_tokenformer.errors import EXIT_FAILED, TokenformerError
 
-__all__ = ["run", "destroy_process_group_quietly"]
+__all__ = ["run", "destroy_process_group_quietly", "exit_code_of", "end_process"]
 
 
 def _rank() -> int:
@@ -69,6 +71,42 @@ def destroy_process_group_quietly() -> None:
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - exiting anyway; the error line is already out
         pass
+
+
+def exit_code_of(code) -> int:
+    """The exit status ``sys.exit(code)`` gives: None -> 0, an int as is, anything else (a message, which is
+    printed to stderr here as the interpreter would) -> 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def end_process(code) -> NoReturn:
+    """End the entry point's process with exit status ``exit_code_of(code)`` after what a normal exit does
+    that matters -- the process groups destroyed, other threads that are not daemons joined, Python's exit
+    handlers run (the ``--save`` lock file, data-loader workers, ``logging``), stdout and stderr flushed -- but
+    without the interpreter's teardown of the torch and gloo objects still alive: that teardown destroys
+    them in no defined order, and a gloo thread destroyed while still joinable aborts a run that has
+    finished and saved ("terminate called without an active exception", exit -6 after "done"; seen under
+    srun, where Slurm then marks the job FAILED and an ``afterok`` stage never starts)."""
+    status = exit_code_of(code)
+    try:
+        destroy_process_group_quietly()
+        me = threading.current_thread()
+        for thread in threading.enumerate():
+            if thread is not me and not thread.daemon and thread is not threading.main_thread():
+                thread.join()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed channel: nothing more can be said
+                pass
+        os._exit(status)
 
 
 def _run(main, argv, prog: str) -> int:

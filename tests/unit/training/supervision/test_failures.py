@@ -92,3 +92,43 @@ def test_every_package_error_ends_in_its_line_and_code(monkeypatch, capsys, exc,
         failures.run(main, [])
     assert info.value.code == code
     assert capsys.readouterr().err == (f"pretrain_tokenformer.py: error: {exc}\n" if printed_on_rank_1 else "")
+
+
+def test_exit_code_of_follows_sys_exit(capsys):
+    assert [failures.exit_code_of(c) for c in (None, 0, 2, -6)] == [0, 0, 2, -6]
+    assert failures.exit_code_of("pretrain_tokenformer.py: error: x") == 1
+    assert capsys.readouterr().err == "pretrain_tokenformer.py: error: x\n"
+
+
+END_PROCESS = """
+import atexit, sys, threading, time
+import torch.distributed as dist
+from megatron_tokenformer.training.supervision import failures
+out = sys.argv[1]
+dist.init_process_group("gloo", init_method="file://" + out + "/store", rank=0, world_size=1)
+dist.new_group([0])
+atexit.register(lambda: open(out + "/atexit", "w").write(str(dist.is_initialized())))
+def late():
+    time.sleep(0.5)
+    open(out + "/thread", "w").write("joined")
+threading.Thread(target=late).start()
+sys.stdout.write("no newline, not flushed")
+failures.end_process(int(sys.argv[2]) if sys.argv[2].isdigit() else sys.argv[2])
+open(out + "/after", "w").write("end_process returned")
+"""
+
+
+@pytest.mark.parametrize("code, status", [("0", 0), ("3", 3), ("a message", 1)])
+def test_end_process_does_what_a_normal_exit_does_that_matters(tmp_path, code, status):
+    """The process group destroyed before the exit handlers run, a thread that is not a daemon joined, the exit
+    handlers run, buffered output flushed, the status passed through; nothing after it runs."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", END_PROCESS, str(tmp_path), code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout == "no newline, not flushed"
+    assert (tmp_path / "atexit").read_text() == "False"
+    assert (tmp_path / "thread").read_text() == "joined"
+    assert not (tmp_path / "after").exists()
+    assert proc.stderr == ("a message\n" if status == 1 else "")
