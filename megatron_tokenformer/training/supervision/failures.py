@@ -84,14 +84,29 @@ def exit_code_of(code) -> int:
     return 1
 
 
+def _finalize_mpi() -> None:
+    """``MPI_Finalize`` where mpi4py initialised MPI (``mpirun`` ranks: launch.py reads the rank from mpi4py).
+    mpi4py finalizes at the interpreter's C-level exit, which ``os._exit`` skips, and ``mpirun`` reports a
+    rank that ends without it as an abnormal termination (exit 1)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None:
+        return
+    try:
+        if mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
+
+
 def end_process(code) -> NoReturn:
     """End the entry point's process with exit status ``exit_code_of(code)`` after what a normal exit does
     that matters -- the process groups destroyed, other threads that are not daemons joined, Python's exit
-    handlers run (the ``--save`` lock file, data-loader workers, ``logging``), stdout and stderr flushed -- but
-    without the interpreter's teardown of the torch and gloo objects still alive: that teardown destroys
-    them in no defined order, and a gloo thread destroyed while still joinable aborts a run that has
-    finished and saved ("terminate called without an active exception", exit -6 after "done"; seen under
-    srun, where Slurm then marks the job FAILED and an ``afterok`` stage never starts)."""
+    handlers run (the ``--save`` lock file, data-loader workers, ``logging``), MPI finalized where mpi4py
+    initialised it, stdout and stderr flushed -- but without the interpreter's teardown of the torch and
+    gloo objects still alive: that teardown destroys them in no defined order, and a gloo thread destroyed
+    while still joinable aborts a run that has finished and saved ("terminate called without an active
+    exception", exit -6 after "done"; seen under srun, where Slurm then marks the job FAILED and an
+    ``afterok`` stage never starts)."""
     status = exit_code_of(code)
     try:
         destroy_process_group_quietly()
@@ -100,6 +115,7 @@ def end_process(code) -> NoReturn:
             if thread is not me and not thread.daemon and thread is not threading.main_thread():
                 thread.join()
         atexit._run_exitfuncs()
+        _finalize_mpi()
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
