@@ -152,7 +152,8 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
     from megatron_tokenformer.arguments import checkpoint_options
     from megatron_tokenformer.checkpointing import save_dir as save_dir_lib
     checkpointing = checkpoint_options(args)  # (what every step records: the flags as they are from here on)
-    save_lock, run_id = save_dir_lib.prepare_save_dir(checkpointing)  # noqa: F841 - the lock is held until the process ends
+    # the lock is held until the process ends
+    save_lock, run_id = save_dir_lib.prepare_save_dir(checkpointing)  # noqa: F841
 
     torch.manual_seed(args.seed)
     tp_random.model_parallel_seed(args.seed)
