@@ -47,7 +47,7 @@ from megatron_tokenformer.fileio import durable_write, fsync_file
 __all__ = ["TESTED_DEEPSPEED", "TESTED_TORCH", "TESTED_PYTHON", "parse_version", "in_range",
            "version_warning", "installed_version", "check_versions",
            "MUON_OPTIMIZER", "ORIGINAL_MUON", "DeferredModule", "load_real_module", "defer_deepspeed_muon_modules",
-           "skip_cpu_shm_comm_build", "allow_fp16_on_cpu", "pipe_topology",
+           "LazyCompatibleOps", "skip_cpu_shm_comm_build", "allow_fp16_on_cpu", "pipe_topology",
            "GROUP_STEP_OPTIMIZERS", "base_optimizer", "ZeroFragment", "zero_fragment", "current_loss_scale",
            "restore_loss_scaler", "optimizer_state_replaced", "SaveWrites", "guarded_checkpoint_writes"]
 
@@ -185,6 +185,71 @@ def defer_deepspeed_muon_modules() -> bool:
 
 
 # --------------------------------------------------------------------------- start-up patches
+class LazyCompatibleOps(dict):
+    """``deepspeed.ops.__compatible_ops__`` with some entries decided here and the rest probed on first read.
+
+    DeepSpeed 0.19 fills the dict on first access by asking every op builder whether it can build (the
+    async-io builder compiles and links a test program: a compiler run per rank). The only reader during
+    training is the CPU backend's ``build_shm_op``, which reads the entry decided here; any other read
+    (``ds_report``, a user's code) runs DeepSpeed's probe then and sees its answers, the decided entries
+    kept.
+    """
+
+    def __init__(self, probe: Callable[[], Dict[str, bool]], decided: Dict[str, bool]):
+        super().__init__(decided)
+        self._probe: Optional[Callable[[], Dict[str, bool]]] = probe
+        self._decided = dict(decided)
+
+    def _probed(self) -> "LazyCompatibleOps":
+        if self._probe is not None:
+            probe, self._probe = self._probe, None
+            dict.update(self, {**probe(), **self._decided})
+        return self
+
+    def __getitem__(self, key):
+        return dict.__getitem__(self if key in self._decided else self._probed(), key)
+
+    def get(self, key, default=None):
+        return dict.get(self if key in self._decided else self._probed(), key, default)
+
+    def __contains__(self, key) -> bool:
+        return key in self._decided or dict.__contains__(self._probed(), key)
+
+    def __setitem__(self, key, value) -> None:
+        dict.__setitem__(self._probed(), key, value)
+        self._decided.pop(key, None)
+
+    def __iter__(self):
+        return dict.__iter__(self._probed())
+
+    def __len__(self) -> int:
+        return dict.__len__(self._probed())
+
+    def __eq__(self, other) -> bool:
+        return dict.__eq__(self._probed(), other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return dict.__repr__(self._probed())
+
+    def keys(self):
+        return dict.keys(self._probed())
+
+    def values(self):
+        return dict.values(self._probed())
+
+    def items(self):
+        return dict.items(self._probed())
+
+    def copy(self) -> Dict[str, bool]:
+        return dict(self._probed())
+
+    def update(self, *args, **kwargs) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
 def skip_cpu_shm_comm_build() -> None:
     """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op at ``init_distributed``.
 
@@ -192,13 +257,18 @@ def skip_cpu_shm_comm_build() -> None:
     of compiling on a small machine, redone whenever a different ``ninja`` runs the build) although
     only ``inference_all_reduce`` uses it; training never does. Marking it incompatible in
     ``deepspeed.ops.__compatible_ops__`` makes the backend skip it (``build_shm_op`` returns None).
-    Call before ``deepspeed.init_distributed``.
+    Not probed yet (the usual case), the dict becomes a :class:`LazyCompatibleOps`: the probe of every
+    other op (a compiler run) waits until someone reads them. Call before ``deepspeed.init_distributed``.
     """
     try:
-        import deepspeed.ops
-        compatible = deepspeed.ops.__compatible_ops__
+        import deepspeed.ops as ops
+        compatible = vars(ops).get("__compatible_ops__")
         if isinstance(compatible, dict):
             compatible["deepspeed_shm_comm"] = False
+        elif compatible is None and callable(getattr(ops, "_probe_compatible_ops", None)):
+            ops.__compatible_ops__ = LazyCompatibleOps(ops._probe_compatible_ops, {"deepspeed_shm_comm": False})
+        else:  # pragma: no cover - another DeepSpeed layout
+            ops.__compatible_ops__["deepspeed_shm_comm"] = False
     except Exception:  # pragma: no cover - another DeepSpeed layout: building the op is harmless
         pass
 

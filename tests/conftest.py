@@ -26,6 +26,7 @@ checks that a module's tests run on one worker). Without xdist (``python -m pyte
 ignored and the suite runs as before.
 """
 
+import compileall
 import os
 
 SLURM_GROUP = "slurm"
@@ -84,6 +85,23 @@ LONG_GROUPS = (SLURM_GROUP, "layouts", "tests/integration/multinode/test_slurm_m
                "tests/integration/operations/test_failures.py", "tests/integration/training/test_exits.py",
                "tests/integration/training/test_bad_token_ids.py", "tests/test_suite_groups.py",
                "tests/integration/multinode/test_harness.py")
+
+
+# the folders whose modules the suite's processes import (the package, the tests' helpers, tools, benchmarks)
+_SOURCE_FOLDERS = ("megatron_tokenformer", "tests", "tools", "benchmarks", "examples")
+
+
+def pytest_configure(config):
+    """Compile the repository's modules to bytecode once, before any test runs (on the controller only).
+
+    The suite starts some hundreds of Python processes (ranks under real launchers, on simulated hosts and
+    Slurm nodes, tools); each would otherwise compile the package's ~100 modules again (~0.5 CPU-s) wherever
+    writing bytecode is off (``PYTHONDONTWRITEBYTECODE``, as on the CI machine). Python still compares each
+    ``.pyc`` with its source, so an edited module is recompiled as usual."""
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller did it
+        return
+    for folder in _SOURCE_FOLDERS:
+        compileall.compile_dir(os.path.join(_ROOT, folder), quiet=2)
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -142,6 +142,44 @@ def test_nothing_installed_over_real_modules():
     """)
 
 
+# --------------------------------------------------------------------------- the CPU shared-memory op, skipped
+@pytest.fixture
+def unprobed_ops(monkeypatch):
+    """deepspeed.ops before anyone read ``__compatible_ops__``, its probe counted; restored afterwards."""
+    import deepspeed.ops as ops
+
+    monkeypatch.setitem(vars(ops), "__compatible_ops__", None)  # (restores what was there, or nothing)
+    del vars(ops)["__compatible_ops__"]
+    real_probe, probes = ops._probe_compatible_ops, []
+    monkeypatch.setattr(ops, "_probe_compatible_ops", lambda: probes.append(1) or real_probe())
+    return ops, real_probe, probes
+
+
+def test_shm_op_skipped_without_probing_every_op(unprobed_ops):
+    from deepspeed.comm.torch import build_shm_op
+
+    ops, real_probe, probes = unprobed_ops
+    boundary.skip_cpu_shm_comm_build()
+    assert build_shm_op() is None and probes == []  # DeepSpeed's CPU backend: nothing built, no op probed
+    # any other read gets DeepSpeed's answers (its probe, run once), the shm op still off
+    reference = real_probe()
+    assert reference["deepspeed_shm_comm"] is True  # what would have been built on this machine
+    compatible = ops.__compatible_ops__
+    assert compatible.get("cpu_adam") is reference["cpu_adam"] and probes == [1]
+    assert dict(compatible) == {**reference, "deepspeed_shm_comm": False} and len(compatible) == len(reference)
+    assert sorted(compatible) == sorted(reference) and "async_io" in compatible and probes == [1]
+    compatible["deepspeed_shm_comm"] = True  # a later write wins, as on DeepSpeed's own dict
+    assert compatible["deepspeed_shm_comm"] is True and compatible == {**reference, "deepspeed_shm_comm": True}
+
+
+def test_shm_op_skipped_in_an_already_probed_dict(unprobed_ops):
+    ops, real_probe, probes = unprobed_ops
+    probed = ops.__compatible_ops__  # DeepSpeed's module __getattr__ probes and keeps a plain dict
+    assert type(probed) is dict and probes == [1]
+    boundary.skip_cpu_shm_comm_build()
+    assert ops.__compatible_ops__ is probed and probed == {**real_probe(), "deepspeed_shm_comm": False}
+
+
 # --------------------------------------------------------------------------- the guard around DeepSpeed's writes
 # A failed write does not raise out of DeepSpeed's save_checkpoint (whose collectives every rank must reach);
 # it is recorded, its half-written file removed, the rank's later writes skipped, and the engine's own

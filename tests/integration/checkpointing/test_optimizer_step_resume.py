@@ -45,6 +45,8 @@ def _worker(rank, port, phases, result_file):
     from tests.unit.checkpointing.test_optimizer_step import GroupStepAdamW
 
     torch_optimizer = engine_lib.build_optimizer
+    from megatron_tokenformer import deepspeed_boundary
+    deepspeed_boundary.skip_cpu_shm_comm_build()  # as pretrain does: no 30-90 s C++ build of an op training never uses
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     parallel_state.initialize_model_parallel(1, 1)
     results = []

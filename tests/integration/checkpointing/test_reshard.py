@@ -55,6 +55,8 @@ def _engine_worker(rank, world, port, layout, load_dir, save_dir, mode, result_d
     ckpt = apply_checkpoint_args(args)
     validate_args(args, world)
     config = core_config_from_args(args, 101, ckpt)
+    from megatron_tokenformer import deepspeed_boundary
+    deepspeed_boundary.skip_cpu_shm_comm_build()  # as pretrain does: no 30-90 s C++ build of an op training never uses
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     parallel_state.initialize_model_parallel(tp, pp)
     tp_random.model_parallel_seed(args.seed)
