@@ -25,11 +25,12 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import random
 import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, MutableMapping, Optional, Sequence
+from typing import Callable, Dict, List, MutableMapping, Optional, Sequence, Tuple
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -40,6 +41,8 @@ __all__ = [
     "initialize_environment",
     "expand_nodelist",
     "slurm_master_port",
+    "FREE_PORT_FLOOR",
+    "ephemeral_port_range",
     "find_free_port",
     "configure_cpu_threads",
     "local_rank_from_environ",
@@ -147,8 +150,41 @@ def slurm_master_port(environ: MutableMapping[str, str]) -> int:
     return 15000 + (job * 7 + step) % 45000
 
 
-def find_free_port() -> int:
-    """A TCP port that is free on this host right now."""
+#: the lowest port :func:`find_free_port` hands out (above the well-known and most registered services' ports)
+FREE_PORT_FLOOR = 20000
+
+
+def ephemeral_port_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> Tuple[int, int]:
+    """The kernel's range of ports for sockets bound to port 0 and outgoing connections (Linux: from
+    ``path``; elsewhere, or unreadable, Linux's default 32768-60999)."""
+    try:
+        with open(path) as f:
+            low, high = (int(v) for v in f.read().split()[:2])
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def find_free_port(ephemeral: Optional[Tuple[int, int]] = None, rng: Optional[random.Random] = None) -> int:
+    """A TCP port that is free on this host right now, outside the kernel's ephemeral range.
+
+    The port goes to a process that binds it later (the rendezvous store of rank 0). A port of the
+    ephemeral range can be taken meanwhile by any socket the kernel numbers itself -- gloo opens such
+    sockets by the dozen per rank -- which once failed a run with EADDRINUSE; a port below the range is
+    only ever taken by someone asking for it. Chosen at random in [FREE_PORT_FLOOR, range start), free
+    when checked; where that span is too small, the kernel picks one (the old behaviour).
+    """
+    low = (ephemeral or ephemeral_port_range())[0]
+    rng = rng or random.Random()
+    if low - FREE_PORT_FLOOR >= 1000:
+        for _ in range(100):
+            port = rng.randrange(FREE_PORT_FLOOR, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])

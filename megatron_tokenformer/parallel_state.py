@@ -156,11 +156,25 @@ def model_parallel_is_initialized() -> bool:
 
 
 def destroy_model_parallel() -> None:
-    """Forget the groups (the process groups themselves are left to torch.distributed)."""
+    """Destroy this rank's groups of :func:`initialize_model_parallel` and forget them.
+
+    Destroying (not only forgetting) matters to a process that re-initialises with another layout (tests,
+    a tool): each live gloo group keeps a thread that wakes a hundred times a second. Nothing collective:
+    each rank destroys its own handles (none after ``torch.distributed.destroy_process_group()``).
+    """
     global _TENSOR_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP
     global _MODEL_PARALLEL_GROUP, _TENSOR_MODEL_PARALLEL_RANKS, _PIPELINE_MODEL_PARALLEL_RANKS
     global _DATA_PARALLEL_RANKS, _MODEL_PARALLEL_RANKS, _SIZES, _TOPOLOGY
     global _CONTEXT_PARALLEL_GROUP, _CONTEXT_PARALLEL_RANKS, _DATA_CONTEXT_PARALLEL_GROUP, _DATA_CONTEXT_PARALLEL_RANKS
+    groups = (_TENSOR_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP,
+              _MODEL_PARALLEL_GROUP, _CONTEXT_PARALLEL_GROUP, _DATA_CONTEXT_PARALLEL_GROUP)
+    if dist.is_available() and dist.is_initialized():
+        for group in {id(g): g for g in groups if g is not None}.values():
+            if group is not dist.GroupMember.WORLD and group != dist.GroupMember.NON_GROUP_MEMBER:
+                try:
+                    dist.destroy_process_group(group)
+                except ValueError:  # not a live group any more (destroyed by its user)
+                    pass
     _CONTEXT_PARALLEL_GROUP = _DATA_CONTEXT_PARALLEL_GROUP = None
     _CONTEXT_PARALLEL_RANKS = _DATA_CONTEXT_PARALLEL_RANKS = None
     _TENSOR_MODEL_PARALLEL_GROUP = _PIPELINE_MODEL_PARALLEL_GROUP = None

@@ -16,9 +16,9 @@ fixtures build is built once:
 * each multi-node module (tests/integration/multinode) is a group of its own: they mostly wait (on a
   collective timeout after a host is lost, on Slurm), so they run beside each other, each worker with
   its own simulated hosts (the session fixture ``two_hosts``) and clusters;
-* the other modules that use a Slurm cluster (the ``slurm`` marker: the one-node cluster of
-  ``../shared``, whose fixture writes the machine's ``slurm.conf``) share one group and run one after
-  the other on one worker;
+* the other tests that use a Slurm cluster (the ``slurm`` marker, on the module or the test: the one-node
+  cluster of ``../shared``, whose fixture writes the machine's ``slurm.conf``) share one group and run one
+  after the other on one worker; the other tests of their modules are grouped with their module;
 * every other test is grouped with its module (module-scoped fixtures: rank pools, documented workflows).
 
 The groups are handed to pytest-xdist by :func:`pytest_xdist_make_scheduler` (``tests/test_suite_groups.py``
@@ -26,6 +26,7 @@ checks that a module's tests run on one worker). Without xdist (``python -m pyte
 ignored and the suite runs as before.
 """
 
+import ast
 import compileall
 import os
 
@@ -45,14 +46,25 @@ _TESTS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_TESTS)
 
 
-def _uses_slurm_marker(module_path: str, cache={}) -> bool:
-    """Whether the test module at ``module_path`` (relative to the repository) marks its tests ``slurm``."""
+def _slurm_tests(module_path: str, cache={}):
+    """The tests of the module at ``module_path`` (relative to the repository) marked ``slurm``: ``all`` (a
+    module-level ``pytestmark`` names the marker) or the set of the marked functions' names."""
     if module_path not in cache:
         try:
             with open(os.path.join(_ROOT, module_path), encoding="utf-8") as f:
-                cache[module_path] = "pytest.mark.slurm" in f.read()
-        except OSError:
-            cache[module_path] = False
+                tree = ast.parse(f.read())
+        except (OSError, SyntaxError):
+            tree = ast.Module(body=[], type_ignores=[])
+        marked = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets) \
+                    and "pytest.mark.slurm" in ast.unparse(node.value):
+                marked = "all"
+                break
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                    and any(ast.unparse(d).startswith("pytest.mark.slurm") for d in node.decorator_list):
+                marked.add(node.name)
+        cache[module_path] = marked
     return cache[module_path]
 
 
@@ -66,7 +78,9 @@ def group_of(nodeid: str) -> str:
             return group
     if rel.startswith("integration/multinode/"):
         return module_path  # its own simulated hosts and two-node cluster, not the machine's one-node cluster
-    if _uses_slurm_marker(module_path):
+    slurm = _slurm_tests(module_path)
+    test = nodeid.split("::")[-1].split("[", 1)[0]
+    if slurm == "all" or test in slurm:
         return SLURM_GROUP
     return module_path
 
@@ -75,8 +89,9 @@ def group_of(nodeid: str) -> str:
 # worker; the others follow in xdist's order (most tests first)
 LONG_GROUPS = (SLURM_GROUP, "layouts", "tests/integration/multinode/test_slurm_multinode.py", "checkpointing",
                "tests/examples/test_parallel_sweep.py", "tests/integration/multinode/test_host_faults.py",
+               "tests/integration/operations/test_signals.py",
                "tests/examples/test_cpu_repro.py", "tests/integration/multinode/test_runner_signals.py",
-               "tests/integration/multinode/test_network_checks.py", "interop",
+               "tests/integration/multinode/test_network_checks.py", "tests/unit/test_launch.py", "interop",
                "tests/integration/training/test_context_parallel.py",
                "tests/integration/training/test_convergence_precision.py",
                "tests/integration/training/test_bf16_accumulation.py", "tests/test_zygote.py",

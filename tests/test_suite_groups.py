@@ -22,7 +22,12 @@ def test_group_of_names_the_shared_folders_the_slurm_modules_and_else_the_module
     assert conftest.group_of("tests/integration/multinode/test_launch_paths.py::test_z[pdsh]") == "layouts"
     assert conftest.group_of("tests/integration/checkpointing/sub/test_z.py::T::test") == "checkpointing"
     assert conftest.group_of("tests/unit/data/test_indexed.py::test_a") == "unit-data"
-    assert conftest.group_of("tests/unit/test_launch.py::test_b") == conftest.SLURM_GROUP  # marks tests slurm
+    # a test marked slurm (on itself or by its module's pytestmark) is in the Slurm group, its module's other
+    # tests in the module's group
+    assert conftest.group_of("tests/unit/test_launch.py::test_srun") == conftest.SLURM_GROUP
+    assert conftest.group_of("tests/unit/test_launch.py::test_cpu_batch_script_under_sbatch[x]") == conftest.SLURM_GROUP
+    assert conftest.group_of("tests/unit/test_launch.py::test_mpirun") == "tests/unit/test_launch.py"
+    assert conftest.group_of("tests/examples/test_progressive_scaling_slurm.py::test_b") == conftest.SLURM_GROUP
     assert conftest.group_of("tests/unit/test_fileio.py::test_c") == "tests/unit/test_fileio.py"
     assert conftest.group_of("tests/unit/data_extra.py::test_d") == "tests/unit/data_extra.py"
 

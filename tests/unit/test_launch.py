@@ -9,6 +9,7 @@ timeouts turn into failures)."""
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -97,6 +98,46 @@ def test_mpi_discovery_through_mpi4py(tmp_path):
     rows = [(tmp_path / f"rank{r}").read_text().split() for r in range(2)]
     assert [r[:3] for r in rows] == [["0", "2", "0"], ["1", "2", "1"]]
     assert rows[0][3:] == rows[1][3:] and rows[0][5] == "mpi"  # same master address and port
+
+
+# ----------------------------------------------------------------------------- the rendezvous port
+def test_ephemeral_port_range_is_read_from_the_kernel_file(tmp_path):
+    f = tmp_path / "ip_local_port_range"
+    f.write_text("40000\t50000\n")
+    assert launch.ephemeral_port_range(str(f)) == (40000, 50000)
+    assert launch.ephemeral_port_range(str(tmp_path / "missing")) == (32768, 60999)  # Linux's default
+
+
+def test_free_port_is_below_the_ephemeral_range_and_bindable():
+    low = launch.ephemeral_port_range()[0]
+    for _ in range(20):
+        port = launch.find_free_port()
+        assert launch.FREE_PORT_FLOOR <= port < low
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", port))  # free (nobody listens there)
+
+
+def test_free_port_skips_a_port_in_use():
+    low = launch.ephemeral_port_range()[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        busy = launch.find_free_port()
+        held.bind(("", busy))
+        held.listen()
+        picks = []
+
+        class Rng:  # the busy port twice, then the ports next to it
+            def randrange(self, a, b):
+                assert (a, b) == (launch.FREE_PORT_FLOOR, low)
+                picks.append(busy if len(picks) < 2 else a + (busy - a + len(picks) - 1) % (b - a))
+                return picks[-1]
+
+        port = launch.find_free_port(None, Rng())
+        assert port != busy and port in picks[2:] and launch.FREE_PORT_FLOOR <= port < low
+
+
+def test_free_port_from_the_kernel_when_the_span_below_its_range_is_small():
+    port = launch.find_free_port((launch.FREE_PORT_FLOOR + 10, 60999))
+    assert 1024 <= port <= 65535
 
 
 # ----------------------------------------------------------------------------- launchers: real runs
