@@ -19,7 +19,9 @@ fixtures build is built once:
 * the other tests that use a Slurm cluster (the ``slurm`` marker, on the module or the test: the one-node
   cluster of ``../shared``, whose fixture writes the machine's ``slurm.conf``) share one group and run one
   after the other on one worker; the other tests of their modules are grouped with their module;
-* every other test is grouped with its module (module-scoped fixtures: rank pools, documented workflows).
+* the modules that hold rank pools (``dist_pool.pool_fixture``: spawned gloo ranks kept for the session,
+  one set per worker and size) share one group, so that one worker spawns them once;
+* every other test is grouped with its module (module-scoped fixtures: documented workflows, runs).
 
 The groups are handed to pytest-xdist by :func:`pytest_xdist_make_scheduler` (``tests/test_suite_groups.py``
 checks that a module's tests run on one worker). Without xdist (``python -m pytest tests``) the groups are
@@ -31,6 +33,7 @@ import compileall
 import os
 
 SLURM_GROUP = "slurm"
+POOL_GROUP = "rank-pools"
 
 # folder (relative to tests/) -> group: session-scoped fixtures live in these folders' conftest.py
 _SHARED_FOLDERS = {
@@ -68,6 +71,17 @@ def _slurm_tests(module_path: str, cache={}):
     return cache[module_path]
 
 
+def _uses_rank_pools(module_path: str, cache={}) -> bool:
+    """Whether the module at ``module_path`` holds a rank pool (``dist_pool.pool_fixture``)."""
+    if module_path not in cache:
+        try:
+            with open(os.path.join(_ROOT, module_path), encoding="utf-8") as f:
+                cache[module_path] = "dist_pool.pool_fixture(" in f.read()
+        except OSError:
+            cache[module_path] = False
+    return cache[module_path]
+
+
 def group_of(nodeid: str) -> str:
     """The xdist group of the test ``nodeid`` (``tests/unit/x.py::test_y[p]``): a shared folder's group, the
     Slurm group, or the test's module."""
@@ -82,12 +96,15 @@ def group_of(nodeid: str) -> str:
     test = nodeid.split("::")[-1].split("[", 1)[0]
     if slurm == "all" or test in slurm:
         return SLURM_GROUP
+    if _uses_rank_pools(module_path):
+        return POOL_GROUP
     return module_path
 
 
 # groups started first, longest first (worker-seconds of a full run), so that none ends the run alone on one
 # worker; the others follow in xdist's order (most tests first)
 LONG_GROUPS = (SLURM_GROUP, "layouts", "tests/integration/multinode/test_slurm_multinode.py", "checkpointing",
+               POOL_GROUP,
                "tests/examples/test_parallel_sweep.py", "tests/integration/multinode/test_host_faults.py",
                "tests/integration/operations/test_signals.py",
                "tests/examples/test_cpu_repro.py", "tests/integration/multinode/test_runner_signals.py",

@@ -28,6 +28,9 @@ def test_group_of_names_the_shared_folders_the_slurm_modules_and_else_the_module
     assert conftest.group_of("tests/unit/test_launch.py::test_cpu_batch_script_under_sbatch[x]") == conftest.SLURM_GROUP
     assert conftest.group_of("tests/unit/test_launch.py::test_mpirun") == "tests/unit/test_launch.py"
     assert conftest.group_of("tests/examples/test_progressive_scaling_slurm.py::test_b") == conftest.SLURM_GROUP
+    # the modules holding rank pools share one group (one worker spawns the pools)
+    assert conftest.group_of("tests/unit/tensor_parallel/test_layers.py::test_e[tp2]") == conftest.POOL_GROUP
+    assert conftest.group_of("tests/unit/test_parallel_state.py::test_f") == conftest.POOL_GROUP
     assert conftest.group_of("tests/unit/test_fileio.py::test_c") == "tests/unit/test_fileio.py"
     assert conftest.group_of("tests/unit/data_extra.py::test_d") == "tests/unit/data_extra.py"
 
