@@ -160,7 +160,9 @@ def destroy_model_parallel() -> None:
 
     Destroying (not only forgetting) matters to a process that re-initialises with another layout (tests,
     a tool): each live gloo group keeps a thread that wakes a hundred times a second. Nothing collective:
-    each rank destroys its own handles (none after ``torch.distributed.destroy_process_group()``).
+    each rank destroys its own handles (none after ``torch.distributed.destroy_process_group()``). As with
+    ``torch.distributed.destroy_process_group``, call it once every rank is done with the groups (after a
+    barrier): a peer still sending over a destroyed group sees its connection closed.
     """
     global _TENSOR_MODEL_PARALLEL_GROUP, _PIPELINE_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP
     global _MODEL_PARALLEL_GROUP, _TENSOR_MODEL_PARALLEL_RANKS, _PIPELINE_MODEL_PARALLEL_RANKS

@@ -59,12 +59,15 @@ _RANK_TP: Optional[int] = None  # on a rank: the tensor-model-parallel size the 
 def own_model_parallel_groups():
     """Inside a check on a pool rank: drop the pool's model-parallel state for the block (the check
     calls ``initialize_model_parallel`` itself, with any layout) and restore it afterwards."""
+    import torch.distributed as dist
+
     from megatron_tokenformer import parallel_state
 
-    parallel_state.destroy_model_parallel()
+    parallel_state.destroy_model_parallel()  # (every rank finished the previous check: no traffic left on them)
     try:
         yield
     finally:
+        dist.barrier()  # every rank is done with the check's groups before any rank destroys them
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=_RANK_TP)
 

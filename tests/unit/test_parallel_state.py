@@ -71,6 +71,7 @@ def _check_layout(rank, world, tp, pp):
     assert (coord.pipe, coord.data, coord.model) == (pp_rank, dp_rank, tp_rank)
     assert sorted(topo.get_axis_comm_lists("model")) == sorted(ps.rank_layout(world, tp, pp)["tensor"])
     assert sorted(topo.get_axis_comm_lists("data")) == sorted(ps.rank_layout(world, tp, pp)["data"])
+    dist.barrier()  # (every rank done with the groups before they are destroyed)
     ps.destroy_model_parallel()
     assert not ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() == 1
 
@@ -107,13 +108,24 @@ def _gloo_loop_threads() -> int:
     return sum(open(os.path.join(tasks, t, "comm")).read().strip() == "gloo_tcp_loop" for t in os.listdir(tasks))
 
 
+def _all_reduce_ones(group) -> float:
+    t = torch.ones(1)
+    dist.all_reduce(t, group=group)
+    return t.item()
+
+
 def check_destroy_releases_the_groups(rank, world):
     with dist_pool.own_model_parallel_groups():
         before = _gloo_loop_threads()
         for tp, pp in ((2, 1), (1, 2), (4, 1), (2, 2), (2, 1)):
             ps.initialize_model_parallel(tp, pp)
             tensor_group = ps.get_tensor_model_parallel_group()
+            sizes = [_all_reduce_ones(ps.get_tensor_model_parallel_group()),  # each group works (and is
+                     _all_reduce_ones(ps.get_pipeline_model_parallel_group()),  # fully connected) ...
+                     _all_reduce_ones(ps.get_data_parallel_group())]
+            assert sizes == [tp, pp, world // (tp * pp)]
             assert _gloo_loop_threads() > before
+            dist.barrier()  # ... on every rank before any rank destroys it
             ps.destroy_model_parallel()
             with pytest.raises(ValueError, match="Invalid process group"):  # gone from torch.distributed
                 dist.destroy_process_group(tensor_group)
