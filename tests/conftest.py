@@ -49,14 +49,24 @@ _TESTS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_TESTS)
 
 
-def _slurm_tests(module_path: str, cache={}):
-    """The tests of the module at ``module_path`` (relative to the repository) marked ``slurm``: ``all`` (a
-    module-level ``pytestmark`` names the marker) or the set of the marked functions' names."""
+def _source(module_path: str, cache={}) -> str:
+    """The text of the test module at ``module_path`` (relative to the repository; "" when unreadable)."""
     if module_path not in cache:
         try:
             with open(os.path.join(_ROOT, module_path), encoding="utf-8") as f:
-                tree = ast.parse(f.read())
-        except (OSError, SyntaxError):
+                cache[module_path] = f.read()
+        except OSError:
+            cache[module_path] = ""
+    return cache[module_path]
+
+
+def _slurm_tests(module_path: str, cache={}):
+    """The tests of the module at ``module_path`` marked ``slurm``: ``all`` (a module-level ``pytestmark``
+    names the marker) or the set of the marked functions' names."""
+    if module_path not in cache:
+        try:
+            tree = ast.parse(_source(module_path))
+        except SyntaxError:
             tree = ast.Module(body=[], type_ignores=[])
         marked = set()
         for node in ast.walk(tree):
@@ -68,17 +78,6 @@ def _slurm_tests(module_path: str, cache={}):
                     and any(ast.unparse(d).startswith("pytest.mark.slurm") for d in node.decorator_list):
                 marked.add(node.name)
         cache[module_path] = marked
-    return cache[module_path]
-
-
-def _uses_rank_pools(module_path: str, cache={}) -> bool:
-    """Whether the module at ``module_path`` holds a rank pool (``dist_pool.pool_fixture``)."""
-    if module_path not in cache:
-        try:
-            with open(os.path.join(_ROOT, module_path), encoding="utf-8") as f:
-                cache[module_path] = "dist_pool.pool_fixture(" in f.read()
-        except OSError:
-            cache[module_path] = False
     return cache[module_path]
 
 
@@ -96,7 +95,7 @@ def group_of(nodeid: str) -> str:
     test = nodeid.split("::")[-1].split("[", 1)[0]
     if slurm == "all" or test in slurm:
         return SLURM_GROUP
-    if _uses_rank_pools(module_path):
+    if "dist_pool.pool_fixture(" in _source(module_path):  # holds a rank pool
         return POOL_GROUP
     return module_path
 

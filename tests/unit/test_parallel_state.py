@@ -120,7 +120,7 @@ def check_destroy_releases_the_groups(rank, world):
         for tp, pp in ((2, 1), (1, 2), (4, 1), (2, 2), (2, 1)):
             ps.initialize_model_parallel(tp, pp)
             tensor_group = ps.get_tensor_model_parallel_group()
-            sizes = [_all_reduce_ones(ps.get_tensor_model_parallel_group()),  # each group works (and is
+            sizes = [_all_reduce_ones(tensor_group),  # each group works (and is
                      _all_reduce_ones(ps.get_pipeline_model_parallel_group()),  # fully connected) ...
                      _all_reduce_ones(ps.get_data_parallel_group())]
             assert sizes == [tp, pp, world // (tp * pp)]
