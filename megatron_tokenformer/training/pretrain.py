@@ -59,6 +59,8 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
         env = launch.initialize_environment()
     except (ValueError, RuntimeError) as exc:
         _fail(f"cannot work out this process's rank: {exc}", 0)
+    # [threads] before anything imports torch: its OpenMP runtime reads OMP_NUM_THREADS once, when loaded
+    launch.configure_cpu_threads(env)
     args = parse_args(argv)
 
     # ---- checkpoint arguments, then validation: all before any process group exists
@@ -81,7 +83,6 @@ def pretrain(argv: Optional[Sequence[str]], start_time: float) -> int:
     except (ArgumentError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc), env.rank)
 
-    launch.configure_cpu_threads(env)
     from megatron_tokenformer import deepspeed_boundary  # [versions] outside the tested range: one line
     if env.rank == 0:
         deepspeed_boundary.check_versions(lambda line: print(line, flush=True))

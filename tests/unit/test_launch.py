@@ -80,6 +80,39 @@ def test_cpu_threads_shared_between_local_ranks():
     assert launch.configure_cpu_threads(d, {"OMP_NUM_THREADS": "3"}) == 3
 
 
+# The first import of torch loads its OpenMP runtime, which reads OMP_NUM_THREADS once: set later, the
+# share is ignored and each rank of an srun/mpirun job spins one thread per core (a CPU job 4x slower).
+_TORCH_IMPORT_SPY = """
+import importlib.abc, os, sys, time
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            print("OMP_NUM_THREADS at the first torch import:", os.environ.get("OMP_NUM_THREADS"), flush=True)
+            os._exit(0)
+sys.meta_path.insert(0, Spy())
+from megatron_tokenformer.training.pretrain import main
+main(sys.argv[1:], time.time())
+print("torch was never imported", flush=True)
+"""
+
+
+def test_pretrain_shares_the_cores_before_torch_is_imported(tmp_path):
+    """Rank 0 of a 2-task srun step that sets no OMP_NUM_THREADS, resuming (--load) with every flag checked
+    before the process group: torch is first imported with the share of this host's cores already set."""
+    environ = train_runs.env({"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                              "SLURM_NODEID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2",
+                              "SLURM_STEP_NODELIST": "localhost"})
+    environ.pop("OMP_NUM_THREADS")
+    argv = train_runs.TINY_MODEL + ["--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "2",
+                                    "--mock-data", "--vocab-size", "100", "--tensor-model-parallel-size", "2",
+                                    "--load", str(tmp_path), "--save", str(tmp_path)]
+    out = subprocess.run([sys.executable, "-c", _TORCH_IMPORT_SPY] + argv, env=environ, capture_output=True,
+                         text=True, timeout=120)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert out.stdout.strip().splitlines()[-1:] == [f"OMP_NUM_THREADS at the first torch import: {share}"], \
+        out.stdout[-2000:] + out.stderr[-2000:]
+
+
 def _mpirun():
     exe = shutil.which("mpirun")
     if exe is None:
