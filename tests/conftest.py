@@ -31,6 +31,7 @@ ignored and the suite runs as before.
 import ast
 import compileall
 import os
+import sys
 
 SLURM_GROUP = "slurm"
 POOL_GROUP = "rank-pools"
@@ -123,14 +124,20 @@ _SOURCE_FOLDERS = ("megatron_tokenformer", "tests", "tools", "benchmarks", "exam
 
 
 def pytest_configure(config):
-    """Compile the repository's modules to bytecode once, before any test runs (on the controller only).
+    """Let the suite's processes cache bytecode (on the controller only, before the workers start).
 
     The suite starts some hundreds of Python processes (ranks under real launchers, on simulated hosts and
-    Slurm nodes, tools); each would otherwise compile the package's ~100 modules again (~0.5 CPU-s) wherever
-    writing bytecode is off (``PYTHONDONTWRITEBYTECODE``, as on the CI machine). Python still compares each
-    ``.pyc`` with its source, so an edited module is recompiled as usual."""
+    Slurm nodes, tools). Wherever writing bytecode is off (``PYTHONDONTWRITEBYTECODE``, as on the CI machine)
+    each would compile every module it imports again: the package's ~100 (~0.5 CPU-s) and, as the README's test
+    command installs with ``pip install --no-compile`` (pip would compile all ~17,700 modules of the environment,
+    ~45 s, of which the suite imports a fraction), torch's and DeepSpeed's (~6 CPU-s). So the variable is unset
+    for the processes the suite starts: each module is compiled once, by its first importer, and cached next to
+    its source (written atomically: concurrent importers are safe). The repository's own modules are compiled
+    here first. Python still compares each ``.pyc`` with its source, so an edited module is recompiled as usual."""
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller did it
         return
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # inherited by the workers and everything they start
+    sys.dont_write_bytecode = False
     for folder in _SOURCE_FOLDERS:
         compileall.compile_dir(os.path.join(_ROOT, folder), quiet=2)
 
