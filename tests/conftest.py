@@ -29,6 +29,7 @@ ignored and the suite runs as before.
 """
 
 import ast
+import compileall
 import os
 import sys
 
@@ -118,6 +119,10 @@ LONG_GROUPS = (SLURM_GROUP, "layouts", "tests/integration/multinode/test_slurm_m
                "tests/integration/multinode/test_harness.py")
 
 
+# the folders whose modules the suite's processes import (the package, the tests' helpers, tools, benchmarks)
+_SOURCE_FOLDERS = ("megatron_tokenformer", "tests", "tools", "benchmarks", "examples")
+
+
 def pytest_configure(config):
     """Let the suite's processes cache bytecode (on the controller only, before the workers start).
 
@@ -126,13 +131,15 @@ def pytest_configure(config):
     each would compile every module it imports again: the package's ~100 (~0.5 CPU-s) and, as the README's test
     command installs with ``pip install --no-compile`` (pip would compile all ~17,700 modules of the environment,
     ~45 s, of which the suite imports a fraction), torch's and DeepSpeed's (~6 CPU-s). So the variable is unset
-    for the workers and every process they start: each module is compiled once, by its first importer, and
-    cached next to its source (written atomically: concurrent importers are safe). Python still compares each
-    ``.pyc`` with its source, so an edited module is recompiled as usual."""
+    for the processes the suite starts: each module is compiled once, by its first importer, and cached next to
+    its source (written atomically: concurrent importers are safe). The repository's own modules are compiled
+    here first. Python still compares each ``.pyc`` with its source, so an edited module is recompiled as usual."""
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller did it
         return
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # inherited by the workers and everything they start
     sys.dont_write_bytecode = False
+    for folder in _SOURCE_FOLDERS:
+        compileall.compile_dir(os.path.join(_ROOT, folder), quiet=2)
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -1,11 +1,13 @@
 """tests/conftest.py::pytest_configure: the processes the suite starts cache the bytecode of what they import
 (the README's test command installs with ``pip install --no-compile``; CI machines often set
-``PYTHONDONTWRITEBYTECODE``): each module is compiled once, by its first importer."""
+``PYTHONDONTWRITEBYTECODE``), and the repository's own modules are compiled before the first test."""
 
 import importlib.util
 import os
 import subprocess
 import sys
+
+from tests.helpers.paths import REPO_ROOT
 
 
 def test_a_process_the_suite_starts_caches_the_modules_it_imports(tmp_path):
@@ -18,5 +20,9 @@ def test_a_process_the_suite_starts_caches_the_modules_it_imports(tmp_path):
     assert os.path.isfile(importlib.util.cache_from_source(str(source)))  # where the next importer looks
 
 
-def test_the_worker_running_the_tests_caches_too():
-    assert sys.dont_write_bytecode is False  # read by a worker at start-up from the environment it inherited
+def test_the_repositorys_modules_are_compiled_before_the_first_test():
+    for module in ("megatron_tokenformer/launch.py", "megatron_tokenformer/training/pretrain.py",
+                   "tests/helpers/train_runs.py", "tools/expand_checkpoint.py"):
+        source = os.path.join(REPO_ROOT, module)
+        cached = importlib.util.cache_from_source(source)
+        assert os.path.isfile(cached) and os.path.getmtime(cached) >= os.path.getmtime(source), module
